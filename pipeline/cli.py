@@ -1,0 +1,57 @@
+"""The `balancebeam` command: one entry point, one subcommand per job.
+
+Subcommands are imported lazily, so `balancebeam train` never imports Beam and `--help` is fast.
+"""
+import importlib
+import sys
+
+# name -> ("module:function", one-line help). Each function takes argv (list of str) and returns
+# an exit code or None.
+COMMANDS = {
+    "demo": ("pipeline.demo:run", "run the whole job end to end on data it makes itself"),
+    "annotate": ("pipeline.annotate:run", "annotate image-text pairs (Beam job)"),
+    "balance": ("pipeline.balance:run", "solve M4 on annotations, write solution.json (Beam job)"),
+    "resample": ("pipeline.resample:run", "write balanced WebDataset shards (Beam job)"),
+    "report": ("pipeline.report:run", "statistics before/after, plots and dataset card"),
+    "run": ("pipeline.run_all:run", "annotate, balance, resample and report in one go"),
+    "synth": ("trainer.synth:main", "write planted-bias synthetic WebDataset shards"),
+    "train": ("trainer.train:main", "train a contrastive model on WebDataset shards"),
+    "evaluate": ("trainer.evaluate:main", "measure a model's bias (RB, AB) and quality"),
+    "study": ("pipeline.study:run", "run the balancing study (variants x seeds x schedules)"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: balancebeam COMMAND [ARGS...]", "", "commands:"]
+    width = max(len(name) for name in COMMANDS)
+    for name, (_, help_text) in COMMANDS.items():
+        lines.append(f"  {name.ljust(width)}  {help_text}")
+    lines.append("")
+    lines.append("Run `balancebeam COMMAND --help` for a command's flags.")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"balancebeam: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    target, _ = COMMANDS[name]
+    module_name, function_name = target.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name and error.name.startswith(module_name.split(".")[0]):
+            print(f"balancebeam: command {name!r} is not available in this version", file=sys.stderr)
+            return 2
+        raise
+    result = getattr(module, function_name)(rest)
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

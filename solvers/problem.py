@@ -1,0 +1,321 @@
+"""The M4 problem: data, targets and constraints, reduced to one canonical linear form.
+
+Every solver (exact, dual, streaming, max rate) reads the same `ConstraintSpec` (DESIGN.md, "M4").
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+import scipy.sparse as sp
+
+# Share-gap defaults: "women are 52% of kitchen captions" is within 2 points of a 50% target.
+DEFAULT_SHARE_GAP = 0.02
+# Moment-form defaults (the paper's units: mean of w q (s - pi a) y over all rows). On COCO
+# captions a concept with 1% support and a 2-point share gap has a moment of 2e-4.
+DEFAULT_MOMENT_REPRESENTATION_EPS = 0.01
+DEFAULT_MOMENT_ASSOCIATION_EPS = 0.0005
+# DESIGN.md: "A concept with too little annotated support (a minimum count, e.g. 50) is left out".
+DEFAULT_MIN_SUPPORT = 50
+DEFAULT_KEEP_RATE = 0.9
+CONSTRAINT_FORMS = ("share", "moment")
+REPRESENTATION = -1  # concept index of a representation unit
+
+
+def _as_indicator(array, name: str, rows: int | None = None) -> np.ndarray:
+    """Check a 0/1 matrix and return it as float64 (N, k)."""
+    array = np.asarray(array)
+    if array.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D (rows x columns) 0/1 array, got shape {array.shape}")
+    if rows is not None and array.shape[0] != rows:
+        raise ValueError(f"{name} has {array.shape[0]} rows but attributes has {rows}")
+    values = array.astype(np.float64, copy=False)
+    if np.isnan(values).any():
+        raise ValueError(f"{name} contains NaN; indicators must be 0 or 1")
+    if not np.isin(values, (0.0, 1.0)).all():
+        raise ValueError(f"{name} must contain only 0 and 1")
+    return values
+
+
+def _as_vector(values, name: str, rows: int, *, positive: bool = False) -> np.ndarray:
+    values = np.asarray(values, dtype=np.float64)
+    if values.shape != (rows,):
+        raise ValueError(f"{name} must have shape ({rows},), got {values.shape}")
+    if not np.isfinite(values).all():
+        raise ValueError(f"{name} contains NaN or infinite values")
+    if positive and (values <= 0).any():
+        raise ValueError(f"{name} must be positive")
+    return values
+
+
+@dataclasses.dataclass
+class ConstraintSpec:
+    """Everything needed to turn (attributes, concepts) rows into constraint coefficients.
+
+    Constraint *units* u are (value k, concept r) pairs, r = REPRESENTATION (-1) for the
+    representation unit of k. Each unit has an upper and a lower row, so J = 2 U rows in all:
+
+        (1/W) sum_i w_i q_i C_ij <= b_j        with  C = [B - G*S, -B - G*S]  (share form)
+                                                      C = [B, -B], b = eps    (moment form)
+
+    where B_iu = v_ik y_ir (v_ik = s_ik - pi_k a_ig(k)), S_iu = a_ig(k) y_ir and G the unit's gap.
+    """
+
+    groups: list[list[int]]
+    targets: list[float]
+    constraint_form: str
+    conditional: bool
+    unit_values: list[int]
+    unit_concepts: list[int]
+    unit_gaps: list[float]
+    attribute_names: list[str]
+    concept_names: list[str]
+    group_names: list[str]
+
+    @property
+    def num_units(self) -> int:
+        return len(self.unit_values)
+
+    @property
+    def num_constraints(self) -> int:
+        return 2 * self.num_units
+
+    def value_group(self) -> np.ndarray:
+        """Index of the group of each attribute column."""
+        group_of = np.empty(sum(len(columns) for columns in self.groups), dtype=np.int64)
+        for g, columns in enumerate(self.groups):
+            group_of[columns] = g
+        return group_of
+
+    def annotated(self, attributes: np.ndarray) -> np.ndarray:
+        """a_ig: (N, n_groups), 1 where any value of group g is present (all 1 if unconditional)."""
+        rows = attributes.shape[0]
+        if not self.conditional:
+            return np.ones((rows, len(self.groups)))
+        return np.stack([attributes[:, cols].max(axis=1) for cols in self.groups], axis=1)
+
+    def unit_matrices(self, attributes, concepts) -> tuple[sp.csr_matrix, sp.csr_matrix]:
+        """B (N, U) = v_k y_r and S (N, U) = a_g(k) y_r for every unit, as sparse matrices."""
+        attributes = _as_indicator(attributes, "attributes")
+        concepts = _as_indicator(concepts, "concepts", attributes.shape[0])
+        if attributes.shape[1] != len(self.targets):
+            raise ValueError(f"attributes has {attributes.shape[1]} columns, the problem has {len(self.targets)}")
+        if concepts.shape[1] != len(self.concept_names):
+            raise ValueError(f"concepts has {concepts.shape[1]} columns, the problem has {len(self.concept_names)}")
+        annotated_by_value = self.annotated(attributes)[:, self.value_group()]  # (N, m)
+        centred = attributes - np.asarray(self.targets) * annotated_by_value  # v (N, m)
+        values = np.asarray(self.unit_values)
+        unit_concepts = np.asarray(self.unit_concepts)
+        # y_ir for each unit; representation units use y = 1.
+        concept_columns = sp.csc_matrix(concepts)[:, np.maximum(unit_concepts, 0)].tocsc()
+        is_representation = unit_concepts == REPRESENTATION
+        ones = sp.csc_matrix(np.ones((attributes.shape[0], int(is_representation.sum()))))
+        unit_y = sp.hstack([ones, concept_columns[:, ~is_representation]], format="csc")
+        order = np.concatenate([np.flatnonzero(is_representation), np.flatnonzero(~is_representation)])
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(len(order))
+        unit_y = unit_y[:, inverse]
+        base = sp.csr_matrix(unit_y.multiply(centred[:, values]))
+        scale = sp.csr_matrix(unit_y.multiply(annotated_by_value[:, values]))
+        base.eliminate_zeros()
+        scale.eliminate_zeros()
+        return base, scale
+
+    def constraint_matrix(self, attributes, concepts) -> tuple[sp.csr_matrix, np.ndarray]:
+        """C (N, J) and b (J,) of  (1/W) sum_i w_i q_i C_ij <= b_j."""
+        base, scale = self.unit_matrices(attributes, concepts)
+        gaps = np.asarray(self.unit_gaps)
+        if self.constraint_form == "share":
+            gap_scale = scale @ sp.diags(gaps)
+            matrix = sp.hstack([base - gap_scale, -base - gap_scale], format="csr")
+            bounds = np.zeros(self.num_constraints)
+        else:
+            matrix = sp.hstack([base, -base], format="csr")
+            bounds = np.concatenate([gaps, gaps])
+        return matrix, bounds
+
+    def describe_unit(self, unit: int) -> str:
+        """Readable name of a unit: "share of 'woman' among annotated 'kitchen' rows"."""
+        value = self.attribute_names[self.unit_values[unit]]
+        concept = self.unit_concepts[unit]
+        group = self.group_names[self.value_group()[self.unit_values[unit]]]
+        if concept == REPRESENTATION:
+            return f"share of '{value}' among {group}-annotated rows"
+        return f"share of '{value}' among {group}-annotated '{self.concept_names[concept]}' rows"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ConstraintSpec":
+        return cls(**data)
+
+
+class BalanceProblem:
+    """An M4 problem: which rows show which attribute values and concepts, and what to reach.
+
+    Configuration is checked here, once; solvers only read `spec`, `weights` and `keep_targets`.
+    """
+
+    def __init__(
+        self,
+        attributes,
+        concepts,
+        *,
+        groups: Sequence[Sequence[int]] | None = None,
+        targets="uniform",
+        keep_rate=DEFAULT_KEEP_RATE,
+        representation_gap: float | None = None,
+        association_gap=None,
+        constraint_form: str = "share",
+        min_support: float = DEFAULT_MIN_SUPPORT,
+        weights=None,
+        utility=None,
+        utility_tilt: float = 0.0,
+        conditional: bool = True,
+        attribute_names: Sequence[str] | None = None,
+        concept_names: Sequence[str] | None = None,
+        group_names: Sequence[str] | None = None,
+    ):
+        # The configuration, so the same problem can be rebuilt on other rows (compression).
+        self.options = dict(
+            groups=groups, targets=targets, keep_rate=keep_rate, representation_gap=representation_gap,
+            association_gap=association_gap, constraint_form=constraint_form, min_support=min_support,
+            utility_tilt=utility_tilt, conditional=conditional, attribute_names=attribute_names,
+            concept_names=concept_names, group_names=group_names)
+        self.attributes = _as_indicator(attributes, "attributes")
+        rows, num_values = self.attributes.shape
+        self.concepts = _as_indicator(concepts, "concepts", rows)
+        num_concepts = self.concepts.shape[1]
+        if rows == 0:
+            raise ValueError("the problem has no rows")
+        if num_values == 0:
+            raise ValueError("attributes has no columns: nothing to balance")
+        self.weights = np.ones(rows) if weights is None else _as_vector(weights, "weights", rows, positive=True)
+        self.total_weight = float(self.weights.sum())
+        self.utility = None if utility is None else _as_vector(utility, "utility", rows)
+        if utility_tilt < 0 or not np.isfinite(utility_tilt):
+            raise ValueError(f"utility_tilt must be a finite number >= 0, got {utility_tilt}")
+        self.utility_tilt = float(utility_tilt)
+        self.utility_mean = 0.0 if self.utility is None else float(np.average(self.utility, weights=self.weights))
+        if constraint_form not in CONSTRAINT_FORMS:
+            raise ValueError(f"constraint_form must be one of {CONSTRAINT_FORMS}, got {constraint_form!r}")
+        if isinstance(keep_rate, str):
+            if keep_rate != "max":
+                raise ValueError(f"keep_rate must be a number in (0, 1] or 'max', got {keep_rate!r}")
+        elif not 0 < float(keep_rate) <= 1:
+            raise ValueError(f"keep_rate must be in (0, 1], got {keep_rate}")
+        self.keep_rate = keep_rate if isinstance(keep_rate, str) else float(keep_rate)
+        self.min_support = float(min_support)
+
+        groups = [list(range(num_values))] if groups is None else [list(map(int, g)) for g in groups]
+        flat = sorted(c for g in groups for c in g)
+        if flat != list(range(num_values)) or any(len(g) == 0 for g in groups):
+            raise ValueError(f"groups must partition the {num_values} attribute columns, got {groups}")
+        attribute_names = list(attribute_names or [f"attribute_{k}" for k in range(num_values)])
+        concept_names = list(concept_names or [f"concept_{r}" for r in range(num_concepts)])
+        group_names = list(group_names or [f"group_{g}" for g in range(len(groups))])
+        if len(attribute_names) != num_values or len(concept_names) != num_concepts or len(group_names) != len(groups):
+            raise ValueError("attribute_names, concept_names and group_names must match the columns and groups")
+
+        self.spec = ConstraintSpec(
+            groups=groups, targets=[], constraint_form=constraint_form, conditional=bool(conditional),
+            unit_values=[], unit_concepts=[], unit_gaps=[], attribute_names=attribute_names,
+            concept_names=concept_names, group_names=group_names,
+        )
+        annotated = self.spec.annotated(self.attributes)  # (N, n_groups)
+        for g, columns in enumerate(groups):
+            if not annotated[:, g].any():
+                raise ValueError(f"no row has any value of attribute group '{group_names[g]}': nothing to balance")
+        self.spec.targets = self._resolve_targets(targets, annotated).tolist()
+
+        for r in range(num_concepts):
+            if self.concepts[:, r].all():
+                raise ValueError(
+                    f"concept '{concept_names[r]}' is present in every row: its association constraint would "
+                    "only repeat the representation constraint; leave it out")
+        if representation_gap is None:
+            representation_gap = DEFAULT_SHARE_GAP if constraint_form == "share" else DEFAULT_MOMENT_REPRESENTATION_EPS
+        if association_gap is None:
+            association_gap = DEFAULT_SHARE_GAP if constraint_form == "share" else DEFAULT_MOMENT_ASSOCIATION_EPS
+        association_gaps = np.broadcast_to(np.asarray(association_gap, dtype=np.float64), (num_concepts,))
+        if representation_gap < 0 or (association_gaps < 0).any():
+            raise ValueError("gaps must be >= 0")
+
+        # support_gr: annotated weight of concept r in group g; concepts under min_support are out.
+        self.support = (annotated * self.weights[:, None]).T @ self.concepts  # (n_groups, c)
+        self.excluded_concepts: dict[str, list[str]] = {}
+        group_of = self.spec.value_group()
+        for k in range(num_values):
+            self.spec.unit_values.append(k)
+            self.spec.unit_concepts.append(REPRESENTATION)
+            self.spec.unit_gaps.append(float(representation_gap))
+        for k in range(num_values):
+            g = group_of[k]
+            for r in range(num_concepts):
+                if self.support[g, r] >= self.min_support and self.support[g, r] > 0:
+                    self.spec.unit_values.append(k)
+                    self.spec.unit_concepts.append(r)
+                    self.spec.unit_gaps.append(float(association_gaps[r]))
+        for g, name in enumerate(group_names):
+            self.excluded_concepts[name] = [
+                concept_names[r] for r in range(num_concepts) if self.support[g, r] < self.min_support
+                or self.support[g, r] == 0]
+
+    def _resolve_targets(self, targets, annotated: np.ndarray) -> np.ndarray:
+        names = self.spec.attribute_names
+        group_of = self.spec.value_group()
+        if isinstance(targets, str):
+            if targets == "uniform":
+                return np.array([1.0 / len(self.spec.groups[group_of[k]]) for k in range(len(names))])
+            if targets == "preserve":
+                present = self.weights @ self.attributes
+                annotated_weight = self.weights @ annotated
+                return present / annotated_weight[group_of]
+            raise ValueError(f"targets must be 'uniform', 'preserve' or an array, got {targets!r}")
+        targets = np.asarray(targets, dtype=np.float64)
+        if targets.shape != (len(names),) or not np.isfinite(targets).all():
+            raise ValueError(f"targets must be {len(names)} finite numbers, got {targets!r}")
+        if ((targets < 0) | (targets > 1)).any():
+            raise ValueError(f"targets are shares and must lie in [0, 1], got {targets.tolist()}")
+        for g, columns in enumerate(self.spec.groups):
+            # Every annotated row shows at least one value of its group, so the shares of a
+            # group's values add up to at least 1: targets summing below that cannot be met.
+            if self.spec.conditional and targets[columns].sum() < 1 - 1e-9:
+                raise ValueError(
+                    f"targets of group '{self.spec.group_names[g]}' add up to {targets[columns].sum():.3f} < 1; "
+                    "every annotated row shows at least one value, so these shares are contradictory")
+        return targets
+
+    # Quantities the solvers share --------------------------------------------------------------
+
+    @property
+    def num_rows(self) -> int:
+        return self.attributes.shape[0]
+
+    def keep_targets(self, keep_rate: float) -> np.ndarray:
+        """t_i = eta + tau (u_i - mean u): the sampling plan M4 stays closest to."""
+        if self.utility is None or self.utility_tilt == 0:
+            return np.full(self.num_rows, keep_rate)
+        return keep_rate + self.utility_tilt * (self.utility - self.utility_mean)
+
+    def constraint_matrix(self) -> tuple[sp.csr_matrix, np.ndarray]:
+        """C (N, J), b (J,) for this problem's rows (cached)."""
+        if not hasattr(self, "_constraint_matrix"):
+            self._constraint_matrix = self.spec.constraint_matrix(self.attributes, self.concepts)
+        return self._constraint_matrix
+
+    def unit_matrices(self) -> tuple[sp.csr_matrix, sp.csr_matrix]:
+        if not hasattr(self, "_unit_matrices"):
+            self._unit_matrices = self.spec.unit_matrices(self.attributes, self.concepts)
+        return self._unit_matrices
+
+    def violations(self, q: np.ndarray) -> np.ndarray:
+        """max(0, (1/W) C^T (w q) - b) per constraint row, in the problem's units."""
+        matrix, bounds = self.constraint_matrix()
+        return np.maximum(matrix.T @ (self.weights * q) / self.total_weight - bounds, 0.0)
+
+    def objective(self, q: np.ndarray, keep_rate: float) -> float:
+        """1/2 sum_i w_i (q_i - t_i)^2 (DESIGN.md)."""
+        return 0.5 * float(self.weights @ (q - self.keep_targets(keep_rate)) ** 2)
