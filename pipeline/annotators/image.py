@@ -1,0 +1,184 @@
+"""Image zero-shot annotator: an open_clip model scores attribute and concept prompts per image.
+
+Batched; the model comes from an architecture name plus a local (or FileSystems) checkpoint.
+"""
+import dataclasses
+import io
+import json
+import os
+import tempfile
+
+import numpy as np
+
+from pipeline.annotators.decode import DEFAULT_MAX_IMAGE_PIXELS, decode_image
+
+# CLIP's zero-shot prompts ("a photo of a {}.", Radford et al. 2021, the ImageNet template most
+# used on its own).
+PROMPT_TEMPLATE = "a photo of a {}."
+# Prompts for images with nobody in them; the "no person" side of the margin rule.
+NO_PERSON_PROMPTS = ("a photo with no people.", "a photo of an empty room.",
+                     "a photo of an object.", "a photo of an animal.", "a photo of food.",
+                     "a photo of a landscape.")
+# A value is present when its prompt beats every no-person prompt by this cosine margin.
+# 0 means "more like a person than like no person"; raise it for fewer, surer annotations.
+DEFAULT_PERSON_MARGIN = 0.0
+# A second value (a man *and* a woman) is present too when its similarity is within this cosine
+# margin of the best value.
+DEFAULT_OVERLAP_MARGIN = 0.01
+# Concepts: at most this many per image, and only those with this softmax probability over the
+# concept prompts (at CLIP's logit scale, about 100) -- 0.2 keeps only clear winners.
+DEFAULT_CONCEPT_TOP_K = 3
+DEFAULT_CONCEPT_MIN_PROBABILITY = 0.2
+DEFAULT_BATCH_SIZE = 32
+TEXT_ENCODE_BATCH = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class ZeroShotConfig:
+    architecture: str
+    checkpoint: str = None       # state dict file, loaded with torch.load(weights_only=True)
+    model_config: str = None     # open_clip model config JSON, registered under its file stem
+    person_margin: float = DEFAULT_PERSON_MARGIN
+    overlap_margin: float = DEFAULT_OVERLAP_MARGIN
+    concept_top_k: int = DEFAULT_CONCEPT_TOP_K
+    concept_min_probability: float = DEFAULT_CONCEPT_MIN_PROBABILITY
+    batch_size: int = DEFAULT_BATCH_SIZE
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    torch_threads: int = 0       # 0: torch's default
+
+
+def _read_bytes(path):
+    from apache_beam.io.filesystems import FileSystems
+
+    with FileSystems.open(path, compression_type="uncompressed") as handle:
+        return handle.read()
+
+
+def load_model(config):
+    """(model, preprocess, tokenizer) in eval mode; never downloads, never unpickles objects."""
+    import open_clip
+    import torch
+
+    if config.model_config:
+        name = os.path.splitext(os.path.basename(config.model_config))[0]
+        if name != config.architecture:
+            raise ValueError(f"model config {config.model_config} registers {name!r}, "
+                             f"but the architecture is {config.architecture!r}")
+        with tempfile.TemporaryDirectory() as folder:
+            local = os.path.join(folder, name + ".json")
+            with open(local, "wb") as handle:
+                handle.write(_read_bytes(config.model_config))
+            json.loads(open(local, encoding="utf-8").read())  # a clear error if it is not JSON
+            open_clip.add_model_config(local)
+    model, _, preprocess = open_clip.create_model_and_transforms(config.architecture, pretrained=None)
+    if config.checkpoint:
+        state = torch.load(io.BytesIO(_read_bytes(config.checkpoint)), map_location="cpu",
+                           weights_only=True)
+        if isinstance(state, dict) and "state_dict" in state:
+            state = state["state_dict"]
+        state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+        model.load_state_dict(state)
+    model.eval()
+    return model, preprocess, open_clip.get_tokenizer(config.architecture)
+
+
+class ZeroShotImageAnnotator:
+    """Scores images (or precomputed image embeddings) against attribute and concept prompts.
+
+    `groups`: {group: values}, e.g. {"perceived_gender": ("man", "woman")}; `concepts`: names.
+    Picklable: the model is loaded on first use in each worker.
+    """
+
+    def __init__(self, config, groups, concepts):
+        self.config = config
+        self.groups = {group: tuple(values) for group, values in groups.items()}
+        self.concepts = tuple(concepts)
+        self._state = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_state": None}
+
+    @property
+    def embed_dim(self):
+        return self._loaded()["no_person"].shape[1]
+
+    def _loaded(self):
+        if self._state is None:
+            import torch
+
+            if self.config.torch_threads:
+                torch.set_num_threads(self.config.torch_threads)
+            model, preprocess, tokenizer = load_model(self.config)
+            encode = lambda prompts: self._encode_text(model, tokenizer, prompts)
+            self._state = {
+                "model": model, "preprocess": preprocess,
+                "logit_scale": float(model.logit_scale.exp()),
+                "groups": {group: encode([PROMPT_TEMPLATE.format(v) for v in values])
+                           for group, values in self.groups.items()},
+                "no_person": encode(list(NO_PERSON_PROMPTS)),
+                "concepts": encode([PROMPT_TEMPLATE.format(c) for c in self.concepts])
+                if self.concepts else None,
+            }
+        return self._state
+
+    @staticmethod
+    def _encode_text(model, tokenizer, prompts):
+        import torch
+
+        chunks = []
+        with torch.no_grad():
+            for start in range(0, len(prompts), TEXT_ENCODE_BATCH):
+                tokens = tokenizer(prompts[start:start + TEXT_ENCODE_BATCH])
+                chunks.append(model.encode_text(tokens, normalize=True).float().numpy())
+        return np.concatenate(chunks)
+
+    def embed_images(self, images_bytes):
+        """Normalised image embeddings (batch, dim) of encoded images, in one forward pass."""
+        import torch
+
+        state = self._loaded()
+        pixels = torch.stack([state["preprocess"](decode_image(data, self.config.max_image_pixels))
+                              for data in images_bytes])
+        with torch.no_grad():
+            return state["model"].encode_image(pixels, normalize=True).float().numpy()
+
+    def annotate_embeddings(self, embeddings):
+        """[(attributes, concepts, scores)] per row of `embeddings` (batch, dim)."""
+        state = self._loaded()
+        embeddings = np.asarray(embeddings, dtype=np.float32)
+        if embeddings.ndim != 2 or embeddings.shape[1] != state["no_person"].shape[1]:
+            raise ValueError(f"embeddings of shape {embeddings.shape}, model wants "
+                             f"(batch, {state['no_person'].shape[1]})")
+        norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
+        embeddings = embeddings / np.where(norms > 0, norms, 1.0)
+        no_person = (embeddings @ state["no_person"].T).max(axis=1)
+        results = [([], [], {}) for _ in range(len(embeddings))]
+        for group, values in self.groups.items():
+            similarity = embeddings @ state["groups"][group].T
+            logits = state["logit_scale"] * np.concatenate([similarity, no_person[:, None]], axis=1)
+            probability = _softmax(logits)
+            for row, (attributes, _, scores) in enumerate(results):
+                best = int(similarity[row].argmax())
+                if similarity[row, best] - no_person[row] < self.config.person_margin:
+                    continue  # the margin rule: nobody is shown
+                for index, value in enumerate(values):
+                    if similarity[row, best] - similarity[row, index] <= self.config.overlap_margin:
+                        label = f"{group}:{value}"
+                        attributes.append(label)
+                        scores[label] = round(float(probability[row, index]), 4)
+        if state["concepts"] is not None and self.config.concept_top_k > 0:
+            probability = _softmax(state["logit_scale"] * (embeddings @ state["concepts"].T))
+            top = np.argsort(-probability, axis=1, kind="stable")[:, :self.config.concept_top_k]
+            for row, (_, concepts, _) in enumerate(results):
+                concepts.extend(self.concepts[i] for i in top[row]
+                                if probability[row, i] >= self.config.concept_min_probability)
+        return results
+
+    def annotate_images(self, images_bytes):
+        return self.annotate_embeddings(self.embed_images(images_bytes))
+
+
+def _softmax(logits):
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=1, keepdims=True)

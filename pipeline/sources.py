@@ -1,0 +1,370 @@
+"""Reading image-text samples for the Beam jobs: WebDataset tars, caption tables, COCO caption JSON.
+
+`ReadSamples` is the one source transform; bad records go to a tagged quarantine output.
+"""
+import csv
+import io
+import json
+import pathlib
+import posixpath
+import re
+import tarfile
+
+import apache_beam as beam
+from apache_beam.io import fileio
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+
+from pipeline import quarantine as q
+
+FORMAT_AUTO = "auto"
+FORMAT_WEBDATASET = "webdataset"
+FORMAT_PARQUET = "parquet"
+FORMAT_JSONL = "jsonl"
+FORMAT_CSV = "csv"
+FORMAT_COCO = "coco"
+FORMATS = (FORMAT_AUTO, FORMAT_WEBDATASET, FORMAT_PARQUET, FORMAT_JSONL, FORMAT_CSV, FORMAT_COCO)
+_FORMAT_BY_SUFFIX = {".tar": FORMAT_WEBDATASET, ".parquet": FORMAT_PARQUET, ".jsonl": FORMAT_JSONL,
+                     ".ndjson": FORMAT_JSONL, ".csv": FORMAT_CSV, ".json": FORMAT_COCO}
+_COMPRESSION_SUFFIXES = (".gz", ".bz2", ".zst", ".deflate", ".lzma")
+
+# img2dataset names a sample's members KEY.EXT; webdataset splits them with this pattern
+# (webdataset/tariterators.py, base_plus_ext): the key is everything up to the basename's first dot.
+_KEY_AND_EXTENSION = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+TEXT_EXTENSION = "txt"
+JSON_EXTENSION = "json"
+TAR_BLOCK = 512
+# A well-formed tar ends with two zero blocks (POSIX.1-1988 end-of-archive marker).
+END_OF_ARCHIVE_BYTES = 2 * TAR_BLOCK
+# Members larger than this are not read into memory (a web image is a few hundred kB; this leaves
+# room for large PNGs and precomputed embeddings while stopping a forged 10 GB header).
+MAX_MEMBER_BYTES = 256 * 1024 * 1024
+TABLE_BATCH_ROWS = 1024
+
+
+def detect_format(path):
+    """Input format of one file from its name: .tar, .parquet, .jsonl/.ndjson, .csv, .json (COCO)."""
+    name = path.lower()
+    for suffix in _COMPRESSION_SUFFIXES:
+        if name.endswith(suffix):
+            name = name[:-len(suffix)]
+    for suffix, file_format in _FORMAT_BY_SUFFIX.items():
+        if name.endswith(suffix):
+            return file_format
+    return None
+
+
+def _sample(key, shard, position, caption=None, members=None, meta=None, image_id=None):
+    return {"key": key, "shard": shard, "position": position, "caption": caption,
+            "members": members or {}, "meta": meta or {}, "image_id": image_id}
+
+
+class _TailTrackingReader:
+    """File wrapper that remembers the bytes read and the last few, to check the end-of-archive."""
+
+    def __init__(self, raw):
+        self.raw, self.bytes_read, self.tail = raw, 0, b""
+
+    def read(self, size=-1):
+        data = self.raw.read(size)
+        self.bytes_read += len(data)
+        self.tail = (self.tail + data)[-END_OF_ARCHIVE_BYTES:]
+        return data
+
+    def drain(self):
+        while self.read(1 << 20):
+            pass
+
+    def ends_with_marker(self):
+        return len(self.tail) == END_OF_ARCHIVE_BYTES and not self.tail.strip(b"\0")
+
+
+def _is_unsafe_member_name(name):
+    parts = pathlib.PurePosixPath(name).parts
+    return name.startswith(("/", "\\")) or ".." in parts or "\\" in name or "\0" in name
+
+
+def iter_tar_samples(raw_file, shard, caption_field="caption"):
+    """Yields samples or quarantine entries (TaggedOutput) from one tar, streaming member by member.
+
+    Members are never written to disk, so their names cannot escape anywhere; names that try
+    (absolute, "..") are quarantined all the same. A sample's members are kept byte-exact.
+    """
+    reader = _TailTrackingReader(raw_file)
+    pending, position, expected_offset, members_seen = None, 0, 0, 0
+    try:
+        # ignore_zeros lets tarfile resynchronise after a damaged header; the offset check below
+        # turns every skipped stretch into a quarantine entry instead of losing it silently.
+        with tarfile.open(fileobj=reader, mode="r|", ignore_zeros=True) as archive:
+            for member in archive:
+                if member.offset != expected_offset:
+                    yield q.quarantined(q.STAGE_READ, q.CORRUPT_TAR, None, shard, None,
+                                        f"{member.offset - expected_offset} bytes of damaged tar "
+                                        f"headers skipped before member {member.name!r}")
+                expected_offset = member.offset_data + -(-member.size // TAR_BLOCK) * TAR_BLOCK
+                members_seen += 1
+                if member.isdir():
+                    continue
+                name = member.name
+                if _is_unsafe_member_name(name):
+                    yield q.quarantined(q.STAGE_READ, q.UNSAFE_MEMBER_NAME, None, shard, None, name)
+                    continue
+                if not member.isfile():
+                    yield q.quarantined(q.STAGE_READ, q.NON_REGULAR_MEMBER, None, shard, None, name)
+                    continue
+                match = _KEY_AND_EXTENSION.match(name)
+                if match is None:
+                    yield q.quarantined(q.STAGE_READ, q.BAD_ROW, None, shard, None,
+                                        f"member {name!r} has no KEY.EXT name")
+                    continue
+                key, extension = match.groups()
+                if member.size > MAX_MEMBER_BYTES:
+                    yield q.quarantined(q.STAGE_READ, q.BAD_ROW, key, shard, None,
+                                        f"member {name!r} has {member.size} bytes (limit {MAX_MEMBER_BYTES})")
+                    continue
+                data = archive.extractfile(member).read()
+                # Same rule as webdataset's group_by_keys: a new key, or an extension seen again,
+                # starts a new sample.
+                if pending is None or pending[0] != key or extension in pending[1]:
+                    if pending is not None:
+                        yield from _finish_tar_sample(pending, shard, caption_field)
+                        position += 1
+                    pending = (key, {}, position)
+                pending[1][extension] = data
+        reader.drain()
+    except (tarfile.TarError, EOFError, OSError) as error:
+        key = pending[0] if pending else None
+        yield q.quarantined(q.STAGE_READ, q.TRUNCATED_TAR if members_seen else q.UNREADABLE_FILE,
+                            key, shard, pending[2] if pending else None,
+                            f"tar stopped after {reader.bytes_read} bytes: {error}")
+        return
+    if not reader.ends_with_marker():
+        reason = q.TRUNCATED_TAR if members_seen else q.UNREADABLE_FILE
+        if reader.bytes_read == 0:
+            reason = q.EMPTY_SHARD
+        yield q.quarantined(q.STAGE_READ, reason, pending[0] if pending else None, shard,
+                            pending[2] if pending else None,
+                            f"no end-of-archive marker after {reader.bytes_read} bytes")
+        return
+    if pending is not None:
+        yield from _finish_tar_sample(pending, shard, caption_field)
+    elif not members_seen:
+        yield q.quarantined(q.STAGE_READ, q.EMPTY_SHARD, None, shard, None, "tar has no members")
+
+
+def _member(members, extension):
+    for name, data in members.items():
+        if name.lower() == extension:
+            return data
+    return None
+
+
+def _finish_tar_sample(pending, shard, caption_field):
+    key, members, position = pending
+    meta = {}
+    json_bytes = _member(members, JSON_EXTENSION)
+    caption = None
+    try:
+        if json_bytes is not None:
+            meta = json.loads(json_bytes.decode("utf-8"))
+            if not isinstance(meta, dict):
+                raise ValueError(f"json member is a {type(meta).__name__}, not an object")
+        text_bytes = _member(members, TEXT_EXTENSION)
+        if text_bytes is not None:
+            caption = text_bytes.decode("utf-8")
+    except UnicodeDecodeError as error:
+        yield q.quarantined(q.STAGE_READ, q.NON_UTF8_TEXT, key, shard, position, error)
+        return
+    except ValueError as error:
+        yield q.quarantined(q.STAGE_READ, q.BAD_JSON, key, shard, position, error)
+        return
+    if caption is None and isinstance(meta.get(caption_field), str):
+        caption = meta[caption_field]
+    image_id = meta.get("image_id")
+    yield _sample(key, shard, position, caption, members, meta,
+                  None if image_id is None else str(image_id))
+
+
+def _row_sample(row, shard, position, key_column, caption_column, has_key_column):
+    """A table row as a sample; keys fall back to FILE#ROW when the table has no key column."""
+    if has_key_column:
+        key = row.get(key_column)
+        if key is None or str(key) == "":
+            return q.quarantined(q.STAGE_READ, q.MISSING_KEY, None, shard, position,
+                                 f"row {position} has no {key_column!r}")
+    else:
+        key = f"{posixpath.basename(shard)}#{position}"
+    caption = row.get(caption_column)
+    if isinstance(caption, bytes):
+        try:
+            caption = caption.decode("utf-8")
+        except UnicodeDecodeError as error:
+            return q.quarantined(q.STAGE_READ, q.NON_UTF8_TEXT, str(key), shard, position, error)
+    if caption is not None and not isinstance(caption, str):
+        caption = str(caption)
+    image_id = row.get("image_id")
+    meta = {name: value for name, value in row.items() if name not in (caption_column,)}
+    return _sample(str(key), shard, position, caption, None, meta,
+                   None if image_id is None else str(image_id))
+
+
+def iter_parquet_samples(raw_file, shard, key_column, caption_column):
+    import pyarrow.parquet as pq
+
+    parquet = pq.ParquetFile(raw_file)
+    has_key_column = key_column in parquet.schema_arrow.names
+    if parquet.metadata.num_rows == 0:
+        yield q.quarantined(q.STAGE_READ, q.EMPTY_SHARD, None, shard, None, "table has no rows")
+        return
+    position = 0
+    for batch in parquet.iter_batches(batch_size=TABLE_BATCH_ROWS):
+        for row in batch.to_pylist():
+            yield _row_sample(row, shard, position, key_column, caption_column, has_key_column)
+            position += 1
+
+
+def iter_jsonl_samples(raw_file, shard, key_column, caption_column):
+    position = -1
+    for position, line in enumerate(raw_file):
+        try:
+            row = json.loads(line.decode("utf-8"))
+            if not isinstance(row, dict):
+                raise ValueError(f"line is a {type(row).__name__}, not an object")
+        except UnicodeDecodeError as error:
+            yield q.quarantined(q.STAGE_READ, q.NON_UTF8_TEXT, None, shard, position, error)
+            continue
+        except ValueError as error:
+            yield q.quarantined(q.STAGE_READ, q.BAD_JSON, None, shard, position, error)
+            continue
+        yield _row_sample(row, shard, position, key_column, caption_column, True)
+    if position < 0:
+        yield q.quarantined(q.STAGE_READ, q.EMPTY_SHARD, None, shard, None, "file has no lines")
+
+
+def iter_csv_samples(raw_file, shard, key_column, caption_column):
+    # surrogateescape keeps undecodable bytes visible per row, so one bad row is quarantined
+    # instead of the whole file failing.
+    lines = (line.decode("utf-8", errors="surrogateescape") for line in raw_file)
+    reader = csv.reader(lines)
+    header = next(reader, None)
+    if header is None:
+        yield q.quarantined(q.STAGE_READ, q.EMPTY_SHARD, None, shard, None, "file has no header")
+        return
+    position = -1
+    for position, fields in enumerate(reader):
+        if len(fields) != len(header):
+            yield q.quarantined(q.STAGE_READ, q.BAD_ROW, None, shard, position,
+                                f"{len(fields)} fields, header has {len(header)}")
+            continue
+        try:
+            "".join(fields).encode("utf-8")
+        except UnicodeEncodeError as error:
+            yield q.quarantined(q.STAGE_READ, q.NON_UTF8_TEXT, None, shard, position, error)
+            continue
+        yield _row_sample(dict(zip(header, fields)), shard, position, key_column, caption_column,
+                          key_column in header)
+    if position < 0:
+        yield q.quarantined(q.STAGE_READ, q.EMPTY_SHARD, None, shard, None, "table has no rows")
+
+
+def iter_coco_samples(raw_file, shard):
+    """One sample per caption of a COCO caption JSON; the key is the caption annotation's id."""
+    try:
+        document = json.loads(raw_file.read().decode("utf-8"))
+        annotations = document["annotations"]
+        if not isinstance(annotations, list):
+            raise ValueError("'annotations' is not a list")
+    except UnicodeDecodeError as error:
+        yield q.quarantined(q.STAGE_READ, q.NON_UTF8_TEXT, None, shard, None, error)
+        return
+    except (ValueError, KeyError, TypeError) as error:
+        yield q.quarantined(q.STAGE_READ, q.BAD_JSON, None, shard, None,
+                            f"not a COCO caption file: {error!r}")
+        return
+    if not annotations:
+        yield q.quarantined(q.STAGE_READ, q.EMPTY_SHARD, None, shard, None, "no annotations")
+        return
+    file_names = {image.get("id"): image.get("file_name") for image in document.get("images", [])
+                  if isinstance(image, dict)}
+    for position, annotation in enumerate(annotations):
+        if not isinstance(annotation, dict) or annotation.get("id") is None:
+            yield q.quarantined(q.STAGE_READ, q.MISSING_KEY, None, shard, position,
+                                "annotation without an id")
+            continue
+        image_id = annotation.get("image_id")
+        meta = dict(annotation, file_name=file_names.get(image_id))
+        caption = annotation.get("caption")
+        yield _sample(str(annotation["id"]), shard, position,
+                      caption if isinstance(caption, str) else None, None, meta,
+                      None if image_id is None else str(image_id))
+
+
+class ReadFileSamples(beam.DoFn):
+    """One file path in, its samples out (main output) and bad records (quarantine output)."""
+
+    def __init__(self, input_format=FORMAT_AUTO, key_column="key", caption_column="caption"):
+        self.input_format = input_format
+        self.key_column = key_column
+        self.caption_column = caption_column
+        self.files_read = Metrics.counter(q.METRICS_NAMESPACE, "files_read")
+        self.records_read = Metrics.counter(q.METRICS_NAMESPACE, "records_read")
+
+    def process(self, path):
+        self.files_read.inc()
+        for output in self._records(path):
+            self.records_read.inc()
+            yield output
+
+    def _records(self, path):
+        file_format = self.input_format
+        if file_format == FORMAT_AUTO:
+            file_format = detect_format(path)
+        if file_format is None:
+            yield q.quarantined(q.STAGE_READ, q.UNREADABLE_FILE, None, path, None,
+                                "unknown file type; pass --input-format")
+            return
+        try:
+            with FileSystems.open(path) as raw_file:
+                if file_format == FORMAT_WEBDATASET:
+                    yield from iter_tar_samples(raw_file, path, self.caption_column)
+                elif file_format == FORMAT_PARQUET:
+                    yield from iter_parquet_samples(raw_file, path, self.key_column, self.caption_column)
+                elif file_format == FORMAT_JSONL:
+                    yield from iter_jsonl_samples(raw_file, path, self.key_column, self.caption_column)
+                elif file_format == FORMAT_CSV:
+                    yield from iter_csv_samples(raw_file, path, self.key_column, self.caption_column)
+                else:
+                    yield from iter_coco_samples(raw_file, path)
+        except Exception as error:  # a file we cannot open or parse at all: quarantine, go on
+            yield q.quarantined(q.STAGE_READ, q.UNREADABLE_FILE, None, path, None, repr(error))
+
+
+class ReadSamples(beam.PTransform):
+    """Every sample of the files matching `input_glob` (a glob or a list of globs).
+
+    Output: a DoOutputsTuple with `.samples` (dicts: key, shard, position, caption, members,
+    meta, image_id) and `.quarantine` (entries of pipeline.quarantine). Files are spread over
+    workers (one file is one unit of work), so each worker streams one file at a time.
+    """
+
+    def __init__(self, input_glob, input_format=FORMAT_AUTO, caption_column="caption",
+                 key_column="key"):
+        super().__init__()
+        if input_format not in FORMATS:
+            raise ValueError(f"input format must be one of {FORMATS}, got {input_format!r}")
+        self.globs = [input_glob] if isinstance(input_glob, str) else list(input_glob)
+        self.input_format = input_format
+        self.caption_column = caption_column
+        self.key_column = key_column
+
+    def expand(self, pbegin):
+        return (pbegin
+                | "Globs" >> beam.Create(self.globs)
+                | "MatchFiles" >> fileio.MatchAll()
+                | "Paths" >> beam.Map(lambda metadata: metadata.path)
+                # Distinct groups by path, which also spreads the files over the workers.
+                | "SpreadFiles" >> beam.Distinct()
+                | "ReadFiles" >> beam.ParDo(ReadFileSamples(
+                    self.input_format, self.key_column, self.caption_column)).with_outputs(
+                        q.QUARANTINE_TAG, main="samples"))
