@@ -87,3 +87,38 @@ def coco_mini_shards(shared_data, tmp_path_factory):
     for record in records:
         record["shard"] = str(paths[int(record["key"][:5])])
     return CocoMiniShards(directory, tuple(paths), tuple(records))
+
+
+# A deliberately tiny open_clip ViT (about 1.7 M parameters, mostly the token embedding): the real
+# open_clip code path, random weights, a forward pass in milliseconds on CPU.
+TINY_CLIP_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
+    "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TinyClip:
+    architecture: str
+    config_path: pathlib.Path
+    checkpoint_path: pathlib.Path
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory):
+    """A tiny randomly initialised open_clip model saved as a state dict (seed 0), with the
+    model config JSON that registers its architecture name."""
+    import open_clip
+    import torch
+
+    directory = tmp_path_factory.mktemp("tiny_clip")
+    architecture = "bbtest-tiny-vit"
+    config_path = directory / f"{architecture}.json"
+    config_path.write_text(json.dumps(TINY_CLIP_CONFIG))
+    open_clip.add_model_config(str(config_path))
+    torch.manual_seed(0)
+    model = open_clip.create_model(architecture, pretrained=None)
+    checkpoint_path = directory / "tiny-vit-seed0.pt"
+    torch.save({"state_dict": model.state_dict()}, checkpoint_path)
+    return TinyClip(architecture, config_path, checkpoint_path)

@@ -3,6 +3,7 @@
 PIL only (no torch), so the annotate job can check images without the zero-shot model.
 """
 import io
+import warnings
 
 from PIL import Image
 
@@ -25,7 +26,9 @@ class ImageRejected(ValueError):
 def decode_image(data, max_pixels=DEFAULT_MAX_IMAGE_PIXELS, mode="RGB"):
     """Fully decodes image bytes into a PIL image in `mode`, checking the size before decoding."""
     try:
-        image = Image.open(io.BytesIO(data), formats=ALLOWED_IMAGE_FORMATS)
+        with warnings.catch_warnings():  # the size is checked below with our own limit
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=ALLOWED_IMAGE_FORMATS)
     except Image.DecompressionBombError as error:
         raise ImageRejected("image_too_large", str(error)) from None
     except Exception as error:

@@ -112,7 +112,7 @@ class ZeroShotImageAnnotator:
             encode = lambda prompts: self._encode_text(model, tokenizer, prompts)
             self._state = {
                 "model": model, "preprocess": preprocess,
-                "logit_scale": float(model.logit_scale.exp()),
+                "logit_scale": float(model.logit_scale.detach().exp()),
                 "groups": {group: encode([PROMPT_TEMPLATE.format(v) for v in values])
                            for group, values in self.groups.items()},
                 "no_person": encode(list(NO_PERSON_PROMPTS)),

@@ -1,0 +1,201 @@
+"""Tests of the annotators without Beam: lexicon format, text matching, image decoding, zero-shot.
+
+The zero-shot tests use a tiny randomly initialised open_clip model through the real code path.
+"""
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.annotators import combine
+from pipeline.annotators.decode import ImageRejected, decode_image
+from pipeline.annotators.lexicon import Lexicon, LexiconError, plural_of
+from pipeline.annotators.text import TextAnnotator, annotate_caption
+
+MAN, WOMAN = "perceived_gender:man", "perceived_gender:woman"
+
+
+@pytest.mark.parametrize("caption, attributes", [
+    ("A man riding a horse.", [MAN]),
+    ("Two MEN and a Woman at a table", [MAN, WOMAN]),
+    ("The woman's umbrella is red.", [WOMAN]),          # possessive
+    ("The boys' bicycles lean on a fence.", [MAN]),     # plural possessive
+    ("A womanly figure in the theme park", []),          # no match inside words
+    ("Where the mango trees grow", []),                  # "man" inside "mango", "he" inside "the"
+    ("She holds her phone.", [WOMAN]),
+    ("A policeman directs traffic.", [MAN]),
+    ("", []),
+])
+def test_perceived_gender_terms_match_whole_words_plurals_and_possessives(caption, attributes):
+    assert annotate_caption(caption)[0] == attributes
+
+
+@pytest.mark.parametrize("caption, concept", [
+    ("A police officer stands by a car", "police officer"),     # multi-word term
+    ("Police-officers stand by a car", "police officer"),       # hyphen and generated plural
+    ("Three buses parked", "bus"),                               # plural with -es
+    ("Fresh strawberries in a bowl", "strawberry"),             # plural with -ies
+    ("A TELEVISION on the wall", "tv"),                          # synonym, upper case
+    ("Knives on a cutting board", "knife"),                      # irregular plural
+])
+def test_concepts_match_synonyms_plurals_and_multi_word_terms(caption, concept):
+    assert concept in annotate_caption(caption)[1]
+
+
+def test_longer_term_wins_over_the_term_inside_it():
+    attributes, concepts, evidence = annotate_caption("A hot dog and a teddy bear next to a dog.")
+    assert concepts == ["dog", "hot dog", "teddy bear"]  # "dog" from the last word only
+    attributes, concepts, _ = annotate_caption("A hot dog on a plate")
+    assert "dog" not in concepts and "hot dog" in concepts
+
+
+def test_evidence_names_the_words_that_matched():
+    _, _, evidence = annotate_caption("Two men and a woman's dog in a kitchen")
+    assert evidence == {"text": {MAN: ["men"], WOMAN: ["woman"]},
+                        "concepts": {"dog": "text", "kitchen": "text"}}
+
+
+def test_bundled_vocabulary_covers_the_coco_categories(shared_data):
+    import json
+
+    categories = json.loads((shared_data / "coco_mini" / "instances_val2017.json").read_text())
+    names = [c["name"] for c in categories["categories"]]
+    lexicon = Lexicon.load()
+    assert len(names) == 80
+    assert set(names) <= set(lexicon.concepts)
+    assert len(lexicon.concepts) >= 400
+    assert lexicon.groups == {"perceived_gender": ("man", "woman")}
+
+
+def test_user_lexicon_format(tmp_path):
+    (tmp_path / "age.txt").write_text(
+        "# ages\n@kind attribute\n@group perceived_age\n@plurals auto\n"
+        "child: child, kid,\n  toddler  # continued\nadult: adult, grown-up\n")
+    (tmp_path / "things.txt").write_text("@kind concept\n@plurals auto\nbox\nferry: ferry, boat\n")
+    annotator = TextAnnotator(Lexicon.load(tmp_path))
+    attributes, concepts, _ = annotator("Two grown-ups, three toddlers and children near boxes and ferries")
+    assert attributes == ["perceived_age:adult", "perceived_age:child"]
+    assert concepts == ["box", "ferry"]
+    assert plural_of("police officer") == "police officers"
+
+
+def test_lexicon_without_kind_is_a_clear_error(tmp_path):
+    (tmp_path / "bad.txt").write_text("man: man\n")
+    with pytest.raises(LexiconError, match="@kind"):
+        Lexicon.load(tmp_path / "bad.txt")
+
+
+def test_text_annotator_pickles_without_its_automaton():
+    import pickle
+
+    annotator = TextAnnotator()
+    before = annotator("A woman in a kitchen")
+    clone = pickle.loads(pickle.dumps(annotator))
+    assert clone._automaton is None and clone("A woman in a kitchen") == before
+
+
+@pytest.mark.parametrize("policy, attributes, concepts", [
+    ("union", [MAN, WOMAN], ["dog", "kitchen"]),
+    ("text", [MAN], ["kitchen"]),
+    ("image", [WOMAN], ["dog"]),
+    ("agreement", [], []),
+])
+def test_combination_policies(policy, attributes, concepts):
+    result = combine.combine_annotations([MAN], ["kitchen"], [WOMAN], ["dog"],
+                                         combine.parse_policies(policy))
+    assert result[:2] == (attributes, concepts)
+
+
+def test_combination_policy_per_group():
+    policies = combine.parse_policies("union", ["perceived_gender=agreement", "concepts=text"])
+    attributes, concepts, sources = combine.combine_annotations(
+        [MAN, WOMAN], ["kitchen", "dog"], [MAN], ["dog", "cat"], policies)
+    assert attributes == [MAN] and concepts == ["dog", "kitchen"]
+    assert sources == {"dog": "text+image", "kitchen": "text"}
+    with pytest.raises(ValueError):
+        combine.parse_policies("union", ["perceived_gender"])
+
+
+def _encoded(image, image_format, **save_args):
+    buffer = io.BytesIO()
+    image.save(buffer, format=image_format, **save_args)
+    return buffer.getvalue()
+
+
+def test_decode_accepts_real_jpeg_and_png(coco_mini_shards):
+    jpeg = coco_mini_shards.records[0]["jpg"]
+    image = decode_image(jpeg)
+    assert image.mode == "RGB" and max(image.size) == 384  # coco_mini's longer side
+    assert decode_image(_encoded(image, "PNG")).size == image.size
+
+
+def test_decode_rejects_broken_and_oversized_images(coco_mini_shards):
+    jpeg = coco_mini_shards.records[0]["jpg"]
+    with pytest.raises(ImageRejected) as rejected:
+        decode_image(jpeg[: len(jpeg) // 2])  # truncated JPEG
+    assert rejected.value.reason == "undecodable_image"
+    with pytest.raises(ImageRejected) as rejected:
+        decode_image(b"GIF89a" + bytes(100))  # not an allowed format
+    assert rejected.value.reason == "undecodable_image"
+    with pytest.raises(ImageRejected) as rejected:
+        decode_image(jpeg, max_pixels=100 * 100)  # decompression-bomb limit, checked before decoding
+    assert rejected.value.reason == "image_too_large"
+    bomb = _encoded(Image.new("1", (12000, 12000)), "PNG")  # 144 Mpx in a few kB
+    assert len(bomb) < 100_000
+    with pytest.raises(ImageRejected) as rejected:
+        decode_image(bomb)
+    assert rejected.value.reason == "image_too_large"
+
+
+@pytest.fixture(scope="module")
+def zero_shot(tiny_clip):
+    from pipeline.annotators.image import ZeroShotConfig, ZeroShotImageAnnotator
+
+    def make(**overrides):
+        config = ZeroShotConfig(tiny_clip.architecture, str(tiny_clip.checkpoint_path),
+                                str(tiny_clip.config_path), **overrides)
+        lexicon = Lexicon.load()
+        return ZeroShotImageAnnotator(config, lexicon.groups, lexicon.concepts)
+    return make
+
+
+def test_zero_shot_loads_the_checkpoint_and_embeds_a_batch(zero_shot, tiny_clip, coco_mini_shards):
+    import pickle
+
+    import torch
+
+    from pipeline.annotators.image import ZeroShotConfig, load_model
+
+    images = [record["jpg"] for record in coco_mini_shards.records[:5]]
+    annotator = pickle.loads(pickle.dumps(zero_shot()))  # Beam ships it to workers like this
+    embeddings = annotator.embed_images(images)
+    assert embeddings.shape == (5, 32)
+    np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, rtol=1e-5)
+    # The same checkpoint gives the same model; a fresh random model does not.
+    np.testing.assert_allclose(zero_shot().embed_images(images), embeddings, rtol=1e-5)
+    torch.manual_seed(1)
+    fresh, _, _ = load_model(ZeroShotConfig(tiny_clip.architecture, None, str(tiny_clip.config_path)))
+    assert not torch.equal(fresh.visual.conv1.weight, annotator._loaded()["model"].visual.conv1.weight)
+
+
+def test_zero_shot_margin_rule_and_concept_top_k(zero_shot, coco_mini_shards):
+    images = [record["jpg"] for record in coco_mini_shards.records[:6]]
+    everyone = zero_shot(person_margin=-10.0, concept_top_k=2, concept_min_probability=0.0)
+    results = everyone.annotate_images(images)
+    assert len(results) == 6
+    for attributes, concepts, scores in results:
+        assert attributes and set(attributes) <= {MAN, WOMAN}
+        assert set(scores) == set(attributes) and all(0 < p <= 1 for p in scores.values())
+        assert len(concepts) == 2
+    nobody = zero_shot(person_margin=10.0, concept_top_k=0).annotate_images(images)
+    assert all(attributes == [] and concepts == [] for attributes, concepts, _ in nobody)
+
+
+def test_zero_shot_on_precomputed_embeddings_matches_images(zero_shot, coco_mini_shards):
+    images = [record["jpg"] for record in coco_mini_shards.records[:4]]
+    annotator = zero_shot(person_margin=-10.0, concept_top_k=3, concept_min_probability=0.0)
+    embeddings = annotator.embed_images(images)
+    assert annotator.annotate_embeddings(embeddings * 3.0) == annotator.annotate_images(images)
+    with pytest.raises(ValueError, match="shape"):
+        annotator.annotate_embeddings(np.ones((2, 7)))
