@@ -135,8 +135,10 @@ def iter_tar_samples(raw_file, shard, caption_field="caption"):
         reader.drain()
     except (tarfile.TarError, EOFError, OSError) as error:
         key = pending[0] if pending else None
-        yield q.quarantined(q.STAGE_READ, q.TRUNCATED_TAR if members_seen else q.UNREADABLE_FILE,
-                            key, shard, pending[2] if pending else None,
+        reason = q.TRUNCATED_TAR if members_seen else q.UNREADABLE_FILE
+        if reader.bytes_read == 0:
+            reason = q.EMPTY_SHARD
+        yield q.quarantined(q.STAGE_READ, reason, key, shard, pending[2] if pending else None,
                             f"tar stopped after {reader.bytes_read} bytes: {error}")
         return
     if not reader.ends_with_marker():
