@@ -1,0 +1,356 @@
+"""The balance job: count constraint signatures of the annotations (Beam), solve M4 on them in memory.
+
+Writes solution.json (the duals every resample worker applies, plus readable statistics) and
+signatures.jsonl (the counted signatures the report reads).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import time
+from typing import Sequence
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from pipeline.signatures import SignatureTable, group_of, row_signature
+from solvers.problem import DEFAULT_KEEP_RATE, DEFAULT_MIN_SUPPORT
+
+log = logging.getLogger(__name__)
+
+METRICS_NAMESPACE = "balancebeam"
+ANNOTATIONS_GLOB = "annotations-*.parquet"
+SIGNATURES_FILE = "signatures.jsonl"
+METHODS = ("dual", "exact", "streaming")
+DEFAULT_METHOD = "dual"
+# Columns balance needs; the caption and evidence columns are never read.
+_FEATURE_COLUMNS = ["key", "attributes", "concepts", "utility"]
+
+
+@dataclasses.dataclass
+class BalanceConfig:
+    """What to balance and how hard: the flags of `balancebeam balance`, checked once."""
+
+    keep_rate: float | str = DEFAULT_KEEP_RATE
+    representation_gap: float | None = None
+    association_gap: float | None = None
+    targets: str | list = "uniform"
+    concepts: list[str] | None = None  # labels of interest; None: every concept seen
+    proxies: int | list[str] | None = None  # top-K discovery, or an explicit list
+    min_support: float = DEFAULT_MIN_SUPPORT
+    method: str = DEFAULT_METHOD
+    constraint_form: str = "share"
+    conditional: bool = True
+    utility_tilt: float = 0.0
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if isinstance(self.proxies, int) and self.proxies < 0:
+            raise ValueError("the number of proxies must be >= 0")
+
+
+# Beam: annotations -> counted signatures ---------------------------------------------------------
+
+class RowSignature(beam.DoFn):
+    """One annotations row -> its constraint signature (a JSON text key)."""
+
+    def __init__(self, conditional: bool, use_utility: bool):
+        self.conditional = conditional
+        self.use_utility = use_utility
+        self.rows = Metrics.counter(METRICS_NAMESPACE, "balance_rows")
+        self.annotated = Metrics.counter(METRICS_NAMESPACE, "balance_rows_with_attributes")
+
+    def process(self, row):
+        self.rows.inc()
+        if row.get("attributes"):
+            self.annotated.inc()
+        yield row_signature(row.get("attributes"), row.get("concepts"), row.get("utility"),
+                            conditional=self.conditional, use_utility=self.use_utility)
+
+
+class CountSignatures(beam.PTransform):
+    """Annotation rows -> (signature, count): the whole data set as seen by M4, N-independent in size."""
+
+    def __init__(self, conditional: bool = True, use_utility: bool = False):
+        super().__init__()
+        self.conditional = conditional
+        self.use_utility = use_utility
+
+    def expand(self, rows):
+        return (rows
+                | "Signature" >> beam.ParDo(RowSignature(self.conditional, self.use_utility))
+                | "PairWithOne" >> beam.Map(lambda signature: (signature, 1))
+                | "CountPerSignature" >> beam.CombinePerKey(sum))
+
+
+def count_signatures(annotations_dir: str, work_prefix: str, pipeline_args: Sequence[str],
+                     config: BalanceConfig) -> SignatureTable:
+    """Run the counting pipeline; return its counts as a table (read back in this process)."""
+    pattern = FileSystems.join(annotations_dir, ANNOTATIONS_GLOB)
+    if not FileSystems.match([pattern])[0].metadata_list:
+        raise FileNotFoundError(f"no annotation files match {pattern}; run `balancebeam annotate` first")
+    options = PipelineOptions(list(pipeline_args))
+    with beam.Pipeline(options=options) as pipeline:
+        _ = (pipeline
+             | "ReadAnnotations" >> beam.io.ReadFromParquet(pattern, columns=_FEATURE_COLUMNS)
+             | "CountSignatures" >> CountSignatures(config.conditional, config.utility_tilt > 0)
+             | "ToJson" >> beam.MapTuple(lambda signature, count: json.dumps([signature, count]))
+             | "WriteCounts" >> beam.io.WriteToText(work_prefix, file_name_suffix=".jsonl"))
+    parts = FileSystems.match([work_prefix + "*.jsonl"])[0].metadata_list
+    counts = []
+    for part in parts:
+        with FileSystems.open(part.path) as handle:
+            counts.extend(tuple(json.loads(line)) for line in handle.read().decode("utf-8").splitlines() if line)
+    FileSystems.delete([part.path for part in parts])
+    return SignatureTable.from_counts(counts)
+
+
+# In memory: choose concepts, discover proxies, solve --------------------------------------------
+
+def concept_shares(table: SignatureTable, q: np.ndarray | None = None):
+    """Per group g: overall share of each value, and per concept r its support and value shares.
+
+    Returns {group: (columns, overall_share (m_g,), support (c,), share (m_g, c))} among
+    group-annotated rows, weighted by count * q.
+    """
+    weights = table.weights if q is None else table.weights * q
+    result = {}
+    for group, columns in zip(table.group_names, table.groups):
+        annotated = table.attributes[:, columns].max(axis=1) * weights  # (S,)
+        values = table.attributes[:, columns] * weights[:, None]  # (S, m_g)
+        total = max(annotated.sum(), 1e-12)
+        support = annotated @ table.concepts  # (c,)
+        share = (values.T @ table.concepts) / np.maximum(support, 1e-12)
+        result[group] = (columns, values.sum(axis=0) / total, support, share)
+    return result
+
+
+def discover_proxies(table: SignatureTable, interest: Sequence[str], k: int, min_support: float) -> list[dict]:
+    """Top-k concepts outside `interest` whose attribute share deviates most from the overall share.
+
+    Score = (support / annotated rows) * max_k |share_k|r - share_k|, maximised over groups: a
+    concept counts as a proxy when it is both common and skewed (DESIGN.md, "Proxies").
+    """
+    interest = set(interest)
+    scored = {}
+    for group, (columns, overall, support, share) in concept_shares(table).items():
+        annotated_rows = max(float(table.attributes[:, columns].max(axis=1) @ table.weights), 1.0)
+        deviation = np.abs(share - overall[:, None]).max(axis=0)  # (c,)
+        for r, name in enumerate(table.concept_names):
+            if name in interest or support[r] < min_support:
+                continue
+            score = float(support[r] / annotated_rows * deviation[r])
+            if score > scored.get(name, {"score": -1.0})["score"]:
+                scored[name] = {"concept": name, "group": group, "score": score, "support": float(support[r]),
+                                "deviation": float(deviation[r]),
+                                "shares": {table.attribute_names[c]: float(share[j, r]) for j, c in enumerate(columns)}}
+    ranked = sorted(scored.values(), key=lambda entry: (-entry["score"], entry["concept"]))
+    return ranked[:k]
+
+
+def parse_targets(targets, attribute_names: Sequence[str]):
+    """'uniform' | 'preserve' | 'woman=0.5,man=0.5' (names full or short) | '0.5,0.5' -> problem targets."""
+    if not isinstance(targets, str) or targets in ("uniform", "preserve"):
+        return targets
+    items = [item.strip() for item in targets.split(",") if item.strip()]
+    if all("=" not in item for item in items):
+        values = [float(item) for item in items]
+        if len(values) != len(attribute_names):
+            raise ValueError(f"--targets lists {len(values)} shares for {len(attribute_names)} attribute values "
+                             f"({', '.join(attribute_names)})")
+        return np.array(values)
+    shares = {}
+    for item in items:
+        name, separator, value = item.partition("=")
+        if not separator:
+            raise ValueError(f"--targets: expected NAME=SHARE, got {item!r}")
+        matches = [a for a in attribute_names if a == name.strip() or a.split(":", 1)[-1] == name.strip()]
+        if len(matches) != 1:
+            raise ValueError(f"--targets: {name.strip()!r} names {len(matches)} of the attribute values "
+                             f"({', '.join(attribute_names)})")
+        shares[matches[0]] = float(value)
+    missing = [a for a in attribute_names if a not in shares]
+    if missing:
+        raise ValueError(f"--targets gives no share for {', '.join(missing)}")
+    return np.array([shares[a] for a in attribute_names])
+
+
+def choose_concepts(table: SignatureTable, config: BalanceConfig) -> tuple[list[str], list[dict], list[str]]:
+    """(concepts to constrain, proxies with their scores, requested labels never seen)."""
+    if config.concepts is None:
+        interest, not_seen = list(table.concept_names), []
+    else:
+        interest = [c for c in dict.fromkeys(config.concepts) if c in table.concept_names]
+        not_seen = [c for c in dict.fromkeys(config.concepts) if c not in table.concept_names]
+    if isinstance(config.proxies, int):
+        proxies = discover_proxies(table, interest, config.proxies, config.min_support)
+    elif config.proxies:
+        proxies = [{"concept": c, "given": True} for c in dict.fromkeys(config.proxies)
+                   if c in table.concept_names and c not in interest]
+        not_seen += [c for c in config.proxies if c not in table.concept_names]
+    else:
+        proxies = []
+    return interest + [p["concept"] for p in proxies], proxies, not_seen
+
+
+def build_problem(table: SignatureTable, config: BalanceConfig):
+    """The M4 problem on the counted signatures, projected onto the chosen concepts."""
+    from solvers.problem import BalanceProblem
+
+    concepts, proxies, not_seen = choose_concepts(table, config)
+    # A concept present in every row would only repeat the representation constraint.
+    concepts = [c for c in concepts if not table.concepts[:, table.concept_names.index(c)].all()]
+    projected = table.project(concepts)
+    problem = BalanceProblem(
+        projected.attributes, projected.concepts, groups=projected.groups,
+        targets=parse_targets(config.targets, projected.attribute_names), keep_rate=config.keep_rate,
+        representation_gap=config.representation_gap, association_gap=config.association_gap,
+        constraint_form=config.constraint_form, min_support=config.min_support, weights=projected.weights,
+        utility=projected.utility if config.utility_tilt > 0 else None, utility_tilt=config.utility_tilt,
+        conditional=config.conditional, attribute_names=projected.attribute_names,
+        concept_names=projected.concept_names, group_names=projected.group_names)
+    return problem, projected, proxies, not_seen
+
+
+def solve_table(table: SignatureTable, config: BalanceConfig):
+    """Solve M4 on counted signatures; return the solution with readable statistics attached."""
+    from solvers import data_bias, solve
+
+    if not table.attribute_names:
+        raise ValueError("no annotated row shows any attribute value: nothing to balance")
+    problem, projected, proxies, not_seen = build_problem(table, config)
+    started = time.perf_counter()
+    solution = solve(problem, method=config.method)
+    seconds = time.perf_counter() - started
+    bias_options = dict(weights=projected.weights, targets=np.asarray(problem.spec.targets),
+                        groups=projected.groups, min_support=config.min_support,
+                        attribute_names=projected.attribute_names, concept_names=projected.concept_names)
+    before = data_bias(projected.attributes, projected.concepts, **bias_options)
+    after = data_bias(projected.attributes, projected.concepts, q=solution.q, **bias_options)
+    kept = float(projected.weights @ solution.q)
+    solution.statistics = {
+        **solution.statistics,
+        "rows": table.num_rows,
+        "signatures_counted": int(len(table.weights)),
+        "signatures_solved": int(len(projected.weights)),
+        "rows_with_attributes": {g: float(table.attributes[:, cols].max(axis=1) @ table.weights)
+                                 for g, cols in zip(table.group_names, table.groups)},
+        "keep_rate_requested": config.keep_rate,
+        "keep_rate": solution.keep_rate,
+        "expected_rows_kept": kept,
+        "concepts_of_interest": [c for c in projected.concept_names if c not in {p["concept"] for p in proxies}],
+        "proxies": proxies,
+        "concepts_not_seen": not_seen,
+        "excluded_low_support": problem.excluded_concepts,
+        "min_support": config.min_support,
+        "targets": dict(zip(projected.attribute_names, problem.spec.targets)),
+        "data_bias_before": before.to_dict(),
+        "data_bias_after": after.to_dict(),
+        "balance_seconds": seconds,
+        "config": dataclasses.asdict(config),
+    }
+    return solution, projected
+
+
+def write_text_atomically(path: str, text: str) -> None:
+    """Write under a temporary name, then rename: a reader never sees half a file."""
+    temporary = f"{path}.tmp-{os.getpid()}"
+    with FileSystems.create(temporary) as handle:
+        handle.write(text.encode("utf-8"))
+    if FileSystems.exists(path):
+        FileSystems.delete([path])
+    FileSystems.rename([temporary], [path])
+
+
+def read_text(path: str) -> str:
+    with FileSystems.open(path) as handle:
+        return handle.read().decode("utf-8")
+
+
+def read_label_list(path: str) -> list[str]:
+    """One label per line (or comma-separated); '#' starts a comment."""
+    labels = []
+    for line in read_text(path).splitlines():
+        line = line.split("#", 1)[0]
+        labels += [item.strip() for item in line.split(",") if item.strip()]
+    if not labels:
+        raise ValueError(f"{path} lists no labels")
+    return labels
+
+
+# The job ------------------------------------------------------------------------------------------
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="balancebeam balance", description=__doc__.splitlines()[0])
+    parser.add_argument("--annotations", required=True, help="directory with annotations-*.parquet")
+    parser.add_argument("--output", required=True, help="where to write solution.json")
+    parser.add_argument("--signatures", help=f"where to write the counted signatures (default: {SIGNATURES_FILE} "
+                        "next to --output)")
+    parser.add_argument("--keep-rate", default=str(DEFAULT_KEEP_RATE),
+                        help="fraction of the data to keep, or 'max' for the largest feasible one")
+    parser.add_argument("--representation-gap", type=float, help="largest |share_k - target_k| allowed")
+    parser.add_argument("--association-gap", type=float, help="largest |share_k|concept - target_k| allowed")
+    parser.add_argument("--targets", default="uniform",
+                        help="uniform | preserve | NAME=SHARE,... (e.g. woman=0.5,man=0.5)")
+    parser.add_argument("--concepts", help="file of concepts of interest (default: every concept seen)")
+    parser.add_argument("--proxies", help="K (discover the top K proxies beyond --concepts) or a file of proxies")
+    parser.add_argument("--min-support", type=float, default=DEFAULT_MIN_SUPPORT,
+                        help="concepts with fewer annotated rows are left out of the constraints, and reported")
+    parser.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD)
+    parser.add_argument("--constraint-form", choices=("share", "moment"), default="share")
+    parser.add_argument("--unconditional", action="store_true",
+                        help="the paper's unconditional variant: shares among all rows, not annotated ones")
+    parser.add_argument("--utility-tilt", type=float, default=0.0, help="tilt keep rates toward the utility column")
+    return parser.parse_known_args(argv)
+
+
+def config_from_args(args) -> BalanceConfig:
+    keep_rate = args.keep_rate if args.keep_rate == "max" else float(args.keep_rate)
+    proxies = None
+    if args.proxies:
+        proxies = int(args.proxies) if args.proxies.isdigit() else read_label_list(args.proxies)
+    return BalanceConfig(
+        keep_rate=keep_rate, representation_gap=args.representation_gap, association_gap=args.association_gap,
+        targets=args.targets, concepts=read_label_list(args.concepts) if args.concepts else None,
+        proxies=proxies, min_support=args.min_support, method=args.method,
+        constraint_form=args.constraint_form, conditional=not args.unconditional, utility_tilt=args.utility_tilt)
+
+
+def balance(annotations_dir: str, output: str, config: BalanceConfig, pipeline_args=(),
+            signatures_path: str | None = None):
+    """Count, solve, write solution.json and signatures.jsonl; return the solution."""
+    from solvers.errors import InfeasibleError  # noqa: F401  (re-raised to the caller as is)
+
+    signatures_path = signatures_path or FileSystems.join(os.path.dirname(output) or ".", SIGNATURES_FILE)
+    table = count_signatures(annotations_dir, f"{signatures_path}.parts-{os.getpid()}", pipeline_args, config)
+    log.info("counted %d rows as %d constraint signatures", table.num_rows, len(table.weights))
+    solution, projected = solve_table(table, config)
+    write_text_atomically(signatures_path, "".join(json.dumps(r) + "\n" for r in table.to_records()))
+    write_text_atomically(output, solution.to_json())
+    stats = solution.statistics
+    log.info("solved M4 (%s) at keep rate %.4f on %d signatures: data AB %.4f -> %.4f; wrote %s",
+             solution.method, solution.keep_rate, stats["signatures_solved"],
+             stats["data_bias_before"]["summary"]["association_bias_max"],
+             stats["data_bias_after"]["summary"]["association_bias_max"], output)
+    return solution
+
+
+def run(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args, pipeline_args = parse_args(argv)
+    from solvers.errors import InfeasibleError
+
+    try:
+        config = config_from_args(args)
+        balance(args.annotations, args.output, config, pipeline_args, args.signatures)
+    except (InfeasibleError, ValueError, FileNotFoundError) as error:
+        print(f"balancebeam balance: {error}", file=__import__("sys").stderr)
+        return 1
+    return 0

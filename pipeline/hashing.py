@@ -1,0 +1,37 @@
+"""Keyed hashing: the uniform numbers that decide which examples a release keeps, and in what order.
+
+A pure function of (seed, purpose, key): the same on one core or on thousands of workers (DESIGN.md).
+"""
+import hashlib
+
+# 53 bits: the mantissa of a float64, so every value maps to a distinct float in [0, 1).
+_UNIFORM_BITS = 53
+_UNIFORM_SCALE = float(1 << _UNIFORM_BITS)
+# Purposes keep the keep/drop draw independent from the shard order: ordering kept records by
+# the same number that decided to keep them would sort them by q.
+KEEP = "keep"
+ORDER = "order"
+REPEAT = "repeat"
+
+
+def keyed_uniform(seed: int, key: str, purpose: str = KEEP) -> float:
+    """A uniform number in [0, 1) from blake2b keyed with (seed, purpose) over the example's key."""
+    digest = hashlib.blake2b(
+        key.encode("utf-8"), digest_size=8, key=f"{int(seed)}:{purpose}".encode("utf-8")).digest()
+    return (int.from_bytes(digest, "big") >> (64 - _UNIFORM_BITS)) / _UNIFORM_SCALE
+
+
+def keep_bernoulli(keep_probability: float, draw: float) -> bool:
+    """Keep iff h < q: P(keep) = q exactly when h is uniform, and q = 1 always keeps, q = 0 never."""
+    return draw < keep_probability
+
+
+def systematic_copies(start: float, end: float, offset: float) -> int:
+    """Copies of one example under systematic sampling along a fixed order.
+
+    [start, end) is the example's stretch of the running sum S of c*q in that order (the next
+    example's start is this end, the same float) and U = offset in [0, 1) is fixed per release:
+    the example gets floor(U + end) - floor(U + start) copies, floor(c q) or one more, and the
+    total is floor(U + S_N): the requested size (S_N equals it up to float rounding).
+    """
+    return int((offset + end) // 1) - int((offset + start) // 1)
