@@ -123,15 +123,14 @@ def iter_tar_samples(raw_file, shard, caption_field="caption"):
                     yield q.quarantined(q.STAGE_READ, q.BAD_ROW, key, shard, None,
                                         f"member {name!r} has {member.size} bytes (limit {MAX_MEMBER_BYTES})")
                     continue
-                data = archive.extractfile(member).read()
                 # Same rule as webdataset's group_by_keys: a new key, or an extension seen again,
-                # starts a new sample.
+                # starts a new sample; the finished one goes out before this member is read.
                 if pending is None or pending[0] != key or extension in pending[1]:
                     if pending is not None:
                         yield from _finish_tar_sample(pending, shard, caption_field)
                         position += 1
                     pending = (key, {}, position)
-                pending[1][extension] = data
+                pending[1][extension] = archive.extractfile(member).read()
         reader.drain()
     except (tarfile.TarError, EOFError, OSError) as error:
         key = pending[0] if pending else None

@@ -1,0 +1,287 @@
+"""End-to-end tests of the annotate job on real runners: multi-process DirectRunner and the
+portable runner against a local job service, on real COCO data and on deliberately broken input.
+"""
+import io
+import json
+import re
+import socket
+import subprocess
+import sys
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipeline import annotate, cli
+from pipeline import quarantine as q
+from pipeline.annotators.text import annotate_caption
+from tests.conftest import write_webdataset_shards
+
+TWO_WORKERS = ["--direct_running_mode=multi_processing", "--direct_num_workers=2"]
+MAN, WOMAN = "perceived_gender:man", "perceived_gender:woman"
+
+
+def _run_job(input_globs, output, *extra):
+    argv = [arg for pattern in input_globs for arg in ("--input", str(pattern))]
+    annotate.run(argv + ["--output", str(output), *extra])
+    return annotate.read_annotations(output), annotate.read_counts(output)
+
+
+def _quarantine_entries(output):
+    return [json.loads(line) for path in sorted(output.glob("quarantine-*.jsonl"))
+            for line in path.read_text().splitlines()]
+
+
+# --- real data: coco_mini shards ------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def coco_mini_job(coco_mini_shards, tmp_path_factory):
+    output = tmp_path_factory.mktemp("annotate_coco_mini")
+    return (output, *_run_job([coco_mini_shards.glob], output, *TWO_WORKERS))
+
+
+def test_coco_mini_every_sample_annotated_with_its_own_caption(coco_mini_job, coco_mini_shards):
+    output, table, counts = coco_mini_job
+    assert counts == {"records_read": 159, "annotated": 159, "quarantined": 0,
+                      "quarantined_by_reason": {}}
+    assert table.schema.equals(annotate.ANNOTATION_SCHEMA)
+    rows = {row["key"]: row for row in table.to_pylist()}
+    for record in coco_mini_shards.records:
+        row = rows[record["key"]]
+        assert (row["shard"], row["caption"], row["image_id"]) == (
+            record["shard"], record["caption"], record["image_id"])
+        attributes, concepts, evidence = annotate_caption(record["caption"])
+        assert (row["attributes"], row["concepts"]) == (attributes, concepts)
+        assert json.loads(row["evidence"]) == evidence
+    assert _quarantine_entries(output) == []
+
+
+def test_coco_mini_annotations_agree_with_coco_instance_labels(coco_mini_job, shared_data):
+    """Independent ground truth: COCO's boxes. Gendered captions show a person; caption concepts
+    that are COCO categories are mostly boxed in the image."""
+    _, table, _ = coco_mini_job
+    boxed = {}
+    for split in ("train2017", "val2017"):
+        document = json.loads((shared_data / "coco_mini" / f"instances_{split}.json").read_text())
+        names = {c["id"]: c["name"] for c in document["categories"]}
+        for box in document["annotations"]:
+            boxed.setdefault(str(box["image_id"]), set()).add(names[box["category_id"]])
+    categories = set(names.values())
+    gendered = [row for row in table.to_pylist() if row["attributes"]]
+    assert len(gendered) >= 20
+    assert all("person" in boxed.get(row["image_id"], ()) for row in gendered)
+    hits = [(concept in boxed.get(row["image_id"], ())) for row in table.to_pylist()
+            for concept in row["concepts"] if concept in categories]
+    assert len(hits) >= 100 and sum(hits) / len(hits) >= 0.9
+
+
+def _free_port():
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        return probe.getsockname()[1]
+
+
+def test_portable_runner_on_a_local_job_service_gives_the_same_annotations(
+        coco_mini_job, coco_mini_shards, tmp_path):
+    port = _free_port()
+    service = subprocess.Popen(
+        [sys.executable, "-m", "apache_beam.runners.portability.local_job_service_main",
+         "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:  # wait until the job service accepts connections
+            try:
+                socket.create_connection(("localhost", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.2)
+        table, counts = _run_job([coco_mini_shards.glob], tmp_path / "out", "--runner=PortableRunner",
+                                 f"--job_endpoint=localhost:{port}", "--environment_type=LOOPBACK")
+    finally:
+        service.terminate()
+        service.wait(timeout=30)
+    _, direct_table, direct_counts = coco_mini_job
+    assert counts == direct_counts
+    assert table.equals(direct_table)
+
+
+# --- real data: the COCO val2017 caption file ----------------------------------------------
+
+MEN_WORDS = r"man|men|boy|boys|gentleman|gentlemen|guy|guys|male|he|his|him|husband|father|son|brother"
+WOMEN_WORDS = r"woman|women|girl|girls|lady|ladies|female|she|her|wife|mother|daughter|sister"
+
+
+def test_coco_val_captions_mention_men_about_twice_as_often_as_women(shared_data, tmp_path):
+    path = shared_data / "coco_val2017_captions.json"
+    table, counts = _run_job([path], tmp_path / "out", *TWO_WORKERS)
+    captions = [a["caption"] for a in json.loads(path.read_text())["annotations"]]
+    assert counts["records_read"] == len(captions) == 25014
+    assert counts["annotated"] + counts["quarantined"] == len(captions)
+    attributes = table.column("attributes").to_pylist()
+    men = sum(MAN in a for a in attributes)
+    women = sum(WOMAN in a for a in attributes)
+    # An independent count with plain regular expressions over the same captions.
+    men_pattern = re.compile(rf"\b({MEN_WORDS})\b", re.IGNORECASE)
+    women_pattern = re.compile(rf"\b({WOMEN_WORDS})\b", re.IGNORECASE)
+    regex_men = sum(bool(men_pattern.search(c)) for c in captions)
+    regex_women = sum(bool(women_pattern.search(c)) for c in captions)
+    assert abs(men - regex_men) / regex_men < 0.05
+    assert abs(women - regex_women) / regex_women < 0.05
+    assert 1.6 < men / women < 2.4
+    assert abs(men / women - regex_men / regex_women) < 0.1
+
+
+# --- bad input ------------------------------------------------------------------------------
+
+def _png(size, mode="1"):
+    buffer = io.BytesIO()
+    Image.new(mode, size).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def broken_inputs(coco_mini_shards, tmp_path_factory):
+    """A folder of good and broken inputs; returns (folder, expected quarantine reasons, expected
+    annotated keys)."""
+    folder = tmp_path_factory.mktemp("broken_inputs")
+    r = coco_mini_shards.records
+
+    def sample(record, **members):
+        base = {"__key__": record["key"], "jpg": record["jpg"], "txt": record["caption"].encode()}
+        base.update(members)
+        return {name: value for name, value in base.items() if value is not None}
+
+    duplicate_of_r0 = dict(sample(r[0]), txt=b"A later copy with the same key")
+    write_webdataset_shards(folder, [sample(x) for x in r[0:5]] + [duplicate_of_r0], 100, "a-good")
+    write_webdataset_shards(folder, [
+        sample(r[5], jpg=r[5]["jpg"][:2000]),                            # truncated JPEG
+        sample(r[6], txt=b"   "),                                        # blank caption
+        sample(r[7], txt=None, json=b'{"image_id": 1}'),                 # no caption anywhere
+        sample(r[8], txt=b"caf\xe9 au lait"),                            # Latin-1, not UTF-8
+        sample(r[9], jpg=None),                                          # no image member
+        sample(r[10], jpg=None, png=_png((12000, 12000))),              # decompression bomb
+        sample(r[11]),
+    ], 100, "b-bad-samples")
+    write_webdataset_shards(folder, [sample(x) for x in r[12:15]], 100, "c-truncated")
+    truncated = folder / "c-truncated-00000.tar"
+    data = truncated.read_bytes()
+    truncated.write_bytes(data[:data.index(r[14]["jpg"][2000:2064])])  # cut inside r14's JPEG
+    write_webdataset_shards(folder, [], 100, "d-empty")
+    (folder / "d-empty-00000.tar").write_bytes(b"")
+    (folder / "e-garbage.tar").write_bytes(b"not a tar at all\n" * 100)
+    write_webdataset_shards(folder, [{"__key__": "../../evil", "txt": b"x"}, sample(r[15])], 100, "f-unsafe")
+    write_webdataset_shards(folder, [sample(r[1])], 100, "g-duplicate")
+    (folder / "h-table.jsonl").write_bytes(
+        b'{"key": "j1", "caption": "A man cooking in a kitchen", "score": 0.75}\n'
+        b'{"key": "j2", "caption": "A woman on a bench", "score": "n/a"}\n'
+        b'{"key": "j3", "score": 1}\nnot json\n')
+    (folder / "i-table.csv").write_text("key,caption,score\nc1,A girl with a kite,0.5\n"
+                                        "c2,\"Two dogs, one ball\",2\n")
+    pq.write_table(pa.table({"key": ["p1", "p2"], "caption": ["A boy and his bicycle", "A pizza"],
+                             "score": [0.1, None]}), folder / "j-table.parquet")
+    expected_reasons = {
+        q.DUPLICATE_KEY: 2, q.UNDECODABLE_IMAGE: 1, q.EMPTY_CAPTION: 1, q.MISSING_CAPTION: 2,
+        q.NON_UTF8_TEXT: 1, q.MISSING_IMAGE: 1, q.IMAGE_TOO_LARGE: 1, q.TRUNCATED_TAR: 1,
+        q.EMPTY_SHARD: 1, q.UNREADABLE_FILE: 1, q.UNSAFE_MEMBER_NAME: 1, q.BAD_JSON: 1}
+    expected_keys = {x["key"] for x in r[0:5] + r[11:12] + r[12:14] + r[15:16]} | {
+        "j1", "j2", "c1", "c2", "p1", "p2"}
+    return folder, expected_reasons, expected_keys
+
+
+@pytest.fixture(scope="module")
+def broken_job(broken_inputs, tmp_path_factory):
+    folder, _, _ = broken_inputs
+    output = tmp_path_factory.mktemp("annotate_broken")
+    exit_code = cli.main(["annotate", "--input", str(folder / "*.tar"), "--input", str(folder / "*-table.*"),
+                          "--output", str(output), "--utility-field", "score", *TWO_WORKERS])
+    return exit_code, output, annotate.read_annotations(output), annotate.read_counts(output)
+
+
+def test_broken_input_is_quarantined_with_reasons_and_nothing_valid_is_lost(broken_inputs, broken_job):
+    _, expected_reasons, expected_keys = broken_inputs
+    exit_code, output, table, counts = broken_job
+    assert exit_code == 0
+    assert counts["quarantined_by_reason"] == expected_reasons
+    assert set(table.column("key").to_pylist()) == expected_keys
+    assert table.num_rows == counts["annotated"] == len(expected_keys)
+    assert counts["records_read"] == counts["annotated"] + counts["quarantined"]
+    entries = _quarantine_entries(output)
+    assert len(entries) == counts["quarantined"]
+    assert all(e["stage"] in (q.STAGE_READ, q.STAGE_DECODE, q.STAGE_ANNOTATE, q.STAGE_DEDUPLICATE)
+               for e in entries)
+
+
+def test_duplicate_keys_keep_the_copy_from_the_smallest_shard_and_position(
+        broken_inputs, broken_job, coco_mini_shards):
+    _, output, table, _ = broken_job
+    r = coco_mini_shards.records
+    rows = {row["key"]: row for row in table.to_pylist()}
+    assert rows[r[0]["key"]]["caption"] == r[0]["caption"]  # not "A later copy ..."
+    assert rows[r[0]["key"]]["position"] == 0
+    assert rows[r[1]["key"]]["shard"].endswith("a-good-00000.tar")
+    duplicates = sorted((e["key"], e["shard"].rsplit("/", 1)[1], e["position"])
+                        for e in _quarantine_entries(output) if e["reason"] == q.DUPLICATE_KEY)
+    assert duplicates == sorted([(r[0]["key"], "a-good-00000.tar", 5),
+                                 (r[1]["key"], "g-duplicate-00000.tar", 0)])
+
+
+def test_tables_carry_captions_and_utility(broken_job):
+    _, _, table, _ = broken_job
+    rows = {row["key"]: row for row in table.to_pylist()}
+    assert rows["j1"]["utility"] == 0.75 and rows["j1"]["attributes"] == [MAN]
+    assert rows["j1"]["concepts"] == ["kitchen"]
+    assert rows["j2"]["utility"] is None  # "n/a" is no number
+    assert rows["c1"]["utility"] == 0.5 and rows["c1"]["attributes"] == [WOMAN]
+    assert rows["c2"]["concepts"] == ["dog", "sports ball"]
+    assert rows["p1"]["attributes"] == [MAN] and rows["p2"]["utility"] is None
+
+
+def test_missing_input_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="no input files match"):
+        annotate.run(["--input", str(tmp_path / "nothing-*.tar"), "--output", str(tmp_path / "o")])
+
+
+# --- image zero-shot annotator inside the job -----------------------------------------------
+
+def test_zero_shot_job_with_a_tiny_model_and_precomputed_embeddings(
+        coco_mini_shards, tiny_clip, tmp_path):
+    import numpy as np
+
+    from pipeline.annotators.image import ZeroShotConfig, ZeroShotImageAnnotator
+    from pipeline.annotators.lexicon import Lexicon
+
+    rng = np.random.default_rng(0)
+    embeddings = rng.normal(size=(3, 32)).tolist()
+    table_path = tmp_path / "embedded.jsonl"
+    table_path.write_text("".join(
+        json.dumps({"key": f"e{i}", "caption": "A man on a bench", "emb": vector}) + "\n"
+        for i, vector in enumerate(embeddings + [[1.0, 2.0]])))  # the last one has the wrong size
+    image_flags = ["--image-model", tiny_clip.architecture, "--image-model-config", str(tiny_clip.config_path),
+                   "--image-checkpoint", str(tiny_clip.checkpoint_path), "--image-embedding-field", "emb",
+                   "--person-margin", "-10", "--concept-top-k", "2", "--concept-min-probability", "0",
+                   "--image-batch-size", "16"]
+    table, counts = _run_job([coco_mini_shards.glob, table_path], tmp_path / "out",
+                             *image_flags, *TWO_WORKERS)
+    assert counts["annotated"] == 159 + 3
+    assert counts["quarantined_by_reason"] == {q.BAD_EMBEDDING: 1}
+    rows = {row["key"]: row for row in table.to_pylist()}
+    config = ZeroShotConfig(tiny_clip.architecture, str(tiny_clip.checkpoint_path),
+                            str(tiny_clip.config_path), person_margin=-10.0, concept_top_k=2,
+                            concept_min_probability=0.0)
+    lexicon = Lexicon.load()
+    direct = ZeroShotImageAnnotator(config, lexicon.groups, lexicon.concepts)
+    records = coco_mini_shards.records[:8]
+    expected = direct.annotate_images([record["jpg"] for record in records])
+    for record, (image_attributes, image_concepts, scores) in zip(records, expected):
+        row = rows[record["key"]]
+        text_attributes, text_concepts, _ = annotate_caption(record["caption"])
+        evidence = json.loads(row["evidence"])
+        assert row["attributes"] == sorted(set(text_attributes) | set(image_attributes))  # union
+        assert row["concepts"] == sorted(set(text_concepts) | set(image_concepts))
+        assert evidence["image"] == pytest.approx(scores, abs=1e-3)
+        assert {c for c, found_by in evidence["concepts"].items() if "image" in found_by} == set(image_concepts)
+    from_embeddings = direct.annotate_embeddings(np.array(embeddings))
+    for i, (image_attributes, _, _) in enumerate(from_embeddings):
+        assert set(image_attributes) <= set(rows[f"e{i}"]["attributes"])
