@@ -1,0 +1,180 @@
+"""Benchmark of the annotate job: samples/s on DirectRunner (1 and 2 workers) against a plain loop.
+
+Prints a table with ratios against the plain-Python loop measured in the same run, and peak memory.
+Usage: python bench/annotate.py [--sizes 2000 6000] [--samples-per-shard 250]
+"""
+import argparse
+import io
+import json
+import pathlib
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+COCO_MINI = ROOT.parent / "shared" / "data" / "coco_mini"
+sys.path.insert(0, str(ROOT))
+
+# Each measurement runs in a fresh interpreter so that its peak memory is its own.
+_CHILD = """
+import json, sys, time
+sys.path.insert(0, {root!r})
+from bench.annotate import MemorySampler
+mode, glob, output = sys.argv[1:4]
+sampler = MemorySampler()
+start = time.perf_counter()
+if mode == "loop":
+    from bench.annotate import plain_loop
+    count = plain_loop(glob)
+else:
+    from pipeline import annotate
+    annotate.run(["--input", glob, "--output", output, "--direct_running_mode=multi_processing",
+                  "--direct_num_workers=" + mode])
+    count = annotate.read_counts(output)["annotated"]
+seconds = time.perf_counter() - start
+print(json.dumps({{"count": count, "seconds": seconds, "peak_mib": sampler.stop() / 2**20}}))
+"""
+# How often the memory sampler reads /proc: often enough to catch a worker's peak.
+MEMORY_SAMPLE_SECONDS = 0.05
+
+
+class MemorySampler:
+    """Peak resident memory of this process plus all its descendants (Beam's worker processes),
+    read from /proc in a background thread. (getrusage's ru_maxrss is no use here: Linux carries
+    it across fork and exec, so a child would report its parent's peak.)"""
+
+    def __init__(self):
+        import os
+        import threading
+
+        self.page = os.sysconf("SC_PAGE_SIZE")
+        self.peak = 0
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _descendants(self, pid):
+        pids = [pid]
+        for task in pathlib.Path(f"/proc/{pid}/task").glob("*/children"):
+            try:
+                for child in task.read_text().split():
+                    pids.extend(self._descendants(int(child)))
+            except OSError:
+                pass
+        return pids
+
+    def _rss(self):
+        import os
+
+        total = 0
+        for pid in self._descendants(os.getpid()):
+            try:
+                total += int(pathlib.Path(f"/proc/{pid}/statm").read_text().split()[1]) * self.page
+            except (OSError, IndexError, ValueError):
+                pass
+        return total
+
+    def _run(self):
+        while not self.done.wait(MEMORY_SAMPLE_SECONDS):
+            self.peak = max(self.peak, self._rss())
+
+    def stop(self):
+        self.peak = max(self.peak, self._rss())
+        self.done.set()
+        self.thread.join()
+        return self.peak
+
+
+def plain_loop(glob):
+    """The reference: the same reading, decoding and matching as the job, in one Python loop."""
+    import glob as globbing
+
+    from apache_beam.pvalue import TaggedOutput
+
+    from pipeline.annotators.decode import decode_image
+    from pipeline.annotators.text import TextAnnotator
+    from pipeline.annotate import _image_member
+    from pipeline.sources import iter_tar_samples
+
+    annotator = TextAnnotator()
+    annotated = 0
+    for path in sorted(globbing.glob(glob)):
+        with open(path, "rb") as handle:
+            for sample in iter_tar_samples(handle, path):
+                if isinstance(sample, TaggedOutput) or not (sample["caption"] or "").strip():
+                    continue
+                decode_image(_image_member(sample["members"]))
+                annotator(sample["caption"])
+                annotated += 1
+    return annotated
+
+
+def _source_pairs():
+    """(jpeg bytes, caption) pairs: coco_mini when present, else generated pictures."""
+    if COCO_MINI.is_dir():
+        captions = {}
+        files = {}
+        for split in ("train2017", "val2017"):
+            document = json.loads((COCO_MINI / f"captions_{split}.json").read_text())
+            files.update({image["id"]: image["file_name"] for image in document["images"]})
+            for annotation in document["annotations"]:
+                captions.setdefault(annotation["image_id"], annotation["caption"])
+        return [((COCO_MINI / "images" / files[i]).read_bytes(), captions[i]) for i in sorted(files)]
+    from PIL import Image
+
+    pairs = []
+    for index in range(64):
+        buffer = io.BytesIO()
+        Image.effect_mandelbrot((384, 288), (-2 + index / 64, -1.2, 1, 1.2), 64).convert("RGB").save(
+            buffer, format="JPEG", quality=90)
+        pairs.append((buffer.getvalue(), f"A man and a woman look at picture {index} on a table"))
+    return pairs
+
+
+def write_shards(directory, total, per_shard):
+    import webdataset
+
+    pairs = _source_pairs()
+    directory.mkdir(parents=True, exist_ok=True)
+    for shard in range(-(-total // per_shard)):
+        with webdataset.TarWriter(str(directory / f"bench-{shard:05d}.tar")) as writer:
+            for row in range(min(per_shard, total - shard * per_shard)):
+                jpeg, caption = pairs[(shard * per_shard + row) % len(pairs)]
+                key = f"{shard:05d}{row:05d}"
+                writer.write({"__key__": key, "jpg": jpeg, "txt": caption.encode(),
+                              "json": json.dumps({"key": key}).encode()})
+    return str(directory / "bench-*.tar")
+
+
+def measure(mode, glob, output):
+    result = subprocess.run([sys.executable, "-c", _CHILD.format(root=str(ROOT)), mode, glob, output],
+                            capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[2000, 6000])
+    parser.add_argument("--samples-per-shard", type=int, default=250)
+    args = parser.parse_args(argv)
+    modes = [("plain Python loop", "loop"), ("Beam DirectRunner, 1 worker", "1"),
+             ("Beam DirectRunner, 2 workers", "2")]
+    print(f"{'input':>8} | {'run':<30} | {'samples/s':>9} | {'vs loop':>7} | {'seconds':>7} | {'peak MiB':>8}")
+    print("-" * 86)
+    with tempfile.TemporaryDirectory() as folder:
+        for size in args.sizes:
+            glob = write_shards(pathlib.Path(folder) / f"in-{size}", size, args.samples_per_shard)
+            reference = None
+            for label, mode in modes:
+                result = measure(mode, glob, str(pathlib.Path(folder) / f"out-{size}-{mode}"))
+                assert result["count"] == size, result
+                rate = result["count"] / result["seconds"]
+                reference = reference or rate
+                print(f"{size:>8} | {label:<30} | {rate:>9.0f} | {rate / reference:>6.2f}x | "
+                      f"{result['seconds']:>7.1f} | {result['peak_mib']:>8.0f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
