@@ -64,6 +64,12 @@ def write_webdataset_shards(directory, samples, samples_per_shard, prefix="coco-
 
 
 @pytest.fixture(scope="session")
+def webdataset_writer():
+    """write_webdataset_shards(directory, samples, samples_per_shard, prefix) -> [paths]."""
+    return write_webdataset_shards
+
+
+@pytest.fixture(scope="session")
 def coco_mini_shards(shared_data, tmp_path_factory):
     """Three real WebDataset tars from the 159 coco_mini images: KEY.jpg (the original JPEG
     bytes), KEY.txt (the image's first caption), KEY.json (image_id, caption, url, size)."""

@@ -17,7 +17,6 @@ from PIL import Image
 from pipeline import annotate, cli
 from pipeline import quarantine as q
 from pipeline.annotators.text import annotate_caption
-from tests.conftest import write_webdataset_shards
 
 TWO_WORKERS = ["--direct_running_mode=multi_processing", "--direct_num_workers=2"]
 MAN, WOMAN = "perceived_gender:man", "perceived_gender:woman"
@@ -142,11 +141,12 @@ def _png(size, mode="1"):
 
 
 @pytest.fixture(scope="module")
-def broken_inputs(coco_mini_shards, tmp_path_factory):
+def broken_inputs(coco_mini_shards, webdataset_writer, tmp_path_factory):
     """A folder of good and broken inputs; returns (folder, expected quarantine reasons, expected
     annotated keys)."""
     folder = tmp_path_factory.mktemp("broken_inputs")
     r = coco_mini_shards.records
+    write_webdataset_shards = webdataset_writer
 
     def sample(record, **members):
         base = {"__key__": record["key"], "jpg": record["jpg"], "txt": record["caption"].encode()}
