@@ -287,12 +287,8 @@ def read_label_list(path: str) -> list[str]:
 
 # The job ------------------------------------------------------------------------------------------
 
-def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="balancebeam balance", description=__doc__.splitlines()[0])
-    parser.add_argument("--annotations", required=True, help="directory with annotations-*.parquet")
-    parser.add_argument("--output", required=True, help="where to write solution.json")
-    parser.add_argument("--signatures", help=f"where to write the counted signatures (default: {SIGNATURES_FILE} "
-                        "next to --output)")
+def add_solve_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags that say what to balance and how hard (shared with `balancebeam run`)."""
     parser.add_argument("--keep-rate", default=str(DEFAULT_KEEP_RATE),
                         help="fraction of the data to keep, or 'max' for the largest feasible one")
     parser.add_argument("--representation-gap", type=float, help="largest |share_k - target_k| allowed")
@@ -308,6 +304,15 @@ def parse_args(argv):
     parser.add_argument("--unconditional", action="store_true",
                         help="the paper's unconditional variant: shares among all rows, not annotated ones")
     parser.add_argument("--utility-tilt", type=float, default=0.0, help="tilt keep rates toward the utility column")
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="balancebeam balance", description=__doc__.splitlines()[0])
+    parser.add_argument("--annotations", required=True, help="directory with annotations-*.parquet")
+    parser.add_argument("--output", required=True, help="where to write solution.json")
+    parser.add_argument("--signatures", help=f"where to write the counted signatures (default: {SIGNATURES_FILE} "
+                        "next to --output)")
+    add_solve_arguments(parser)
     return parser.parse_known_args(argv)
 
 

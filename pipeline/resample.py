@@ -301,6 +301,9 @@ def resample(input_glob, annotations_dir, solution_path, output_dir, *, seed=rel
         raise ValueError(f"mode must be one of {release.MODES}, got {mode!r}")
     if samples_per_shard < 1:
         raise ValueError("samples per shard must be >= 1")
+    for pattern in [input_glob] if isinstance(input_glob, str) else input_glob:
+        if not FileSystems.match([pattern])[0].metadata_list:
+            raise FileNotFoundError(f"no input files match {pattern!r}")
     solution_text = read_text(solution_path)
     BalanceSolution.from_json(solution_text)  # fail here, not on a worker, if it is unreadable
     FileSystems.mkdirs(output_dir) if not FileSystems.exists(output_dir) else None
@@ -324,13 +327,8 @@ def resample(input_glob, annotations_dir, solution_path, output_dir, *, seed=rel
     return manifest
 
 
-def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="balancebeam resample", description=__doc__.splitlines()[0])
-    parser.add_argument("--input", required=True, help="the same input the annotations were made from (glob)")
-    parser.add_argument("--input-format", choices=FORMATS, default="auto")
-    parser.add_argument("--annotations", required=True, help="directory with annotations-*.parquet")
-    parser.add_argument("--solution", required=True, help="solution.json from `balancebeam balance`")
-    parser.add_argument("--output", required=True, help="release directory")
+def add_release_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags that say how the release is drawn and laid out (shared with `balancebeam run`)."""
     parser.add_argument("--mode", choices=release.MODES, default=release.DEFAULT_MODE,
                         help="bernoulli: keep with probability q; weights: keep q > 0 with weight q/eta; "
                              "repeat: copies proportional to q, exactly --output-size samples")
@@ -338,6 +336,17 @@ def parse_args(argv):
     parser.add_argument("--samples-per-shard", type=int, default=release.DEFAULT_SAMPLES_PER_SHARD)
     parser.add_argument("--prefix", default=release.DEFAULT_PREFIX, help="shards are PREFIX-00000.tar, ...")
     parser.add_argument("--output-size", type=int, help="repeat mode: samples in the release (default: as read)")
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="balancebeam resample", description=__doc__.splitlines()[0])
+    parser.add_argument("--input", required=True, action="append",
+                        help="the input the annotations were made from (glob; repeatable)")
+    parser.add_argument("--input-format", choices=FORMATS, default="auto")
+    parser.add_argument("--annotations", required=True, help="directory with annotations-*.parquet")
+    parser.add_argument("--solution", required=True, help="solution.json from `balancebeam balance`")
+    parser.add_argument("--output", required=True, help="release directory")
+    add_release_arguments(parser)
     return parser.parse_known_args(argv)
 
 

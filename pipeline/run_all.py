@@ -1,0 +1,92 @@
+"""`balancebeam run`: annotate, balance, resample and report into one output directory.
+
+Flags of the four jobs go to the job that owns them; everything else goes to Beam (--runner ...).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from apache_beam.io.filesystems import FileSystems
+
+from pipeline import annotate, balance, report, resample
+from pipeline.sources import FORMATS
+
+log = logging.getLogger(__name__)
+
+ANNOTATIONS_DIR = "annotations"
+SOLUTION_FILE = "solution.json"
+RELEASE_DIR = "release"
+
+
+def layout(output: str) -> dict:
+    """Where each job writes inside the output directory."""
+    output = output.rstrip("/")
+    return {"annotations": FileSystems.join(output, ANNOTATIONS_DIR),
+            "solution": FileSystems.join(output, SOLUTION_FILE),
+            "signatures": FileSystems.join(output, balance.SIGNATURES_FILE),
+            "release": FileSystems.join(output, RELEASE_DIR)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="balancebeam run", description=__doc__.splitlines()[0],
+        epilog="annotate's own flags (--lexicon, --utility-field, --image-model, ...) are passed to it; "
+               "flags no job knows go to Beam.")
+    parser.add_argument("--input", required=True, action="append", help="input glob (repeatable)")
+    parser.add_argument("--output", required=True, help="output directory: annotations/, solution.json, release/")
+    parser.add_argument("--input-format", choices=FORMATS, default="auto")
+    balance.add_solve_arguments(parser)
+    resample.add_release_arguments(parser)
+    return parser
+
+
+def split_annotate_args(rest):
+    """Separate annotate's own flags from Beam's in the arguments `run` does not know."""
+    annotate_parser = annotate.build_parser()
+    known, beam_args = annotate_parser.parse_known_args(["--input", "-", "--output", "-", *rest])
+    annotate_args = []
+    for action in annotate_parser._actions:
+        if not action.option_strings or action.dest in ("input", "output", "help", "input_format"):
+            continue
+        value = getattr(known, action.dest)
+        if value is None or value == action.default:
+            continue
+        for item in value if isinstance(value, list) else [value]:
+            annotate_args += [action.option_strings[0], str(item)]
+    return annotate_args, beam_args
+
+
+def run_all(inputs, output, args, annotate_args=(), beam_args=()) -> dict:
+    """The four jobs in order; returns the release statistics."""
+    paths = layout(output)
+    annotate_argv = [a for pattern in inputs for a in ("--input", pattern)]
+    annotate_argv += ["--output", paths["annotations"], "--input-format", args.input_format, *annotate_args, *beam_args]
+    log.info("1/4 annotate %s", ", ".join(inputs))
+    annotate.run(annotate_argv)
+    log.info("2/4 balance")
+    balance.balance(paths["annotations"], paths["solution"], balance.config_from_args(args), beam_args,
+                    paths["signatures"])
+    log.info("3/4 resample")
+    resample.resample(inputs, paths["annotations"], paths["solution"], paths["release"], seed=args.seed,
+                      mode=args.mode, samples_per_shard=args.samples_per_shard, prefix=args.prefix,
+                      input_format=args.input_format, output_size=args.output_size, pipeline_args=beam_args)
+    log.info("4/4 report")
+    return report.report(paths["solution"], paths["signatures"], paths["release"], paths["annotations"])
+
+
+def run(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args, rest = build_parser().parse_known_args(argv)
+    annotate_args, beam_args = split_annotate_args(rest)
+    from solvers.errors import InfeasibleError
+
+    try:
+        run_all(args.input, args.output, args, annotate_args, beam_args)
+    except (InfeasibleError, ValueError, FileNotFoundError) as error:
+        print(f"balancebeam run: {error}", file=sys.stderr)
+        return 1
+    paths = layout(args.output)
+    print(f"release: {paths['release']}  (report.html, README.md, manifest.json inside)")
+    return 0
