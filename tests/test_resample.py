@@ -1,0 +1,229 @@
+"""The resample job: keyed-hash sampling, copies, shard writing, and the same release on every runner.
+
+Pure functions are tested directly; the Beam job runs on real coco_mini shards with 1 and 2
+workers (multi-process DirectRunner) and on the portable runner against a local job service.
+"""
+import hashlib
+import json
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import webdataset
+
+from pipeline import annotate, balance, hashing, release, resample
+from pipeline.signatures import SignatureTable
+from solvers.solution import BalanceSolution
+
+ONE_WORKER = ["--direct_running_mode=multi_processing", "--direct_num_workers=1"]
+TWO_WORKERS = ["--direct_running_mode=multi_processing", "--direct_num_workers=2"]
+SAMPLES_PER_SHARD = 40
+
+
+# --- pure functions ----------------------------------------------------------------------------
+
+def test_keyed_uniform_is_deterministic_uniform_and_depends_on_seed_and_purpose():
+    keys = [f"{i:09d}" for i in range(20000)]
+    draws = np.array([hashing.keyed_uniform(7, key) for key in keys])
+    assert draws.min() >= 0 and draws.max() < 1
+    assert draws.tolist() == [hashing.keyed_uniform(7, key) for key in keys]
+    # Chi-square over 20 bins against uniform: 99.9% quantile of chi2(19) is 43.8.
+    observed = np.bincount((draws * 20).astype(int), minlength=20)
+    assert ((observed - 1000) ** 2 / 1000).sum() < 43.8
+    assert np.mean(draws == np.array([hashing.keyed_uniform(8, key) for key in keys])) == 0
+    order = np.array([hashing.keyed_uniform(7, key, hashing.ORDER) for key in keys])
+    assert abs(np.corrcoef(draws, order)[0, 1]) < 0.05
+
+
+def test_bernoulli_keeps_a_fraction_q_of_keys_within_binomial_noise():
+    keys = [f"key-{i}" for i in range(20000)]
+    for q in (0.0, 0.3, 0.9, 1.0):
+        kept = sum(hashing.keep_bernoulli(q, hashing.keyed_uniform(0, key)) for key in keys)
+        assert abs(kept - q * len(keys)) <= 4 * np.sqrt(len(keys) * q * (1 - q)) + 1e-9
+
+
+def test_repeat_copies_add_up_exactly_and_follow_q():
+    rng = np.random.default_rng(0)
+    q = rng.uniform(0, 1, 997)
+    masses = [release.repeat_mass(value) for value in q]
+    total = sum(masses)
+    for size in (1, 500, 997, 2500):
+        start, copies = 0, []
+        for mass in masses:
+            copies.append(release.repeat_copies(start, start + mass, total, size, 0.4321))
+            start += mass
+        assert sum(copies) == size
+        expected = size * np.array(masses) / total
+        assert np.all((np.array(copies) == np.floor(expected)) | (np.array(copies) == np.floor(expected) + 1))
+
+
+def _tiny_solution(keep_rate=0.6):
+    """Real solver on a table where men are 3/4 of 'kitchen' rows."""
+    from solvers import solve
+    from solvers.problem import BalanceProblem
+
+    table = SignatureTable.from_records([
+        {"attributes": ["perceived_gender:man"], "concepts": ["kitchen"], "utility": None, "count": 300},
+        {"attributes": ["perceived_gender:woman"], "concepts": ["kitchen"], "utility": None, "count": 100},
+        {"attributes": ["perceived_gender:man"], "concepts": [], "utility": None, "count": 100},
+        {"attributes": ["perceived_gender:woman"], "concepts": [], "utility": None, "count": 300},
+        {"attributes": [], "concepts": [], "utility": None, "count": 400},
+    ])
+    problem = BalanceProblem(table.attributes, table.concepts, groups=table.groups, keep_rate=keep_rate,
+                             weights=table.weights, min_support=10, attribute_names=table.attribute_names,
+                             concept_names=table.concept_names, group_names=table.group_names)
+    return solve(problem, method="exact")
+
+
+def test_keep_rule_applies_the_solution_and_ignores_labels_it_does_not_know():
+    solution = BalanceSolution.from_json(_tiny_solution().to_json())
+    rule = release.KeepRule(solution, seed=3)
+    man_kitchen = rule.keep_probability(["perceived_gender:man"], ["kitchen"])
+    woman_kitchen = rule.keep_probability(["perceived_gender:woman"], ["kitchen", "unseen concept"])
+    nobody = rule.keep_probability([], ["kitchen"])
+    assert man_kitchen < woman_kitchen <= 1.0
+    # Men at 300 and women at 100 kitchen rows: equal kept counts need q_man ~ q_woman / 3.
+    assert abs(300 * man_kitchen - 100 * woman_kitchen) <= 0.02 * 2 * (300 * man_kitchen + 100 * woman_kitchen)
+    assert nobody == rule.keep_probability([], [])
+    assert rule.weight(0.5) == 1.0
+    assert release.KeepRule(solution, mode="weights").weight(0.4) == pytest.approx(0.4 / solution.keep_rate)
+
+
+def test_release_members_keep_bytes_and_add_balance_to_json():
+    sample = {"key": "k1", "members": {"jpg": b"\xff\xd8jpeg", "txt": b"a man", "json": b'{"a": 1, "key": "k1"}'},
+              "meta": {"a": 1, "key": "k1"}, "caption": "a man"}
+    members = dict(release.release_members(sample, {"q": 0.5, "weight": 1.0}))
+    assert members["jpg"] == b"\xff\xd8jpeg" and members["txt"] == b"a man"
+    assert json.loads(members["json"]) == {"a": 1, "key": "k1", "balance": {"q": 0.5, "weight": 1.0}}
+    table_row = {"key": "7", "members": {}, "meta": {"image_id": 3}, "caption": "a woman"}
+    members = dict(release.release_members(table_row, {"q": 1.0, "weight": 1.0}))
+    assert members["txt"] == b"a woman"
+    assert json.loads(members["json"])["key"] == "7"
+
+
+def test_write_shard_is_atomic_deterministic_and_readable(tmp_path):
+    samples = [(f"{i:04d}", [("txt", f"caption {i}".encode()), ("json", b"{}")]) for i in range(5)]
+    info = release.write_shard(str(tmp_path / "x-00000.tar"), samples)
+    data = (tmp_path / "x-00000.tar").read_bytes()
+    assert info == {"name": "x-00000.tar", "samples": 5, "bytes": len(data),
+                    "sha256": hashlib.sha256(data).hexdigest()}
+    assert data == release.tar_bytes(samples)
+    assert [p.name for p in tmp_path.iterdir()] == ["x-00000.tar"]
+    read = list(webdataset.WebDataset(str(tmp_path / "x-00000.tar"), shardshuffle=False))
+    assert [s["__key__"] for s in read] == [key for key, _ in samples]
+    assert read[3]["txt"] == b"caption 3"
+
+
+# --- the Beam job on real shards ----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def balanced_coco_mini(coco_mini_shards, tmp_path_factory):
+    """coco_mini annotated (2 workers) and balanced: (input glob, annotations dir, solution path)."""
+    work = tmp_path_factory.mktemp("resample_coco_mini")
+    annotate.run(["--input", coco_mini_shards.glob, "--output", str(work / "annotations"), *TWO_WORKERS])
+    config = balance.BalanceConfig(keep_rate=0.7, min_support=2, method="exact")
+    balance.balance(str(work / "annotations"), str(work / "solution.json"), config, TWO_WORKERS)
+    return coco_mini_shards.glob, str(work / "annotations"), str(work / "solution.json")
+
+
+def _resample(balanced, output, *pipeline_args, **options):
+    input_glob, annotations_dir, solution = balanced
+    options.setdefault("samples_per_shard", SAMPLES_PER_SHARD)
+    return resample.resample(options.pop("input_glob", input_glob), annotations_dir, solution, str(output),
+                             seed=11, pipeline_args=list(pipeline_args), **options)
+
+
+@pytest.fixture(scope="module")
+def two_worker_release(balanced_coco_mini, tmp_path_factory):
+    output = tmp_path_factory.mktemp("release_two_workers")
+    return output, _resample(balanced_coco_mini, output, *TWO_WORKERS)
+
+
+def test_release_counts_reconcile_and_follow_q(two_worker_release, balanced_coco_mini):
+    output, manifest = two_worker_release
+    counts = manifest["counts"]
+    assert counts["samples_read"] == counts["input_records"] == 159
+    assert counts["kept"] + counts["dropped"] + counts["quarantined_total"] == counts["samples_read"]
+    assert counts["output_samples"] == counts["kept"] == sum(s["samples"] for s in manifest["shards"])
+    assert all(s["samples"] == SAMPLES_PER_SHARD for s in manifest["shards"][:-1])
+    # Every kept sample's q is its annotation's q, and the hash draw is below it; dropped ones above.
+    solution = BalanceSolution.from_json(open(balanced_coco_mini[2]).read())
+    rule = release.KeepRule(solution, seed=11)
+    rows = {r["key"]: r for r in annotate.read_annotations(balanced_coco_mini[1]).to_pylist()}
+    kept = {s["__key__"]: json.loads(s["json"]) for s in webdataset.WebDataset(
+        sorted(str(p) for p in output.glob("*.tar")), shardshuffle=False)}
+    for key, row in rows.items():
+        q = rule.keep_probability(row["attributes"], row["concepts"])
+        assert (key in kept) == (hashing.keyed_uniform(11, key) < q)
+        if key in kept:
+            assert kept[key]["balance"] == {"q": q, "weight": 1.0}
+
+
+def _start_job_service():
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        port = probe.getsockname()[1]
+    service = subprocess.Popen([sys.executable, "-m", "apache_beam.runners.portability.local_job_service_main",
+                                "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("localhost", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.2)
+    return service, port
+
+
+def test_same_release_with_one_or_two_workers_and_on_the_portable_runner(
+        two_worker_release, balanced_coco_mini, tmp_path):
+    _, two = two_worker_release
+    one = _resample(balanced_coco_mini, tmp_path / "one", *ONE_WORKER)
+    service, port = _start_job_service()
+    try:
+        portable = _resample(balanced_coco_mini, tmp_path / "portable", "--runner=PortableRunner",
+                             f"--job_endpoint=localhost:{port}", "--environment_type=LOOPBACK")
+    finally:
+        service.terminate()
+        service.wait(timeout=30)
+    assert len(two["shards"]) >= 3
+    assert one["shards"] == two["shards"] == portable["shards"]  # names, sizes and sha256 of every shard
+    assert one["counts"] == two["counts"] == portable["counts"]
+
+
+def test_rerun_into_the_same_directory_gives_the_same_release(two_worker_release, balanced_coco_mini, tmp_path):
+    _, reference = two_worker_release
+    output = tmp_path / "rerun"
+    _resample(balanced_coco_mini, output, *TWO_WORKERS, samples_per_shard=10)  # an earlier, different run
+    (output / "balanced-00003.tar.tmp-crashed").write_bytes(b"half a shard")
+    again = _resample(balanced_coco_mini, output, *TWO_WORKERS)
+    assert again["shards"] == reference["shards"]
+    assert sorted(p.name for p in output.glob("balanced-*")) == [s["name"] for s in reference["shards"]]
+    for shard in again["shards"]:
+        assert release.file_sha256(str(output / shard["name"])) == shard["sha256"]
+
+
+def test_repeat_mode_writes_exactly_the_size_asked_and_unannotated_records_are_quarantined(
+        balanced_coco_mini, coco_mini_shards, webdataset_writer, tmp_path):
+    extra = webdataset_writer(tmp_path / "extra", [
+        {"__key__": f"extra{i}", "txt": b"a woman riding a horse", "json": b"{}"} for i in range(3)], 10,
+        prefix="extra")
+    manifest = _resample(balanced_coco_mini, tmp_path / "repeat", *TWO_WORKERS, mode="repeat", output_size=250,
+                         input_glob=[coco_mini_shards.glob, str(extra[0])])
+    counts = manifest["counts"]
+    assert counts["output_samples"] == 250 == sum(s["samples"] for s in manifest["shards"])
+    assert counts["quarantined"] == {"resample:not_annotated": 3}
+    assert counts["kept"] + counts["dropped"] + 3 == counts["samples_read"] == 162
+    originals = {r["key"]: r for r in coco_mini_shards.records}
+    keys = []
+    for sample in webdataset.WebDataset(sorted(str(p) for p in (tmp_path / "repeat").glob("*.tar")),
+                                        shardshuffle=False):
+        keys.append(sample["__key__"])
+        meta = json.loads(sample["json"])
+        source = originals[sample["__key__"].split("_copy")[0]]
+        assert sample["jpg"] == source["jpg"]
+        assert meta["balance"]["copy"] == (int(sample["__key__"].split("_copy")[1]) if "_copy" in sample["__key__"] else 0)
+    assert len(keys) == len(set(keys)) == 250
