@@ -31,7 +31,7 @@ RATE_MAX_EVALUATIONS = 200
 NEWTON_REGULARISATION = 1e-12
 # An infeasible problem has an unbounded dual: when the violation has not halved over this many
 # iterations, the max-rate LP decides (once) whether the keep rate is out of reach.
-STALL_CHECK_EVERY = 400
+STALL_CHECK_EVERY = 200
 # Keep rates this close above the LP's maximum count as feasible (the LP's own accuracy).
 FEASIBILITY_SLACK = 1e-7
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from solvers.dual import solve_dual, solve_rate_multiplier
+from solvers.errors import InfeasibleError
 from solvers.exact import solve_exact
 from solvers.problem import BalanceProblem
 from solvers.solution import BalanceSolution
@@ -155,5 +156,6 @@ def test_rate_multiplier_is_exact_on_ties_and_weights():
 def test_keep_rate_above_the_achievable_one_is_refused():
     problem = random_problem("overlap", "share", 8)
     highest = max_rate(problem)
-    with pytest.raises(ValueError, match=r"(?i)rate"):
+    with pytest.raises(InfeasibleError, match="infeasible: at most") as refused:
         solve_dual(problem, min(1.0, highest + 0.05))
+    assert refused.value.achievable_rate == pytest.approx(highest, abs=1e-6)
