@@ -1,0 +1,86 @@
+"""One entry point to the M4 solvers: `solve(problem, method=...)`.
+
+It compresses rows into signatures, resolves keep_rate="max", explains infeasible requests and
+hands back q for the original rows.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from solvers.problem import BalanceProblem
+from solvers.solution import BalanceSolution
+
+METHODS = ("dual", "exact", "streaming")
+DEFAULT_METHOD = "dual"
+# A requested rate this far above the LP's maximum is still solved (HiGHS's primal tolerance is
+# 1e-7 in counts; the solvers meet the rate to 1e-9), anything beyond it is infeasible.
+FEASIBILITY_SLACK = 1e-7
+# keep_rate="max" solves a hair below the LP's rate so the QP stays strictly feasible.
+MAX_RATE_BACKOFF = 1e-7
+
+
+def solve(problem: BalanceProblem, method: str = DEFAULT_METHOD, *, keep_rate=None, compress: bool = True,
+          check_feasibility: bool = True, **options) -> BalanceSolution:
+    """Solve M4 with `method` ("dual", "exact" or "streaming"); extra options go to that solver.
+
+    keep_rate: None (the problem's), a number in (0, 1] or "max" (the largest feasible rate, from
+    an LP). A rate above the achievable one raises `InfeasibleError` naming the binding constraints.
+    compress: solve on unique signatures (exact, much smaller) and expand q back to the rows.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    solver = _solver(method)
+    started = time.perf_counter()
+    inverse = None
+    target = problem
+    if compress:
+        from solvers.compress import compress_problem
+
+        target, inverse = compress_problem(problem)
+    requested = problem.keep_rate if keep_rate is None else keep_rate
+    statistics = {"keep_rate_requested": requested}
+    if requested == "max" or check_feasibility:
+        from solvers.max_rate import max_keep_rate
+
+        highest = max_keep_rate(target)
+        statistics["max_keep_rate"] = highest
+        if requested == "max":
+            eta = max(highest - MAX_RATE_BACKOFF, 0.0)
+        else:
+            eta = float(requested)
+            if eta > highest + FEASIBILITY_SLACK:
+                from solvers.errors import explain_infeasible
+
+                raise explain_infeasible(target, eta)
+    else:
+        eta = float(requested)
+    if not eta > 0:
+        from solvers.errors import explain_infeasible
+
+        raise explain_infeasible(target, 1.0)
+
+    solution = solver(target, keep_rate=eta, **options)
+    statistics["signatures"] = target.num_rows
+    statistics["rows"] = problem.num_rows
+    statistics["total_seconds"] = time.perf_counter() - started
+    solution.statistics = {**solution.statistics, **statistics}
+    if inverse is not None and solution.q is not None:
+        solution.q = np.asarray(solution.q)[inverse]
+    return solution
+
+
+def _solver(method: str):
+    """The solver function, imported only when asked (cvxpy is slow to import)."""
+    if method == "exact":
+        from solvers.exact import solve_exact
+
+        return solve_exact
+    if method == "dual":
+        from solvers.dual import solve_dual
+
+        return solve_dual
+    from solvers.streaming import solve_streaming
+
+    return solve_streaming
