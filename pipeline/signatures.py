@@ -72,7 +72,7 @@ class SignatureTable:
     @classmethod
     def from_counts(cls, counts: Iterable[tuple[str, int]]) -> "SignatureTable":
         """Build from (signature text, count) pairs, in a deterministic (sorted) row order."""
-        rows = sorted((parse_signature(text), int(count)) for text, count in counts)
+        rows = sorted((parse_signature(text), int(count)) for text, count in counts if int(count) > 0)
         attribute_names = sorted({a for (attributes, _, _), _ in rows for a in attributes})
         concept_names = sorted({c for (_, concepts, _), _ in rows for c in concepts})
         attributes = encode([r[0][0] for r in rows], attribute_names)
