@@ -231,7 +231,8 @@ def solve_table(table: SignatureTable, config: BalanceConfig):
     seconds = time.perf_counter() - started
     bias_options = dict(weights=projected.weights, targets=np.asarray(problem.spec.targets),
                         groups=projected.groups, min_support=config.min_support,
-                        attribute_names=projected.attribute_names, concept_names=projected.concept_names)
+                        attribute_names=projected.attribute_names, concept_names=projected.concept_names,
+                        group_names=projected.group_names, conditional=config.conditional)
     before = data_bias(projected.attributes, projected.concepts, **bias_options)
     after = data_bias(projected.attributes, projected.concepts, q=solution.q, **bias_options)
     kept = float(projected.weights @ solution.q)

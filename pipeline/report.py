@@ -70,7 +70,8 @@ def _bias(table: SignatureTable, solution: BalanceSolution, weights: np.ndarray,
     spec = solution.spec
     result = data_bias(table.attributes, table.concepts, weights=weights, targets=np.asarray(spec.targets),
                        groups=spec.groups, min_support=min_support, attribute_names=spec.attribute_names,
-                       concept_names=spec.concept_names)
+                       concept_names=spec.concept_names, group_names=spec.group_names,
+                       conditional=spec.conditional)
     return result.to_dict()
 
 
