@@ -1,0 +1,298 @@
+"""Planted-bias synthetic image-text data: real WebDataset shards where the truth is known.
+
+Writes training shards whose perceived-gender x concept association is set by the caller, and
+balanced (attribute x concept) evaluation shards with labels, in img2dataset's layout.
+"""
+import argparse
+import io
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+from PIL import Image, ImageDraw
+
+log = logging.getLogger(__name__)
+
+ATTRIBUTE_GROUP = "perceived_gender"
+ATTRIBUTE_VALUES = ("man", "woman")
+
+# Concepts, in visually similar pairs (same base colour and object shape, slightly different
+# tint) with opposite default directions: a model can only tell the two apart reliably by the
+# tint, so a model trained on planted data learns to use the person instead (a real shortcut).
+# name -> (caption phrases with people, caption without people, pair index, tint sign,
+#          default planted direction: +1 leans woman, -1 leans man)
+CONCEPTS = {
+    "kitchen": (("{s} cooking in a kitchen", "{s} standing in a kitchen", "a photo of {s} in a kitchen"),
+                "an empty kitchen", 0, +1, +1),
+    "office": (("{s} working in an office", "{s} sitting in an office", "a photo of {s} in an office"),
+               "an empty office", 0, -1, -1),
+    "garden": (("{s} working in a garden", "{s} standing in a garden", "a photo of {s} in a garden"),
+               "a quiet garden", 1, +1, +1),
+    "street": (("{s} walking down a street", "{s} crossing a street", "a photo of {s} on a street"),
+               "an empty street", 1, -1, -1),
+    "beach": (("{s} walking on a beach", "{s} standing on a beach", "a photo of {s} on a beach"),
+              "an empty beach", 2, +1, +1),
+    "bicycle": (("{s} riding a bicycle", "{s} standing next to a bicycle", "a photo of {s} with a bicycle"),
+                "a parked bicycle", 2, -1, -1),
+    "dog": (("{s} walking a dog", "{s} playing with a dog", "a photo of {s} with a dog"),
+            "a dog lying on the ground", 3, +1, +1),
+    "horse": (("{s} riding a horse", "{s} standing next to a horse", "a photo of {s} with a horse"),
+              "a horse standing alone", 3, -1, -1),
+}
+PAIR_BASE_COLOURS = ((200, 160, 110), (90, 140, 80), (120, 180, 220), (170, 120, 170))
+PAIR_OBJECT_SHAPES = ("circle", "square", "triangle", "bar")
+# Tint that separates the two concepts of a pair, against a per-image colour jitter of
+# +-COLOUR_JITTER per channel: chosen so the background alone tells a pair apart about 3 times in 4.
+CONCEPT_TINT = 6
+COLOUR_JITTER = 20
+PIXEL_NOISE = 6  # standard deviation of per-pixel noise, so no two images are identical
+
+SUBJECTS = {
+    "man": ("a man", "a young man", "an old man", "a boy"),
+    "woman": ("a woman", "a young woman", "an old woman", "a girl"),
+    None: ("a person", "someone"),
+}
+GLYPH_COLOURS = {"man": (40, 60, 160), "woman": (190, 40, 60)}
+# Proxy objects: drawn next to the person and named in the caption; each leans one value.
+PROXIES = {"handbag": ("woman", (120, 40, 130)), "tie": ("man", (225, 200, 40))}
+JPEG_QUALITY = 90  # img2dataset's default
+DRAW_SIZE = 64  # glyph coordinates are designed on a 64 px canvas, then scaled
+
+
+@dataclass
+class SynthConfig:
+    """Knobs of the generator. Same config and seed -> byte-identical shards."""
+
+    num_samples: int = 3000
+    image_size: int = 64
+    seed: int = 0
+    samples_per_shard: int = 1000
+    # Share of women among people in a concept = 0.5 + direction * association_strength / 2;
+    # 0 plants nothing, 1 plants a perfect association. Per-concept values override it.
+    association_strength: float = 0.8
+    woman_share: dict = field(default_factory=dict)  # concept -> share of women, overrides
+    concepts: tuple = tuple(CONCEPTS)
+    proxy_rate: float = 0.3  # P(proxy present | person of the proxy's value)
+    proxy_strength: float = 0.9  # P(proxy | other value) = proxy_rate * (1 - proxy_strength)
+    share_without_people: float = 0.1
+    caption_attribute_rate: float = 0.75  # captions that name the attribute ("a woman" vs "a person")
+    eval_per_cell: int = 20  # evaluation images per (attribute value, concept)
+
+    def validate(self) -> None:
+        unknown = set(self.concepts) - set(CONCEPTS)
+        if unknown:
+            raise ValueError(f"unknown concepts {sorted(unknown)}; known: {', '.join(CONCEPTS)}")
+        unknown = set(self.woman_share) - set(self.concepts)
+        if unknown:
+            raise ValueError(f"woman_share names concepts that are not generated: {sorted(unknown)}")
+        for name in ("association_strength", "proxy_rate", "proxy_strength", "share_without_people",
+                     "caption_attribute_rate", *[f"woman_share[{c}]" for c in self.woman_share]):
+            value = self.woman_share[name[12:-1]] if name.startswith("woman_share[") else getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {value}")
+        if self.num_samples < 0 or self.samples_per_shard < 1 or self.image_size < 8:
+            raise ValueError("num_samples >= 0, samples_per_shard >= 1 and image_size >= 8 are required")
+
+    def planted_woman_share(self, concept: str) -> float:
+        if concept in self.woman_share:
+            return float(self.woman_share[concept])
+        return 0.5 + CONCEPTS[concept][4] * self.association_strength / 2
+
+
+def draw_scene(rng, concept, gender, proxies, image_size) -> Image.Image:
+    """Paint one image: concept background and object, optional person glyph and proxy."""
+    _, _, pair, tint_sign, _ = CONCEPTS[concept]
+    base = np.array(PAIR_BASE_COLOURS[pair], dtype=float)
+    tint = tint_sign * CONCEPT_TINT * np.array([1.0, 0.0, -1.0])
+    background = base + tint + rng.uniform(-COLOUR_JITTER, COLOUR_JITTER, size=3)
+    image = Image.new("RGB", (DRAW_SIZE, DRAW_SIZE), tuple(int(c) for c in np.clip(background, 0, 255)))
+    draw = ImageDraw.Draw(image)
+    # The concept's object, in a random corner region.
+    ox, oy = rng.integers(2, 16), rng.integers(2, 16)
+    if rng.random() < 0.5:
+        ox = DRAW_SIZE - 14 - ox
+    object_colour = tuple(int(c) for c in np.clip(base * 0.45, 0, 255))
+    shape = PAIR_OBJECT_SHAPES[pair]
+    if shape == "circle":
+        draw.ellipse([ox, oy, ox + 12, oy + 12], fill=object_colour)
+    elif shape == "square":
+        draw.rectangle([ox, oy, ox + 11, oy + 11], fill=object_colour)
+    elif shape == "triangle":
+        draw.polygon([(ox, oy + 12), (ox + 12, oy + 12), (ox + 6, oy)], fill=object_colour)
+    else:
+        draw.rectangle([ox, oy + 4, ox + 14, oy + 8], fill=object_colour)
+    if gender is not None:
+        x = int(rng.integers(18, 40))
+        top = int(rng.integers(22, 30))
+        colour = GLYPH_COLOURS[gender]
+        draw.ellipse([x - 4, top - 9, x + 4, top - 1], fill=(235, 200, 170))  # head
+        if gender == "man":  # straight torso and two legs
+            draw.rectangle([x - 5, top, x + 5, top + 16], fill=colour)
+            draw.rectangle([x - 5, top + 16, x - 2, top + 28], fill=(30, 30, 40))
+            draw.rectangle([x + 2, top + 16, x + 5, top + 28], fill=(30, 30, 40))
+        else:  # long hair and a dress
+            draw.rectangle([x - 5, top - 8, x + 5, top - 5], fill=(90, 50, 20))
+            draw.polygon([(x, top), (x - 10, top + 24), (x + 10, top + 24)], fill=colour)
+            draw.rectangle([x - 3, top + 24, x + 3, top + 28], fill=(30, 30, 40))
+        for name in proxies:
+            proxy_colour = PROXIES[name][1]
+            if name == "handbag":
+                draw.rectangle([x + 8, top + 10, x + 15, top + 16], fill=proxy_colour)
+            else:
+                draw.rectangle([x - 1, top + 1, x + 1, top + 9], fill=proxy_colour)
+    if image_size != DRAW_SIZE:
+        image = image.resize((image_size, image_size), Image.BILINEAR)
+    pixels = np.asarray(image, dtype=float) + rng.normal(0, PIXEL_NOISE, size=(image_size, image_size, 3))
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def write_caption(rng, concept, gender, proxies, name_attribute) -> str:
+    phrases, empty_caption, *_ = CONCEPTS[concept]
+    if gender is None:
+        return empty_caption
+    subjects = SUBJECTS[gender if name_attribute else None]
+    caption = str(rng.choice(phrases)).format(s=str(rng.choice(subjects)))
+    for name in proxies:
+        caption += f" with a {name}"
+    return caption[0].upper() + caption[1:] + "."
+
+
+def encode_sample(key, image, caption, labels, planted) -> dict:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=JPEG_QUALITY)
+    metadata = {"key": key, "caption": caption, "status": "success", "width": image.width,
+                "height": image.height, "labels": labels, "planted": planted}
+    return {"__key__": key, "jpg": buffer.getvalue(), "txt": caption.encode("utf-8"),
+            "json": json.dumps(metadata, sort_keys=True).encode("utf-8")}
+
+
+def training_sample(config: SynthConfig, index: int) -> dict:
+    """Sample `index` of the training set; depends only on (config, index), not on order."""
+    rng = np.random.default_rng([config.seed, 1, index])
+    concept = config.concepts[int(rng.integers(len(config.concepts)))]
+    share = config.planted_woman_share(concept)
+    gender = None
+    if rng.random() >= config.share_without_people:
+        gender = "woman" if rng.random() < share else "man"
+    proxies = []
+    for name, (value, _) in PROXIES.items():
+        rate = config.proxy_rate * (1.0 if gender == value else 1.0 - config.proxy_strength)
+        if gender is not None and rng.random() < rate:
+            proxies.append(name)
+    name_attribute = bool(rng.random() < config.caption_attribute_rate)
+    caption = write_caption(rng, concept, gender, proxies, name_attribute)
+    image = draw_scene(rng, concept, gender, proxies, config.image_size)
+    labels = {ATTRIBUTE_GROUP: gender, "concept": concept, "proxies": proxies,
+              "caption_names_attribute": name_attribute and gender is not None}
+    return encode_sample(f"{index:09d}", image, caption, labels, {"woman_share": share})
+
+
+def evaluation_sample(config: SynthConfig, index: int) -> dict:
+    """Balanced evaluation image: every (value, concept) cell gets eval_per_cell images, no proxies."""
+    cell, _ = divmod(index, config.eval_per_cell)
+    concept = config.concepts[cell // len(ATTRIBUTE_VALUES)]
+    gender = ATTRIBUTE_VALUES[cell % len(ATTRIBUTE_VALUES)]
+    rng = np.random.default_rng([config.seed, 2, index])
+    caption = write_caption(rng, concept, gender, [], True)
+    image = draw_scene(rng, concept, gender, [], config.image_size)
+    labels = {ATTRIBUTE_GROUP: gender, "concept": concept, "proxies": [], "caption_names_attribute": True}
+    return encode_sample(f"eval{index:06d}", image, caption, labels, {"woman_share": 0.5})
+
+
+def write_shards(pattern: str, samples, samples_per_shard: int) -> list:
+    """Write samples to pattern % shard_index tars; returns [{path, samples}] per shard."""
+    shards, writer = [], None
+    for position, sample in enumerate(samples):
+        if position % samples_per_shard == 0:
+            if writer is not None:
+                writer.close()
+            shards.append({"path": pattern % len(shards), "samples": 0})
+            writer = wds.TarWriter(shards[-1]["path"], encoder=False, mtime=0)
+        writer.write(sample)
+        shards[-1]["samples"] += 1
+    if writer is not None:
+        writer.close()
+    return shards
+
+
+def make_synthetic(output, config: SynthConfig = None) -> dict:
+    """Write train/ and eval/ shards plus manifest.json under `output`; return the manifest."""
+    config = config or SynthConfig()
+    config.validate()
+    output = Path(output)
+    (output / "train").mkdir(parents=True, exist_ok=True)
+    (output / "eval").mkdir(parents=True, exist_ok=True)
+    train = write_shards(str(output / "train" / "synth-%05d.tar"),
+                         (training_sample(config, i) for i in range(config.num_samples)),
+                         config.samples_per_shard)
+    eval_size = config.eval_per_cell * len(ATTRIBUTE_VALUES) * len(config.concepts)
+    evaluation = write_shards(str(output / "eval" / "eval-%05d.tar"),
+                              (evaluation_sample(config, i) for i in range(eval_size)),
+                              config.samples_per_shard)
+    manifest = {
+        "generator": "balancebeam synth",
+        "config": {**asdict(config), "concepts": list(config.concepts)},
+        "attribute_group": ATTRIBUTE_GROUP,
+        "attribute_values": list(ATTRIBUTE_VALUES),
+        "concepts": list(config.concepts),
+        "proxies": {name: value for name, (value, _) in PROXIES.items()},
+        "planted_woman_share": {c: config.planted_woman_share(c) for c in config.concepts},
+        "train_shards": [{**s, "path": str(Path(s["path"]).relative_to(output))} for s in train],
+        "eval_shards": [{**s, "path": str(Path(s["path"]).relative_to(output))} for s in evaluation],
+        "train_samples": sum(s["samples"] for s in train),
+        "eval_samples": sum(s["samples"] for s in evaluation),
+    }
+    (output / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    log.info("wrote %d training samples in %d shards and %d balanced evaluation samples to %s",
+             manifest["train_samples"], len(train), manifest["eval_samples"], output)
+    return manifest
+
+
+def parse_args(argv):
+    defaults = SynthConfig()
+    parser = argparse.ArgumentParser(prog="balancebeam synth", description=__doc__.splitlines()[0])
+    parser.add_argument("--output", required=True, help="directory for train/, eval/ and manifest.json")
+    parser.add_argument("--num-samples", type=int, default=defaults.num_samples)
+    parser.add_argument("--image-size", type=int, default=defaults.image_size)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--samples-per-shard", type=int, default=defaults.samples_per_shard)
+    parser.add_argument("--association-strength", type=float, default=defaults.association_strength,
+                        help="0 plants no gender-concept association, 1 a perfect one")
+    parser.add_argument("--woman-share", action="append", default=[], metavar="CONCEPT=SHARE",
+                        help="share of women among people in CONCEPT (repeatable; overrides the strength)")
+    parser.add_argument("--concepts", default=",".join(CONCEPTS), help="comma-separated subset of concepts")
+    parser.add_argument("--proxy-rate", type=float, default=defaults.proxy_rate)
+    parser.add_argument("--proxy-strength", type=float, default=defaults.proxy_strength)
+    parser.add_argument("--share-without-people", type=float, default=defaults.share_without_people)
+    parser.add_argument("--caption-attribute-rate", type=float, default=defaults.caption_attribute_rate)
+    parser.add_argument("--eval-per-cell", type=int, default=defaults.eval_per_cell)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    woman_share = {}
+    for item in args.woman_share:
+        concept, _, share = item.partition("=")
+        try:
+            woman_share[concept.strip()] = float(share)
+        except ValueError:
+            raise SystemExit(f"--woman-share expects CONCEPT=SHARE, got {item!r}")
+    config = SynthConfig(
+        num_samples=args.num_samples, image_size=args.image_size, seed=args.seed,
+        samples_per_shard=args.samples_per_shard, association_strength=args.association_strength,
+        woman_share=woman_share, concepts=tuple(c.strip() for c in args.concepts.split(",") if c.strip()),
+        proxy_rate=args.proxy_rate, proxy_strength=args.proxy_strength,
+        share_without_people=args.share_without_people,
+        caption_attribute_rate=args.caption_attribute_rate, eval_per_cell=args.eval_per_cell)
+    try:
+        manifest = make_synthetic(args.output, config)
+    except ValueError as error:
+        raise SystemExit(f"balancebeam synth: {error}")
+    print(f"wrote {manifest['train_samples']} training and {manifest['eval_samples']} evaluation "
+          f"samples to {args.output}")
+    return 0
