@@ -40,6 +40,8 @@ def solve(problem: BalanceProblem, method: str = DEFAULT_METHOD, *, keep_rate=No
 
         target, inverse = compress_problem(problem)
     requested = problem.keep_rate if keep_rate is None else keep_rate
+    if requested != "max" and (isinstance(requested, str) or not 0 < float(requested) <= 1):
+        raise ValueError(f"keep_rate must be a number in (0, 1] or 'max', got {requested!r}")
     statistics = {"keep_rate_requested": requested}
     if requested == "max" or check_feasibility:
         from solvers.max_rate import max_keep_rate

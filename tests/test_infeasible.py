@@ -90,3 +90,9 @@ def test_contradictory_targets_are_refused_before_solving():
     attributes, concepts = men_and_women()
     with pytest.raises(ValueError, match="contradictory"):
         BalanceProblem(attributes, concepts, targets=[0.2, 0.5])
+
+
+@pytest.mark.parametrize("keep_rate", [1.5, 0.0, "most"])
+def test_keep_rate_outside_the_unit_interval_is_a_plain_error(keep_rate):
+    with pytest.raises(ValueError, match="keep_rate must be"):
+        solve(representation_only(), method="exact", keep_rate=keep_rate)
