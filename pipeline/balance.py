@@ -341,7 +341,7 @@ def balance(annotations_dir: str, output: str, config: BalanceConfig, pipeline_a
     write_text_atomically(signatures_path, "".join(json.dumps(r) + "\n" for r in table.to_records()))
     write_text_atomically(output, solution.to_json())
     stats = solution.statistics
-    log.info("solved M4 (%s) at keep rate %.4f on %d signatures: data AB %.4f -> %.4f; wrote %s",
+    log.info("solved M4 (%s) at keep rate %.4f on %d signatures: data AB %s -> %s; wrote %s",
              solution.method, solution.keep_rate, stats["signatures_solved"],
              stats["data_bias_before"]["summary"]["association_bias_max"],
              stats["data_bias_after"]["summary"]["association_bias_max"], output)

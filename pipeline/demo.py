@@ -65,7 +65,8 @@ def run(argv=None) -> int:
     print(f"{'':10} {'RB':>8} {'AB max':>8} {'AB mean':>8}")
     for stage in ("before", "realized"):
         values = head[stage]
-        print(f"{stage if stage == 'before' else 'after':10} {values['representation_bias']:8.3f} "
-              f"{values['association_bias_max']:8.3f} {values['association_bias_mean']:8.3f}")
+        print(f"{stage if stage == 'before' else 'after':10} {report.number(values['representation_bias'], 3):>8} "
+              f"{report.number(values['association_bias_max'], 3):>8} "
+              f"{report.number(values['association_bias_mean'], 3):>8}")
     sys.stdout.flush()
     return 0

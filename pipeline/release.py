@@ -184,6 +184,14 @@ def write_shard(path: str, samples) -> dict:
             "sha256": writer.digest.hexdigest()}
 
 
+def solution_digest(solution: BalanceSolution) -> str:
+    """sha256 of what decides q (spec, rate, duals, tilt), not of timings: equal digests, equal releases."""
+    payload = json.loads(solution.to_json())
+    decisive = {name: payload[name] for name in ("spec", "keep_rate", "constraint_duals", "rate_dual",
+                                                  "utility_tilt", "utility_mean")}
+    return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode("utf-8")).hexdigest()
+
+
 def file_sha256(path: str) -> str:
     digest = hashlib.sha256()
     with FileSystems.open(path) as handle:

@@ -132,7 +132,7 @@ def build_statistics(solution: BalanceSolution, signature_records, kept, manifes
         "excluded_low_support": solution.statistics.get("excluded_low_support", {}),
         "mode": manifest.get("mode"), "seed": manifest.get("seed"),
         "solution": {"method": solution.method, "status": solution.status,
-                     "max_violation": solution.max_violation, "sha256": manifest.get("solution_sha256")},
+                     "max_violation": solution.max_violation, "digest": manifest.get("solution_digest")},
     }
     return stats
 
@@ -146,6 +146,11 @@ def headline(stats: dict) -> dict:
                       "association_bias_max": summary["association_bias_max"],
                       "association_bias_mean": summary["association_bias_mean"]}
     return out
+
+
+def number(value, digits: int = 4) -> str:
+    """A statistic for people: 'n/a' where nothing was measured (a share of no rows)."""
+    return "n/a" if value is None or not np.isfinite(value) else f"{value:.{digits}f}"
 
 
 # Plots ---------------------------------------------------------------------------------------------
@@ -213,8 +218,8 @@ def plot_proxies(stats: dict) -> str | None:
 def render_html(stats: dict, manifest: dict) -> str:
     head = headline(stats)
     rows = "".join(
-        f"<tr><td>{stage}</td><td>{v['representation_bias']:.4f}</td><td>{v['association_bias_max']:.4f}</td>"
-        f"<td>{v['association_bias_mean']:.4f}</td></tr>" for stage, v in head.items())
+        f"<tr><td>{stage}</td><td>{number(v['representation_bias'])}</td><td>{number(v['association_bias_max'])}</td>"
+        f"<td>{number(v['association_bias_mean'])}</td></tr>" for stage, v in head.items())
     images = [("Attribute share per concept", plot_heatmaps(stats)), ("Keep probabilities", plot_q(stats))]
     proxies = plot_proxies(stats)
     if proxies:
@@ -276,7 +281,7 @@ def dataset_card(stats: dict, manifest: dict, solution: BalanceSolution) -> str:
         f"- gaps: {json.dumps(stats['gaps'])}; minimum support {stats['min_support']:g}",
         f"- solver: {solution.method} ({solution.status}), largest constraint violation {solution.max_violation:.2e}",
         f"- mode: {manifest['mode']}, seed: {manifest['seed']}, samples per shard: {manifest['samples_per_shard']}",
-        f"- solution sha256: {manifest['solution_sha256']}",
+        f"- solution digest (sha256 of the duals and configuration that decide q): {manifest['solution_digest']}",
         f"- configuration: `{json.dumps(config, sort_keys=True)}`",
         f"- versions: {json.dumps(_versions())}", "",
         "## Counts", "",
@@ -288,8 +293,8 @@ def dataset_card(stats: dict, manifest: dict, solution: BalanceSolution) -> str:
         "| | RB | AB max | AB mean |", "|---|---|---|---|",
     ]
     for stage, values in head.items():
-        lines.append(f"| {stage} | {values['representation_bias']:.4f} | {values['association_bias_max']:.4f} | "
-                     f"{values['association_bias_mean']:.4f} |")
+        lines.append(f"| {stage} | {number(values['representation_bias'])} | {number(values['association_bias_max'])} | "
+                     f"{number(values['association_bias_mean'])} |")
     lines += ["", "## Reading it", "", "```python", "import webdataset as wds",
               f"dataset = wds.WebDataset(\"{pattern}\").decode(\"pil\")", "```", "",
               "Integrity: manifest.json lists every shard with its size and sha256.", ""]
@@ -311,8 +316,8 @@ def report(solution_path: str, signatures_path: str, release_dir: str, annotatio
     write_text_atomically(FileSystems.join(output_dir, REPORT_FILE), render_html(stats, manifest))
     write_text_atomically(FileSystems.join(output_dir, CARD_FILE), dataset_card(stats, manifest, solution))
     head = headline(stats)
-    log.info("data AB max %.4f before, %.4f in the release; report in %s",
-             head["before"]["association_bias_max"], head["realized"]["association_bias_max"],
+    log.info("data AB max %s before, %s in the release; report in %s",
+             number(head["before"]["association_bias_max"]), number(head["realized"]["association_bias_max"]),
              FileSystems.join(output_dir, REPORT_FILE))
     return stats
 

@@ -305,11 +305,11 @@ def resample(input_glob, annotations_dir, solution_path, output_dir, *, seed=rel
         if not FileSystems.match([pattern])[0].metadata_list:
             raise FileNotFoundError(f"no input files match {pattern!r}")
     solution_text = read_text(solution_path)
-    BalanceSolution.from_json(solution_text)  # fail here, not on a worker, if it is unreadable
+    solution = BalanceSolution.from_json(solution_text)  # fail here, not on a worker, if it is unreadable
     FileSystems.mkdirs(output_dir) if not FileSystems.exists(output_dir) else None
     details = {"format": "webdataset", "prefix": prefix, "samples_per_shard": samples_per_shard, "mode": mode,
                "seed": seed, "output_size": output_size, "input": input_glob,
-               "solution_sha256": release.file_sha256(solution_path)}
+               "solution_digest": release.solution_digest(solution)}
     with beam.Pipeline(options=PipelineOptions(list(pipeline_args))) as pipeline:
         build_pipeline(pipeline, input_glob=input_glob, annotations_dir=annotations_dir,
                        solution_text=solution_text, output_dir=output_dir, seed=seed, mode=mode,
