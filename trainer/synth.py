@@ -273,7 +273,8 @@ def parse_args(argv):
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("trainer").setLevel(logging.INFO)
     args = parse_args(argv)
     woman_share = {}
     for item in args.woman_share:

@@ -246,7 +246,8 @@ def parse_args(argv) -> TrainConfig:
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("trainer").setLevel(logging.INFO)
     config = parse_args(argv)
     Path(config.output).mkdir(parents=True, exist_ok=True)
     summary = train(config)
