@@ -20,6 +20,7 @@ from apache_beam.io.filesystems import FileSystems
 from pipeline.balance import SIGNATURES_FILE, concept_shares, read_text, write_text_atomically
 from pipeline.resample import KEPT_SIGNATURES_FILE, MANIFEST_FILE
 from pipeline.signatures import SignatureTable, encode
+from solvers.problem import REPRESENTATION
 from solvers.solution import BalanceSolution
 
 log = logging.getLogger(__name__)
@@ -117,9 +118,7 @@ def build_statistics(solution: BalanceSolution, signature_records, kept, manifes
                        "resample": counts["quarantined"]},
         "keep_rate": solution.keep_rate,
         "targets": dict(zip(spec.attribute_names, spec.targets)),
-        "gaps": {"representation": solution.statistics.get("config", {}).get("representation_gap"),
-                 "association": solution.statistics.get("config", {}).get("association_gap"),
-                 "constraint_form": spec.constraint_form},
+        "gaps": _gaps_in_force(spec),
         "min_support": min_support,
         "data_bias": {"before": _bias(before, solution, before.weights, min_support),
                       "planned": _bias(before, solution, before.weights * q_before, min_support),
@@ -181,9 +180,22 @@ def plot_heatmaps(stats: dict) -> str:
         image = axis.imshow(grid, vmin=0, vmax=1, cmap="coolwarm", aspect="auto")
         axis.set_xticks(range(len(values)), [v.split(":", 1)[-1] for v in values], rotation=45)
         axis.set_yticks(range(len(concepts)), concepts)
-        axis.set_title(f"perceived share, {title}")
+        axis.set_title(title)
+    figure.suptitle("perceived attribute share per concept")
     figure.colorbar(image, ax=axes, shrink=0.6, label="share among annotated rows of the concept")
     return _png(figure)
+
+
+def _gaps_in_force(spec) -> dict:
+    """The gaps the solver enforced (defaults resolved), not the flags as given (None = default)."""
+    representation = {gap for gap, concept in zip(spec.unit_gaps, spec.unit_concepts) if concept == REPRESENTATION}
+    association = {gap for gap, concept in zip(spec.unit_gaps, spec.unit_concepts) if concept != REPRESENTATION}
+
+    def single(gaps):
+        return (next(iter(gaps)) if len(gaps) == 1 else sorted(gaps)) if gaps else None
+
+    return {"representation": single(representation), "association": single(association),
+            "constraint_form": spec.constraint_form}
 
 
 def plot_q(stats: dict) -> str:

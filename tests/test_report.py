@@ -54,6 +54,8 @@ def test_statistics_before_planned_and_realized(solved):
     assert head["planned"]["association_bias_max"] <= 0.02 + 1e-6
     assert head["realized"]["association_bias_max"] == pytest.approx(0.0)
     assert stats["rows"]["rate_kept"] == pytest.approx(276 / 460)
+    # Gaps left to their defaults are shown as the numbers the solver enforced, not as null.
+    assert stats["gaps"] == {"representation": 0.02, "association": 0.02, "constraint_form": "share"}
     assert stats["quarantine"]["annotate"] == {"empty_caption": 2}
     assert sum(stats["q_distribution"]["rows"]) == pytest.approx(460)
 
