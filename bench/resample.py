@@ -57,19 +57,25 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-samples", type=int, default=6000)
     parser.add_argument("--image-size", type=int, default=128)
-    parser.add_argument("--work", default=None, help="scratch directory (default: a temporary one)")
+    parser.add_argument("--work", default=None,
+                        help="scratch directory (default: a temporary one); data, annotations and solution "
+                             "already there are reused")
+    parser.add_argument("--skip-balance", action="store_true", help="only the resample table")
     args = parser.parse_args(argv)
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-resample-"))
     from trainer.synth import SynthConfig, make_synthetic
 
-    make_synthetic(work / "data", SynthConfig(num_samples=args.num_samples, image_size=args.image_size,
-                                              samples_per_shard=1000))
+    if not (work / "data" / "manifest.json").exists():
+        make_synthetic(work / "data", SynthConfig(num_samples=args.num_samples, image_size=args.image_size,
+                                                  samples_per_shard=1000))
     shards = sorted(str(p) for p in (work / "data" / "train").glob("*.tar"))
     input_bytes = sum(os.path.getsize(s) for s in shards)
-    annotate.run(["--input", str(work / "data" / "train" / "*.tar"), "--output", str(work / "annotations"),
-                  *WORKERS[2]])
+    if not (work / "annotations").exists():
+        annotate.run(["--input", str(work / "data" / "train" / "*.tar"), "--output", str(work / "annotations"),
+                      *WORKERS[2]])
     config = balance.BalanceConfig(keep_rate="max", min_support=20, method="dual")
-    balance.balance(str(work / "annotations"), str(work / "solution.json"), config, WORKERS[2])
+    if not (work / "solution.json").exists():
+        balance.balance(str(work / "annotations"), str(work / "solution.json"), config, WORKERS[2])
 
     (work / "copy").mkdir(exist_ok=True)
     copy_seconds, copied = timed(raw_copy, shards, str(work / "copy"))
@@ -87,6 +93,8 @@ def main(argv=None):
         print(f"| {name} | {samples} | {seconds:.2f} | {samples / seconds:.0f} | {input_bytes / 1e6 / seconds:.1f} | "
               f"{copy_seconds / seconds:.3f} |")
     print(f"(target ratio >= {TARGET_RATIO})")
+    if args.skip_balance:
+        return
 
     print("\nbalance as N grows (same signatures):")
     print("| rows | signatures | balance seconds (count in Beam + solve) | solve seconds |")

@@ -2,6 +2,8 @@
 
 q comes from the record's annotated features and the solution (a side input); keyed-hash sampling
 and a keyed-hash order make the release the same whatever the runner or the number of workers.
+Image bytes never cross a shuffle: the join and the ranking carry where each large member lies in
+its input tar, and the worker writing an output shard reads it from there, once.
 """
 from __future__ import annotations
 
@@ -12,9 +14,13 @@ import posixpath
 import sys
 
 import apache_beam as beam
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.transforms.window import GlobalWindow
+from apache_beam.utils.timestamp import MIN_TIMESTAMP
+from apache_beam.utils.windowed_value import WindowedValue
 
 from pipeline import hashing, release
 from pipeline.balance import ANNOTATIONS_GLOB, read_text, write_text_atomically
@@ -56,12 +62,11 @@ class Decide(_SolutionUser):
 
     def process(self, row, solution_text):
         rule = self.rule(solution_text)
-        q = rule.keep_probability(row.get("attributes"), row.get("concepts"), row.get("utility"))
+        signature, q = rule.signature_and_probability(row.get("attributes"), row.get("concepts"), row.get("utility"))
         yield row["key"], {
             "shard": row.get("shard"), "position": row.get("position"), "q": q,
             "copies": None if self.mode == "repeat" else rule.copies(row["key"], q),
-            "weight": rule.weight(q),
-            "signature": rule.signature(row.get("attributes"), row.get("concepts"), row.get("utility")),
+            "weight": rule.weight(q), "signature": signature,
         }
 
 
@@ -142,34 +147,91 @@ class RepeatCopies(beam.PTransform):
             with_copies, beam.pvalue.AsSingleton(total), beam.pvalue.AsSingleton(size))
 
 
-class RankCopies(beam.PTransform):
-    """(key, decision) -> (key, (copy, rank)): every kept copy's place in the release."""
+class _BundleCounts(beam.DoFn):
+    """A DoFn that tallies outcomes per bundle and emits one dict per bundle on a tagged output.
 
-    def __init__(self, seed: int):
+    Counting one dict per bundle instead of one element per record keeps the counts off the
+    per-element path; the dicts add up to the same totals whatever the bundling.
+    """
+
+    def start_bundle(self):
+        self._tallies = {}
+
+    def tally(self, tag, name, amount=1):
+        counts = self._tallies.setdefault(tag, {})
+        counts[name] = counts.get(name, 0) + amount
+
+    def finish_bundle(self):
+        for tag, counts in self._tallies.items():
+            yield beam.pvalue.TaggedOutput(tag, WindowedValue(counts, MIN_TIMESTAMP, [GlobalWindow()]))
+        self._tallies = {}
+
+
+def _add_counts(dicts):
+    total = {}
+    for counts in dicts:
+        for name, amount in counts.items():
+            total[name] = total.get(name, 0) + amount
+    return total
+
+
+class LocateMembers(_BundleCounts):
+    """Sample -> (key, the sample with its large members as places in the input tar, not bytes).
+
+    Runs fused right after the read, so the bytes never leave the worker that read them; the tar's
+    header index is built once per input file (samples of one file arrive together).
+    """
+
+    def __init__(self):
         super().__init__()
-        self.seed = seed
+        self._path, self._offsets = None, None
+        self.located = Metrics.counter(METRICS_NAMESPACE, "members_located")
+        self.inline = Metrics.counter(METRICS_NAMESPACE, "members_inline")
 
-    def expand(self, decisions):
-        seed = self.seed
-        ranked, _ = (decisions
-                     | "EachCopy" >> beam.FlatMapTuple(lambda key, d: [
-                         (release.copy_key(key, c), release.order_uniform(seed, key, c), 1, (key, c))
-                         for c in range(d["copies"])])
-                     | "Order" >> HashOrderPrefix())
-        return ranked | "ByKey" >> beam.MapTuple(lambda _, start, end, payload: (payload[0], (payload[1], start)))
+    def process(self, sample):
+        self.tally(_OUTCOME_TAG, "samples_read")
+        members = sample.get("members") or {}
+        if members and sample.get("shard") != self._path:
+            self._path, self._offsets = sample.get("shard"), _tar_offsets(sample.get("shard"))
+        if not members:  # a caption-table row: small, it travels whole
+            yield sample["key"], sample
+            return
+        located = release.locate_members(sample["key"], members, self._offsets)
+        for _, data in located:
+            (self.located if isinstance(data, tuple) else self.inline).inc()
+        # meta, caption and image_id come again from the members when the shard is written.
+        yield sample["key"], {"key": sample["key"], "shard": sample.get("shard"), "position": sample.get("position"),
+                              "members": located}
 
 
-class JoinAndPlace(beam.DoFn):
-    """Per key: pair the record read now with its decision; emit its copies keyed by shard index."""
+def _tar_offsets(path):
+    """Header index of an uncompressed input tar (None for anything we cannot seek in)."""
+    if not path or CompressionTypes.detect_compression_type(path) != CompressionTypes.UNCOMPRESSED:
+        return None
+    try:
+        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as raw_file:
+            return release.tar_member_offsets(raw_file)
+    except (OSError, ValueError) as error:
+        log.warning("cannot index %s (%s): its members travel inline", path, error)
+        return None
 
-    def __init__(self, samples_per_shard: int, mode: str):
-        self.samples_per_shard, self.mode = samples_per_shard, mode
+
+class JoinAndDecide(_BundleCounts):
+    """Per key: pair the record read now with its decision; emit its kept copies to be ranked.
+
+    Output: (copy key, order in [0, 1), 1, (sample, balance)) for HashOrderPrefix; the sample
+    carries only small members and places in the input tar, never image bytes.
+    """
+
+    def __init__(self, seed: int, mode: str):
+        super().__init__()
+        self.seed, self.mode = seed, mode
         self.kept = Metrics.counter(METRICS_NAMESPACE, "records_kept")
         self.dropped = Metrics.counter(METRICS_NAMESPACE, "records_dropped")
 
     def process(self, joined):
         key, groups = joined
-        samples, decisions, ranks = list(groups["samples"]), list(groups["decisions"]), dict(groups["ranks"])
+        samples, decisions = list(groups["samples"]), list(groups["decisions"])
         pairs, leftovers = _pair(samples, decisions)
         for sample in leftovers:
             reason = NOT_ANNOTATED if not decisions else DUPLICATE_KEY
@@ -177,23 +239,22 @@ class JoinAndPlace(beam.DoFn):
                 STAGE_RESAMPLE, reason, key, sample.get("shard"), sample.get("position"),
                 "no annotation row for this record" if reason == NOT_ANNOTATED
                 else "another record with this key was annotated"))
-            yield beam.pvalue.TaggedOutput(_OUTCOME_TAG, "quarantined")
+            self.tally(_OUTCOME_TAG, "quarantined")
         for sample, decision in pairs:
             if not decision["copies"]:
                 self.dropped.inc()
-                yield beam.pvalue.TaggedOutput(_OUTCOME_TAG, "dropped")
+                self.tally(_OUTCOME_TAG, "dropped")
                 continue
             self.kept.inc()
-            yield beam.pvalue.TaggedOutput(_OUTCOME_TAG, "kept")
+            self.tally(_OUTCOME_TAG, "kept")
             for copy in range(decision["copies"]):
                 balance = {"q": decision["q"], "weight": decision["weight"]}
                 if self.mode == "repeat":
                     balance["copy"] = copy
-                rank = ranks[copy]
-                yield rank // self.samples_per_shard, (rank, release.copy_key(key, copy),
-                                                       release.release_members(sample, balance))
-                yield beam.pvalue.TaggedOutput(_KEPT_SIGNATURE_TAG, decision["signature"])
-                yield beam.pvalue.TaggedOutput(_OUTCOME_TAG, "output_samples")
+                yield (release.copy_key(key, copy), release.order_uniform(self.seed, key, copy), 1,
+                       (sample, balance))
+                self.tally(_KEPT_SIGNATURE_TAG, decision["signature"])
+                self.tally(_OUTCOME_TAG, "output_samples")
 
 
 def _pair(samples, decisions):
@@ -209,8 +270,30 @@ def _pair(samples, decisions):
     return pairs, [s for s in samples if not (matched and s is matched[0])]
 
 
+class _InputTars:
+    """Open input files of one shard writer, read at given offsets (each file opened once)."""
+
+    def __init__(self):
+        self._open = {}
+
+    def read_at(self, path, offset, size):
+        if path not in self._open:
+            self._open[path] = FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED)
+        handle = self._open[path]
+        handle.seek(offset)
+        return handle.read(size)
+
+    def close(self):
+        for handle in self._open.values():
+            handle.close()
+        self._open.clear()
+
+
 class WriteShard(beam.DoFn):
-    """(shard index, [(rank, key, members)]) -> one tar in rank order; yields its manifest entry."""
+    """(shard index, [(rank, key, sample, balance)]) -> one tar in rank order; yields its manifest entry.
+
+    Large members are read here from the input tars, once, at the place LocateMembers noted.
+    """
 
     def __init__(self, output_dir: str, prefix: str):
         self.output_dir, self.prefix = output_dir, prefix
@@ -220,7 +303,20 @@ class WriteShard(beam.DoFn):
         index, items = shard
         ordered = sorted(items, key=lambda item: item[0])
         path = FileSystems.join(self.output_dir, release.shard_name(self.prefix, index))
-        info = release.write_shard(path, [(key, members) for _, key, members in ordered])
+        inputs = _InputTars()
+
+        def released(rank_key_sample_balance):
+            _, key, sample, balance = rank_key_sample_balance
+            source = sample.get("shard")
+            members = release.read_members(sample.get("members") or (), lambda offset, size: inputs.read_at(
+                source, offset, size), where=f"{source} ({sample.get('key')})")
+            meta = sample["meta"] if "meta" in sample else release.member_meta(members)
+            return key, release.release_members(dict(sample, members=members, meta=meta), balance)
+
+        try:
+            info = release.write_shard(path, map(released, ordered))
+        finally:
+            inputs.close()
         self.shards.inc()
         yield info
 
@@ -248,35 +344,38 @@ def build_pipeline(pipeline, *, input_glob, annotations_dir, solution_text, outp
     """The resample graph on `pipeline` (so `run` and other jobs can share one pipeline)."""
     solution = pipeline | "Solution" >> beam.Create([solution_text])
     read = pipeline | "ReadSamples" >> ReadSamples(input_glob, input_format)
-    samples = read.samples | "SampleByKey" >> beam.Map(lambda sample: (sample["key"], sample))
+    samples = read.samples | "LocateMembers" >> beam.ParDo(LocateMembers()).with_outputs(
+        _OUTCOME_TAG, main="samples")
     decisions = (pipeline
                  | "ReadAnnotations" >> beam.io.ReadFromParquet(
                      FileSystems.join(annotations_dir, ANNOTATIONS_GLOB), columns=_ANNOTATION_COLUMNS)
                  | "Decide" >> beam.ParDo(Decide(seed, mode), beam.pvalue.AsSingleton(solution)))
     if mode == "repeat":
         decisions = decisions | "RepeatCopies" >> RepeatCopies(seed, output_size)
-    ranks = decisions | "RankCopies" >> RankCopies(seed)
-    placed = ({"samples": samples, "decisions": decisions, "ranks": ranks}
+    joined = ({"samples": samples.samples, "decisions": decisions}
               | "JoinByKey" >> beam.CoGroupByKey()
-              | "JoinAndPlace" >> beam.ParDo(JoinAndPlace(samples_per_shard, mode)).with_outputs(
-                  QUARANTINE_TAG, _KEPT_SIGNATURE_TAG, _OUTCOME_TAG, main="placed"))
-    shards = (placed.placed
+              | "JoinAndDecide" >> beam.ParDo(JoinAndDecide(seed, mode)).with_outputs(
+                  QUARANTINE_TAG, _KEPT_SIGNATURE_TAG, _OUTCOME_TAG, main="copies"))
+    # Kept copies are ranked along a keyed-hash order; shard i holds ranks [i*S, (i+1)*S).
+    ranked, _ = joined.copies | "Order" >> HashOrderPrefix()
+    shards = (ranked
+              | "ByShard" >> beam.MapTuple(lambda copy_key, rank, _, payload: (
+                  rank // samples_per_shard, (rank, copy_key, payload[0], payload[1])))
               | "GroupByShard" >> beam.GroupByKey()
               | "WriteShard" >> beam.ParDo(WriteShard(output_dir, prefix))
               | "AllShards" >> beam.combiners.ToList())
-    outcomes = ((placed[_OUTCOME_TAG], read.samples | "Read" >> beam.Map(lambda _: "samples_read"))
+    outcomes = ((joined[_OUTCOME_TAG], samples[_OUTCOME_TAG])
                 | "AllOutcomes" >> beam.Flatten()
-                | "CountOutcomes" >> beam.combiners.Count.PerElement())
-    quarantine = (read.quarantine, placed[QUARANTINE_TAG]) | "AllQuarantine" >> beam.Flatten()
+                | "CountOutcomes" >> beam.CombineGlobally(_add_counts))
+    quarantine = (read.quarantine, joined[QUARANTINE_TAG]) | "AllQuarantine" >> beam.Flatten()
     reasons = (quarantine
                | "Reason" >> beam.Map(lambda entry: f"{entry['stage']}:{entry['reason']}")
                | "CountReasons" >> beam.combiners.Count.PerElement())
     _ = shards | "WriteManifest" >> beam.Map(
-        _write_manifest, beam.pvalue.AsDict(outcomes), beam.pvalue.AsDict(reasons), output_dir, details or {})
-    _ = (placed[_KEPT_SIGNATURE_TAG]
-         | "CountKept" >> beam.combiners.Count.PerElement()
-         | "KeptList" >> beam.combiners.ToList()
-         | "WriteKeptSignatures" >> beam.Map(_write_kept_signatures, output_dir))
+        _write_manifest, beam.pvalue.AsSingleton(outcomes), beam.pvalue.AsDict(reasons), output_dir, details or {})
+    _ = (joined[_KEPT_SIGNATURE_TAG]
+         | "CountKept" >> beam.CombineGlobally(_add_counts)
+         | "WriteKeptSignatures" >> beam.Map(lambda counts: _write_kept_signatures(counts.items(), output_dir)))
     if quarantine_prefix:
         _ = quarantine | "WriteQuarantine" >> WriteQuarantine(quarantine_prefix)
 

@@ -117,6 +117,71 @@ def test_write_shard_is_atomic_deterministic_and_readable(tmp_path):
     assert read[3]["txt"] == b"caption 3"
 
 
+def _tarfile_shard(samples) -> bytes:
+    """The shard tarfile itself writes (PAX format, fixed headers): what release.tar_bytes must equal."""
+    import io
+    import tarfile
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w|", format=tarfile.PAX_FORMAT) as archive:
+        for key, members in samples:
+            for extension, data in members:
+                info = tarfile.TarInfo(f"{key}.{extension}")
+                info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = (
+                    len(data), 0, 0o444, 0, 0, "", "")
+                archive.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def test_shard_bytes_are_the_ones_tarfile_writes_for_plain_long_and_non_ascii_names():
+    rng = np.random.default_rng(5)
+    names = ["a", "x" * 96, "y" * 97, "z" * 150, "ключ", "dir/sub/k", "sp ace"]
+    for trial in range(40):
+        samples = [(f"{names[rng.integers(len(names))]}{i}",
+                    [(extension, rng.integers(0, 256, int(rng.choice([0, 1, 511, 512, 513, rng.integers(3000)])),
+                                              dtype=np.uint8).tobytes())
+                     for extension in ("jpg", "txt", "json")[:rng.integers(1, 4)]])
+                   for i in range(int(rng.integers(0, 12)))]
+        assert release.tar_bytes(samples) == _tarfile_shard(samples), trial
+
+
+def test_member_offsets_agree_with_tarfile_and_leave_out_what_they_cannot_be_sure_of(tmp_path):
+    import tarfile
+
+    samples = [(f"k{i}", [("jpg", bytes([i]) * (700 * i)), ("txt", b"caption")]) for i in range(6)]
+    samples.append(("p" * 120, [("jpg", b"long name, written with a pax record" * 200)]))
+    path = tmp_path / "x.tar"
+    path.write_bytes(release.tar_bytes(samples))
+    with open(path, "rb") as raw:
+        offsets = release.tar_member_offsets(raw)
+    with tarfile.open(path) as archive:
+        truth = {m.name: (m.offset_data, m.size) for m in archive.getmembers()}
+    assert set(offsets) == {f"k{i}.{e}" for i in range(6) for e in ("jpg", "txt")}  # the pax-named one left out
+    assert all(offsets[name] == [truth[name]] for name in offsets)
+    with open(path, "rb") as raw:
+        data = raw.read()
+    for key, members in samples[:6]:
+        located = release.locate_members(key, dict(members), offsets)
+        kinds = {extension: type(value) for extension, value in located}
+        assert kinds == {"jpg": tuple if len(dict(members)["jpg"]) > release.INLINE_MEMBER_BYTES else bytes,
+                         "txt": bytes}
+        back = release.read_members(located, lambda offset, size: data[offset:offset + size])
+        assert back == dict(members)
+    # A name seen twice, or a size that differs from what the reader saw, is not trusted: inline.
+    big = b"j" * (release.INLINE_MEMBER_BYTES + 1)
+    assert release.locate_members("k", {"jpg": big}, {"k.jpg": [(512, len(big)), (9000, len(big))]}) == [("jpg", big)]
+    assert release.locate_members("k", {"jpg": big}, {"k.jpg": [(512, len(big) + 1)]}) == [("jpg", big)]
+
+
+def test_a_member_that_changed_after_it_was_read_stops_the_write():
+    big = b"j" * (release.INLINE_MEMBER_BYTES + 1)
+    located = release.locate_members("k", {"jpg": big}, {"k.jpg": [(0, len(big))]})
+    assert isinstance(located[0][1], tuple)
+    changed = b"J" + big[1:]
+    with pytest.raises(IOError, match="changed since it was read"):
+        release.read_members(located, lambda offset, size: changed[offset:offset + size])
+
+
 # --- the Beam job on real shards ----------------------------------------------------------------
 
 @pytest.fixture(scope="module")
