@@ -292,3 +292,23 @@ def test_repeat_mode_writes_exactly_the_size_asked_and_unannotated_records_are_q
         assert sample["jpg"] == source["jpg"]
         assert meta["balance"]["copy"] == (int(sample["__key__"].split("_copy")[1]) if "_copy" in sample["__key__"] else 0)
     assert len(keys) == len(set(keys)) == 250
+
+
+def test_annotated_records_missing_from_the_input_leave_no_holes_and_kept_images_are_the_input_bytes(
+        balanced_coco_mini, coco_mini_shards, tmp_path):
+    read_now = [str(path) for path in coco_mini_shards.paths[:2]]  # the third shard's annotations stay
+    manifest = _resample(balanced_coco_mini, tmp_path / "part", *TWO_WORKERS, samples_per_shard=15,
+                         input_glob=read_now)
+    counts = manifest["counts"]
+    originals = {r["key"]: r for r in coco_mini_shards.records if r["shard"] in read_now}
+    assert counts["samples_read"] == len(originals)
+    assert counts["kept"] + counts["dropped"] + counts["quarantined_total"] == counts["samples_read"]
+    assert counts["output_samples"] == counts["kept"] == sum(s["samples"] for s in manifest["shards"])
+    assert all(s["samples"] == 15 for s in manifest["shards"][:-1]) and manifest["shards"][-1]["samples"] <= 15
+    released = list(webdataset.WebDataset(sorted(str(p) for p in (tmp_path / "part").glob("*.tar")),
+                                          shardshuffle=False))
+    assert len(released) == counts["kept"]
+    for sample in released:
+        source = originals[sample["__key__"]]
+        assert sample["jpg"] == source["jpg"] and sample["txt"] == source["caption"].encode("utf-8")
+        assert {k: v for k, v in json.loads(sample["json"]).items() if k != "balance"} == source["json"]
