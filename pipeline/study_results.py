@@ -1,0 +1,182 @@
+"""The study's results: per-arm mean and spread over seeds, paired tests, the table and the plots.
+
+An arm is a data variant (trained on it from scratch) or a fine-tuning schedule; seeds pair runs.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+RESULTS_JSON = "results.json"
+RESULTS_MD = "results.md"
+PLOT_FILE = "progress.png"
+# (key in a summarized evaluation, column title); lower is better for the first three.
+METRICS = (("rb", "RB"), ("ab_mean", "AB mean"), ("ab_max", "AB max"),
+           ("concept_accuracy", "zero-shot acc"), ("attribute_accuracy", "attribute acc"),
+           ("image_to_text_recall@5", "I->T R@5"), ("text_to_image_recall@5", "T->I R@5"))
+BIAS_METRICS = ("rb", "ab_mean", "ab_max")
+# The paper reports differences as significant at p < 0.05 (paired over seeds).
+SIGNIFICANCE_LEVEL = 0.05
+
+
+def summarize_evaluation(result: dict) -> dict:
+    """The numbers the study keeps from one trainer.evaluate result."""
+    summary = {"rb": result["representation_bias"]["rb"],
+               "attribute_accuracy": result.get("attribute_accuracy"),
+               "concept_accuracy": result.get("concept_accuracy")}
+    association = result.get("association_bias")
+    if association:
+        summary.update(ab_mean=association["ab_mean_abs"], ab_max=association["ab_max_abs"],
+                       ab_per_concept=association["ab_per_concept"])
+    for key, value in (result.get("retrieval") or {}).items():
+        if "recall@" in key:
+            summary[key] = value
+    return summary
+
+
+def _spread(values) -> dict:
+    values = [v for v in values if v is not None]
+    if not values:
+        return {"mean": None, "std": None, "n": 0, "values": []}
+    array = np.asarray(values, dtype=float)
+    return {"mean": float(array.mean()), "std": float(array.std(ddof=1)) if len(array) > 1 else 0.0,
+            "n": len(values), "values": [float(v) for v in values]}
+
+
+def paired_test(a, b) -> dict:
+    """Paired t-test over seeds (scipy.stats.ttest_rel), as the paper compared variants."""
+    from scipy import stats
+
+    pairs = [(x, y) for x, y in zip(a, b) if x is not None and y is not None]
+    result = {"n": len(pairs), "mean_difference": None, "p_value": None}
+    if not pairs:
+        return result
+    x, y = np.array(pairs, dtype=float).T
+    result["mean_difference"] = float((x - y).mean())
+    if len(pairs) >= 2 and np.ptp(x - y) > 0:
+        result["p_value"] = float(stats.ttest_rel(x, y).pvalue)
+    return result
+
+
+def default_comparisons(arms) -> list:
+    """Every arm against the original; balanced against the random control; proxies against balanced."""
+    pairs = [(arm, "original") for arm in arms if arm != "original"]
+    for pair in (("balanced", "random"), ("balanced_proxies", "balanced")):
+        if pair[0] in arms and pair[1] in arms:
+            pairs.append(pair)
+    return pairs
+
+
+def collect(config: dict, variants: dict, runs: dict) -> dict:
+    """results.json's content from the variants' data bias and every run's evaluations."""
+    steps = int(config["train"]["steps"])
+    seeds = list(config["seeds"])
+    arms = {name: {"kind": "variant", "first": name, "switch_at": None} for name in config["variants"]}
+    for schedule in config["schedules"]:
+        arms[schedule.name] = {"kind": "schedule", "first": schedule.first, "then": schedule.then,
+                               "switch_at": schedule.switch_at}
+    results = {"steps": steps, "seeds": seeds, "arms": {}, "comparisons": [], "variants": {}}
+    for name, variant in variants.items():
+        results["variants"][name] = {k: variant.get(k) for k in ("keep_rate", "rows", "data_bias", "proxies")
+                                     if variant.get(k) is not None}
+    for name, arm in arms.items():
+        finals, curves = [], []
+        for seed in seeds:
+            run = runs[(name, seed)]
+            evaluations = {int(step): value for step, value in run["evaluations"].items()}
+            finals.append(evaluations[max(evaluations)])
+            curve = {}
+            if arm["kind"] == "schedule":  # the first variant's run up to the switch, then the fine-tune
+                switch = round(arm["switch_at"] * steps)
+                first = runs[(arm["first"], seed)]["evaluations"]
+                curve.update({int(s): v for s, v in first.items() if int(s) <= switch})
+                curve.update({switch + s: v for s, v in evaluations.items()})
+            else:
+                curve = evaluations
+            curves.append(curve)
+        progress = sorted(set.intersection(*[set(c) for c in curves]))
+        arm["final"] = {key: _spread([f.get(key) for f in finals]) for key, _ in METRICS}
+        arm["progress"] = {"fraction": [s / steps for s in progress],
+                           **{key: [_spread([c[s].get(key) for c in curves])["mean"] for s in progress]
+                              for key in BIAS_METRICS + ("concept_accuracy",)}}
+        results["arms"][name] = arm
+    for a, b in default_comparisons(list(arms)):
+        tests = {key: paired_test(results["arms"][a]["final"][key]["values"] if results["arms"][a]["final"][key]["n"] == len(seeds) else [],
+                                  results["arms"][b]["final"][key]["values"] if results["arms"][b]["final"][key]["n"] == len(seeds) else [])
+                 for key, _ in METRICS}
+        results["comparisons"].append({"arm": a, "baseline": b, "tests": tests})
+    return results
+
+
+def _number(value, digits=3) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def markdown_table(results: dict) -> str:
+    """Final metrics (mean ± spread over seeds), data bias per variant, and the paired tests."""
+    seeds = results["seeds"]
+    lines = [f"Final checkpoints, mean ± standard deviation over {len(seeds)} seeds ({', '.join(map(str, seeds))}); "
+             f"{results['steps']} steps per arm.", "",
+             "| arm | " + " | ".join(title for _, title in METRICS) + " |",
+             "|---" * (len(METRICS) + 1) + "|"]
+    for name, arm in results["arms"].items():
+        cells = [f"{_number(arm['final'][k]['mean'])} ± {_number(arm['final'][k]['std'])}" for k, _ in METRICS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "Data bias of each variant's training data (release stats; perceived gender x labels of interest):",
+              "", "| variant | keep rate | data RB | data AB max | data AB mean |", "|---|---|---|---|---|"]
+    for name, variant in results["variants"].items():
+        after = (variant.get("data_bias") or {}).get("after") or {}
+        lines.append(f"| {name} | {_number(variant.get('keep_rate'))} | {_number(after.get('representation_bias'))} | "
+                     f"{_number(after.get('association_bias_max'))} | {_number(after.get('association_bias_mean'))} |")
+    lines += ["", f"Paired t-tests over seeds (scipy.stats.ttest_rel): mean difference (arm - baseline), p-value; "
+              f"* marks p < {SIGNIFICANCE_LEVEL}.", "",
+              "| arm vs baseline | " + " | ".join(title for _, title in METRICS) + " |",
+              "|---" * (len(METRICS) + 1) + "|"]
+    for comparison in results["comparisons"]:
+        cells = []
+        for key, _ in METRICS:
+            test = comparison["tests"][key]
+            p = test["p_value"]
+            star = "*" if p is not None and p < SIGNIFICANCE_LEVEL else ""
+            cells.append(f"{_number(test['mean_difference'])} (p={_number(p)}){star}")
+        lines.append(f"| {comparison['arm']} vs {comparison['baseline']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_progress(results: dict, path: Path) -> None:
+    """RB, AB (mean |AB_r|) and zero-shot accuracy against the fraction of training done."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = (("rb", "model RB"), ("ab_mean", "model AB (mean |AB_r|)"), ("concept_accuracy", "zero-shot accuracy"))
+    figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
+    for axis, (key, title) in zip(axes, panels):
+        for name, arm in results["arms"].items():
+            values = arm["progress"][key]
+            style = "--" if arm["kind"] == "schedule" else "-"
+            axis.plot(arm["progress"]["fraction"], [np.nan if v is None else v for v in values], style,
+                      marker="o", markersize=3, label=name)
+        axis.set_title(title)
+        axis.set_xlabel("fraction of training steps")
+        axis.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    figure.suptitle(f"mean over seeds {results['seeds']}")
+    figure.tight_layout()
+    temporary = path.with_name(path.stem + ".tmp.png")
+    figure.savefig(temporary, dpi=100)
+    plt.close(figure)
+    os.replace(temporary, path)
+
+
+def write_outputs(results: dict, output: Path) -> None:
+    for name, text in ((RESULTS_JSON, json.dumps(results, indent=2, sort_keys=True) + "\n"),
+                       (RESULTS_MD, markdown_table(results))):
+        temporary = output / (name + ".tmp")
+        temporary.write_text(text, encoding="utf-8")
+        os.replace(temporary, output / name)
+    plot_progress(results, output / PLOT_FILE)

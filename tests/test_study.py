@@ -1,0 +1,131 @@
+"""`balancebeam study` on a tiny config: every variant and evaluation, the table, resumption, data AB.
+
+The whole study (synthetic data, two Beam balancing runs, 10 training runs) runs once per session
+(~60 s on 2 cores); a second run must train nothing.
+"""
+import glob
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline import study, study_config, study_results
+
+VARIANTS = ["original", "balanced", "balanced_proxies", "random"]
+SEEDS = [0, 1]
+STEPS, CHECKPOINTS = 40, 4
+SCHEDULE = "original-to-balanced-at-50pct"
+TINY = {
+    "seeds": SEEDS,
+    "variants": VARIANTS,
+    "data": {"synthetic": {"num_samples": 800, "image_size": 32, "seed": 0, "samples_per_shard": 400,
+                           "eval_per_cell": 8}},
+    "balance": {"keep_rate": "max", "mode": "bernoulli", "min_support": 20, "proxies": 2, "samples_per_shard": 400},
+    "train": {"steps": STEPS, "warmup_steps": 4, "batch_size": 32, "checkpoints": CHECKPOINTS, "threads": 1},
+    "schedules": [{"first": "original", "then": "balanced", "switch_at": 0.5}],
+}
+METRIC_KEYS = {"rb", "ab_mean", "ab_max", "concept_accuracy", "attribute_accuracy", "image_to_text_recall@5",
+               "text_to_image_recall@5"}
+
+
+def write_config(directory: Path, overrides=None) -> Path:
+    path = directory / "study.yaml"
+    path.write_text(yaml.safe_dump({**TINY, **(overrides or {})}))
+    return path
+
+
+@pytest.fixture(scope="session")
+def finished_study(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("study")
+    output = directory / "out"
+    assert study.run(["--config", str(write_config(directory)), "--output", str(output)]) == 0
+    return {"dir": directory, "output": output}
+
+
+def test_every_variant_is_produced(finished_study):
+    output = finished_study["output"]
+    for name in ("balanced", "balanced_proxies", "random"):
+        done = json.loads((output / "variants" / name / study.DONE_FILE).read_text())
+        shards = glob.glob(done["shards"])
+        assert shards, f"{name} has no shards"
+    random_done = json.loads((output / "variants" / "random" / study.DONE_FILE).read_text())
+    balanced_done = json.loads((output / "variants" / "balanced" / study.DONE_FILE).read_text())
+    assert random_done["keep_rate"] == balanced_done["keep_rate"]
+    # the keyed-hash draw keeps about keep_rate of the 800 samples (3 binomial standard deviations)
+    assert abs(random_done["rows"]["kept"] - 800 * random_done["keep_rate"]) < 3 * (800 * 0.25) ** 0.5
+
+
+def test_balanced_data_has_lower_association_bias_than_the_original(finished_study):
+    stats = json.loads((finished_study["output"] / "variants" / "balanced" / "run" / "release" / "stats.json").read_text())
+    before = stats["data_bias"]["before"]["summary"]["association_bias_max"]
+    after = stats["data_bias"]["realized"]["summary"]["association_bias_max"]
+    assert before > 0.3  # association_strength 0.8 plants a 0.4 gap in every concept
+    assert after < before / 2
+
+
+def test_every_run_and_checkpoint_is_evaluated(finished_study):
+    results = json.loads((finished_study["output"] / study_results.RESULTS_JSON).read_text())
+    assert set(results["arms"]) == set(VARIANTS + [SCHEDULE])
+    for name, arm in results["arms"].items():
+        assert set(arm["final"]) == METRIC_KEYS
+        for key in METRIC_KEYS:
+            assert arm["final"][key]["n"] == len(SEEDS), (name, key)
+            assert arm["final"][key]["std"] is not None
+        expected = [i / CHECKPOINTS for i in range(1, CHECKPOINTS + 1)]
+        assert arm["progress"]["fraction"] == pytest.approx(expected), name
+    for name in VARIANTS:
+        for seed in SEEDS:
+            evals = sorted((finished_study["output"] / "evals" / name / f"seed-{seed}").glob("step-*.json"))
+            assert len(evals) == CHECKPOINTS
+    # the schedule fine-tunes from the original run's half-way checkpoint, which is kept for it
+    done = json.loads((finished_study["output"] / "runs" / SCHEDULE / "seed-0" / study.DONE_FILE).read_text())
+    assert done["init_checkpoint"].endswith("runs/original/seed-0/checkpoints/step-0000020.pt")
+    assert done["steps"] == STEPS // 2
+
+
+def test_results_table_has_spread_and_paired_tests(finished_study):
+    output = finished_study["output"]
+    results = json.loads((output / study_results.RESULTS_JSON).read_text())
+    pairs = {(c["arm"], c["baseline"]) for c in results["comparisons"]}
+    assert {("balanced", "original"), ("balanced", "random"), ("balanced_proxies", "balanced"),
+            (SCHEDULE, "original")} <= pairs
+    p_values = [t["p_value"] for c in results["comparisons"] for t in c["tests"].values()]
+    assert any(p is not None and 0 <= p <= 1 for p in p_values)
+    table = (output / study_results.RESULTS_MD).read_text()
+    assert "±" in table and "p=" in table and "ttest_rel" in table
+    for name in VARIANTS + [SCHEDULE]:
+        assert f"| {name} |" in table
+    assert (output / study_results.PLOT_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_rerun_skips_every_finished_unit(finished_study, caplog):
+    output = finished_study["output"]
+    markers = sorted(output.glob("**/" + study.DONE_FILE))
+    checkpoints = sorted(output.glob("runs/**/*.pt"))
+    before = {path: path.stat().st_mtime_ns for path in markers + checkpoints}
+    config = study_config.load(finished_study["dir"] / "study.yaml", str(output))
+    with caplog.at_level(logging.INFO, logger="pipeline"), caplog.at_level(logging.INFO, logger="trainer"):
+        study.run_study(config)
+    messages = [record.getMessage() for record in caplog.records]
+    assert not [m for m in messages if m.startswith("training ") or m.startswith("variant ")], messages
+    assert sum("(done)" in m for m in messages) == 1 + 3 + len(VARIANTS) * len(SEEDS) + len(SEEDS)
+    assert {path: path.stat().st_mtime_ns for path in markers + checkpoints} == before
+
+
+def test_config_errors_are_plain(tmp_path):
+    with pytest.raises(ValueError, match="unknown keys"):
+        study_config.load(write_config(tmp_path, {"train": {"stepz": 3}}))
+    with pytest.raises(ValueError, match="must fall on a checkpoint"):
+        study_config.load(write_config(tmp_path, {"schedules": [{"first": "original", "then": "balanced",
+                                                                  "switch_at": 0.3}]}))
+    with pytest.raises(ValueError, match="random control"):
+        study_config.load(write_config(tmp_path, {"variants": ["original", "random"]}))
+    assert study.run(["--config", str(write_config(tmp_path, {"colour": 1}))]) == 2
+
+
+def test_shipped_config_is_valid():
+    config = study_config.load(study_config.SHIPPED_CONFIG)
+    assert config["variants"] == VARIANTS
+    assert [s.switch_at for s in config["schedules"]] == [0.1, 0.9, 0.1, 0.9]
