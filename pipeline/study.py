@@ -92,7 +92,7 @@ def balance_variant(name: str, config: dict, data: dict, output: Path) -> dict:
                             [*extra_beam_args, *config["beam_args"]])
     paths = run_all.layout(str(run_dir))
     head = _headline(stats)
-    done = {"shards": str(Path(paths["release"]) / "*.tar"), "keep_rate": stats["keep_rate"],
+    done = {"shards": str(Path(paths["release"]) / "*.tar"), "keep_rate": stats["keep_rate"], "run": str(run_dir),
             "rows": stats["rows"], "proxies": [p.get("concept", p) if isinstance(p, dict) else p
                                                for p in stats.get("proxies", [])],
             "data_bias": {"before": head["before"], "after": head["realized"], "planned": head["planned"]},
@@ -107,7 +107,38 @@ def _headline(stats: dict) -> dict:
     return report.headline(stats)
 
 
-def random_variant(config: dict, data: dict, keep_rate: float, output: Path) -> dict:
+def subset_data_bias(run_dir: str, kept_keys: set) -> dict:
+    """Data RB / AB of a subset of the annotated rows, measured as the balanced release's are.
+
+    Uses the balanced run's annotations and its solution's constraint space (values, labels of
+    interest, targets, min support), so the random control's numbers sit next to the others.
+    """
+    import pyarrow.parquet as parquet
+
+    from pipeline import run_all
+    from pipeline.balance import ANNOTATIONS_GLOB
+    from pipeline.signatures import encode
+    from solvers import data_bias
+    from solvers.solution import BalanceSolution
+
+    paths = run_all.layout(run_dir)
+    solution = BalanceSolution.from_json(Path(paths["solution"]).read_text(encoding="utf-8"))
+    spec = solution.spec
+    attributes, concepts = [], []
+    for path in sorted(Path(paths["annotations"]).glob(ANNOTATIONS_GLOB)):
+        for row in parquet.read_table(path, columns=["key", "attributes", "concepts"]).to_pylist():
+            if row["key"] in kept_keys:
+                attributes.append(row["attributes"] or [])
+                concepts.append(row["concepts"] or [])
+    bias = data_bias(encode(attributes, spec.attribute_names), encode(concepts, spec.concept_names),
+                     targets=list(spec.targets), groups=spec.groups, conditional=spec.conditional,
+                     min_support=float(solution.statistics.get("min_support", 0)),
+                     attribute_names=spec.attribute_names, concept_names=spec.concept_names,
+                     group_names=spec.group_names).to_dict()["summary"]
+    return {key: bias.get(key) for key in ("representation_bias", "association_bias_max", "association_bias_mean")}
+
+
+def random_variant(config: dict, data: dict, balanced: dict, output: Path) -> dict:
     """The control: each example kept iff keyed_uniform(seed, key) < keep_rate (no look at content)."""
     import webdataset as wds
 
@@ -122,20 +153,22 @@ def random_variant(config: dict, data: dict, keep_rate: float, output: Path) -> 
         shutil.rmtree(shard_dir)
     shard_dir.mkdir(parents=True)
     seed, per_shard = config["seeds"][0], int(config["balance"]["samples_per_shard"])
-    read, kept, writer, shard_index = 0, 0, None, 0
+    keep_rate = balanced["keep_rate"]
+    read, kept_keys, writer, shard_index = 0, set(), None, 0
     samples = wds.DataPipeline(wds.SimpleShardList(expand_shards(data["train"])),
                                wds.tarfile_to_samples(handler=wds.reraise_exception))
     for sample in samples:
         read += 1
         if not hashing.keep_bernoulli(keep_rate, hashing.keyed_uniform(seed, sample["__key__"], RANDOM_PURPOSE)):
             continue
-        if kept % per_shard == 0:
+        if len(kept_keys) % per_shard == 0:
             if writer is not None:
                 writer.close()
             writer = wds.TarWriter(str(shard_dir / f"random-{shard_index:05d}.tar"), encoder=False, mtime=0)
             shard_index += 1
         writer.write({k: v for k, v in sample.items() if k == "__key__" or not k.startswith("__")})
-        kept += 1
+        kept_keys.add(sample["__key__"])
+    kept = len(kept_keys)
     if writer is not None:
         writer.close()
     if kept == 0:
@@ -143,7 +176,8 @@ def random_variant(config: dict, data: dict, keep_rate: float, output: Path) -> 
     log.info("variant %s: kept %d of %d samples (keep rate %.3f, the balanced variant's)", RANDOM, kept, read,
              keep_rate)
     done = {"shards": str(shard_dir / "*.tar"), "keep_rate": keep_rate,
-            "rows": {"samples_read": read, "kept": kept, "rate_kept": kept / read}}
+            "rows": {"samples_read": read, "kept": kept, "rate_kept": kept / read},
+            "data_bias": {"after": subset_data_bias(balanced["run"], kept_keys)}}
     write_json_atomically(directory / DONE_FILE, done)
     return done
 
@@ -154,7 +188,7 @@ def prepare_variants(config: dict, data: dict, output: Path) -> dict:
         if name in config["variants"]:
             variants[name] = balance_variant(name, config, data, output)
     if RANDOM in config["variants"]:
-        variants[RANDOM] = random_variant(config, data, variants[BALANCED]["keep_rate"], output)
+        variants[RANDOM] = random_variant(config, data, variants[BALANCED], output)
     if BALANCED in variants:  # the original's data bias is the balanced release's "before"
         variants[ORIGINAL]["data_bias"] = {"after": variants[BALANCED]["data_bias"]["before"]}
     return variants

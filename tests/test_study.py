@@ -63,6 +63,12 @@ def test_balanced_data_has_lower_association_bias_than_the_original(finished_stu
     after = stats["data_bias"]["realized"]["summary"]["association_bias_max"]
     assert before > 0.3  # association_strength 0.8 plants a 0.4 gap in every concept
     assert after < before / 2
+    # the random control, measured the same way, keeps the planted association: it is a control
+    results = json.loads((finished_study["output"] / study_results.RESULTS_JSON).read_text())
+    data_bias = {name: v["data_bias"]["after"] for name, v in results["variants"].items()}
+    assert data_bias["original"]["association_bias_max"] == pytest.approx(before)
+    assert data_bias["balanced"]["association_bias_max"] == pytest.approx(after)
+    assert data_bias["random"]["association_bias_max"] > 0.3
 
 
 def test_every_run_and_checkpoint_is_evaluated(finished_study):
