@@ -70,7 +70,11 @@ def _merge(defaults: dict, given: dict, where: str) -> dict:
         raise ValueError(f"{where or 'config'}: unknown keys {sorted(unknown)}; known: {sorted(defaults)}")
     merged = copy.deepcopy(defaults)
     for key, value in given.items():
-        if isinstance(defaults[key], dict) and key != "synthetic":
+        if key == "synthetic":  # SynthConfig fields, checked in validate(); unset ones keep our defaults
+            if not isinstance(value, dict):
+                raise ValueError("data.synthetic must be a mapping of trainer.synth.SynthConfig fields")
+            merged[key] = {**defaults[key], **value}
+        elif isinstance(defaults[key], dict):
             merged[key] = _merge(defaults[key], value or {}, f"{where}.{key}".lstrip("."))
         else:
             merged[key] = value

@@ -135,3 +135,30 @@ def test_shipped_config_is_valid():
     config = study_config.load(study_config.SHIPPED_CONFIG)
     assert config["variants"] == VARIANTS
     assert [s.switch_at for s in config["schedules"]] == [0.1, 0.9, 0.1, 0.9]
+
+
+def test_given_shards_and_eval_set_instead_of_synthetic(finished_study, tmp_path):
+    """Your own data: shards, an evaluation set and the labels of interest; original only, one seed."""
+    data = finished_study["output"] / "data"
+    concepts = tmp_path / "concepts.txt"
+    concepts.write_text("kitchen\noffice\ngarden\nstreet\nbeach\nbicycle\ndog\nhorse\n")
+    config_path = tmp_path / "given.yaml"
+    config_path.write_text(yaml.safe_dump({
+        "seeds": [3], "variants": ["original"],
+        "data": {"train": str(data / "train" / "*.tar"), "eval": str(data), "concepts": str(concepts)},
+        "train": {"steps": 4, "warmup_steps": 1, "batch_size": 16, "checkpoints": 2, "threads": 1}}))
+    output = tmp_path / "out"
+    assert study.run(["--config", str(config_path), "--output", str(output)]) == 0
+    assert not (output / "data").exists()  # nothing generated
+    results = json.loads((output / study_results.RESULTS_JSON).read_text())
+    arm = results["arms"]["original"]
+    assert arm["progress"]["fraction"] == [0.5, 1.0]
+    assert arm["final"]["ab_mean"]["n"] == 1 and arm["final"]["ab_mean"]["std"] == 0.0
+    assert results["comparisons"] == []
+
+
+def test_partial_synthetic_settings_keep_the_other_defaults(tmp_path):
+    config = study_config.load(write_config(tmp_path, {"data": {"synthetic": {"num_samples": 10}}}))
+    assert config["data"]["synthetic"] == {"num_samples": 10, "image_size": 32, "seed": 0}
+    with pytest.raises(ValueError, match="unknown keys"):
+        study_config.load(write_config(tmp_path, {"data": {"synthetic": {"num_sample": 10}}}))
