@@ -299,7 +299,13 @@ def run(argv=None) -> int:
     except (ValueError, TypeError, FileNotFoundError) as error:
         print(f"balancebeam study: {error}", file=sys.stderr)
         return 2
-    results = run_study(config)
+    from solvers.errors import InfeasibleError
+
+    try:
+        results = run_study(config)
+    except (InfeasibleError, ValueError, FileNotFoundError) as error:
+        print(f"balancebeam study: {error}", file=sys.stderr)
+        return 1
     output = Path(config["output"])
     print(study_results.markdown_table(results))
     print(f"results: {output / study_results.RESULTS_JSON}, {output / study_results.RESULTS_MD}, "

@@ -100,9 +100,11 @@ def collect(config: dict, variants: dict, runs: dict) -> dict:
             curves.append(curve)
         progress = sorted(set.intersection(*[set(c) for c in curves]))
         arm["final"] = {key: _spread([f.get(key) for f in finals]) for key, _ in METRICS}
-        arm["progress"] = {"fraction": [s / steps for s in progress],
-                           **{key: [_spread([c[s].get(key) for c in curves])["mean"] for s in progress]
-                              for key in BIAS_METRICS + ("concept_accuracy",)}}
+        arm["progress"] = {"fraction": [s / steps for s in progress]}
+        for key in BIAS_METRICS + ("concept_accuracy",):
+            points = [_spread([c[s].get(key) for c in curves]) for s in progress]
+            arm["progress"][key] = [p["mean"] for p in points]
+            arm["progress"][key + "_std"] = [p["std"] for p in points]
         results["arms"][name] = arm
     for a, b in default_comparisons(list(arms)):
         tests = {key: paired_test(results["arms"][a]["final"][key]["values"] if results["arms"][a]["final"][key]["n"] == len(seeds) else [],
@@ -148,24 +150,39 @@ def markdown_table(results: dict) -> str:
 
 
 def plot_progress(results: dict, path: Path) -> None:
-    """RB, AB (mean |AB_r|) and zero-shot accuracy against the fraction of training done."""
+    """RB, AB (mean |AB_r|) and zero-shot accuracy against the fraction of training done.
+
+    Top row: the variants. Bottom row (when there are schedules): the schedules, dashed, next to
+    the two variants they switch between, so "how fast does fine-tuning fix RB / AB" reads off it.
+    """
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    arms = results["arms"]
+    rows = [[name for name, arm in arms.items() if arm["kind"] == "variant"]]
+    schedules = [name for name, arm in arms.items() if arm["kind"] == "schedule"]
+    if schedules:
+        ends = {arms[name][key] for name in schedules for key in ("first", "then")}
+        rows.append([name for name in rows[0] if name in ends] + schedules)
     panels = (("rb", "model RB"), ("ab_mean", "model AB (mean |AB_r|)"), ("concept_accuracy", "zero-shot accuracy"))
-    figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
-    for axis, (key, title) in zip(axes, panels):
-        for name, arm in results["arms"].items():
-            values = arm["progress"][key]
-            style = "--" if arm["kind"] == "schedule" else "-"
-            axis.plot(arm["progress"]["fraction"], [np.nan if v is None else v for v in values], style,
-                      marker="o", markersize=3, label=name)
-        axis.set_title(title)
-        axis.set_xlabel("fraction of training steps")
-        axis.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    figure.suptitle(f"mean over seeds {results['seeds']}")
+    figure, axes = plt.subplots(len(rows), len(panels), figsize=(5 * len(panels), 4 * len(rows)), squeeze=False)
+    colours = {name: f"C{i % 10}" for i, name in enumerate(arms)}
+    for row, names in zip(axes, rows):
+        for axis, (key, title) in zip(row, panels):
+            for name in names:
+                arm = arms[name]
+                fraction = arm["progress"]["fraction"]
+                mean = np.array([np.nan if v is None else v for v in arm["progress"][key]], dtype=float)
+                spread = np.array([np.nan if v is None else v for v in arm["progress"][key + "_std"]], dtype=float)
+                style = "--" if arm["kind"] == "schedule" else "-"
+                axis.plot(fraction, mean, style, marker="o", markersize=3, label=name, color=colours[name])
+                axis.fill_between(fraction, mean - spread, mean + spread, color=colours[name], alpha=0.12)
+            axis.set_title(title)
+            axis.set_xlabel("fraction of training steps")
+            axis.grid(alpha=0.3)
+        row[0].legend(fontsize=7)
+    figure.suptitle(f"mean ± standard deviation over seeds {results['seeds']}")
     figure.tight_layout()
     temporary = path.with_name(path.stem + ".tmp.png")
     figure.savefig(temporary, dpi=100)
