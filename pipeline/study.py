@@ -212,7 +212,8 @@ def evaluate_checkpoints(run_dir: Path, eval_dir: Path, evaluation_set, eval_con
             model, tokenizer, preprocess, _ = models.load_checkpoint(path)
             result = evaluate.evaluate_model(model, tokenizer, preprocess, evaluation_set, eval_config)
             write_json_atomically(target, study_results.summarize_evaluation(result))
-        results[step] = json.loads(target.read_text(encoding="utf-8"))
+    for target in sorted(eval_dir.glob("step-*.json")):  # also those of checkpoints pruned after evaluation
+        results[int(target.stem.split("-")[1])] = json.loads(target.read_text(encoding="utf-8"))
     return results
 
 
@@ -231,13 +232,19 @@ def train_run(name: str, seed: int, shards: str, config: dict, output: Path, ste
     if sample_weights is None:
         sample_weights = config["balance"]["mode"] == "weights"
     warmup = min(int(settings["warmup_steps"]), max(1, steps // 10)) if init_checkpoint else int(settings["warmup_steps"])
-    log.info("training %s seed %d: %d steps%s", name, seed, steps,
-             f" from {init_checkpoint}" if init_checkpoint else "")
-    summary = train(TrainConfig(
-        data=shards, output=str(run_dir), model=settings["model"], loss=settings["loss"], steps=steps,
-        batch_size=int(settings["batch_size"]), lr=float(settings["lr"]), warmup_steps=warmup, seed=seed,
-        threads=int(settings["threads"]), save_every=every, log_every=every, progress=False, resume="auto",
-        init_checkpoint=init_checkpoint, sample_weights=bool(sample_weights)))
+    final = run_dir / "checkpoints" / FINAL_CHECKPOINT
+    if final.exists() and not (run_dir / "checkpoints" / "latest.pt").exists():
+        # stopped after pruning, before the marker: the training itself is finished
+        log.info("training %s seed %d finished before; evaluating its checkpoints", name, seed)
+        summary = {"steps": steps, "checkpoint": str(final), "steps_per_s": None}
+    else:
+        log.info("training %s seed %d: %d steps%s", name, seed, steps,
+                 f" from {init_checkpoint}" if init_checkpoint else "")
+        summary = train(TrainConfig(
+            data=shards, output=str(run_dir), model=settings["model"], loss=settings["loss"], steps=steps,
+            batch_size=int(settings["batch_size"]), lr=float(settings["lr"]), warmup_steps=warmup, seed=seed,
+            threads=int(settings["threads"]), save_every=every, log_every=every, progress=False, resume="auto",
+            init_checkpoint=init_checkpoint, sample_weights=bool(sample_weights)))
     evaluation_set, eval_config = evaluation
     evaluations = evaluate_checkpoints(run_dir, output / "evals" / name / f"seed-{seed}", evaluation_set,
                                        eval_config, steps)

@@ -119,6 +119,19 @@ def test_rerun_skips_every_finished_unit(finished_study, caplog):
     assert sum("(done)" in m for m in messages) == 1 + 3 + len(VARIANTS) * len(SEEDS) + len(SEEDS)
     assert {path: path.stat().st_mtime_ns for path in markers + checkpoints} == before
 
+    # a run that stopped after training but before its marker is finished, not retrained
+    marker = output / "runs" / "balanced" / "seed-1" / study.DONE_FILE
+    recorded = json.loads(marker.read_text())
+    marker.unlink()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="pipeline"), caplog.at_level(logging.INFO, logger="trainer"):
+        study.run_study(config)
+    messages = [record.getMessage() for record in caplog.records]
+    assert "training balanced seed 1 finished before; evaluating its checkpoints" in messages
+    assert not [m for m in messages if m.startswith("training ") and "steps" in m], messages
+    assert json.loads(marker.read_text())["evaluations"] == recorded["evaluations"]
+    assert {path: path.stat().st_mtime_ns for path in checkpoints} == {p: before[p] for p in checkpoints}
+
 
 def test_config_errors_are_plain(tmp_path):
     with pytest.raises(ValueError, match="unknown keys"):
