@@ -87,7 +87,7 @@ def balance_variant(name: str, config: dict, data: dict, output: Path) -> dict:
             *[str(a) for a in settings["extra_args"]]]
     args, rest = run_all.build_parser().parse_known_args(argv)
     annotate_args, extra_beam_args = run_all.split_annotate_args(rest)
-    log.info("variant %s: M4 balancing with %d proxies", name, proxies)
+    log.info("variant %s: M4 balancing with proxies: %s", name, proxies)
     stats = run_all.run_all(args.input, args.output, args, annotate_args,
                             [*extra_beam_args, *config["beam_args"]])
     paths = run_all.layout(str(run_dir))

@@ -128,11 +128,15 @@ def markdown_table(results: dict) -> str:
     for name, arm in results["arms"].items():
         cells = [f"{_number(arm['final'][k]['mean'])} ± {_number(arm['final'][k]['std'])}" for k, _ in METRICS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", "Data bias of each variant's training data (release stats; perceived gender x labels of interest):",
-              "", "| variant | keep rate | data RB | data AB max | data AB mean |", "|---|---|---|---|---|"]
+    lines += ["", "Data bias of each variant's training data, as its release report measures it: perceived "
+              "gender x the labels of interest (plus the balanced proxies for balanced_proxies):",
+              "", "| variant | keep rate | samples kept | proxies balanced | data RB | data AB max | data AB mean |",
+              "|---|---|---|---|---|---|---|"]
     for name, variant in results["variants"].items():
         after = (variant.get("data_bias") or {}).get("after") or {}
-        lines.append(f"| {name} | {_number(variant.get('keep_rate'))} | {_number(after.get('representation_bias'))} | "
+        kept = (variant.get("rows") or {}).get("kept")
+        lines.append(f"| {name} | {_number(variant.get('keep_rate'))} | {'all' if kept is None else kept} | "
+                     f"{', '.join(variant.get('proxies') or []) or '-'} | {_number(after.get('representation_bias'))} | "
                      f"{_number(after.get('association_bias_max'))} | {_number(after.get('association_bias_mean'))} |")
     lines += ["", f"Paired t-tests over seeds (scipy.stats.ttest_rel): mean difference (arm - baseline), p-value; "
               f"* marks p < {SIGNIFICANCE_LEVEL}.", "",
