@@ -341,10 +341,10 @@ def balance(annotations_dir: str, output: str, config: BalanceConfig, pipeline_a
     write_text_atomically(signatures_path, "".join(json.dumps(r) + "\n" for r in table.to_records()))
     write_text_atomically(output, solution.to_json())
     stats = solution.statistics
-    log.info("solved M4 (%s) at keep rate %.4f on %d signatures: data AB %s -> %s; wrote %s",
+    before, after = (stats[f"data_bias_{stage}"]["summary"]["association_bias_max"] for stage in ("before", "after"))
+    log.info("solved M4 (%s) at keep rate %.4f on %d signatures: data AB max %s -> %s; wrote %s",
              solution.method, solution.keep_rate, stats["signatures_solved"],
-             stats["data_bias_before"]["summary"]["association_bias_max"],
-             stats["data_bias_after"]["summary"]["association_bias_max"], output)
+             "n/a" if before is None else f"{before:.3f}", "n/a" if after is None else f"{after:.3f}", output)
     return solution
 
 
