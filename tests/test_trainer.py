@@ -4,6 +4,7 @@ Two tiny CPU models are trained once per module (planted vs unplanted data, same
 """
 import io
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -89,6 +90,15 @@ def test_init_checkpoint_starts_from_the_trained_weights(unplanted, tmp_path):
     assert after["step"] == 1 and after["model_name"] == "bb-tiny-vit"
     for name, tensor in before.items():
         assert torch.allclose(tensor, after["model"][name], atol=1e-6), name
+
+
+def test_loading_a_checkpoint_does_not_claim_random_weights(unplanted, caplog):
+    caplog.set_level("WARNING")
+    models.load_checkpoint(unplanted["summary"]["checkpoint"])
+    assert not [r for r in caplog.records if models.RANDOM_INIT_WARNING in r.getMessage()]
+    # the filter is scoped to model creation: the same message from elsewhere still gets through
+    logging.warning("%s 'x'", models.RANDOM_INIT_WARNING)
+    assert [r for r in caplog.records if models.RANDOM_INIT_WARNING in r.getMessage()]
 
 
 def write_shard(path, samples):

@@ -17,6 +17,14 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_MODEL = "bb-tiny-vit"
 
 _registered = False
+# open_clip warns on the root logger whenever pretrained=None; here random initial weights are the
+# intent (and load_checkpoint overwrites them), so that line would only mislead.
+RANDOM_INIT_WARNING = "No pretrained weights loaded for model"
+
+
+class _DropRandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(RANDOM_INIT_WARNING)
 
 
 def register_model_configs() -> None:
@@ -37,9 +45,14 @@ def create_model(model_name: str = DEFAULT_MODEL, device="cpu"):
     """
     if model_name not in open_clip.list_models():
         raise ValueError(f"unknown model {model_name!r}; known: {', '.join(open_clip.list_models())}")
-    model, train_preprocess, eval_preprocess = open_clip.create_model_and_transforms(
-        model_name, pretrained=None, device=device, output_dict=True
-    )
+    root, quiet = logging.getLogger(), _DropRandomInitWarning()
+    root.addFilter(quiet)
+    try:
+        model, train_preprocess, eval_preprocess = open_clip.create_model_and_transforms(
+            model_name, pretrained=None, device=device, output_dict=True
+        )
+    finally:
+        root.removeFilter(quiet)
     tokenizer = open_clip.get_tokenizer(model_name)
     return model, tokenizer, train_preprocess, eval_preprocess
 
