@@ -13,6 +13,8 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from pipeline import hashing, study_config, study_results
 from pipeline.study_config import BALANCED, BALANCED_PROXIES, M4_VARIANTS, ORIGINAL, RANDOM
 
@@ -135,6 +137,39 @@ def subset_data_bias(run_dir: str, kept_keys: set) -> dict:
                      min_support=float(solution.statistics.get("min_support", 0)),
                      attribute_names=spec.attribute_names, concept_names=spec.concept_names,
                      group_names=spec.group_names).to_dict()["summary"]
+    return {key: bias.get(key) for key in ("representation_bias", "association_bias_max", "association_bias_mean")}
+
+
+def labelled_data_bias(shards: str, eval_config, min_support: float, weighted: bool) -> dict | None:
+    """Data RB / AB from each sample's own labels (json `labels`), or None when samples carry none.
+
+    Synthetic data knows what every image shows, including the people whose caption does not name
+    them: text annotation cannot see those, so this is the association a model can still learn.
+    """
+    import webdataset as wds
+
+    from solvers import data_bias
+    from trainer.data import expand_shards, labels_from_metadata
+
+    values, concepts = list(eval_config.attribute_values), list(eval_config.concepts)
+    attributes, concept_rows, weights = [], [], []
+    samples = wds.DataPipeline(wds.SimpleShardList(expand_shards(shards)),
+                               wds.tarfile_to_samples(handler=wds.reraise_exception))
+    for sample in samples:
+        if "json" not in sample:
+            return None
+        metadata = json.loads(sample["json"])
+        labels = labels_from_metadata(metadata)
+        if eval_config.attribute_key not in labels or eval_config.concept_key not in labels:
+            return None
+        attributes.append([labels[eval_config.attribute_key] == value for value in values])
+        concept_rows.append([labels[eval_config.concept_key] == concept for concept in concepts])
+        weights.append(float((metadata.get("balance") or {}).get("weight", 1.0)) if weighted else 1.0)
+    if not attributes:
+        return None
+    bias = data_bias(np.array(attributes, dtype=float), np.array(concept_rows, dtype=float),
+                     weights=np.array(weights), min_support=min_support, attribute_names=values,
+                     concept_names=concepts, group_names=[eval_config.attribute_key]).to_dict()["summary"]
     return {key: bias.get(key) for key in ("representation_bias", "association_bias_max", "association_bias_mean")}
 
 
@@ -274,6 +309,10 @@ def run_study(config: dict) -> dict:
                              concept_template=config["evaluation"]["concept_template"],
                              concepts=list(data["concepts"]))
     evaluation = (evaluation_set, eval_config)
+    weighted = config["balance"]["mode"] == "weights"
+    for variant in variants.values():  # a second, content-level view of each variant's data bias
+        variant["labelled_data_bias"] = labelled_data_bias(variant["shards"], eval_config,
+                                                           float(config["balance"]["min_support"]), weighted)
     steps = int(config["train"]["steps"])
     runs = {}
     for name in config["variants"]:

@@ -81,7 +81,7 @@ def collect(config: dict, variants: dict, runs: dict) -> dict:
                                "switch_at": schedule.switch_at}
     results = {"steps": steps, "seeds": seeds, "arms": {}, "comparisons": [], "variants": {}}
     for name, variant in variants.items():
-        results["variants"][name] = {k: variant.get(k) for k in ("keep_rate", "rows", "data_bias", "proxies")
+        results["variants"][name] = {k: variant.get(k) for k in ("keep_rate", "rows", "data_bias", "labelled_data_bias", "proxies")
                                      if variant.get(k) is not None}
     for name, arm in arms.items():
         finals, curves = [], []
@@ -128,16 +128,22 @@ def markdown_table(results: dict) -> str:
     for name, arm in results["arms"].items():
         cells = [f"{_number(arm['final'][k]['mean'])} ± {_number(arm['final'][k]['std'])}" for k, _ in METRICS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", "Data bias of each variant's training data, as its release report measures it: perceived "
-              "gender x the labels of interest (plus the balanced proxies for balanced_proxies):",
-              "", "| variant | keep rate | samples kept | proxies balanced | data RB | data AB max | data AB mean |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["", "Data bias of each variant's training data. \"annotated\": as its release report measures it, "
+              "perceived gender x the labels of interest (plus the balanced proxies for balanced_proxies) on the "
+              "rows the annotator labelled; \"image labels\": from every sample's own labels (what the image "
+              "shows, captioned or not), n/a when the data carries none:",
+              "", "| variant | keep rate | samples kept | proxies balanced | annotated RB | annotated AB max | "
+              "annotated AB mean | image-label AB max | image-label AB mean |",
+              "|---" * 9 + "|"]
     for name, variant in results["variants"].items():
         after = (variant.get("data_bias") or {}).get("after") or {}
+        labelled = variant.get("labelled_data_bias") or {}
         kept = (variant.get("rows") or {}).get("kept")
         lines.append(f"| {name} | {_number(variant.get('keep_rate'))} | {'all' if kept is None else kept} | "
                      f"{', '.join(variant.get('proxies') or []) or '-'} | {_number(after.get('representation_bias'))} | "
-                     f"{_number(after.get('association_bias_max'))} | {_number(after.get('association_bias_mean'))} |")
+                     f"{_number(after.get('association_bias_max'))} | {_number(after.get('association_bias_mean'))} | "
+                     f"{_number(labelled.get('association_bias_max'))} | "
+                     f"{_number(labelled.get('association_bias_mean'))} |")
     lines += ["", f"Paired t-tests over seeds (scipy.stats.ttest_rel): mean difference (arm - baseline), p-value; "
               f"* marks p < {SIGNIFICANCE_LEVEL}.", "",
               "| arm vs baseline | " + " | ".join(title for _, title in METRICS) + " |",

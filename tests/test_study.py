@@ -71,6 +71,55 @@ def test_balanced_data_has_lower_association_bias_than_the_original(finished_stu
     assert data_bias["random"]["association_bias_max"] > 0.3
 
 
+def test_image_labels_show_the_association_that_text_annotation_cannot_see(finished_study):
+    """A quarter of the synthetic captions say "a person": those rows stay skewed after balancing."""
+    results = json.loads((finished_study["output"] / study_results.RESULTS_JSON).read_text())
+    labelled = {name: v["labelled_data_bias"] for name, v in results["variants"].items()}
+    annotated = {name: v["data_bias"]["after"] for name, v in results["variants"].items()}
+    assert labelled["original"]["association_bias_max"] == pytest.approx(0.4, abs=0.1)  # as planted
+    assert labelled["random"]["association_bias_max"] > 0.3
+    for name in ("balanced", "balanced_proxies"):
+        assert labelled[name]["association_bias_mean"] < labelled["original"]["association_bias_mean"]
+        assert labelled[name]["association_bias_mean"] > annotated[name]["association_bias_mean"]
+    table = (finished_study["output"] / study_results.RESULTS_MD).read_text()
+    assert "image-label AB max" in table
+
+
+def labelled_sample(key, gender, concept, weight=None):
+    metadata = {"labels": {"perceived_gender": gender, "concept": concept}}
+    if weight is not None:
+        metadata["balance"] = {"q": 0.5, "weight": weight}
+    return {"__key__": key, "txt": b"a caption", "json": json.dumps(metadata).encode()}
+
+
+def test_labelled_data_bias_against_hand_counts(tmp_path):
+    import webdataset as wds
+
+    from trainer.evaluate import EvalConfig
+
+    rows = [("woman", "kitchen", 1.0), ("woman", "kitchen", 1.0), ("woman", "kitchen", 1.0), ("man", "kitchen", 3.0),
+            ("man", "office", 1.0), ("woman", "office", 1.0), (None, "office", 1.0), ("man", "dog", 1.0)]
+    with wds.TarWriter(str(tmp_path / "labelled-00000.tar"), encoder=False) as writer:
+        for index, (gender, concept, weight) in enumerate(rows):
+            writer.write(labelled_sample(f"{index:04d}", gender, concept, weight))
+    config = EvalConfig(concepts=["kitchen", "office"])  # "dog" is not a label of interest
+    shards = str(tmp_path / "*.tar")
+    # counted: kitchen 3 women of 4 people -> |0.75 - 0.5| = 0.25; office 1 of 2 -> 0; overall 4 of 7
+    counted = study.labelled_data_bias(shards, config, min_support=0, weighted=False)
+    assert counted["association_bias_max"] == pytest.approx(0.25)
+    assert counted["representation_bias"] == pytest.approx(4 / 7 - 0.5)
+    # weighted (weights mode): the man in the kitchen counts 3 times -> 3 of 6 -> 0
+    weighted = study.labelled_data_bias(shards, config, min_support=0, weighted=True)
+    assert weighted["association_bias_max"] == pytest.approx(0.0)
+    # office has 2 annotated rows: below a support of 3 it is left out, kitchen (4) stays
+    assert study.labelled_data_bias(shards, config, min_support=3, weighted=False)["association_bias_max"] \
+        == pytest.approx(0.25)
+    # data without labels gives no number rather than a wrong one
+    with wds.TarWriter(str(tmp_path / "plain.tar"), encoder=False) as writer:
+        writer.write({"__key__": "x", "txt": b"a caption", "json": b"{}"})
+    assert study.labelled_data_bias(str(tmp_path / "plain.tar"), config, 0, False) is None
+
+
 def test_every_run_and_checkpoint_is_evaluated(finished_study):
     results = json.loads((finished_study["output"] / study_results.RESULTS_JSON).read_text())
     assert set(results["arms"]) == set(VARIANTS + [SCHEDULE])
