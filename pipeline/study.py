@@ -173,6 +173,21 @@ def labelled_data_bias(shards: str, eval_config, min_support: float, weighted: b
     return {key: bias.get(key) for key in ("representation_bias", "association_bias_max", "association_bias_mean")}
 
 
+def data_directions(stats_path: str, value_a: str) -> dict:
+    """d_r = sign(share_a|r - target_a) in the original data, per concept measured with enough support.
+
+    Read from a balanced release's stats.json ("before"): the direction of each association the
+    original data teaches, for metrics.association_bias_along.
+    """
+    before = json.loads(Path(stats_path).read_text(encoding="utf-8"))["data_bias"]["before"]
+    key = next((k for k in before["values"] if k.split(":", 1)[-1] == value_a), None)
+    if key is None:
+        return {}
+    target = before["values"][key]["target"]
+    return {concept: int(np.sign(entry["shares"][key] - target)) for concept, entry in before["concepts"].items()
+            if (entry.get("measured") or {}).get(key) and entry["shares"].get(key) is not None}
+
+
 def random_variant(config: dict, data: dict, balanced: dict, output: Path) -> dict:
     """The control: each example kept iff keyed_uniform(seed, key) < keep_rate (no look at content)."""
     import webdataset as wds
@@ -326,7 +341,9 @@ def run_study(config: dict) -> dict:
             init = output / "runs" / schedule.first / f"seed-{seed}" / "checkpoints" / f"step-{switch:07d}.pt"
             runs[(schedule.name, seed)] = train_run(schedule.name, seed, variants[schedule.then]["shards"], config,
                                                     output, steps - switch, str(init), set(), evaluation)
-    results = study_results.collect(config, variants, runs)
+    balanced = next((variants[name] for name in M4_VARIANTS if name in variants), None)
+    directions = data_directions(balanced["stats"], eval_config.attribute_values[0]) if balanced else {}
+    results = study_results.collect(config, variants, runs, directions)
     study_results.write_outputs(results, output)
     return results
 

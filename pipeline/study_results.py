@@ -11,14 +11,17 @@ from pathlib import Path
 
 import numpy as np
 
+from trainer.metrics import association_bias_along
+
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
 PLOT_FILE = "progress.png"
-# (key in a summarized evaluation, column title); lower is better for the first three.
-METRICS = (("rb", "RB"), ("ab_mean", "AB mean"), ("ab_max", "AB max"),
+# (key in a summarized evaluation, column title); lower is better for the first four. "AB along data"
+# is metrics.association_bias_along: mean AB_r signed by the original data's direction per concept.
+METRICS = (("rb", "RB"), ("ab_mean", "AB mean"), ("ab_max", "AB max"), ("ab_aligned", "AB along data"),
            ("concept_accuracy", "zero-shot acc"), ("attribute_accuracy", "attribute acc"),
            ("image_to_text_recall@5", "I->T R@5"), ("text_to_image_recall@5", "T->I R@5"))
-BIAS_METRICS = ("rb", "ab_mean", "ab_max")
+BIAS_METRICS = ("rb", "ab_mean", "ab_max", "ab_aligned")
 # The paper reports differences as significant at p < 0.05 (paired over seeds).
 SIGNIFICANCE_LEVEL = 0.05
 
@@ -71,15 +74,26 @@ def default_comparisons(arms) -> list:
     return pairs
 
 
-def collect(config: dict, variants: dict, runs: dict) -> dict:
-    """results.json's content from the variants' data bias and every run's evaluations."""
+def with_aligned_bias(evaluations: dict, directions: dict) -> dict:
+    """{step: summary} with ab_aligned added (None without directions or per-concept AB)."""
+    return {int(step): {**value, "ab_aligned": association_bias_along(value.get("ab_per_concept") or {}, directions)}
+            for step, value in evaluations.items()}
+
+
+def collect(config: dict, variants: dict, runs: dict, directions: dict | None = None) -> dict:
+    """results.json's content from the variants' data bias and every run's evaluations.
+
+    directions: the original data's association direction per concept (study.data_directions).
+    """
+    directions = directions or {}
     steps = int(config["train"]["steps"])
     seeds = list(config["seeds"])
     arms = {name: {"kind": "variant", "first": name, "switch_at": None} for name in config["variants"]}
     for schedule in config["schedules"]:
         arms[schedule.name] = {"kind": "schedule", "first": schedule.first, "then": schedule.then,
                                "switch_at": schedule.switch_at}
-    results = {"steps": steps, "seeds": seeds, "arms": {}, "comparisons": [], "variants": {}}
+    results = {"steps": steps, "seeds": seeds, "arms": {}, "comparisons": [], "variants": {},
+               "data_directions": directions}
     for name, variant in variants.items():
         results["variants"][name] = {k: variant.get(k) for k in ("keep_rate", "rows", "data_bias", "labelled_data_bias", "proxies")
                                      if variant.get(k) is not None}
@@ -87,13 +101,13 @@ def collect(config: dict, variants: dict, runs: dict) -> dict:
         finals, curves = [], []
         for seed in seeds:
             run = runs[(name, seed)]
-            evaluations = {int(step): value for step, value in run["evaluations"].items()}
+            evaluations = with_aligned_bias(run["evaluations"], directions)
             finals.append(evaluations[max(evaluations)])
             curve = {}
             if arm["kind"] == "schedule":  # the first variant's run up to the switch, then the fine-tune
                 switch = round(arm["switch_at"] * steps)
-                first = runs[(arm["first"], seed)]["evaluations"]
-                curve.update({int(s): v for s, v in first.items() if int(s) <= switch})
+                first = with_aligned_bias(runs[(arm["first"], seed)]["evaluations"], directions)
+                curve.update({s: v for s, v in first.items() if s <= switch})
                 curve.update({switch + s: v for s, v in evaluations.items()})
             else:
                 curve = evaluations
@@ -160,7 +174,7 @@ def markdown_table(results: dict) -> str:
 
 
 def plot_progress(results: dict, path: Path) -> None:
-    """RB, AB (mean |AB_r|) and zero-shot accuracy against the fraction of training done.
+    """RB, AB (mean |AB_r|, and along the data's direction) and zero-shot accuracy against training done.
 
     Top row: the variants. Bottom row (when there are schedules): the schedules, dashed, next to
     the two variants they switch between, so "how fast does fine-tuning fix RB / AB" reads off it.
@@ -175,8 +189,9 @@ def plot_progress(results: dict, path: Path) -> None:
     if schedules:
         ends = {arms[name][key] for name in schedules for key in ("first", "then")}
         rows.append([name for name in rows[0] if name in ends] + schedules)
-    panels = (("rb", "model RB"), ("ab_mean", "model AB (mean |AB_r|)"), ("concept_accuracy", "zero-shot accuracy"))
-    figure, axes = plt.subplots(len(rows), len(panels), figsize=(5 * len(panels), 4 * len(rows)), squeeze=False)
+    panels = (("rb", "model RB"), ("ab_mean", "model AB (mean |AB_r|)"),
+              ("ab_aligned", "model AB along the data's direction"), ("concept_accuracy", "zero-shot accuracy"))
+    figure, axes = plt.subplots(len(rows), len(panels), figsize=(4.5 * len(panels), 4 * len(rows)), squeeze=False)
     colours = {name: f"C{i % 10}" for i, name in enumerate(arms)}
     for row, names in zip(axes, rows):
         for axis, (key, title) in zip(row, panels):

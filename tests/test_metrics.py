@@ -47,6 +47,19 @@ def test_association_bias_needs_both_values():
         metrics.association_bias([0, 1], ["woman", "woman"], ["a", "b"], "woman", "man")
 
 
+def test_association_bias_along_the_data_direction_separates_stereotype_from_noise():
+    # value a = woman; the data puts women in kitchens (+1) and men in offices (-1)
+    directions = {"kitchen": 1, "office": -1, "beach": 0}
+    stereotyped = {"kitchen": 0.25, "office": -0.25, "beach": 0.1}
+    assert metrics.association_bias_along(stereotyped, directions) == pytest.approx(0.25)  # beach has no direction
+    reversed_ = {"kitchen": -0.1, "office": 0.3, "beach": 0.0}
+    assert metrics.association_bias_along(reversed_, directions) == pytest.approx(-0.2)
+    # as large as the stereotyped model by mean |AB_r|, but pointing both ways: 0 along the data
+    mixed = {"kitchen": 0.25, "office": 0.25, "beach": 0.0}
+    assert metrics.association_bias_along(mixed, directions) == pytest.approx(0.0)
+    assert metrics.association_bias_along(mixed, {"beach": 0}) is None
+
+
 def test_top1_accuracy():
     assert metrics.top1_accuracy([0, 1, 1, 2], [0, 1, 2, 2]) == pytest.approx(0.75)
 

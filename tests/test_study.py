@@ -26,7 +26,7 @@ TINY = {
     "train": {"steps": STEPS, "warmup_steps": 4, "batch_size": 32, "checkpoints": CHECKPOINTS, "threads": 1},
     "schedules": [{"first": "original", "then": "balanced", "switch_at": 0.5}],
 }
-METRIC_KEYS = {"rb", "ab_mean", "ab_max", "concept_accuracy", "attribute_accuracy", "image_to_text_recall@5",
+METRIC_KEYS = {"rb", "ab_mean", "ab_max", "ab_aligned", "concept_accuracy", "attribute_accuracy", "image_to_text_recall@5",
                "text_to_image_recall@5"}
 
 
@@ -83,6 +83,20 @@ def test_image_labels_show_the_association_that_text_annotation_cannot_see(finis
         assert labelled[name]["association_bias_mean"] > annotated[name]["association_bias_mean"]
     table = (finished_study["output"] / study_results.RESULTS_MD).read_text()
     assert "image-label AB max" in table
+
+
+def test_model_association_is_also_measured_along_the_original_datas_direction(finished_study):
+    from trainer.synth import CONCEPTS
+
+    results = json.loads((finished_study["output"] / study_results.RESULTS_JSON).read_text())
+    # value a is "man": concepts planted to lean woman (+1) get d_r = -1, those leaning man get +1
+    assert results["data_directions"] == {name: -spec[4] for name, spec in CONCEPTS.items()}
+    for seed_index, seed in enumerate(SEEDS):
+        done = json.loads((finished_study["output"] / "runs" / "original" / f"seed-{seed}" / study.DONE_FILE).read_text())
+        per_concept = done["evaluations"][str(STEPS)]["ab_per_concept"]
+        expected = sum(-CONCEPTS[c][4] * value for c, value in per_concept.items()) / len(per_concept)
+        assert results["arms"]["original"]["final"]["ab_aligned"]["values"][seed_index] == pytest.approx(expected)
+    assert "AB along data" in (finished_study["output"] / study_results.RESULTS_MD).read_text()
 
 
 def labelled_sample(key, gender, concept, weight=None):

@@ -58,6 +58,19 @@ def association_bias(predicted_concepts, attribute, concepts, value_a, value_b) 
     }
 
 
+def association_bias_along(ab_per_concept: dict, directions: dict):
+    """Mean of d_r * AB_r over the concepts with a data direction d_r in {-1, +1}; None if none.
+
+    d_r = +1 where the training data over-represents value a in concept r (share_a|r above its
+    target), -1 where it under-represents it. Positive: the model reproduces the data's
+    association; about 0: whatever dependence it has points nowhere in particular (mean |AB_r|
+    still counts that); negative: it is reversed.
+    """
+    terms = [directions[concept] * value for concept, value in ab_per_concept.items()
+             if directions.get(concept) in (-1, 1)]
+    return float(np.mean(terms)) if terms else None
+
+
 def top1_accuracy(predicted, truth) -> float:
     predicted, truth = np.asarray(predicted), np.asarray(truth)
     if predicted.size == 0:
