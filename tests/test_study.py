@@ -211,6 +211,10 @@ def test_shipped_config_is_valid():
     config = study_config.load(study_config.SHIPPED_CONFIG)
     assert config["variants"] == VARIANTS
     assert [s.switch_at for s in config["schedules"]] == [0.1, 0.9, 0.1, 0.9]
+    # the README's ablation: the same data except that every caption names the person
+    ablation = study_config.load(study_config.SHIPPED_CONFIG.with_name("study-every-caption-names.yaml"))
+    assert ablation["data"]["synthetic"] == {**config["data"]["synthetic"], "caption_attribute_rate": 1.0}
+    assert ablation["train"] == config["train"] and ablation["seeds"] == config["seeds"]
 
 
 def test_given_shards_and_eval_set_instead_of_synthetic(finished_study, tmp_path):
