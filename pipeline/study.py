@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 DONE_FILE = "done.json"  # a unit of work is finished iff its directory holds this marker
 RANDOM_PURPOSE = "study-random"  # keyed-hash purpose: independent of the balanced release's own draws
 FINAL_CHECKPOINT = "final.pt"
+# what the study keeps of a solvers.data_bias summary
+DATA_BIAS_KEYS = ("representation_bias", "association_bias_max", "association_bias_mean")
 
 
 def write_json_atomically(path: Path, payload) -> None:
@@ -137,7 +139,7 @@ def subset_data_bias(run_dir: str, kept_keys: set) -> dict:
                      min_support=float(solution.statistics.get("min_support", 0)),
                      attribute_names=spec.attribute_names, concept_names=spec.concept_names,
                      group_names=spec.group_names).to_dict()["summary"]
-    return {key: bias.get(key) for key in ("representation_bias", "association_bias_max", "association_bias_mean")}
+    return {key: bias.get(key) for key in DATA_BIAS_KEYS}
 
 
 def labelled_data_bias(shards: str, eval_config, min_support: float, weighted: bool) -> dict | None:
@@ -170,7 +172,7 @@ def labelled_data_bias(shards: str, eval_config, min_support: float, weighted: b
     bias = data_bias(np.array(attributes, dtype=float), np.array(concept_rows, dtype=float),
                      weights=np.array(weights), min_support=min_support, attribute_names=values,
                      concept_names=concepts, group_names=[eval_config.attribute_key]).to_dict()["summary"]
-    return {key: bias.get(key) for key in ("representation_bias", "association_bias_max", "association_bias_mean")}
+    return {key: bias.get(key) for key in DATA_BIAS_KEYS}
 
 
 def data_directions(stats_path: str, value_a: str) -> dict:

@@ -16,12 +16,13 @@ from trainer.metrics import association_bias_along
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
 PLOT_FILE = "progress.png"
-# (key in a summarized evaluation, column title); lower is better for the first four. "AB along data"
+# (key in a summarized evaluation, column title); for the first four, nearer 0 is better. "AB along data"
 # is metrics.association_bias_along: mean AB_r signed by the original data's direction per concept.
 METRICS = (("rb", "RB"), ("ab_mean", "AB mean"), ("ab_max", "AB max"), ("ab_aligned", "AB along data"),
            ("concept_accuracy", "zero-shot acc"), ("attribute_accuracy", "attribute acc"),
            ("image_to_text_recall@5", "I->T R@5"), ("text_to_image_recall@5", "T->I R@5"))
 BIAS_METRICS = ("rb", "ab_mean", "ab_max", "ab_aligned")
+VARIANT_KEYS = ("keep_rate", "rows", "data_bias", "labelled_data_bias", "proxies")  # kept in results.json
 # The paper reports differences as significant at p < 0.05 (paired over seeds).
 SIGNIFICANCE_LEVEL = 0.05
 
@@ -95,8 +96,7 @@ def collect(config: dict, variants: dict, runs: dict, directions: dict | None = 
     results = {"steps": steps, "seeds": seeds, "arms": {}, "comparisons": [], "variants": {},
                "data_directions": directions}
     for name, variant in variants.items():
-        results["variants"][name] = {k: variant.get(k) for k in ("keep_rate", "rows", "data_bias", "labelled_data_bias", "proxies")
-                                     if variant.get(k) is not None}
+        results["variants"][name] = {k: variant.get(k) for k in VARIANT_KEYS if variant.get(k) is not None}
     for name, arm in arms.items():
         finals, curves = [], []
         for seed in seeds:
