@@ -3,7 +3,17 @@
 Subcommands are imported lazily, so `balancebeam train` never imports Beam and `--help` is fast.
 """
 import importlib
+import logging
 import sys
+
+# Beam warns on the root logger, at import, that its BigQuery client libraries are missing;
+# balancebeam never uses BigQuery, so the line would only alarm a user on every command.
+BEAM_BIGQUERY_WARNING = "apitools not found, and bigquery client libraries are not available"
+
+
+class _DropBeamBigQueryWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(BEAM_BIGQUERY_WARNING)
 
 # name -> ("module:function", one-line help). Each function takes argv (list of str) and returns
 # an exit code or None.
@@ -40,6 +50,7 @@ def main(argv=None) -> int:
     if name not in COMMANDS:
         print(f"balancebeam: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
+    logging.getLogger().addFilter(_DropBeamBigQueryWarning())
     target, _ = COMMANDS[name]
     module_name, function_name = target.split(":")
     try:

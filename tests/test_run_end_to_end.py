@@ -5,6 +5,8 @@ data AB of the release itself; COCO val2017 captions -> text-only shards within 
 """
 import hashlib
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -143,3 +145,14 @@ def test_demo_makes_its_data_and_prints_where_the_release_is(tmp_path, capsys):
     # The plan itself meets the default 2-point share gap; only the Bernoulli draw adds noise.
     assert float(lines["planned"][1]) <= 0.02 + 1e-3
     assert (release / "README.md").exists() and (release / "manifest.json").exists()
+
+
+def test_commands_do_not_print_beams_bigquery_warning():
+    """Beam warns at import that BigQuery's client is missing; balancebeam never uses BigQuery."""
+    beam_alone = subprocess.run([sys.executable, "-c", "import apache_beam.io.gcp.internal.clients.bigquery"],
+                                capture_output=True, text=True, check=True)
+    through_cli = subprocess.run([sys.executable, "-m", "pipeline.cli", "annotate", "--help"],
+                                 capture_output=True, text=True, check=True)
+    if cli.BEAM_BIGQUERY_WARNING in beam_alone.stderr:  # this Beam still warns: the command must not
+        assert cli.BEAM_BIGQUERY_WARNING not in through_cli.stderr
+    assert "--input" in through_cli.stdout
