@@ -179,6 +179,37 @@ def test_zero_shot_loads_the_checkpoint_and_embeds_a_batch(zero_shot, tiny_clip,
     assert not torch.equal(fresh.visual.conv1.weight, annotator._loaded()["model"].visual.conv1.weight)
 
 
+def test_zero_shot_reads_balancebeam_training_checkpoints(tiny_clip, tmp_path):
+    """`balancebeam train` writes {"model", "model_name", "optimizer", ...}: its models annotate too."""
+    import torch
+
+    from pipeline.annotators.image import ZeroShotConfig, load_model
+
+    reference, _, _ = load_model(ZeroShotConfig(tiny_clip.architecture, str(tiny_clip.checkpoint_path),
+                                                str(tiny_clip.config_path)))
+    state = torch.load(tiny_clip.checkpoint_path, weights_only=True)["state_dict"]
+    trained = tmp_path / "final.pt"
+    torch.save({"model": {f"module.{k}": v for k, v in state.items()}, "model_name": tiny_clip.architecture,
+                "step": 7, "optimizer": {}}, trained)
+    loaded, _, _ = load_model(ZeroShotConfig(tiny_clip.architecture, str(trained), str(tiny_clip.config_path)))
+    for name, tensor in reference.state_dict().items():
+        assert torch.equal(tensor, loaded.state_dict()[name]), name
+    torch.save({"model": state, "model_name": "some-other-arch"}, trained)
+    with pytest.raises(ValueError, match="some-other-arch"):
+        load_model(ZeroShotConfig(tiny_clip.architecture, str(trained), str(tiny_clip.config_path)))
+
+
+def test_zero_shot_knows_balancebeams_bundled_architectures():
+    """--image-model bb-tiny-vit works without --image-model-config, in a fresh process (a Beam worker)."""
+    import subprocess
+    import sys
+
+    code = ("from pipeline.annotators.image import ZeroShotConfig, load_model; "
+            "model, _, _ = load_model(ZeroShotConfig('bb-tiny-vit')); print(type(model).__name__)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "CLIP"
+
+
 def test_zero_shot_margin_rule_and_concept_top_k(zero_shot, coco_mini_shards):
     images = [record["jpg"] for record in coco_mini_shards.records[:6]]
     everyone = zero_shot(person_margin=-10.0, concept_top_k=2, concept_min_probability=0.0)

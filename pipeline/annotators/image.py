@@ -54,6 +54,19 @@ def _read_bytes(path):
         return handle.read()
 
 
+def checkpoint_state_dict(state, config):
+    """The model weights in a loaded checkpoint: a plain state dict, {"state_dict": ...} (open_clip's
+    trainer) or a `balancebeam train` checkpoint ({"model": ..., "model_name": ...})."""
+    if isinstance(state, dict) and "state_dict" in state:
+        return state["state_dict"]
+    if isinstance(state, dict) and "model" in state and "model_name" in state:
+        if state["model_name"] != config.architecture:
+            raise ValueError(f"{config.checkpoint} holds a {state['model_name']!r} model, "
+                             f"but --image-model is {config.architecture!r}")
+        return state["model"]
+    return state
+
+
 def load_model(config):
     """(model, preprocess, tokenizer) in eval mode; never downloads, never unpickles objects."""
     import open_clip
@@ -70,12 +83,15 @@ def load_model(config):
                 handle.write(_read_bytes(config.model_config))
             json.loads(open(local, encoding="utf-8").read())  # a clear error if it is not JSON
             open_clip.add_model_config(local)
+    elif config.architecture not in open_clip.list_models():
+        from trainer.models import register_model_configs  # balancebeam's own configs (bb-tiny-vit, ...)
+
+        register_model_configs()
     model, _, preprocess = open_clip.create_model_and_transforms(config.architecture, pretrained=None)
     if config.checkpoint:
         state = torch.load(io.BytesIO(_read_bytes(config.checkpoint)), map_location="cpu",
                            weights_only=True)
-        if isinstance(state, dict) and "state_dict" in state:
-            state = state["state_dict"]
+        state = checkpoint_state_dict(state, config)
         state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
         model.load_state_dict(state)
     model.eval()
