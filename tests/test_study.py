@@ -215,6 +215,13 @@ def test_shipped_config_is_valid():
     ablation = study_config.load(study_config.SHIPPED_CONFIG.with_name("study-every-caption-names.yaml"))
     assert ablation["data"]["synthetic"] == {**config["data"]["synthetic"], "caption_attribute_rate": 1.0}
     assert ablation["train"] == config["train"] and ablation["seeds"] == config["seeds"]
+    # the second stage annotates images with the shipped study's own original model
+    stage = study_config.load(study_config.SHIPPED_CONFIG.with_name("study-image-annotator.yaml"))
+    assert stage["data"]["synthetic"] == config["data"]["synthetic"] and stage["train"] == config["train"]
+    extra = stage["balance"]["extra_args"]
+    checkpoint = extra[extra.index("--image-checkpoint") + 1]
+    assert checkpoint == f"{config['output']}/runs/original/seed-{config['seeds'][0]}/checkpoints/{study.FINAL_CHECKPOINT}"
+    assert extra[extra.index("--image-model") + 1] == config["train"]["model"]
 
 
 def test_given_shards_and_eval_set_instead_of_synthetic(finished_study, tmp_path):
