@@ -9,11 +9,12 @@ import logging
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
-from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions
+from apache_beam.options.pipeline_options import SetupOptions
 
 from pipeline import quarantine as q
 from pipeline.annotators import combine
 from pipeline.annotators.decode import DEFAULT_MAX_IMAGE_PIXELS, ImageRejected, decode_image
+from pipeline.options import pipeline_options
 from pipeline.annotators.lexicon import Lexicon
 from pipeline.annotators.text import TextAnnotator
 from pipeline.records import ANNOTATION_SCHEMA, annotation_row
@@ -335,7 +336,7 @@ def run(argv=None, save_main_session=False):
             raise SystemExit(f"balancebeam annotate: no input files match {pattern!r}")
     output = args.output.rstrip("/")
     _prepare_output(output)
-    options = PipelineOptions(beam_args)
+    options = pipeline_options(beam_args)
     options.view_as(SetupOptions).save_main_session = save_main_session
     log.info("annotating %s into %s", ", ".join(args.input), output)
     with beam.Pipeline(options=options) as pipeline:

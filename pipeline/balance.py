@@ -17,8 +17,8 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
-from apache_beam.options.pipeline_options import PipelineOptions
 
+from pipeline.options import pipeline_options
 from pipeline.signatures import SignatureTable, group_of, row_signature
 from solvers.problem import DEFAULT_KEEP_RATE, DEFAULT_MIN_SUPPORT
 
@@ -96,7 +96,7 @@ def count_signatures(annotations_dir: str, work_prefix: str, pipeline_args: Sequ
     pattern = FileSystems.join(annotations_dir, ANNOTATIONS_GLOB)
     if not FileSystems.match([pattern])[0].metadata_list:
         raise FileNotFoundError(f"no annotation files match {pattern}; run `balancebeam annotate` first")
-    options = PipelineOptions(list(pipeline_args))
+    options = pipeline_options(pipeline_args)
     with beam.Pipeline(options=options) as pipeline:
         _ = (pipeline
              | "ReadAnnotations" >> beam.io.ReadFromParquet(pattern, columns=_FEATURE_COLUMNS)

@@ -17,13 +17,13 @@ import apache_beam as beam
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
-from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 
 from pipeline import hashing, release
 from pipeline.balance import ANNOTATIONS_GLOB, read_text, write_text_atomically
+from pipeline.options import pipeline_options
 from pipeline.quarantine import QUARANTINE_TAG, WriteQuarantine, quarantine_record
 from pipeline.sources import FORMATS, ReadSamples
 from solvers.solution import BalanceSolution
@@ -409,7 +409,7 @@ def resample(input_glob, annotations_dir, solution_path, output_dir, *, seed=rel
     details = {"format": "webdataset", "prefix": prefix, "samples_per_shard": samples_per_shard, "mode": mode,
                "seed": seed, "output_size": output_size, "input": input_glob,
                "solution_digest": release.solution_digest(solution)}
-    with beam.Pipeline(options=PipelineOptions(list(pipeline_args))) as pipeline:
+    with beam.Pipeline(options=pipeline_options(pipeline_args)) as pipeline:
         build_pipeline(pipeline, input_glob=input_glob, annotations_dir=annotations_dir,
                        solution_text=solution_text, output_dir=output_dir, seed=seed, mode=mode,
                        samples_per_shard=samples_per_shard, prefix=prefix, input_format=input_format,

@@ -156,3 +156,23 @@ def test_commands_do_not_print_beams_bigquery_warning():
     if cli.BEAM_BIGQUERY_WARNING in beam_alone.stderr:  # this Beam still warns: the command must not
         assert cli.BEAM_BIGQUERY_WARNING not in through_cli.stderr
     assert "--input" in through_cli.stdout
+
+
+def test_local_worker_logs_are_quiet_unless_asked_for(coco_mini_shards, tmp_path):
+    """Multi-process DirectRunner workers log ~100 INFO lines per job; the job's summary must show."""
+    from pipeline import options
+
+    def stderr_of(*extra):
+        output = tmp_path / f"out{len(extra)}"
+        command = [sys.executable, "-m", "pipeline.cli", "annotate", "--input", coco_mini_shards.glob,
+                   "--output", str(output), *TWO_WORKERS, *extra]
+        return subprocess.run(command, capture_output=True, text=True, check=True).stderr
+
+    worker_line = "INFO:apache_beam.runners.worker"
+    assert worker_line not in stderr_of()
+    assert worker_line in stderr_of(f"{options.WORKER_LOG_FLAG}=INFO")  # the user's choice stands
+    # other runners keep Beam's own default: their workers' logs go to the service's log viewer
+    for runner, expected in ((None, "WARNING"), ("DirectRunner", "WARNING"), ("DataflowRunner", None)):
+        args = [] if runner is None else [f"--runner={runner}"]
+        level = options.pipeline_options(args).get_all_options()["default_sdk_harness_log_level"]
+        assert level == expected, runner
