@@ -15,6 +15,9 @@ class _DropBeamBigQueryWarning(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return not record.getMessage().startswith(BEAM_BIGQUERY_WARNING)
 
+
+_BEAM_BIGQUERY_FILTER = _DropBeamBigQueryWarning()  # one instance: addFilter ignores a second add
+
 # name -> ("module:function", one-line help). Each function takes argv (list of str) and returns
 # an exit code or None.
 COMMANDS = {
@@ -50,7 +53,7 @@ def main(argv=None) -> int:
     if name not in COMMANDS:
         print(f"balancebeam: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    logging.getLogger().addFilter(_DropBeamBigQueryWarning())
+    logging.getLogger().addFilter(_BEAM_BIGQUERY_FILTER)
     target, _ = COMMANDS[name]
     module_name, function_name = target.split(":")
     try:
