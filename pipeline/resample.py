@@ -409,12 +409,15 @@ def resample(input_glob, annotations_dir, solution_path, output_dir, *, seed=rel
     details = {"format": "webdataset", "prefix": prefix, "samples_per_shard": samples_per_shard, "mode": mode,
                "seed": seed, "output_size": output_size, "input": input_glob,
                "solution_digest": release.solution_digest(solution)}
+    quarantine_prefix = FileSystems.join(output_dir, "quarantine", "resample")
+    earlier = FileSystems.match([quarantine_prefix + "-*.jsonl"])[0].metadata_list
+    if earlier:  # an earlier run's quarantine shards, which this run's may not overwrite one for one
+        FileSystems.delete([m.path for m in earlier])
     with beam.Pipeline(options=pipeline_options(pipeline_args)) as pipeline:
         build_pipeline(pipeline, input_glob=input_glob, annotations_dir=annotations_dir,
                        solution_text=solution_text, output_dir=output_dir, seed=seed, mode=mode,
                        samples_per_shard=samples_per_shard, prefix=prefix, input_format=input_format,
-                       output_size=output_size, details=details,
-                       quarantine_prefix=FileSystems.join(output_dir, "quarantine", "resample"))
+                       output_size=output_size, details=details, quarantine_prefix=quarantine_prefix)
     stale = remove_stale_files(output_dir, prefix)
     if stale:
         log.info("removed %d files of an earlier run that this release does not list", len(stale))

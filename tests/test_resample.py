@@ -264,7 +264,11 @@ def test_rerun_into_the_same_directory_gives_the_same_release(two_worker_release
     output = tmp_path / "rerun"
     _resample(balanced_coco_mini, output, *TWO_WORKERS, samples_per_shard=10)  # an earlier, different run
     (output / "balanced-00003.tar.tmp-crashed").write_bytes(b"half a shard")
+    stale_quarantine = output / "quarantine" / "resample-00001-of-00002.jsonl"
+    stale_quarantine.write_text('{"key": "from-an-earlier-run"}\n')
     again = _resample(balanced_coco_mini, output, *TWO_WORKERS)
+    assert not stale_quarantine.exists()
+    assert [p.name for p in (output / "quarantine").iterdir()] == ["resample-00000-of-00001.jsonl"]
     assert again["shards"] == reference["shards"]
     assert sorted(p.name for p in output.glob("balanced-*")) == [s["name"] for s in reference["shards"]]
     for shard in again["shards"]:
