@@ -31,6 +31,9 @@ CARD_FILE = "README.md"
 # Heat maps show at most this many concepts (the most supported ones) so labels stay readable.
 HEATMAP_MAX_CONCEPTS = 40
 Q_HISTOGRAM_BINS = 20
+# Below this share of annotated rows in the release, the report, the card and the log say that
+# balancing constrained a minority of the data: M4 keeps every unannotated row at one common rate.
+LOW_COVERAGE = 0.5
 
 PERCEIVED = (
     "\"Perceived\" means what a caption (or an image classifier) *suggests* about the people it shows: "
@@ -93,6 +96,25 @@ def _shares(table: SignatureTable, weights: np.ndarray, spec) -> dict:
     return {"overall": overall, "concepts": per_concept}
 
 
+def _coverage(table: SignatureTable, weights: np.ndarray, spec) -> dict:
+    """{group: share of the (weighted) rows with a value of that group annotated}, None if no rows."""
+    total = float(weights.sum())
+    return {name: (float(weights[table.attributes[:, columns].max(axis=1) > 0].sum()) / total if total > 0 else None)
+            for name, columns in zip(spec.group_names, spec.groups)}
+
+
+def coverage_warnings(stats: dict) -> list[str]:
+    """Plain sentences for each group whose annotations cover less than LOW_COVERAGE of the release."""
+    warnings = []
+    for group, share in stats["annotation_coverage"]["realized"].items():
+        if share is not None and share < LOW_COVERAGE:
+            warnings.append(
+                f"only {share:.0%} of the released rows have a {group} annotation: balancing constrains those "
+                f"rows alone, and the other {1 - share:.0%} keep whatever association they carry (people a "
+                "caption does not name are among them; an image annotator, `--image-model`, can see them)")
+    return warnings
+
+
 def build_statistics(solution: BalanceSolution, signature_records, kept, manifest: dict,
                      annotate_counts: dict | None = None) -> dict:
     """Before / planned / realized statistics of one release, as one JSON-ready dict."""
@@ -126,6 +148,9 @@ def build_statistics(solution: BalanceSolution, signature_records, kept, manifes
         "shares": {"before": _shares(before, before.weights, spec),
                    "planned": _shares(before, before.weights * q_before, spec),
                    "realized": _shares(realized, realized_weights, spec)},
+        "annotation_coverage": {"before": _coverage(before, before.weights, spec),
+                                "planned": _coverage(before, before.weights * q_before, spec),
+                                "realized": _coverage(realized, realized_weights, spec)},
         "q_distribution": {"edges": edges.tolist(), "rows": q_hist.tolist()},
         "proxies": solution.statistics.get("proxies", []),
         "excluded_low_support": solution.statistics.get("excluded_low_support", {}),
@@ -145,6 +170,10 @@ def headline(stats: dict) -> dict:
                       "association_bias_max": summary["association_bias_max"],
                       "association_bias_mean": summary["association_bias_mean"]}
     return out
+
+
+def _percent(value) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
 
 
 def number(value, digits: int = 4) -> str:
@@ -239,6 +268,12 @@ def render_html(stats: dict, manifest: dict) -> str:
     figures = "".join(f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' src='data:image/png;base64,{data}'>"
                       for title, data in images)
     counts = stats["rows"]
+    coverage = "".join(
+        f"<tr><td>{html.escape(group)}</td>"
+        + "".join(f"<td>{_percent(stats['annotation_coverage'][stage][group])}</td>"
+                  for stage in ("before", "planned", "realized")) + "</tr>"
+        for group in stats["annotation_coverage"]["before"])
+    warnings = "".join(f"<p><strong>Note:</strong> {html.escape(w)}.</p>" for w in coverage_warnings(stats))
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>balancebeam release report</title>
 <style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}}td,th{{padding:0.2em 0.8em;text-align:right}}</style>
@@ -252,6 +287,10 @@ seed {stats['seed']}). Quarantined: {html.escape(json.dumps(stats['quarantine'])
 <table><tr><th>stage</th><th>RB</th><th>AB max</th><th>AB mean (support-weighted)</th></tr>{rows}</table>
 <p>RB = max |share - target| over attribute values; AB over (value, concept) pairs with at least
 {stats['min_support']:g} annotated rows. "planned" applies q exactly; "realized" is counted in the release.</p>
+<h2>Annotation coverage</h2>
+<table><tr><th>group</th><th>before</th><th>planned</th><th>realized</th></tr>{coverage}</table>
+<p>Share of rows with an annotated value of the group. M4 constrains these rows only; all others are kept at
+one common rate.</p>{warnings}
 {figures}
 </body></html>
 """
@@ -307,6 +346,15 @@ def dataset_card(stats: dict, manifest: dict, solution: BalanceSolution) -> str:
     for stage, values in head.items():
         lines.append(f"| {stage} | {number(values['representation_bias'])} | {number(values['association_bias_max'])} | "
                      f"{number(values['association_bias_mean'])} |")
+    coverage = stats["annotation_coverage"]
+    lines += ["", "## Annotation coverage", "",
+              "Share of rows with an annotated value of each group. Balancing constrains these rows only; "
+              "every other row is kept at one common rate.", "",
+              "| group | before | planned | released |", "|---|---|---|---|"]
+    for group in coverage["before"]:
+        lines.append(f"| {group} | " + " | ".join(_percent(coverage[stage][group])
+                                                  for stage in ("before", "planned", "realized")) + " |")
+    lines += [f"\n**Note:** {warning}." for warning in coverage_warnings(stats)]
     lines += ["", "## Reading it", "", "```python", "import webdataset as wds",
               f"dataset = wds.WebDataset(\"{pattern}\").decode(\"pil\")", "```", "",
               "Integrity: manifest.json lists every shard with its size and sha256.", ""]
@@ -327,6 +375,8 @@ def report(solution_path: str, signatures_path: str, release_dir: str, annotatio
     write_text_atomically(FileSystems.join(output_dir, STATS_FILE), json.dumps(stats, indent=1) + "\n")
     write_text_atomically(FileSystems.join(output_dir, REPORT_FILE), render_html(stats, manifest))
     write_text_atomically(FileSystems.join(output_dir, CARD_FILE), dataset_card(stats, manifest, solution))
+    for warning in coverage_warnings(stats):
+        log.warning("%s", warning)
     head = headline(stats)
     log.info("data AB max %s before, %s in the release; report in %s",
              number(head["before"]["association_bias_max"]), number(head["realized"]["association_bias_max"]),

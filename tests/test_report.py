@@ -60,6 +60,40 @@ def test_statistics_before_planned_and_realized(solved):
     assert sum(stats["q_distribution"]["rows"]) == pytest.approx(460)
 
 
+def test_annotation_coverage_before_planned_and_realized(solved):
+    import numpy as np
+
+    from pipeline.signatures import encode
+
+    solution, records = solved
+    kept = [{"attributes": a, "concepts": c, "utility": None, "count": n} for a, c, n in (
+        ([MAN], ["kitchen"], 30), ([WOMAN], ["kitchen"], 30), ([], [], 36))]
+    stats = report.build_statistics(solution, records, kept, _manifest(96))
+    coverage = stats["annotation_coverage"]
+    assert coverage["before"] == {"perceived_gender": pytest.approx(360 / 460)}  # 100 rows say nobody
+    assert coverage["realized"] == {"perceived_gender": pytest.approx(60 / 96)}
+    weights = np.array([r["count"] for r in records], dtype=float)
+    q = solution.q_for(encode([r["attributes"] for r in records], solution.spec.attribute_names),
+                       encode([r["concepts"] for r in records], solution.spec.concept_names))
+    annotated = np.array([bool(r["attributes"]) for r in records])
+    expected = (weights * q)[annotated].sum() / (weights * q).sum()
+    assert coverage["planned"]["perceived_gender"] == pytest.approx(expected)
+    assert report.coverage_warnings(stats) == []  # 62% of the release is annotated
+
+
+def test_low_annotation_coverage_is_said_in_the_card_and_the_page(solved):
+    solution, records = solved
+    kept = [{"attributes": a, "concepts": c, "utility": None, "count": n} for a, c, n in (
+        ([MAN], ["kitchen"], 20), ([WOMAN], ["kitchen"], 20), ([], [], 100))]
+    stats = report.build_statistics(solution, records, kept, _manifest(140))
+    [warning] = report.coverage_warnings(stats)
+    assert warning.startswith("only 29% of the released rows have a perceived_gender annotation")
+    assert "the other 71%" in warning
+    assert warning in report.dataset_card(stats, _manifest(140), solution)
+    page = report.render_html(stats, _manifest(140))
+    assert "Annotation coverage" in page and "28.6%" in page and "only 29% of the released rows" in page
+
+
 def test_weights_mode_realized_statistics_use_the_weights(solved):
     solution, records = solved
     stats = report.build_statistics(solution, records, records, _manifest(460, mode="weights"))
