@@ -18,6 +18,19 @@ class _DropBeamBigQueryWarning(logging.Filter):
 
 _BEAM_BIGQUERY_FILTER = _DropBeamBigQueryWarning()  # one instance: addFilter ignores a second add
 
+LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
+# Our own packages say what they do at INFO; everything else (Beam, open_clip, ...) from WARNING up.
+INFO_LOGGERS = ("pipeline", "solvers", "trainer")
+
+
+def configure_logging() -> None:
+    """Before any command module is imported: importing Beam logs a warning on the root logger,
+    which makes logging configure itself with defaults and every later basicConfig a no-op."""
+    logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT)
+    for name in INFO_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO)
+    logging.getLogger().addFilter(_BEAM_BIGQUERY_FILTER)
+
 # name -> ("module:function", one-line help). Each function takes argv (list of str) and returns
 # an exit code or None.
 COMMANDS = {
@@ -53,7 +66,7 @@ def main(argv=None) -> int:
     if name not in COMMANDS:
         print(f"balancebeam: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    logging.getLogger().addFilter(_BEAM_BIGQUERY_FILTER)
+    configure_logging()
     target, _ = COMMANDS[name]
     module_name, function_name = target.split(":")
     try:
