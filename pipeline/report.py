@@ -176,6 +176,13 @@ def _percent(value) -> str:
     return "n/a" if value is None else f"{value:.1%}"
 
 
+def coverage_rows(stats: dict) -> list[tuple[str, list[str]]]:
+    """(group, [before, planned, realized] as percentages) for the page and the card."""
+    coverage = stats["annotation_coverage"]
+    return [(group, [_percent(coverage[stage][group]) for stage in ("before", "planned", "realized")])
+            for group in coverage["before"]]
+
+
 def number(value, digits: int = 4) -> str:
     """A statistic for people: 'n/a' where nothing was measured (a share of no rows)."""
     return "n/a" if value is None or not np.isfinite(value) else f"{value:.{digits}f}"
@@ -268,11 +275,8 @@ def render_html(stats: dict, manifest: dict) -> str:
     figures = "".join(f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' src='data:image/png;base64,{data}'>"
                       for title, data in images)
     counts = stats["rows"]
-    coverage = "".join(
-        f"<tr><td>{html.escape(group)}</td>"
-        + "".join(f"<td>{_percent(stats['annotation_coverage'][stage][group])}</td>"
-                  for stage in ("before", "planned", "realized")) + "</tr>"
-        for group in stats["annotation_coverage"]["before"])
+    coverage = "".join(f"<tr><td>{html.escape(group)}</td>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>"
+                       for group, cells in coverage_rows(stats))
     warnings = "".join(f"<p><strong>Note:</strong> {html.escape(w)}.</p>" for w in coverage_warnings(stats))
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>balancebeam release report</title>
@@ -346,14 +350,11 @@ def dataset_card(stats: dict, manifest: dict, solution: BalanceSolution) -> str:
     for stage, values in head.items():
         lines.append(f"| {stage} | {number(values['representation_bias'])} | {number(values['association_bias_max'])} | "
                      f"{number(values['association_bias_mean'])} |")
-    coverage = stats["annotation_coverage"]
     lines += ["", "## Annotation coverage", "",
               "Share of rows with an annotated value of each group. Balancing constrains these rows only; "
               "every other row is kept at one common rate.", "",
               "| group | before | planned | released |", "|---|---|---|---|"]
-    for group in coverage["before"]:
-        lines.append(f"| {group} | " + " | ".join(_percent(coverage[stage][group])
-                                                  for stage in ("before", "planned", "realized")) + " |")
+    lines += [f"| {group} | " + " | ".join(cells) + " |" for group, cells in coverage_rows(stats)]
     lines += [f"\n**Note:** {warning}." for warning in coverage_warnings(stats)]
     lines += ["", "## Reading it", "", "```python", "import webdataset as wds",
               f"dataset = wds.WebDataset(\"{pattern}\").decode(\"pil\")", "```", "",

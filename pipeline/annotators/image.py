@@ -91,9 +91,9 @@ def load_model(config):
     if config.checkpoint:
         state = torch.load(io.BytesIO(_read_bytes(config.checkpoint)), map_location="cpu",
                            weights_only=True)
-        state = checkpoint_state_dict(state, config)
-        state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
-        model.load_state_dict(state)
+        from trainer.models import strip_ddp_prefix
+
+        model.load_state_dict(strip_ddp_prefix(checkpoint_state_dict(state, config)))
     model.eval()
     return model, preprocess, open_clip.get_tokenizer(config.architecture)
 
