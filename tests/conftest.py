@@ -4,6 +4,7 @@ Session-scoped, so every test area reuses one set of shards.
 """
 import dataclasses
 import json
+import os
 import pathlib
 
 import pytest
@@ -29,11 +30,19 @@ class CocoMiniShards:
         return str(self.directory / "coco-mini-*.tar")
 
 
+# CI sets this: there a missing ../shared/data is a broken checkout, not a reason to skip tests.
+REQUIRE_SHARED_DATA = "BALANCEBEAM_REQUIRE_SHARED_DATA"
+
+
 @pytest.fixture(scope="session")
 def shared_data():
-    """Path of ../shared/data (real COCO files); skips when the checkout has no shared data."""
+    """Path of ../shared/data (real COCO files); skips when the checkout has no shared data
+    (fails instead where BALANCEBEAM_REQUIRE_SHARED_DATA=1, as in CI)."""
     if not (SHARED_DATA / "coco_mini").is_dir():
-        pytest.skip(f"real COCO test data not found at {SHARED_DATA}")
+        message = f"real COCO test data not found at {SHARED_DATA}"
+        if os.environ.get(REQUIRE_SHARED_DATA) == "1":
+            pytest.fail(f"{message} ({REQUIRE_SHARED_DATA}=1)")
+        pytest.skip(message)
     return SHARED_DATA
 
 

@@ -41,9 +41,7 @@ def words(caption: str) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def coco_problem():
-    if not COCO_CAPTIONS.exists():
-        pytest.skip(f"real COCO captions not found at {COCO_CAPTIONS}")
+def coco_problem(shared_data):  # skips (or fails in CI) without ../shared/data
     captions = [annotation["caption"] for annotation in json.loads(COCO_CAPTIONS.read_text())["annotations"]]
     caption_words = [words(caption) for caption in captions]
     attributes = np.array([[bool(w & MAN_TERMS), bool(w & WOMAN_TERMS)] for w in caption_words], dtype=float)
