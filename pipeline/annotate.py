@@ -5,6 +5,7 @@ Reads WebDataset tars or caption tables, writes annotations-*.parquet, quarantin
 import argparse
 import json
 import logging
+import math
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
@@ -13,16 +14,20 @@ from apache_beam.options.pipeline_options import SetupOptions
 
 from pipeline import quarantine as q
 from pipeline.annotators import combine
-from pipeline.annotators.decode import DEFAULT_MAX_IMAGE_PIXELS, ImageRejected, decode_image
-from pipeline.options import pipeline_options
+from trainer.images import DEFAULT_MAX_IMAGE_PIXELS, ImageRejected, decode_image
 from pipeline.annotators.lexicon import Lexicon
 from pipeline.annotators.text import TextAnnotator
+from pipeline.files import count_lines, write_text_atomically
+from pipeline.errors import ReconciliationError, UsageError
+from pipeline.options import pipeline_options
 from pipeline.records import ANNOTATION_SCHEMA, annotation_row
 from pipeline.sources import FORMATS, IMAGE_EXTENSIONS, ReadSamples
 
 ANNOTATIONS_PREFIX = "annotations"
 QUARANTINE_PREFIX = "quarantine"
 COUNTS_FILE = "counts.json"
+# Where the job's own counts land before the driver has reconciled them with the files written.
+PENDING_COUNTS_FILE = ".counts-pending.json"
 ANNOTATIONS_GLOB = ANNOTATIONS_PREFIX + "-*.parquet"
 # Images per zero-shot forward pass: Beam's BatchElements adapts between these bounds.
 MIN_IMAGE_BATCH = 8
@@ -39,12 +44,16 @@ def _image_member(members):
 
 
 def _utility(meta, field):
-    if not field or meta.get(field) is None:
+    """The record's utility score, or None when it has none that is a finite number (NaN, "nan",
+    infinities and text count as missing: the row is kept at the average score's rate, and
+    counts.json says how many)."""
+    if not field or meta.get(field) is None or isinstance(meta[field], bool):
         return None
     try:
-        return float(meta[field])
-    except (TypeError, ValueError):
+        value = float(meta[field])
+    except (TypeError, ValueError, OverflowError):
         return None
+    return value if math.isfinite(value) else None
 
 
 class AnnotateText(beam.DoFn):
@@ -214,6 +223,7 @@ class WriteCounts(beam.PTransform):
 def _write_counts(counted, path):
     counts = {"records_read": counted.get("records_read", 0),
               "annotated": counted.get("annotated", 0),
+              "utility_missing": counted.get("utility_missing", 0),
               "quarantined": sum(n for label, n in counted.items() if label.startswith("quarantined:")),
               "quarantined_by_reason": {label.split(":", 1)[1]: n for label, n in sorted(counted.items())
                                         if label.startswith("quarantined:")}}
@@ -311,8 +321,11 @@ def annotate_pipeline(pipeline, args):
         read[q.QUARANTINE_TAG] | "LabelReadQuarantine" >> beam.Map(lambda _: "records_read"),
         unique.rows | "LabelAnnotated" >> beam.Map(lambda _: "annotated"),
         all_quarantined | "LabelQuarantined" >> beam.Map(lambda e: "quarantined:" + e["reason"]),
+        unique.rows | "LabelUtilityMissing" >> beam.FlatMap(
+            lambda row, wanted: ["utility_missing"] if wanted and row["utility"] is None else [],
+            bool(args.utility_field)),
     ) | "FlattenLabels" >> beam.Flatten()
-    labels | "WriteCounts" >> WriteCounts(FileSystems.join(output, COUNTS_FILE))
+    labels | "WriteCounts" >> WriteCounts(FileSystems.join(output, PENDING_COUNTS_FILE))
     return unique.rows
 
 
@@ -322,32 +335,85 @@ def _prepare_output(output):
         FileSystems.mkdirs(output)
     except Exception:  # exists already (local) or directories are implicit (object stores)
         pass
-    stale = [m.path for pattern in (ANNOTATIONS_GLOB, QUARANTINE_PREFIX + "-*.jsonl", COUNTS_FILE)
+    stale = [m.path for pattern in (ANNOTATIONS_GLOB, QUARANTINE_PREFIX + "-*.jsonl", COUNTS_FILE, PENDING_COUNTS_FILE)
              for m in FileSystems.match([FileSystems.join(output, pattern)])[0].metadata_list]
     if stale:
         log.info("removing %d files of an earlier annotate run in %s", len(stale), output)
         FileSystems.delete(stale)
 
 
+def check_arguments(args) -> None:
+    """Refuse flags that cannot work before any job starts (one line each, exit 2)."""
+    if args.max_image_pixels < 1:
+        raise UsageError(f"--max-image-pixels must be >= 1, got {args.max_image_pixels}")
+    if args.image_batch_size < 1:
+        raise UsageError(f"--image-batch-size must be >= 1, got {args.image_batch_size}")
+    if args.image_embedding_field and not args.image_model:
+        raise UsageError("--image-embedding-field needs --image-model (prompts are encoded by its text tower)")
+
+
+def reconcile(counts: dict, rows_written: int, quarantine_lines: int) -> None:
+    """records read = annotated + quarantined, checked against the files actually written."""
+    numbers = {"records_read": counts["records_read"], "annotated": counts["annotated"],
+               "quarantined": counts["quarantined"], "annotation_rows_written": rows_written,
+               "quarantine_lines_written": quarantine_lines}
+    checks = [("annotated + quarantined = records read", counts["annotated"] + counts["quarantined"],
+               counts["records_read"]),
+              ("annotation rows in the Parquet files = annotated", rows_written, counts["annotated"]),
+              ("quarantine lines written = quarantined", quarantine_lines, counts["quarantined"])]
+    failed = [f"{name}: {left} != {right}" for name, left, right in checks if left != right]
+    if failed:
+        raise ReconciliationError(
+            "annotate did not account for every record, so its output is incomplete (no counts.json was "
+            "written and balance and resample will refuse it; re-run the job): " + "; ".join(failed)
+            + ". All counts: " + ", ".join(f"{k} {v}" for k, v in numbers.items()), numbers)
+
+
 def run(argv=None, save_main_session=False):
-    args, beam_args = build_parser().parse_known_args(argv)
+    parser = build_parser()
+    args, beam_args = parser.parse_known_args(argv)
+    check_arguments(args)
     for pattern in args.input:
         if not FileSystems.match([pattern])[0].metadata_list:
-            raise SystemExit(f"balancebeam annotate: no input files match {pattern!r}")
+            raise FileNotFoundError(f"no input files match {pattern!r}")
+    options = pipeline_options(beam_args, "balancebeam annotate")
+    options.view_as(SetupOptions).save_main_session = save_main_session
     output = args.output.rstrip("/")
     _prepare_output(output)
-    options = pipeline_options(beam_args)
-    options.view_as(SetupOptions).save_main_session = save_main_session
     log.info("annotating %s into %s", ", ".join(args.input), output)
     with beam.Pipeline(options=options) as pipeline:
         annotate_pipeline(pipeline, args)
-    counts_path = FileSystems.join(output, COUNTS_FILE)
-    with FileSystems.open(counts_path) as handle:
+    pending = FileSystems.join(output, PENDING_COUNTS_FILE)
+    with FileSystems.open(pending) as handle:
         counts = json.loads(handle.read())
-    log.info("read %d records: %d annotated, %d quarantined %s; annotations in %s",
+    reconcile(counts, annotation_rows(output),
+              count_lines(FileSystems.join(output, QUARANTINE_PREFIX + "-*.jsonl")))
+    counts["read_options"] = {"input_format": args.input_format, "key_column": args.key_column,
+                              "caption_column": args.caption_column}
+    write_text_atomically(FileSystems.join(output, COUNTS_FILE), json.dumps(counts, indent=2, sort_keys=True))
+    FileSystems.delete([pending])
+    log.info("read %d records: %d annotated, %d quarantined %s; annotations in %s (every record accounted for)",
              counts["records_read"], counts["annotated"], counts["quarantined"],
              counts["quarantined_by_reason"], FileSystems.join(output, ANNOTATIONS_GLOB))
+    if counts.get("utility_missing"):
+        log.warning("%d records have no usable --utility-field value (missing, not a number, NaN or "
+                    "infinite); they count as average utility", counts["utility_missing"])
     return 0
+
+
+def annotation_rows(directory) -> int:
+    """Rows in an annotate output's Parquet files, from their footers (independent of any Beam job)."""
+    import pyarrow.parquet as pq
+
+    paths = [m.path for m in FileSystems.match(
+        [FileSystems.join(str(directory).rstrip("/"), ANNOTATIONS_GLOB)])[0].metadata_list]
+    if not paths:
+        raise FileNotFoundError(f"no {ANNOTATIONS_GLOB} in {directory}; run `balancebeam annotate` first")
+    rows = 0
+    for path in paths:
+        with FileSystems.open(path, compression_type="uncompressed") as handle:
+            rows += pq.ParquetFile(handle).metadata.num_rows
+    return rows
 
 
 def read_annotations(directory):

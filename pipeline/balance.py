@@ -6,6 +6,7 @@ signatures.jsonl (the counted signatures the report reads).
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import json
 import logging
@@ -18,8 +19,10 @@ import numpy as np
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
+from pipeline.errors import DataError, ReconciliationError, UsageError
+from pipeline.files import read_text, write_text_atomically
 from pipeline.options import pipeline_options
-from pipeline.signatures import SignatureTable, group_of, row_signature
+from pipeline.signatures import SignatureTable, row_signature
 from solvers.problem import DEFAULT_KEEP_RATE, DEFAULT_MIN_SUPPORT
 
 log = logging.getLogger(__name__)
@@ -29,8 +32,10 @@ ANNOTATIONS_GLOB = "annotations-*.parquet"
 SIGNATURES_FILE = "signatures.jsonl"
 METHODS = ("dual", "exact", "streaming")
 DEFAULT_METHOD = "dual"
+# With two values at 50% each a share can be at most 0.5 from its target: a wider gap binds nothing.
+WIDE_SHARE_GAP = 0.5
 # Columns balance needs; the caption and evidence columns are never read.
-_FEATURE_COLUMNS = ["key", "attributes", "concepts", "utility"]
+_FEATURE_COLUMNS = ["attributes", "concepts", "utility"]
 
 
 @dataclasses.dataclass
@@ -50,56 +55,71 @@ class BalanceConfig:
     utility_tilt: float = 0.0
 
     def __post_init__(self):
+        """Refuse what cannot work, in the flags' own words, before any job runs."""
         if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+            raise UsageError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.keep_rate != "max":
+            if isinstance(self.keep_rate, str) or not 0 < float(self.keep_rate) <= 1:
+                raise UsageError(f"--keep-rate must be a number in (0, 1] or 'max', got {self.keep_rate!r}")
+        for flag, gap in (("--representation-gap", self.representation_gap),
+                          ("--association-gap", self.association_gap)):
+            if gap is not None and not (np.isfinite(gap) and gap >= 0):
+                raise UsageError(f"{flag} must be a number >= 0, got {gap}")
+            if gap is not None and self.constraint_form == "share" and gap >= WIDE_SHARE_GAP:
+                log.warning("%s %g constrains nothing: a share is never further than %g from a target of "
+                            "two equal values", flag, gap, WIDE_SHARE_GAP)
+        if not (np.isfinite(self.min_support) and self.min_support >= 0):
+            raise UsageError(f"--min-support must be a number >= 0, got {self.min_support}")
+        if not (np.isfinite(self.utility_tilt) and self.utility_tilt >= 0):
+            raise UsageError(f"--utility-tilt must be a number >= 0, got {self.utility_tilt}")
         if isinstance(self.proxies, int) and self.proxies < 0:
-            raise ValueError("the number of proxies must be >= 0")
+            raise UsageError("the number of proxies must be >= 0")
 
 
 # Beam: annotations -> counted signatures ---------------------------------------------------------
 
-class RowSignature(beam.DoFn):
-    """One annotations row -> its constraint signature (a JSON text key)."""
+class TableSignatures(beam.DoFn):
+    """A table of annotation rows -> (signature, count) for each signature in it (a JSON text key)."""
 
     def __init__(self, conditional: bool, use_utility: bool):
         self.conditional = conditional
         self.use_utility = use_utility
         self.rows = Metrics.counter(METRICS_NAMESPACE, "balance_rows")
-        self.annotated = Metrics.counter(METRICS_NAMESPACE, "balance_rows_with_attributes")
 
-    def process(self, row):
-        self.rows.inc()
-        if row.get("attributes"):
-            self.annotated.inc()
-        yield row_signature(row.get("attributes"), row.get("concepts"), row.get("utility"),
-                            conditional=self.conditional, use_utility=self.use_utility)
+    def process(self, table):
+        columns = table.to_pydict()
+        counted = collections.Counter(
+            row_signature(attributes, concepts, utility, conditional=self.conditional, use_utility=self.use_utility)
+            for attributes, concepts, utility in zip(columns["attributes"], columns["concepts"], columns["utility"]))
+        self.rows.inc(table.num_rows)
+        yield from counted.items()
 
 
 class CountSignatures(beam.PTransform):
-    """Annotation rows -> (signature, count): the whole data set as seen by M4, N-independent in size."""
+    """Tables of annotation rows -> (signature, count): the data set as M4 sees it, N-independent in size."""
 
     def __init__(self, conditional: bool = True, use_utility: bool = False):
         super().__init__()
         self.conditional = conditional
         self.use_utility = use_utility
 
-    def expand(self, rows):
-        return (rows
-                | "Signature" >> beam.ParDo(RowSignature(self.conditional, self.use_utility))
-                | "PairWithOne" >> beam.Map(lambda signature: (signature, 1))
+    def expand(self, tables):
+        return (tables
+                | "Signatures" >> beam.ParDo(TableSignatures(self.conditional, self.use_utility))
                 | "CountPerSignature" >> beam.CombinePerKey(sum))
 
 
 def count_signatures(annotations_dir: str, work_prefix: str, pipeline_args: Sequence[str],
                      config: BalanceConfig) -> SignatureTable:
-    """Run the counting pipeline; return its counts as a table (read back in this process)."""
+    """Run the counting pipeline; return its counts as a table (read back and reconciled here)."""
+    from pipeline.annotate import annotation_rows
+
     pattern = FileSystems.join(annotations_dir, ANNOTATIONS_GLOB)
-    if not FileSystems.match([pattern])[0].metadata_list:
-        raise FileNotFoundError(f"no annotation files match {pattern}; run `balancebeam annotate` first")
-    options = pipeline_options(pipeline_args)
+    rows_written = annotation_rows(annotations_dir)
+    options = pipeline_options(pipeline_args, "balancebeam balance")
     with beam.Pipeline(options=options) as pipeline:
         _ = (pipeline
-             | "ReadAnnotations" >> beam.io.ReadFromParquet(pattern, columns=_FEATURE_COLUMNS)
+             | "ReadAnnotations" >> beam.io.ReadFromParquetBatched(pattern, columns=_FEATURE_COLUMNS)
              | "CountSignatures" >> CountSignatures(config.conditional, config.utility_tilt > 0)
              | "ToJson" >> beam.MapTuple(lambda signature, count: json.dumps([signature, count]))
              | "WriteCounts" >> beam.io.WriteToText(work_prefix, file_name_suffix=".jsonl"))
@@ -109,6 +129,12 @@ def count_signatures(annotations_dir: str, work_prefix: str, pipeline_args: Sequ
         with FileSystems.open(part.path) as handle:
             counts.extend(tuple(json.loads(line)) for line in handle.read().decode("utf-8").splitlines() if line)
     FileSystems.delete([part.path for part in parts])
+    counted = sum(count for _, count in counts)
+    if counted != rows_written:
+        raise ReconciliationError(
+            f"balance counted {counted} annotation rows but the Parquet files in {annotations_dir} hold "
+            f"{rows_written}: the count lost or repeated rows, so nothing was solved or written; re-run the job",
+            {"rows_counted": counted, "annotation_rows_written": rows_written})
     return SignatureTable.from_counts(counts)
 
 
@@ -224,7 +250,11 @@ def solve_table(table: SignatureTable, config: BalanceConfig):
     from solvers import data_bias, solve
 
     if not table.attribute_names:
-        raise ValueError("no annotated row shows any attribute value: nothing to balance")
+        raise DataError("no annotated row shows any attribute value: nothing to balance")
+    for group, columns in zip(table.group_names, table.groups):
+        if len(columns) < 2:
+            raise DataError(f"every {group}-annotated row shows the same value "
+                            f"({table.attribute_names[columns[0]]!r}): nothing to balance")
     problem, projected, proxies, not_seen = build_problem(table, config)
     started = time.perf_counter()
     solution = solve(problem, method=config.method)
@@ -258,21 +288,6 @@ def solve_table(table: SignatureTable, config: BalanceConfig):
         "config": dataclasses.asdict(config),
     }
     return solution, projected
-
-
-def write_text_atomically(path: str, text: str) -> None:
-    """Write under a temporary name, then rename: a reader never sees half a file."""
-    temporary = f"{path}.tmp-{os.getpid()}"
-    with FileSystems.create(temporary) as handle:
-        handle.write(text.encode("utf-8"))
-    if FileSystems.exists(path):
-        FileSystems.delete([path])
-    FileSystems.rename([temporary], [path])
-
-
-def read_text(path: str) -> str:
-    with FileSystems.open(path) as handle:
-        return handle.read().decode("utf-8")
 
 
 def read_label_list(path: str) -> list[str]:
@@ -318,7 +333,12 @@ def parse_args(argv):
 
 
 def config_from_args(args) -> BalanceConfig:
-    keep_rate = args.keep_rate if args.keep_rate == "max" else float(args.keep_rate)
+    keep_rate = args.keep_rate
+    if keep_rate != "max":
+        try:
+            keep_rate = float(keep_rate)
+        except ValueError:
+            raise UsageError(f"--keep-rate must be a number in (0, 1] or 'max', got {keep_rate!r}") from None
     proxies = None
     if args.proxies:
         proxies = int(args.proxies) if args.proxies.isdigit() else read_label_list(args.proxies)
@@ -351,12 +371,6 @@ def balance(annotations_dir: str, output: str, config: BalanceConfig, pipeline_a
 def run(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args, pipeline_args = parse_args(argv)
-    from solvers.errors import InfeasibleError
-
-    try:
-        config = config_from_args(args)
-        balance(args.annotations, args.output, config, pipeline_args, args.signatures)
-    except (InfeasibleError, ValueError, FileNotFoundError) as error:
-        print(f"balancebeam balance: {error}", file=__import__("sys").stderr)
-        return 1
+    config = config_from_args(args)
+    balance(args.annotations, args.output, config, pipeline_args, args.signatures)
     return 0

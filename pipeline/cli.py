@@ -6,6 +6,8 @@ import importlib
 import logging
 import sys
 
+from pipeline.errors import EXIT_DATA, EXIT_OK, EXIT_USAGE, DataError, UsageError
+
 # Beam warns on the root logger, at import, that its BigQuery client libraries are missing;
 # balancebeam never uses BigQuery, so the line would only alarm a user on every command.
 BEAM_BIGQUERY_WARNING = "apitools not found, and bigquery client libraries are not available"
@@ -53,31 +55,60 @@ def _usage() -> str:
     for name, (_, help_text) in COMMANDS.items():
         lines.append(f"  {name.ljust(width)}  {help_text}")
     lines.append("")
-    lines.append("Run `balancebeam COMMAND --help` for a command's flags.")
+    lines.append("Run `balancebeam COMMAND --help` for a command's flags; `--debug` shows a failure's traceback.")
+    lines.append("Exit codes: 0 ok, 1 a data, solver or reconciliation problem, 2 a usage problem.")
     return "\n".join(lines)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("balancebeam")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def main(argv=None) -> int:
+    """Run one command; failures print one line (the traceback only with --debug).
+
+    Exit codes: 0 ok, 1 a data, solver or reconciliation problem, 2 a usage problem.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
-        return 0
+        return EXIT_OK
+    if argv[0] == "--version":
+        print(f"balancebeam {_version()}")
+        return EXIT_OK
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         print(f"balancebeam: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     configure_logging()
     target, _ = COMMANDS[name]
     module_name, function_name = target.split(":")
     try:
         module = importlib.import_module(module_name)
-    except ModuleNotFoundError as error:
-        if error.name and error.name.startswith(module_name.split(".")[0]):
-            print(f"balancebeam: command {name!r} is not available in this version", file=sys.stderr)
-            return 2
-        raise
-    result = getattr(module, function_name)(rest)
+        result = getattr(module, function_name)(rest)
+    except UsageError as error:
+        if debug:
+            raise
+        print(f"balancebeam {name}: {_one_line(error)}", file=sys.stderr)
+        return EXIT_USAGE
+    except (DataError, ValueError, FileNotFoundError) as error:
+        if debug:
+            raise
+        print(f"balancebeam {name}: {_one_line(error)}", file=sys.stderr)
+        return EXIT_DATA
     return int(result or 0)
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return text.removeprefix("balancebeam ").split(": ", 1)[-1] if text.startswith("balancebeam ") else text
 
 
 if __name__ == "__main__":

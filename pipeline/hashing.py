@@ -4,6 +4,8 @@ A pure function of (seed, purpose, key): the same on one core or on thousands of
 """
 import hashlib
 
+from pipeline.errors import UsageError
+
 # 53 bits: the mantissa of a float64, so every value maps to a distinct float in [0, 1).
 _UNIFORM_BITS = 53
 _UNIFORM_SCALE = float(1 << _UNIFORM_BITS)
@@ -12,6 +14,16 @@ _UNIFORM_SCALE = float(1 << _UNIFORM_BITS)
 KEEP = "keep"
 ORDER = "order"
 REPEAT = "repeat"
+# The seed is written into the blake2b key ("SEED:PURPOSE", at most 64 bytes): 63 bits leave room
+# for every purpose's name and keep the seed a plain non-negative integer in JSON and YAML.
+SEED_BITS = 63
+
+
+def check_seed(seed) -> int:
+    """The seed as an int, or a UsageError when it is not a whole number in [0, 2**SEED_BITS)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 1 << SEED_BITS:
+        raise UsageError(f"--seed must be a whole number with 0 <= seed < 2**{SEED_BITS}, got {seed!r}")
+    return seed
 
 
 def keyed_uniform(seed: int, key: str, purpose: str = KEEP) -> float:

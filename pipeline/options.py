@@ -1,9 +1,18 @@
-"""PipelineOptions for balancebeam's Beam jobs: the user's flags as given, worker logs quieter locally.
+"""PipelineOptions for balancebeam's Beam jobs: the user's flags checked, worker logs quieter locally.
 
-On the DirectRunner in multi-process mode every SDK worker logs its start-up and each bundle at INFO
-to the terminal (over a hundred lines for a small job), burying the job's own summary.
+Beam keeps flags it does not know and only logs "Discarding unparseable args"; a mistyped flag or an
+unquoted glob (`--input data/*.tar` expands to extra words) would then be silently ignored, so every
+job refuses arguments that neither it nor any Beam option class knows. On the DirectRunner in
+multi-process mode every SDK worker logs its start-up and each bundle at INFO to the terminal
+(over a hundred lines for a small job), burying the job's own summary.
 """
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from __future__ import annotations
+
+import functools
+
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions, _BeamArgumentParser
+
+from pipeline.errors import UsageError
 
 WORKER_LOG_FLAG = "--default_sdk_harness_log_level"
 # Local runs only: on Dataflow, Flink or Spark the workers' INFO logs go to the service's log
@@ -12,9 +21,44 @@ LOCAL_WORKER_LOG_LEVEL = "WARNING"
 LOCAL_RUNNERS = (None, "DirectRunner", "direct", "BundleBasedDirectRunner", "SwitchingDirectRunner")
 
 
-def pipeline_options(beam_args) -> PipelineOptions:
-    """PipelineOptions from the job's leftover argv; adds the quiet worker log level for local runs."""
+@functools.lru_cache(maxsize=1)
+def _beam_parser() -> _BeamArgumentParser:
+    """An argparse parser that knows every flag of every PipelineOptions class imported so far."""
+    parser = _BeamArgumentParser(allow_abbrev=False)
+    seen, pending = set(), list(PipelineOptions.__subclasses__())
+    while pending:
+        options_class = pending.pop()
+        if options_class in seen:
+            continue
+        seen.add(options_class)
+        pending.extend(options_class.__subclasses__())
+        options_class._add_argparse_args(parser)  # pylint: disable=protected-access
+    return parser
+
+
+def unknown_arguments(beam_args) -> list[str]:
+    """The arguments no Beam option class knows (what Beam would discard with a log line)."""
+    _, unknown = _beam_parser().parse_known_args(list(beam_args))
+    return unknown
+
+
+def check_pipeline_args(beam_args, command: str = "balancebeam") -> None:
+    """Raise UsageError naming the arguments nobody recognises, with the likely cause."""
+    unknown = unknown_arguments(beam_args)
+    if not unknown:
+        return
+    words = [a for a in unknown if not a.startswith("-")]
+    hint = ""
+    if words:
+        hint = (" (words without a flag: an unquoted glob such as --input data/*.tar is expanded by the "
+                "shell and only its first file would be read; quote it: --input 'data/*.tar')")
+    raise UsageError(f"{command}: unrecognised arguments: {' '.join(unknown)}{hint}; see {command} --help")
+
+
+def pipeline_options(beam_args, command: str = "balancebeam") -> PipelineOptions:
+    """PipelineOptions from the job's leftover argv (checked); adds the quiet worker log level locally."""
     args = list(beam_args)
+    check_pipeline_args(args, command)
     runner = PipelineOptions(args).view_as(StandardOptions).runner
     if runner in LOCAL_RUNNERS and not any(a == WORKER_LOG_FLAG or a.startswith(WORKER_LOG_FLAG + "=")
                                            for a in args):

@@ -3,6 +3,7 @@
 Every rejected record becomes one JSON line {key, shard, position, stage, reason, detail}.
 """
 import json
+import re
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
@@ -28,6 +29,7 @@ NON_UTF8_TEXT = "non_utf8_text"
 BAD_JSON = "bad_json"
 BAD_ROW = "bad_row"
 MISSING_KEY = "missing_key"
+INVALID_KEY = "invalid_key"
 MISSING_CAPTION = "missing_caption"
 EMPTY_CAPTION = "empty_caption"
 MISSING_IMAGE = "missing_image"
@@ -37,12 +39,18 @@ BAD_EMBEDDING = "bad_embedding"
 DUPLICATE_KEY = "duplicate_key"
 
 
+# "<_io.BytesIO object at 0x7f...>" in an exception's text would make the quarantine file differ
+# between two runs of the same job; the address says nothing about the record.
+_MEMORY_ADDRESS = re.compile(r"<([\w.]+) object at 0x[0-9a-fA-F]+>")
+DETAIL_CHARS = 500
+
+
 def quarantine_record(stage, reason, key=None, shard=None, position=None, detail=""):
     """A quarantine entry; also bumps the Beam counter quarantined_<reason>."""
     Metrics.counter(METRICS_NAMESPACE, f"quarantined_{reason}").inc()
     Metrics.counter(METRICS_NAMESPACE, "quarantined").inc()
     return {"key": key, "shard": shard, "position": position, "stage": stage, "reason": reason,
-            "detail": str(detail)[:500]}
+            "detail": _MEMORY_ADDRESS.sub(r"<\1>", str(detail))[:DETAIL_CHARS]}
 
 
 def quarantined(stage, reason, key=None, shard=None, position=None, detail=""):
@@ -67,3 +75,4 @@ class WriteQuarantine(beam.PTransform):
         return (entries
                 | "ToJsonLine" >> beam.Map(lambda e: json.dumps(e, sort_keys=True, ensure_ascii=False))
                 | "WriteJsonl" >> beam.io.WriteToText(self.file_path_prefix, file_name_suffix=".jsonl"))
+

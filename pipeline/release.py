@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import tarfile
 import uuid
 import zlib
@@ -15,7 +16,8 @@ import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline import hashing
-from pipeline.signatures import encode, row_signature
+from pipeline.errors import UsageError
+from pipeline.signatures import encode, parse_signature, row_signature
 from solvers.solution import BalanceSolution
 
 MODES = ("bernoulli", "weights", "repeat")
@@ -71,13 +73,16 @@ class KeepRule:
                              use_utility=bool(self.solution.utility_tilt))
 
     def keep_probability(self, attributes, concepts, utility=None) -> float:
+        """q of a row: a function of its signature alone (utility as its bucket, as balance counted it),
+        so every row of a signature has the same q whichever row a worker meets first."""
         text = self.signature(attributes, concepts, utility)
         if text not in self._memo:
             attributes_row = encode([attributes or ()], self.attribute_names)
             concepts_row = encode([concepts or ()], self.concept_names)
             utilities = None
             if self.solution.utility_tilt:
-                utilities = np.array([self.solution.utility_mean if utility is None else float(utility)])
+                bucket = parse_signature(text)[2]  # None: no usable score, the mean's target rate
+                utilities = np.array([self.solution.utility_mean if bucket is None else bucket])
             self._memo[text] = float(self.solution.q_for(attributes_row, concepts_row, utilities)[0])
         return self._memo[text]
 
@@ -231,6 +236,17 @@ def member_meta(members: dict) -> dict:
     """A tar sample's metadata again from its json member, parsed as the reader parsed it (or {})."""
     json_name = next((name for name in members if name.lower() == "json"), None)
     return {} if json_name is None else json.loads(members[json_name].decode("utf-8"))
+
+
+_PREFIX_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+
+
+def check_prefix(prefix: str) -> str:
+    """A shard prefix becomes part of every shard's file name: letters, digits, '-' and '_' only."""
+    if not isinstance(prefix, str) or not _PREFIX_PATTERN.match(prefix):
+        raise UsageError(f"--prefix must be 1-64 letters, digits, '-' or '_' (starting with a letter or "
+                         f"digit), got {prefix!r}")
+    return prefix
 
 
 def shard_name(prefix: str, index: int) -> str:

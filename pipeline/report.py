@@ -12,12 +12,14 @@ import io
 import json
 import logging
 import platform
+import re
 import sys
 
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
-from pipeline.balance import SIGNATURES_FILE, concept_shares, read_text, write_text_atomically
+from pipeline.balance import SIGNATURES_FILE, concept_shares
+from pipeline.files import read_text, write_text_atomically
 from pipeline.resample import KEPT_SIGNATURES_FILE, MANIFEST_FILE
 from pipeline.signatures import SignatureTable, encode
 from solvers.problem import REPRESENTATION
@@ -103,13 +105,14 @@ def _coverage(table: SignatureTable, weights: np.ndarray, spec) -> dict:
             for name, columns in zip(spec.group_names, spec.groups)}
 
 
-def coverage_warnings(stats: dict) -> list[str]:
-    """Plain sentences for each group whose annotations cover less than LOW_COVERAGE of the release."""
+def coverage_warnings(stats: dict, name=str) -> list[str]:
+    """Plain sentences for each group whose annotations cover less than LOW_COVERAGE of the release
+    (`name` renders a group's name for where the sentence goes, e.g. markdown_text for the card)."""
     warnings = []
     for group, share in stats["annotation_coverage"]["realized"].items():
         if share is not None and share < LOW_COVERAGE:
             warnings.append(
-                f"only {share:.0%} of the released rows have a {group} annotation: balancing constrains those "
+                f"only {share:.0%} of the released rows have a {name(group)} annotation: balancing constrains those "
                 f"rows alone, and the other {1 - share:.0%} keep whatever association they carry (people a "
                 "caption does not name are among them; an image annotator, `--image-model`, can see them)")
     return warnings
@@ -188,6 +191,29 @@ def number(value, digits: int = 4) -> str:
     return "n/a" if value is None or not np.isfinite(value) else f"{value:.{digits}f}"
 
 
+# Names from the data, made safe for where they are shown ------------------------------------------
+
+def plain_text(label: str) -> str:
+    """A label for matplotlib: '$' would start mathtext (and a bad formula fails the whole plot)."""
+    return str(label).replace("$", r"\$")
+
+
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+!|<>~-])")
+
+
+def markdown_text(text: str) -> str:
+    """Text for Markdown prose and tables: every character Markdown or HTML would read, escaped."""
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", " ".join(str(text).split()))
+
+
+def code(text: str) -> str:
+    """Inline Markdown code that holds any text: the fence is longer than any run of backticks inside."""
+    text = " ".join(str(text).split())
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * (longest + 1)
+    return f"{fence} {text} {fence}"
+
+
 # Plots ---------------------------------------------------------------------------------------------
 
 def _png(figure) -> str:
@@ -199,7 +225,7 @@ def _png(figure) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def plot_heatmaps(stats: dict) -> str:
+def plot_heatmaps(stats: dict) -> str | None:
     """Attribute share per concept, before and realized, side by side (rows: best-supported concepts)."""
     import matplotlib
     matplotlib.use("Agg")
@@ -208,14 +234,16 @@ def plot_heatmaps(stats: dict) -> str:
     before, after = stats["shares"]["before"]["concepts"], stats["shares"]["realized"]["concepts"]
     values = list(stats["targets"])
     concepts = sorted(before, key=lambda c: -sum(before[c]["support"].values()))[:HEATMAP_MAX_CONCEPTS]
+    if not concepts:
+        return None
     figure, axes = plt.subplots(1, 2, figsize=(4 + 1.2 * len(values), 1.5 + 0.25 * max(len(concepts), 1)),
                                 sharey=True)
     for axis, shares, title in ((axes[0], before, "before"), (axes[1], after, "after (release)")):
         grid = np.array([[np.nan if shares[c]["shares"].get(v) is None else shares[c]["shares"][v]
                           for v in values] for c in concepts]).reshape(len(concepts), len(values))
         image = axis.imshow(grid, vmin=0, vmax=1, cmap="coolwarm", aspect="auto")
-        axis.set_xticks(range(len(values)), [v.split(":", 1)[-1] for v in values], rotation=45)
-        axis.set_yticks(range(len(concepts)), concepts)
+        axis.set_xticks(range(len(values)), [plain_text(v.split(":", 1)[-1]) for v in values], rotation=45)
+        axis.set_yticks(range(len(concepts)), [plain_text(c) for c in concepts])
         axis.set_title(title)
     figure.suptitle("perceived attribute share per concept")
     figure.colorbar(image, ax=axes, shrink=0.6, label="share among annotated rows of the concept")
@@ -257,7 +285,7 @@ def plot_proxies(stats: dict) -> str | None:
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(6, 0.8 + 0.3 * len(proxies)))
-    axis.barh([p["concept"] for p in proxies][::-1], [p["score"] for p in proxies][::-1], color="#b7794a")
+    axis.barh([plain_text(p["concept"]) for p in proxies][::-1], [p["score"] for p in proxies][::-1], color="#b7794a")
     axis.set_xlabel("support-weighted deviation of attribute share")
     axis.set_title("proxies chosen")
     return _png(figure)
@@ -268,10 +296,9 @@ def render_html(stats: dict, manifest: dict) -> str:
     rows = "".join(
         f"<tr><td>{stage}</td><td>{number(v['representation_bias'])}</td><td>{number(v['association_bias_max'])}</td>"
         f"<td>{number(v['association_bias_mean'])}</td></tr>" for stage, v in head.items())
-    images = [("Attribute share per concept", plot_heatmaps(stats)), ("Keep probabilities", plot_q(stats))]
-    proxies = plot_proxies(stats)
-    if proxies:
-        images.append(("Proxies", proxies))
+    images = [("Attribute share per concept", plot_heatmaps(stats)), ("Keep probabilities", plot_q(stats)),
+              ("Proxies", plot_proxies(stats))]
+    images = [(title, data) for title, data in images if data]
     figures = "".join(f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' src='data:image/png;base64,{data}'>"
                       for title, data in images)
     counts = stats["rows"]
@@ -332,18 +359,19 @@ def dataset_card(stats: dict, manifest: dict, solution: BalanceSolution) -> str:
         "closest to uniform subsampling under share-gap constraints.",
         "3. resample: keyed-hash sampling (blake2b of seed and key), so the kept set is the same on any runner.", "",
         f"- keep rate: {solution.keep_rate:.4f} (asked: {solution.statistics.get('keep_rate_requested')})",
-        f"- targets: {json.dumps(stats['targets'])}",
-        f"- gaps: {json.dumps(stats['gaps'])}; minimum support {stats['min_support']:g}",
+        f"- targets: {code(json.dumps(stats['targets'], ensure_ascii=False))}",
+        f"- gaps: {code(json.dumps(stats['gaps']))}; minimum support {stats['min_support']:g}",
         f"- solver: {solution.method} ({solution.status}), largest constraint violation {solution.max_violation:.2e}",
         f"- mode: {manifest['mode']}, seed: {manifest['seed']}, samples per shard: {manifest['samples_per_shard']}",
         f"- solution digest (sha256 of the duals and configuration that decide q): {manifest['solution_digest']}",
-        f"- configuration: `{json.dumps(config, sort_keys=True)}`",
+        f"- configuration: {code(json.dumps(config, sort_keys=True, ensure_ascii=False))}",
         f"- versions: {json.dumps(_versions())}", "",
         "## Counts", "",
         f"- records read: {stats['rows']['samples_read']}; kept: {stats['rows']['kept']}; dropped: "
-        f"{stats['rows']['dropped']}; quarantined: {json.dumps(stats['quarantine'])}",
-        f"- proxies: {', '.join(p['concept'] for p in stats['proxies']) or 'none'}",
-        f"- concepts left out for low support: {json.dumps(stats['excluded_low_support'])}", "",
+        f"{stats['rows']['dropped']}; quarantined: {code(json.dumps(stats['quarantine']))}",
+        f"- proxies: {', '.join(markdown_text(p['concept']) for p in stats['proxies']) or 'none'}",
+        f"- concepts left out for low support: {code(json.dumps(stats['excluded_low_support'], ensure_ascii=False))}",
+        "",
         "## Data bias (before -> after, counted in this release)", "",
         "| | RB | AB max | AB mean |", "|---|---|---|---|",
     ]
@@ -354,8 +382,8 @@ def dataset_card(stats: dict, manifest: dict, solution: BalanceSolution) -> str:
               "Share of rows with an annotated value of each group. Balancing constrains these rows only; "
               "every other row is kept at one common rate.", "",
               "| group | before | planned | released |", "|---|---|---|---|"]
-    lines += [f"| {group} | " + " | ".join(cells) + " |" for group, cells in coverage_rows(stats)]
-    lines += [f"\n**Note:** {warning}." for warning in coverage_warnings(stats)]
+    lines += [f"| {markdown_text(group)} | " + " | ".join(cells) + " |" for group, cells in coverage_rows(stats)]
+    lines += [f"\n**Note:** {warning}." for warning in coverage_warnings(stats, name=markdown_text)]
     lines += ["", "## Reading it", "", "```python", "import webdataset as wds",
               f"dataset = wds.WebDataset(\"{pattern}\").decode(\"pil\")", "```", "",
               "Integrity: manifest.json lists every shard with its size and sha256.", ""]

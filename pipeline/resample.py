@@ -1,47 +1,78 @@
 """The resample job: apply a solution to every record and write the balanced WebDataset release.
 
-q comes from the record's annotated features and the solution (a side input); keyed-hash sampling
-and a keyed-hash order make the release the same whatever the runner or the number of workers.
-Image bytes never cross a shuffle: the join and the ranking carry where each large member lies in
-its input tar, and the worker writing an output shard reads it from there, once.
+Annotation rows become keep decisions in batches, grouped by the input file they describe; each
+input file is read once, on one worker, and its records meet their decisions by position (the key
+is checked). Kept copies are ranked along a keyed-hash order and written in shards. Every element
+that crosses a shuffle is a batch (a file's decisions, a bucket of kept copies), never one record,
+and image bytes never cross one at all: kept tar members travel as their place in the input tar.
+The job reconciles its own counts and publishes a manifest only when every record is accounted for.
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import logging
-import posixpath
 import sys
+import uuid
 
 import apache_beam as beam
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
-from apache_beam.transforms.window import GlobalWindow
-from apache_beam.utils.timestamp import MIN_TIMESTAMP
-from apache_beam.utils.windowed_value import WindowedValue
 
 from pipeline import hashing, release
-from pipeline.balance import ANNOTATIONS_GLOB, read_text, write_text_atomically
+from pipeline.annotate import ANNOTATIONS_GLOB, annotation_rows, read_counts
+from pipeline.files import count_lines, delete_matching, ensure_writable_directory, read_text, write_text_atomically
+from pipeline.errors import DataError, ReconciliationError, UsageError
 from pipeline.options import pipeline_options
-from pipeline.quarantine import QUARANTINE_TAG, WriteQuarantine, quarantine_record
-from pipeline.sources import FORMATS, ReadSamples
+from pipeline.quarantine import QUARANTINE_TAG, STAGE_READ, WriteQuarantine, quarantine_record
+from pipeline.sources import FORMATS, MatchInputFiles, iter_file_records, normalize_path
 from solvers.solution import BalanceSolution
 
 log = logging.getLogger(__name__)
 
 METRICS_NAMESPACE = "balancebeam"
 MANIFEST_FILE = "manifest.json"
+SIZES_FILE = "sizes.json"
 KEPT_SIGNATURES_FILE = "kept-signatures.jsonl"
+# What a published release holds besides its shards; removed before a new release is written into
+# the same folder, so a crash can never leave an old manifest, card or report beside new shards.
+REPORT_FILES = ("stats.json", "report.html", "README.md")
 STAGE_RESAMPLE = "resample"
-NOT_ANNOTATED = "not_annotated"  # read now, but the annotate job quarantined or never saw it
-DUPLICATE_KEY = "duplicate_key"
-# Keys per bucket when ranking kept records: each bucket is sorted in one worker's memory.
+NOT_ANNOTATED = "not_annotated"  # read now, but annotate wrote no row for it (quarantined there, or new)
+INPUT_CHANGED = "input_changed"  # the record at this place has another key than when it was annotated
+MISSING_FROM_INPUT = "missing_from_input"  # an annotation row whose record is not in the input read now
+# Kept copies per ranking bucket (sorted in one worker's memory) and per element a file sends to
+# one bucket (bounds a worker's memory while it reads a large file).
 RANK_BUCKET_SIZE = 100_000
+ITEMS_PER_ELEMENT = 20_000
 _ANNOTATION_COLUMNS = ["key", "shard", "position", "attributes", "concepts", "utility"]
-_KEPT_SIGNATURE_TAG = "kept_signature"
-_OUTCOME_TAG = "outcome"
+_COUNTS_TAG = "counts"
+_WORK_DIR_PREFIX = ".resample-work-"
 
+
+# --- counts: plain nested dicts that add up -----------------------------------------------------
+
+def add_counts(dicts) -> dict:
+    """Sum of count dicts; nested dicts (by reason, by signature) add up key by key."""
+    total: dict = {}
+    for counts in dicts:
+        for name, value in counts.items():
+            if isinstance(value, dict):
+                inner = total.setdefault(name, {})
+                for key, amount in value.items():
+                    inner[key] = inner.get(key, 0) + amount
+            else:
+                total[name] = total.get(name, 0) + value
+    return total
+
+
+def _counts_output(counts: dict):
+    return beam.pvalue.TaggedOutput(_COUNTS_TAG, counts)
+
+
+# --- decisions ----------------------------------------------------------------------------------
 
 class _SolutionUser(beam.DoFn):
     """A DoFn that reads the solution from its side input once per worker."""
@@ -49,6 +80,7 @@ class _SolutionUser(beam.DoFn):
     def __init__(self, seed: int, mode: str):
         self.seed, self.mode = seed, mode
         self._rule, self._text = None, None
+        self._paths: dict[str, str] = {}
 
     def rule(self, solution_text: str) -> release.KeepRule:
         if self._rule is None or not (self._text is solution_text or self._text == solution_text):
@@ -57,37 +89,132 @@ class _SolutionUser(beam.DoFn):
         return self._rule
 
 
+def _empty_batch() -> dict:
+    return {"positions": [], "keys": [], "q": [], "weights": [], "copies": [], "signatures": []}
+
+
 class Decide(_SolutionUser):
-    """Annotation row -> (key, decision): q, copies (bernoulli/weights), weight, signature."""
+    """A table of annotation rows -> (input file, batch of decisions): q, copies, weight, signature.
 
-    def process(self, row, solution_text):
+    copies is None in repeat mode (decided later along the global order, see RepeatCopies).
+    """
+
+    def _path(self, shard: str) -> str:
+        """The input file as resample names it (annotations from before paths were absolute)."""
+        if shard not in self._paths:
+            self._paths[shard] = normalize_path(shard)
+        return self._paths[shard]
+
+    def process(self, table, solution_text):
         rule = self.rule(solution_text)
-        signature, q = rule.signature_and_probability(row.get("attributes"), row.get("concepts"), row.get("utility"))
-        yield row["key"], {
-            "shard": row.get("shard"), "position": row.get("position"), "q": q,
-            "copies": None if self.mode == "repeat" else rule.copies(row["key"], q),
-            "weight": rule.weight(q), "signature": signature,
-        }
+        columns = table.to_pydict()
+        batches: dict[str, dict] = {}
+        for key, shard, position, attributes, concepts, utility in zip(
+                columns["key"], columns["shard"], columns["position"], columns["attributes"],
+                columns["concepts"], columns["utility"]):
+            signature, q = rule.signature_and_probability(attributes, concepts, utility)
+            shard = self._path(shard)
+            batch = batches.get(shard)
+            if batch is None:
+                batch = batches[shard] = _empty_batch()
+            batch["positions"].append(position)
+            batch["keys"].append(key)
+            batch["q"].append(q)
+            batch["weights"].append(rule.weight(q))
+            batch["copies"].append(None if self.mode == "repeat" else rule.copies(key, q))
+            batch["signatures"].append(signature)
+        yield from batches.items()
+        yield _counts_output({"decisions_read": table.num_rows})
 
 
-class _Bucket(beam.DoFn):
-    def process(self, element, count):
-        identifier, order, mass, payload = element
-        buckets = max(1, -(-count // RANK_BUCKET_SIZE))
-        yield min(int(order * buckets), buckets - 1), (order, identifier, mass, payload)
+def _merge_batches(batches) -> dict:
+    merged = _empty_batch()
+    for batch in batches:
+        for name, values in batch.items():
+            merged[name].extend(values)
+    return merged
 
 
-def _prefix_within_bucket(bucket_and_items):
-    """Sort one bucket by (order, id); running integer sums of the masses."""
-    bucket, items = bucket_and_items
-    running = 0
-    for order, identifier, mass, payload in sorted(items, key=lambda item: (item[0], item[1])):
-        yield bucket, identifier, running, running + mass, payload
-        running += mass
-    yield beam.pvalue.TaggedOutput("totals", (bucket, running))
+def _split_batch(batch: dict, rows) -> dict:
+    return {name: [values[i] for i in rows] for name, values in batch.items()}
 
 
-def _offsets(totals):
+class RepeatCopies(beam.PTransform):
+    """Repeat mode: copies proportional to q, exactly `output_size` in all (systematic sampling).
+
+    Decision batches are re-bucketed by a keyed-hash order, sorted per bucket, given exact integer
+    running sums of their masses (bucket offsets from a side input), and sent back by input file.
+    """
+
+    def __init__(self, seed: int, output_size: int | None, buckets: int):
+        super().__init__()
+        self.seed, self.output_size, self.buckets = seed, output_size, buckets
+
+    def expand(self, decisions):
+        seed, buckets = self.seed, self.buckets
+
+        def by_order_bucket(shard_and_batch):
+            shard, batch = shard_and_batch
+            rows = collections.defaultdict(list)
+            orders = [hashing.keyed_uniform(seed, key, hashing.REPEAT) for key in batch["keys"]]
+            for i, order in enumerate(orders):
+                rows[min(int(order * buckets), buckets - 1)].append(i)
+            for bucket, indices in rows.items():
+                part = _split_batch(batch, indices)
+                part["order"] = [orders[i] for i in indices]
+                part["shard"] = [shard] * len(indices)
+                yield bucket, part
+
+        def sort_bucket(bucket_and_parts):
+            bucket, parts = bucket_and_parts
+            rows = [row for part in parts for row in zip(
+                part["order"], part["keys"], part["shard"], part["positions"], part["q"], part["weights"],
+                part["signatures"])]
+            rows.sort(key=lambda row: (row[0], row[1]))
+            starts, running = [], 0
+            for row in rows:
+                starts.append(running)
+                running += release.repeat_mass(row[4])
+            yield bucket, (rows, starts)
+            yield beam.pvalue.TaggedOutput("totals", (bucket, running))
+
+        sorted_buckets = (decisions
+                          | "ByOrderBucket" >> beam.FlatMap(by_order_bucket)
+                          | "GroupOrderBucket" >> beam.GroupByKey()
+                          | "SortBucket" >> beam.FlatMap(sort_bucket).with_outputs("totals", main="rows"))
+        offsets = (sorted_buckets.totals
+                   | "AllTotals" >> beam.combiners.ToList()
+                   | "Offsets" >> beam.Map(_bucket_offsets))
+        size = (decisions
+                | "RowsPerBatch" >> beam.MapTuple(lambda _, batch: len(batch["keys"]))
+                | "DefaultSize" >> beam.CombineGlobally(sum))
+        requested = self.output_size
+        offset_uniform = hashing.keyed_uniform(seed, "systematic-offset", hashing.REPEAT)
+
+        def with_copies(bucket_and_rows, offsets, size):
+            bucket, (rows, starts) = bucket_and_rows
+            target = size if requested is None else requested
+            total, base = offsets["total"], offsets["offsets"][bucket]
+            batches: dict[str, dict] = {}
+            for (_, key, shard, position, q, weight, signature), start in zip(rows, starts):
+                start += base
+                end = start + release.repeat_mass(q)
+                batch = batches.get(shard)
+                if batch is None:
+                    batch = batches[shard] = _empty_batch()
+                batch["positions"].append(position)
+                batch["keys"].append(key)
+                batch["q"].append(q)
+                batch["weights"].append(weight)
+                batch["copies"].append(release.repeat_copies(start, end, total, target, offset_uniform))
+                batch["signatures"].append(signature)
+            yield from batches.items()
+
+        return sorted_buckets.rows | "Copies" >> beam.FlatMap(
+            with_copies, beam.pvalue.AsSingleton(offsets), beam.pvalue.AsSingleton(size))
+
+
+def _bucket_offsets(totals) -> dict:
     offsets, running = {}, 0
     for bucket, total in sorted(totals):
         offsets[bucket] = running
@@ -95,114 +222,7 @@ def _offsets(totals):
     return {"offsets": offsets, "total": running}
 
 
-class HashOrderPrefix(beam.PTransform):
-    """(id, order in [0,1), integer mass, payload) -> (id, start, end, payload) along the order.
-
-    start/end are exact running sums of the masses in (order, id) order: with mass 1, start is the
-    record's rank. Buckets are contiguous ranges of the order, sized from the count, so no single
-    worker sorts everything. Also returns the total mass as a one-element PCollection.
-    """
-
-    def expand(self, elements):
-        count = elements | "Count" >> beam.combiners.Count.Globally()
-        sorted_parts = (elements
-                        | "Bucket" >> beam.ParDo(_Bucket(), beam.pvalue.AsSingleton(count))
-                        | "GroupBucket" >> beam.GroupByKey()
-                        | "SortBucket" >> beam.FlatMap(_prefix_within_bucket).with_outputs("totals", main="items"))
-        offsets = (sorted_parts.totals
-                   | "AllTotals" >> beam.combiners.ToList()
-                   | "Offsets" >> beam.Map(_offsets))
-        prefixed = sorted_parts.items | "AddOffset" >> beam.Map(
-            lambda item, offsets: (item[1], offsets["offsets"][item[0]] + item[2],
-                                   offsets["offsets"][item[0]] + item[3], item[4]),
-            beam.pvalue.AsSingleton(offsets))
-        total = offsets | "Total" >> beam.Map(lambda offsets: offsets["total"])
-        return prefixed, total
-
-
-class RepeatCopies(beam.PTransform):
-    """Repeat mode: copies proportional to q, exactly `output_size` in all (systematic sampling)."""
-
-    def __init__(self, seed: int, output_size: int | None):
-        super().__init__()
-        self.seed, self.output_size = seed, output_size
-
-    def expand(self, decisions):
-        seed = self.seed
-        prefixed, total = (decisions
-                           | "Mass" >> beam.MapTuple(lambda key, d: (
-                               key, hashing.keyed_uniform(seed, key, hashing.REPEAT), release.repeat_mass(d["q"]),
-                               d))
-                           | "Systematic" >> HashOrderPrefix())
-        size = decisions | "DefaultSize" >> beam.combiners.Count.Globally()
-        requested = self.output_size
-        offset = hashing.keyed_uniform(seed, "systematic-offset", hashing.REPEAT)
-
-        def with_copies(item, total, size):
-            key, start, end, decision = item
-            target = size if requested is None else requested
-            return key, dict(decision, copies=release.repeat_copies(start, end, total, target, offset))
-
-        return prefixed | "Copies" >> beam.Map(
-            with_copies, beam.pvalue.AsSingleton(total), beam.pvalue.AsSingleton(size))
-
-
-class _BundleCounts(beam.DoFn):
-    """A DoFn that tallies outcomes per bundle and emits one dict per bundle on a tagged output.
-
-    Counting one dict per bundle instead of one element per record keeps the counts off the
-    per-element path; the dicts add up to the same totals whatever the bundling.
-    """
-
-    def start_bundle(self):
-        self._tallies = {}
-
-    def tally(self, tag, name, amount=1):
-        counts = self._tallies.setdefault(tag, {})
-        counts[name] = counts.get(name, 0) + amount
-
-    def finish_bundle(self):
-        for tag, counts in self._tallies.items():
-            yield beam.pvalue.TaggedOutput(tag, WindowedValue(counts, MIN_TIMESTAMP, [GlobalWindow()]))
-        self._tallies = {}
-
-
-def _add_counts(dicts):
-    total = {}
-    for counts in dicts:
-        for name, amount in counts.items():
-            total[name] = total.get(name, 0) + amount
-    return total
-
-
-class LocateMembers(_BundleCounts):
-    """Sample -> (key, the sample with its large members as places in the input tar, not bytes).
-
-    Runs fused right after the read, so the bytes never leave the worker that read them; the tar's
-    header index is built once per input file (samples of one file arrive together).
-    """
-
-    def __init__(self):
-        super().__init__()
-        self._path, self._offsets = None, None
-        self.located = Metrics.counter(METRICS_NAMESPACE, "members_located")
-        self.inline = Metrics.counter(METRICS_NAMESPACE, "members_inline")
-
-    def process(self, sample):
-        self.tally(_OUTCOME_TAG, "samples_read")
-        members = sample.get("members") or {}
-        if members and sample.get("shard") != self._path:
-            self._path, self._offsets = sample.get("shard"), _tar_offsets(sample.get("shard"))
-        if not members:  # a caption-table row: small, it travels whole
-            yield sample["key"], sample
-            return
-        located = release.locate_members(sample["key"], members, self._offsets)
-        for _, data in located:
-            (self.located if isinstance(data, tuple) else self.inline).inc()
-        # meta, caption and image_id come again from the members when the shard is written.
-        yield sample["key"], {"key": sample["key"], "shard": sample.get("shard"), "position": sample.get("position"),
-                              "members": located}
-
+# --- one input file meets its decisions ---------------------------------------------------------
 
 def _tar_offsets(path):
     """Header index of an uncompressed input tar (None for anything we cannot seek in)."""
@@ -216,58 +236,133 @@ def _tar_offsets(path):
         return None
 
 
-class JoinAndDecide(_BundleCounts):
-    """Per key: pair the record read now with its decision; emit its kept copies to be ranked.
+class ResampleFile(beam.DoFn):
+    """(input file, {"read": [file], "decisions": [batches]}) -> its kept copies, bucketed for ranking.
 
-    Output: (copy key, order in [0, 1), 1, (sample, balance)) for HashOrderPrefix; the sample
-    carries only small members and places in the input tar, never image bytes.
+    Main output: (order bucket, [(order, copy key, sample, balance)]); the sample carries small
+    members and places in the input tar, never image bytes. Tagged outputs: quarantine entries and
+    one count dict per file (records read, kept, dropped, quarantined, decisions joined or missing).
     """
 
-    def __init__(self, seed: int, mode: str):
-        super().__init__()
-        self.seed, self.mode = seed, mode
-        self.kept = Metrics.counter(METRICS_NAMESPACE, "records_kept")
-        self.dropped = Metrics.counter(METRICS_NAMESPACE, "records_dropped")
+    def __init__(self, seed: int, mode: str, buckets: int, input_format: str, key_column: str,
+                 caption_column: str):
+        self.seed, self.mode, self.buckets = seed, mode, buckets
+        self.input_format, self.key_column, self.caption_column = input_format, key_column, caption_column
+        self.kept_counter = Metrics.counter(METRICS_NAMESPACE, "records_kept")
+        self.read_counter = Metrics.counter(METRICS_NAMESPACE, "records_read")
 
-    def process(self, joined):
-        key, groups = joined
-        samples, decisions = list(groups["samples"]), list(groups["decisions"])
-        pairs, leftovers = _pair(samples, decisions)
-        for sample in leftovers:
-            reason = NOT_ANNOTATED if not decisions else DUPLICATE_KEY
-            yield beam.pvalue.TaggedOutput(QUARANTINE_TAG, quarantine_record(
-                STAGE_RESAMPLE, reason, key, sample.get("shard"), sample.get("position"),
-                "no annotation row for this record" if reason == NOT_ANNOTATED
-                else "another record with this key was annotated"))
-            self.tally(_OUTCOME_TAG, "quarantined")
-        for sample, decision in pairs:
-            if not decision["copies"]:
-                self.dropped.inc()
-                self.tally(_OUTCOME_TAG, "dropped")
-                continue
-            self.kept.inc()
-            self.tally(_OUTCOME_TAG, "kept")
-            for copy in range(decision["copies"]):
-                balance = {"q": decision["q"], "weight": decision["weight"]}
-                if self.mode == "repeat":
-                    balance["copy"] = copy
-                yield (release.copy_key(key, copy), release.order_uniform(self.seed, key, copy), 1,
-                       (sample, balance))
-                self.tally(_KEPT_SIGNATURE_TAG, decision["signature"])
-                self.tally(_OUTCOME_TAG, "output_samples")
+    def process(self, element):
+        path, groups = element
+        read_now = bool(list(groups["read"]))
+        decisions = _merge_batches(groups["decisions"])
+        counts = collections.Counter()
+        quarantined = collections.Counter()
+        kept_signatures = collections.Counter()
+        counts["decisions_read_by_file"] = len(decisions["keys"])
+        index = {position: i for i, position in enumerate(decisions["positions"])}
+        if len(index) != len(decisions["keys"]):
+            raise DataError(f"annotations list some record of {path} twice (same position); "
+                            "re-run annotate into an empty folder")
+        matched = bytearray(len(decisions["keys"]))
+        buckets: dict[int, list] = collections.defaultdict(list)
+        tar_index = None
+        if read_now:
+            for output in iter_file_records(path, self.input_format, self.key_column, self.caption_column):
+                if isinstance(output, beam.pvalue.TaggedOutput):  # read-stage quarantine
+                    entry = output.value
+                    quarantined[f"{entry['stage']}:{entry['reason']}"] += 1
+                    yield output
+                    continue
+                sample = output
+                counts["samples_read"] += 1
+                i = index.get(sample["position"])
+                reason = None
+                if i is None or matched[i]:
+                    reason, detail = NOT_ANNOTATED, "annotate wrote no row for this record (see its quarantine)"
+                elif decisions["keys"][i] != sample["key"]:
+                    reason, detail = INPUT_CHANGED, (f"annotated as key {decisions['keys'][i]!r}; the input "
+                                                     "changed since annotate read it")
+                if reason is not None:
+                    quarantined[f"{STAGE_RESAMPLE}:{reason}"] += 1
+                    counts["records_quarantined"] += 1
+                    yield beam.pvalue.TaggedOutput(QUARANTINE_TAG, quarantine_record(
+                        STAGE_RESAMPLE, reason, sample["key"], path, sample["position"], detail))
+                    continue
+                matched[i] = 1
+                counts["decisions_joined"] += 1
+                copies = decisions["copies"][i]
+                if not copies:
+                    counts["dropped"] += 1
+                    continue
+                counts["kept"] += 1
+                counts["output_samples"] += copies
+                kept_signatures[decisions["signatures"][i]] += copies
+                if sample.get("members") and tar_index is None:
+                    tar_index = _tar_offsets(path) or {}
+                payload = _payload(sample, tar_index)
+                for copy in range(copies):
+                    balance = {"q": decisions["q"][i], "weight": decisions["weights"][i]}
+                    if self.mode == "repeat":
+                        balance["copy"] = copy
+                    order = release.order_uniform(self.seed, sample["key"], copy)
+                    bucket = min(int(order * self.buckets), self.buckets - 1)
+                    items = buckets[bucket]
+                    items.append((order, release.copy_key(sample["key"], copy), payload, balance))
+                    if len(items) >= ITEMS_PER_ELEMENT:
+                        yield bucket, items
+                        buckets[bucket] = []
+        for bucket, items in sorted(buckets.items()):
+            if items:
+                yield bucket, items
+        for i in range(len(matched)):
+            if not matched[i]:
+                counts["missing_from_input"] += 1
+                quarantined[f"{STAGE_RESAMPLE}:{MISSING_FROM_INPUT}"] += 1
+                yield beam.pvalue.TaggedOutput(QUARANTINE_TAG, quarantine_record(
+                    STAGE_RESAMPLE, MISSING_FROM_INPUT, decisions["keys"][i], path, decisions["positions"][i],
+                    "annotated, but not in the input read now" if not read_now
+                    else "annotated, but no record at this place in the file now"))
+        self.read_counter.inc(counts["samples_read"])
+        self.kept_counter.inc(counts["kept"])
+        counts["files_read"] = int(read_now)
+        yield _counts_output({**counts, "quarantined": dict(quarantined),
+                              "kept_signatures": dict(kept_signatures)})
 
 
-def _pair(samples, decisions):
-    """Match samples to decisions: one each pairs directly; otherwise by (file name, position)."""
-    if not decisions:
-        return [], samples
-    if len(samples) == 1 and len(decisions) == 1:
-        return [(samples[0], decisions[0])], []
-    decision = min(decisions, key=lambda d: (str(d["shard"]), d["position"] or 0))
-    where = (posixpath.basename(str(decision["shard"])), decision["position"])
-    matched = [s for s in samples if (posixpath.basename(str(s.get("shard"))), s.get("position")) == where]
-    pairs = [(matched[0], decision)] if matched else []
-    return pairs, [s for s in samples if not (matched and s is matched[0])]
+def _payload(sample: dict, tar_index) -> dict:
+    """What travels to the shard writer: a tar sample's members as places, or a table row whole."""
+    if not sample.get("members"):  # a caption-table row: small, it travels whole
+        return {"key": sample["key"], "caption": sample.get("caption"), "meta": sample.get("meta")}
+    # meta, caption and image_id come again from the members when the shard is written.
+    return {"key": sample["key"], "shard": sample["shard"],
+            "members": release.locate_members(sample["key"], sample["members"], tar_index)}
+
+
+# --- ranking and writing ------------------------------------------------------------------------
+
+def _sort_bucket(bucket_and_chunks):
+    """All kept copies of one order bucket, sorted by (order, copy key); also the bucket's size."""
+    bucket, chunks = bucket_and_chunks
+    items = sorted((item for chunk in chunks for item in chunk), key=lambda item: (item[0], item[1]))
+    yield bucket, items
+    yield beam.pvalue.TaggedOutput("totals", (bucket, len(items)))
+
+
+def _by_shard(bucket_and_items, offsets, samples_per_shard):
+    """Ranks from the bucket offsets; consecutive ranks go out grouped by their shard index."""
+    bucket, items = bucket_and_items
+    first = offsets["offsets"][bucket]
+    current, group = None, []
+    for i, (_, copy_key, payload, balance) in enumerate(items):
+        rank = first + i
+        shard = rank // samples_per_shard
+        if shard != current and group:
+            yield current, group
+            group = []
+        current = shard
+        group.append((rank, copy_key, payload, balance))
+    if group:
+        yield current, group
 
 
 class _InputTars:
@@ -290,9 +385,9 @@ class _InputTars:
 
 
 class WriteShard(beam.DoFn):
-    """(shard index, [(rank, key, sample, balance)]) -> one tar in rank order; yields its manifest entry.
+    """(shard index, [[(rank, key, sample, balance)]]) -> one tar in rank order; yields its manifest entry.
 
-    Large members are read here from the input tars, once, at the place LocateMembers noted.
+    Large members are read here from the input tars, once, at the place ResampleFile noted.
     """
 
     def __init__(self, output_dir: str, prefix: str):
@@ -300,8 +395,8 @@ class WriteShard(beam.DoFn):
         self.shards = Metrics.counter(METRICS_NAMESPACE, "shards_written")
 
     def process(self, shard):
-        index, items = shard
-        ordered = sorted(items, key=lambda item: item[0])
+        index, groups = shard
+        ordered = sorted((item for group in groups for item in group), key=lambda item: item[0])
         path = FileSystems.join(self.output_dir, release.shard_name(self.prefix, index))
         inputs = _InputTars()
 
@@ -318,115 +413,245 @@ class WriteShard(beam.DoFn):
         finally:
             inputs.close()
         self.shards.inc()
-        yield info
+        yield dict(info, index=index, first_rank=ordered[0][0] if ordered else None)
 
 
-def _write_manifest(shards, outcomes, quarantined, output_dir, details):
-    counts = {name: int(outcomes.get(name, 0)) for name in ("samples_read", "kept", "dropped", "output_samples")}
-    counts["quarantined"] = dict(sorted(quarantined.items()))
-    counts["quarantined_total"] = sum(quarantined.values())
-    counts["input_records"] = counts["samples_read"] + sum(
-        n for reason, n in quarantined.items() if not reason.startswith(STAGE_RESAMPLE + ":"))
-    manifest = {**details, "shards": sorted(shards, key=lambda s: s["name"]), "counts": counts,
-                "total_bytes": sum(s["bytes"] for s in shards)}
-    write_text_atomically(FileSystems.join(output_dir, MANIFEST_FILE), json.dumps(manifest, indent=1) + "\n")
-    return manifest
+def _write_json(path: str, payload) -> None:
+    write_text_atomically(path, json.dumps(payload, sort_keys=True))
 
 
-def _write_kept_signatures(counts, output_dir):
-    lines = [json.dumps({"signature": json.loads(s), "count": n}) for s, n in sorted(counts)]
-    write_text_atomically(FileSystems.join(output_dir, KEPT_SIGNATURES_FILE), "".join(l + "\n" for l in lines))
-
-
-def build_pipeline(pipeline, *, input_glob, annotations_dir, solution_text, output_dir, seed, mode,
-                   samples_per_shard, prefix, input_format="auto", output_size=None, details=None,
-                   quarantine_prefix=None):
-    """The resample graph on `pipeline` (so `run` and other jobs can share one pipeline)."""
+def build_pipeline(pipeline, *, input_glob, annotations_dir, solution_text, output_dir, work_dir, seed, mode,
+                   samples_per_shard, prefix, buckets, input_format="auto", key_column="key",
+                   caption_column="caption", output_size=None, quarantine_prefix=None):
+    """The resample graph on `pipeline`; its results land in `work_dir` (counts.json, shards.json)."""
     solution = pipeline | "Solution" >> beam.Create([solution_text])
-    read = pipeline | "ReadSamples" >> ReadSamples(input_glob, input_format)
-    samples = read.samples | "LocateMembers" >> beam.ParDo(LocateMembers()).with_outputs(
-        _OUTCOME_TAG, main="samples")
-    decisions = (pipeline
-                 | "ReadAnnotations" >> beam.io.ReadFromParquet(
-                     FileSystems.join(annotations_dir, ANNOTATIONS_GLOB), columns=_ANNOTATION_COLUMNS)
-                 | "Decide" >> beam.ParDo(Decide(seed, mode), beam.pvalue.AsSingleton(solution)))
+    decided = (pipeline
+               | "ReadAnnotations" >> beam.io.ReadFromParquetBatched(
+                   FileSystems.join(annotations_dir, ANNOTATIONS_GLOB), columns=_ANNOTATION_COLUMNS)
+               | "Decide" >> beam.ParDo(Decide(seed, mode), beam.pvalue.AsSingleton(solution)).with_outputs(
+                   _COUNTS_TAG, main="decisions"))
+    decisions = decided.decisions
     if mode == "repeat":
-        decisions = decisions | "RepeatCopies" >> RepeatCopies(seed, output_size)
-    joined = ({"samples": samples.samples, "decisions": decisions}
-              | "JoinByKey" >> beam.CoGroupByKey()
-              | "JoinAndDecide" >> beam.ParDo(JoinAndDecide(seed, mode)).with_outputs(
-                  QUARANTINE_TAG, _KEPT_SIGNATURE_TAG, _OUTCOME_TAG, main="copies"))
-    # Kept copies are ranked along a keyed-hash order; shard i holds ranks [i*S, (i+1)*S).
-    ranked, _ = joined.copies | "Order" >> HashOrderPrefix()
-    shards = (ranked
-              | "ByShard" >> beam.MapTuple(lambda copy_key, rank, _, payload: (
-                  rank // samples_per_shard, (rank, copy_key, payload[0], payload[1])))
-              | "GroupByShard" >> beam.GroupByKey()
-              | "WriteShard" >> beam.ParDo(WriteShard(output_dir, prefix))
-              | "AllShards" >> beam.combiners.ToList())
-    outcomes = ((joined[_OUTCOME_TAG], samples[_OUTCOME_TAG])
-                | "AllOutcomes" >> beam.Flatten()
-                | "CountOutcomes" >> beam.CombineGlobally(_add_counts))
-    quarantine = (read.quarantine, joined[QUARANTINE_TAG]) | "AllQuarantine" >> beam.Flatten()
-    reasons = (quarantine
-               | "Reason" >> beam.Map(lambda entry: f"{entry['stage']}:{entry['reason']}")
-               | "CountReasons" >> beam.combiners.Count.PerElement())
-    _ = shards | "WriteManifest" >> beam.Map(
-        _write_manifest, beam.pvalue.AsSingleton(outcomes), beam.pvalue.AsDict(reasons), output_dir, details or {})
-    _ = (joined[_KEPT_SIGNATURE_TAG]
-         | "CountKept" >> beam.CombineGlobally(_add_counts)
-         | "WriteKeptSignatures" >> beam.Map(lambda counts: _write_kept_signatures(counts.items(), output_dir)))
+        decisions = decisions | "RepeatCopies" >> RepeatCopies(seed, output_size, buckets)
+    files = pipeline | "MatchInput" >> MatchInputFiles(input_glob)
+    per_file = ({"read": files | "ReadMarker" >> beam.Map(lambda path: (path, True)), "decisions": decisions}
+                | "ByInputFile" >> beam.CoGroupByKey()
+                | "ResampleFile" >> beam.ParDo(ResampleFile(
+                    seed, mode, buckets, input_format, key_column, caption_column)).with_outputs(
+                        QUARANTINE_TAG, _COUNTS_TAG, main="kept"))
+    ranked = (per_file.kept
+              | "GroupOrderBucket" >> beam.GroupByKey()
+              | "SortOrderBucket" >> beam.FlatMap(_sort_bucket).with_outputs("totals", main="items"))
+    offsets = (ranked.totals
+               | "AllTotals" >> beam.combiners.ToList()
+               | "Offsets" >> beam.Map(_bucket_offsets))
+    _ = (ranked.items
+         | "ByShard" >> beam.FlatMap(_by_shard, beam.pvalue.AsSingleton(offsets), samples_per_shard)
+         | "GroupByShard" >> beam.GroupByKey()
+         | "WriteShard" >> beam.ParDo(WriteShard(output_dir, prefix))
+         | "AllShards" >> beam.combiners.ToList()
+         | "WriteShardList" >> beam.Map(_write_json_to, FileSystems.join(work_dir, "shards.json")))
+    _ = ((decided[_COUNTS_TAG], per_file[_COUNTS_TAG])
+         | "AllCounts" >> beam.Flatten()
+         | "AddCounts" >> beam.CombineGlobally(add_counts)
+         | "WriteCounts" >> beam.Map(_write_json_to, FileSystems.join(work_dir, "counts.json")))
     if quarantine_prefix:
-        _ = quarantine | "WriteQuarantine" >> WriteQuarantine(quarantine_prefix)
+        _ = per_file[QUARANTINE_TAG] | "WriteQuarantine" >> WriteQuarantine(quarantine_prefix)
 
 
-def remove_stale_files(output_dir: str, prefix: str) -> list[str]:
-    """Shards of an earlier run that this release does not list, and leftover temporary files."""
-    manifest = json.loads(read_text(FileSystems.join(output_dir, MANIFEST_FILE)))
-    listed = {shard["name"] for shard in manifest["shards"]}
-    pattern = FileSystems.join(output_dir, f"{prefix}-*")
-    stale = [m.path for m in FileSystems.match([pattern])[0].metadata_list
-             if posixpath.basename(m.path) not in listed]
-    if stale:
-        FileSystems.delete(stale)
-    return stale
+def _write_json_to(payload, path):
+    _write_json(path, payload)
+    return path
+
+
+# --- the driver: prepare, run, reconcile, publish -----------------------------------------------
+
+def reconcile(counts: dict, shards: list[dict], annotation_rows_written: int, quarantine_lines: int,
+              samples_per_shard: int) -> dict:
+    """The job's own accounting; raises ReconciliationError naming every equation that fails."""
+    read_quarantined = sum(n for reason, n in counts.get("quarantined", {}).items()
+                           if reason.startswith(STAGE_READ + ":"))
+    numbers = {
+        "annotation_rows_written": annotation_rows_written,
+        "decisions_read": counts.get("decisions_read", 0),
+        "decisions_grouped_by_file": counts.get("decisions_read_by_file", 0),
+        "decisions_joined": counts.get("decisions_joined", 0),
+        "missing_from_input": counts.get("missing_from_input", 0),
+        "samples_read": counts.get("samples_read", 0),
+        "kept": counts.get("kept", 0),
+        "dropped": counts.get("dropped", 0),
+        "records_quarantined": counts.get("records_quarantined", 0),
+        "read_quarantined": read_quarantined,
+        "quarantined_total": sum(counts.get("quarantined", {}).values()),
+        "quarantine_lines_written": quarantine_lines,
+        "output_samples": counts.get("output_samples", 0),
+        "kept_signature_copies": sum(counts.get("kept_signatures", {}).values()),
+        "samples_in_shards": sum(shard["samples"] for shard in shards),
+        "shards_written": len(shards),
+    }
+    n = numbers
+    expected_shards = -(-n["output_samples"] // samples_per_shard)
+    indices = sorted(shard["index"] for shard in shards)
+    checks = [
+        ("annotation rows read = annotation rows annotate wrote",
+         n["decisions_read"], n["annotation_rows_written"]),
+        ("annotation rows grouped by input file = annotation rows read",
+         n["decisions_grouped_by_file"], n["decisions_read"]),
+        ("annotation rows joined + missing from the input = annotation rows read",
+         n["decisions_joined"] + n["missing_from_input"], n["decisions_read"]),
+        ("kept + dropped = annotation rows joined", n["kept"] + n["dropped"], n["decisions_joined"]),
+        ("kept + dropped + quarantined at resample = records read",
+         n["kept"] + n["dropped"] + n["records_quarantined"], n["samples_read"]),
+        ("samples written in shards = output samples", n["samples_in_shards"], n["output_samples"]),
+        ("kept copies by signature = output samples", n["kept_signature_copies"], n["output_samples"]),
+        ("quarantine lines written = records quarantined", n["quarantine_lines_written"], n["quarantined_total"]),
+        ("shards written = ceil(output samples / samples per shard)", n["shards_written"], expected_shards),
+    ]
+    failed = [f"{name}: {left} != {right}" for name, left, right in checks if left != right]
+    if indices != list(range(len(shards))):
+        failed.append(f"shard indices are not 0..{len(shards) - 1} each once: {indices[:10]}...")
+    short = [s["name"] for s in shards if s["samples"] != samples_per_shard and s["index"] != len(shards) - 1]
+    if short:
+        failed.append(f"shards other than the last are not full: {short[:5]}")
+    if failed:
+        raise ReconciliationError(
+            "resample did not account for every record, so no manifest was published (the shards "
+            "written are not a release; re-run the job): " + "; ".join(failed) + ". All counts: "
+            + ", ".join(f"{name} {value}" for name, value in numbers.items()), numbers)
+    return numbers
+
+
+def prepare_release_dir(output_dir: str) -> None:
+    """Make the folder writable for a release and unpublish whatever release it held.
+
+    The manifest goes first (and the report, card and lists that describe the old shards), so
+    from here until the new manifest is written the folder is visibly not a release.
+    """
+    try:
+        ensure_writable_directory(output_dir)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    manifest = FileSystems.join(output_dir, MANIFEST_FILE)
+    if FileSystems.exists(manifest):
+        log.info("unpublishing the release in %s before writing the new one", output_dir)
+        FileSystems.delete([manifest])
+        for name in (SIZES_FILE, KEPT_SIGNATURES_FILE, *REPORT_FILES):
+            if FileSystems.exists(FileSystems.join(output_dir, name)):
+                FileSystems.delete([FileSystems.join(output_dir, name)])
+
+
+def check_release_options(mode: str, samples_per_shard: int, output_size, seed: int) -> None:
+    if mode not in release.MODES:
+        raise UsageError(f"--mode must be one of {', '.join(release.MODES)}, got {mode!r}")
+    if samples_per_shard < 1:
+        raise UsageError(f"--samples-per-shard must be >= 1, got {samples_per_shard}")
+    if output_size is not None and output_size < 1:
+        raise UsageError(f"--output-size must be >= 1, got {output_size}")
+    if output_size is not None and mode != "repeat":
+        raise UsageError("--output-size needs --mode repeat (the other modes keep what the plan keeps)")
+    hashing.check_seed(seed)
 
 
 def resample(input_glob, annotations_dir, solution_path, output_dir, *, seed=release.DEFAULT_SEED,
              mode=release.DEFAULT_MODE, samples_per_shard=release.DEFAULT_SAMPLES_PER_SHARD,
              prefix=release.DEFAULT_PREFIX, input_format="auto", output_size=None, pipeline_args=()):
-    """Run the resample job; return the manifest it wrote."""
-    if mode not in release.MODES:
-        raise ValueError(f"mode must be one of {release.MODES}, got {mode!r}")
-    if samples_per_shard < 1:
-        raise ValueError("samples per shard must be >= 1")
-    for pattern in [input_glob] if isinstance(input_glob, str) else input_glob:
+    """Run the resample job, reconcile it, publish the release; return the manifest it wrote."""
+    check_release_options(mode, samples_per_shard, output_size, seed)
+    release.check_prefix(prefix)
+    globs = [input_glob] if isinstance(input_glob, str) else list(input_glob)
+    options = pipeline_options(pipeline_args, "balancebeam resample")
+    for pattern in globs:
         if not FileSystems.match([pattern])[0].metadata_list:
             raise FileNotFoundError(f"no input files match {pattern!r}")
     solution_text = read_text(solution_path)
     solution = BalanceSolution.from_json(solution_text)  # fail here, not on a worker, if it is unreadable
-    FileSystems.mkdirs(output_dir) if not FileSystems.exists(output_dir) else None
-    details = {"format": "webdataset", "prefix": prefix, "samples_per_shard": samples_per_shard, "mode": mode,
-               "seed": seed, "output_size": output_size, "input": input_glob,
-               "solution_digest": release.solution_digest(solution)}
+    rows_written = annotation_rows(annotations_dir)
+    read_options = _annotate_read_options(annotations_dir, input_format, rows_written)
+    output_dir = output_dir.rstrip("/")
+    prepare_release_dir(output_dir)
+    work_dir = FileSystems.join(output_dir, _WORK_DIR_PREFIX + uuid.uuid4().hex[:12])
+    FileSystems.mkdirs(work_dir) if FileSystems.get_scheme(work_dir) is None else None
     quarantine_prefix = FileSystems.join(output_dir, "quarantine", "resample")
-    earlier = FileSystems.match([quarantine_prefix + "-*.jsonl"])[0].metadata_list
-    if earlier:  # an earlier run's quarantine shards, which this run's may not overwrite one for one
-        FileSystems.delete([m.path for m in earlier])
-    with beam.Pipeline(options=pipeline_options(pipeline_args)) as pipeline:
-        build_pipeline(pipeline, input_glob=input_glob, annotations_dir=annotations_dir,
-                       solution_text=solution_text, output_dir=output_dir, seed=seed, mode=mode,
-                       samples_per_shard=samples_per_shard, prefix=prefix, input_format=input_format,
-                       output_size=output_size, details=details, quarantine_prefix=quarantine_prefix)
-    stale = remove_stale_files(output_dir, prefix)
+    delete_matching(quarantine_prefix + "-*.jsonl")  # an earlier run's, which this run's may not overwrite
+    expected_copies = max(rows_written, output_size or 0)
+    buckets = max(1, -(-expected_copies // RANK_BUCKET_SIZE))
+    try:
+        with beam.Pipeline(options=options) as pipeline:
+            build_pipeline(pipeline, input_glob=globs, annotations_dir=annotations_dir, solution_text=solution_text,
+                           output_dir=output_dir, work_dir=work_dir, seed=seed, mode=mode,
+                           samples_per_shard=samples_per_shard, prefix=prefix, buckets=buckets,
+                           output_size=output_size, quarantine_prefix=quarantine_prefix, **read_options)
+        counts = json.loads(read_text(FileSystems.join(work_dir, "counts.json")))
+        shards = json.loads(read_text(FileSystems.join(work_dir, "shards.json")))
+    finally:
+        delete_matching(FileSystems.join(work_dir, "*"))
+        if FileSystems.exists(work_dir):
+            FileSystems.delete([work_dir])
+    numbers = reconcile(counts, shards, rows_written, count_lines(quarantine_prefix + "-*.jsonl"),
+                        samples_per_shard)
+    if not numbers["decisions_joined"] and numbers["samples_read"] and numbers["decisions_read"]:
+        raise DataError(
+            f"none of the {numbers['samples_read']} records read has an annotation row among the "
+            f"{numbers['decisions_read']} in {annotations_dir}: resample finds a record's annotation by its "
+            "input file and place in it, so --input must name the files annotate read, where it read them")
+    shard_entries = [{name: shard[name] for name in ("name", "samples", "bytes", "sha256")}
+                     for shard in sorted(shards, key=lambda s: s["index"])]
+    listed = {shard["name"] for shard in shard_entries}
+    stale = delete_matching(FileSystems.join(output_dir, f"{prefix}-*"), keep=listed)
     if stale:
         log.info("removed %d files of an earlier run that this release does not list", len(stale))
-    manifest = json.loads(read_text(FileSystems.join(output_dir, MANIFEST_FILE)))
-    counts = manifest["counts"]
-    log.info("read %d records: kept %d, dropped %d, quarantined %d; wrote %d samples in %d shards to %s",
-             counts["samples_read"], counts["kept"], counts["dropped"], counts["quarantined_total"],
-             counts["output_samples"], len(manifest["shards"]), output_dir)
+    manifest = _manifest(counts, numbers, shard_entries, {
+        "format": "webdataset", "prefix": prefix, "samples_per_shard": samples_per_shard, "mode": mode,
+        "seed": seed, "output_size": output_size, "input": input_glob,
+        "solution_digest": release.solution_digest(solution)})
+    write_text_atomically(FileSystems.join(output_dir, SIZES_FILE),
+                          json.dumps({s["name"]: s["samples"] for s in shard_entries}, indent=1) + "\n")
+    _write_kept_signatures(counts.get("kept_signatures", {}), output_dir)
+    write_text_atomically(FileSystems.join(output_dir, MANIFEST_FILE), json.dumps(manifest, indent=1) + "\n")
+    c = manifest["counts"]
+    log.info("read %d records: kept %d, dropped %d, quarantined %d; wrote %d samples in %d shards to %s "
+             "(every record accounted for)", c["samples_read"], c["kept"], c["dropped"], c["records_quarantined"],
+             c["output_samples"], len(manifest["shards"]), output_dir)
+    if c["missing_from_input"]:
+        log.warning("%d annotated records were not in the input read now (quarantined as %s)",
+                    c["missing_from_input"], MISSING_FROM_INPUT)
     return manifest
+
+
+def _annotate_read_options(annotations_dir: str, input_format: str, rows_written: int) -> dict:
+    """How annotate read the input (key and caption columns), so resample reads it the same way.
+
+    Also checks that annotate finished: its counts.json is written only once its rows reconciled.
+    """
+    try:
+        counts = read_counts(annotations_dir)
+    except (OSError, ValueError):
+        log.warning("%s has no readable counts.json: annotate did not finish there, or the annotations "
+                    "come from elsewhere; reading the input with the default key and caption columns",
+                    annotations_dir)
+        counts = {}
+    if "annotated" in counts and counts["annotated"] != rows_written:
+        raise DataError(f"{annotations_dir} holds {rows_written} annotation rows but annotate wrote "
+                        f"{counts['annotated']}: the folder changed since; re-run annotate into an empty folder")
+    recorded = counts.get("read_options", {})
+    return {"input_format": input_format if input_format != "auto" else recorded.get("input_format", "auto"),
+            "key_column": recorded.get("key_column", "key"),
+            "caption_column": recorded.get("caption_column", "caption")}
+
+
+def _manifest(counts: dict, numbers: dict, shards: list[dict], details: dict) -> dict:
+    quarantined = dict(sorted(counts.get("quarantined", {}).items()))
+    summary = {name: numbers[name] for name in (
+        "samples_read", "kept", "dropped", "output_samples", "records_quarantined", "missing_from_input",
+        "decisions_read", "decisions_joined", "quarantined_total")}
+    summary["quarantined"] = quarantined
+    summary["input_records"] = numbers["samples_read"] + numbers["read_quarantined"]
+    return {**details, "shards": shards, "counts": summary, "total_bytes": sum(s["bytes"] for s in shards)}
+
+
+def _write_kept_signatures(counts: dict, output_dir: str) -> None:
+    lines = [json.dumps({"signature": json.loads(s), "count": n}) for s, n in sorted(counts.items())]
+    write_text_atomically(FileSystems.join(output_dir, KEPT_SIGNATURES_FILE), "".join(line + "\n" for line in lines))
 
 
 def add_release_arguments(parser: argparse.ArgumentParser) -> None:
@@ -434,7 +659,8 @@ def add_release_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", choices=release.MODES, default=release.DEFAULT_MODE,
                         help="bernoulli: keep with probability q; weights: keep q > 0 with weight q/eta; "
                              "repeat: copies proportional to q, exactly --output-size samples")
-    parser.add_argument("--seed", type=int, default=release.DEFAULT_SEED)
+    parser.add_argument("--seed", type=int, default=release.DEFAULT_SEED,
+                        help=f"sampling seed, 0 <= seed < 2**{hashing.SEED_BITS}")
     parser.add_argument("--samples-per-shard", type=int, default=release.DEFAULT_SAMPLES_PER_SHARD)
     parser.add_argument("--prefix", default=release.DEFAULT_PREFIX, help="shards are PREFIX-00000.tar, ...")
     parser.add_argument("--output-size", type=int, help="repeat mode: samples in the release (default: as read)")
@@ -453,13 +679,12 @@ def parse_args(argv):
 
 
 def run(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args, pipeline_args = parse_args(argv)
-    try:
-        resample(args.input, args.annotations, args.solution, args.output, seed=args.seed, mode=args.mode,
-                 samples_per_shard=args.samples_per_shard, prefix=args.prefix, input_format=args.input_format,
-                 output_size=args.output_size, pipeline_args=pipeline_args)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"balancebeam resample: {error}", file=sys.stderr)
-        return 1
+    resample(args.input, args.annotations, args.solution, args.output, seed=args.seed, mode=args.mode,
+             samples_per_shard=args.samples_per_shard, prefix=args.prefix, input_format=args.input_format,
+             output_size=args.output_size, pipeline_args=pipeline_args)
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run())

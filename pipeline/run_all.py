@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 
 from apache_beam.io.filesystems import FileSystems
 
-from pipeline import annotate, balance, report, resample
+from pipeline import annotate, balance, release, report, resample
+from pipeline.errors import UsageError
+from pipeline.files import ensure_writable_directory
+from pipeline.options import check_pipeline_args
 from pipeline.sources import FORMATS
 
 log = logging.getLogger(__name__)
@@ -62,12 +64,21 @@ def run_all(inputs, output, args, annotate_args=(), beam_args=()) -> dict:
     """The four jobs in order; returns the release statistics."""
     paths = layout(output)
     annotate_argv = [a for pattern in inputs for a in ("--input", pattern)]
-    annotate_argv += ["--output", paths["annotations"], "--input-format", args.input_format, *annotate_args, *beam_args]
+    annotate_argv += ["--output", paths["annotations"], "--input-format", args.input_format, *annotate_args]
+    # Every flag of every step is checked before the first job starts.
+    annotate.check_arguments(annotate.build_parser().parse_args(annotate_argv))
+    config = balance.config_from_args(args)
+    resample.check_release_options(args.mode, args.samples_per_shard, args.output_size, args.seed)
+    release.check_prefix(args.prefix)
+    check_pipeline_args(beam_args, "balancebeam run")
+    try:
+        ensure_writable_directory(output)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
     log.info("1/4 annotate %s", ", ".join(inputs))
-    annotate.run(annotate_argv)
+    annotate.run([*annotate_argv, *beam_args])
     log.info("2/4 balance")
-    balance.balance(paths["annotations"], paths["solution"], balance.config_from_args(args), beam_args,
-                    paths["signatures"])
+    balance.balance(paths["annotations"], paths["solution"], config, beam_args, paths["signatures"])
     log.info("3/4 resample")
     resample.resample(inputs, paths["annotations"], paths["solution"], paths["release"], seed=args.seed,
                       mode=args.mode, samples_per_shard=args.samples_per_shard, prefix=args.prefix,
@@ -80,13 +91,7 @@ def run(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args, rest = build_parser().parse_known_args(argv)
     annotate_args, beam_args = split_annotate_args(rest)
-    from solvers.errors import InfeasibleError
-
-    try:
-        run_all(args.input, args.output, args, annotate_args, beam_args)
-    except (InfeasibleError, ValueError, FileNotFoundError) as error:
-        print(f"balancebeam run: {error}", file=sys.stderr)
-        return 1
+    run_all(args.input, args.output, args, annotate_args, beam_args)
     paths = layout(args.output)
     print(f"release: {paths['release']}  (report.html, README.md, manifest.json inside)")
     return 0

@@ -72,7 +72,9 @@ class SignatureTable:
     @classmethod
     def from_counts(cls, counts: Iterable[tuple[str, int]]) -> "SignatureTable":
         """Build from (signature text, count) pairs, in a deterministic (sorted) row order."""
-        rows = sorted((parse_signature(text), int(count)) for text, count in counts if int(count) > 0)
+        parsed = [(parse_signature(text), int(count)) for text, count in counts if int(count) > 0]
+        # Rows with a utility bucket and rows without one (None) sort apart instead of failing.
+        rows = sorted(parsed, key=lambda row: (row[0][0], row[0][1], row[0][2] is None, row[0][2] or 0.0))
         attribute_names = sorted({a for (attributes, _, _), _ in rows for a in attributes})
         concept_names = sorted({c for (_, concepts, _), _ in rows for c in concepts})
         attributes = encode([r[0][0] for r in rows], attribute_names)

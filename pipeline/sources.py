@@ -3,8 +3,8 @@
 `ReadSamples` is the one source transform; bad records go to a tagged quarantine output.
 """
 import csv
-import io
 import json
+import os
 import pathlib
 import posixpath
 import re
@@ -16,6 +16,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
 from pipeline import quarantine as q
+from pipeline.keys import safe_key
 
 FORMAT_AUTO = "auto"
 FORMAT_WEBDATASET = "webdataset"
@@ -41,6 +42,8 @@ END_OF_ARCHIVE_BYTES = 2 * TAR_BLOCK
 # room for large PNGs and precomputed embeddings while stopping a forged 10 GB header).
 MAX_MEMBER_BYTES = 256 * 1024 * 1024
 TABLE_BATCH_ROWS = 1024
+# Largest CSV cell read (csv's own default is 128 KiB); a larger one makes its row a bad_row.
+MAX_CSV_FIELD = 16 * 1024 * 1024
 
 
 def detect_format(path):
@@ -182,6 +185,12 @@ def _finish_tar_sample(pending, shard, caption_field):
         return
     if caption is None and isinstance(meta.get(caption_field), str):
         caption = meta[caption_field]
+    dotted = sorted(name for name in members if "." in name)
+    if caption is None and dotted:
+        yield q.quarantined(q.STAGE_READ, q.INVALID_KEY, key, shard, position,
+                            f"members {', '.join(f'{key}.{name}' for name in dotted)}: WebDataset reads "
+                            f"{key!r} as the key and {dotted[0]!r} as the extension; a key must not contain '.'")
+        return
     image_id = meta.get("image_id")
     yield _sample(key, shard, position, caption, members, meta,
                   None if image_id is None else str(image_id))
@@ -196,6 +205,7 @@ def _row_sample(row, shard, position, key_column, caption_column, has_key_column
                                  f"row {position} has no {key_column!r}")
     else:
         key = f"{posixpath.basename(shard)}#{position}"
+    key = safe_key(str(key))  # the original stays in the row's json (its key column), see keys.py
     caption = row.get(caption_column)
     if isinstance(caption, bytes):
         try:
@@ -206,7 +216,7 @@ def _row_sample(row, shard, position, key_column, caption_column, has_key_column
         caption = str(caption)
     image_id = row.get("image_id")
     meta = {name: value for name, value in row.items() if name not in (caption_column,)}
-    return _sample(str(key), shard, position, caption, None, meta,
+    return _sample(key, shard, position, caption, None, meta,
                    None if image_id is None else str(image_id))
 
 
@@ -244,29 +254,58 @@ def iter_jsonl_samples(raw_file, shard, key_column, caption_column):
 
 
 def iter_csv_samples(raw_file, shard, key_column, caption_column):
+    """Rows of a CSV table; a row that cannot be parsed is quarantined with its lines and the reader
+    goes on with the next line, so one bad row never costs the rest of the file."""
+    _raise_csv_field_limit()
     # surrogateescape keeps undecodable bytes visible per row, so one bad row is quarantined
     # instead of the whole file failing.
     lines = (line.decode("utf-8", errors="surrogateescape") for line in raw_file)
-    reader = csv.reader(lines)
-    header = next(reader, None)
+    reader = csv.reader(lines, strict=True)
+    try:
+        header = next(reader, None)
+    except csv.Error as error:
+        yield q.quarantined(q.STAGE_READ, q.BAD_ROW, None, shard, None, f"header line: {error}")
+        return
     if header is None:
         yield q.quarantined(q.STAGE_READ, q.EMPTY_SHARD, None, shard, None, "file has no header")
         return
-    position = -1
-    for position, fields in enumerate(reader):
-        if len(fields) != len(header):
-            yield q.quarantined(q.STAGE_READ, q.BAD_ROW, None, shard, position,
-                                f"{len(fields)} fields, header has {len(header)}")
-            continue
+    position = 0
+    while True:
+        first_line = reader.line_num + 1
         try:
-            "".join(fields).encode("utf-8")
-        except UnicodeEncodeError as error:
-            yield q.quarantined(q.STAGE_READ, q.NON_UTF8_TEXT, None, shard, position, error)
+            fields = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as error:
+            detail = f"lines {first_line}-{reader.line_num}: {error}"
+            if "unexpected end of data" in str(error):
+                detail = (f"a quote opened on line {first_line} is never closed: lines {first_line}-"
+                          f"{reader.line_num} (the rest of the file) could not be read as rows")
+            yield q.quarantined(q.STAGE_READ, q.BAD_ROW, None, shard, position, detail)
+            position += 1
             continue
-        yield _row_sample(dict(zip(header, fields)), shard, position, key_column, caption_column,
-                          key_column in header)
-    if position < 0:
+        if len(fields) != len(header):
+            spanned = "" if reader.line_num == first_line else \
+                f" (lines {first_line}-{reader.line_num}: a quoted field spans lines)"
+            yield q.quarantined(q.STAGE_READ, q.BAD_ROW, None, shard, position,
+                                f"{len(fields)} fields, header has {len(header)}{spanned}")
+        else:
+            try:
+                "".join(fields).encode("utf-8")
+            except UnicodeEncodeError as error:
+                yield q.quarantined(q.STAGE_READ, q.NON_UTF8_TEXT, None, shard, position, error)
+            else:
+                yield _row_sample(dict(zip(header, fields)), shard, position, key_column, caption_column,
+                                  key_column in header)
+        position += 1
+    if position == 0:
         yield q.quarantined(q.STAGE_READ, q.EMPTY_SHARD, None, shard, None, "table has no rows")
+
+
+def _raise_csv_field_limit():
+    """csv's default field limit (128 KiB) is below a large metadata cell; raise it to MAX_CSV_FIELD."""
+    if csv.field_size_limit() < MAX_CSV_FIELD:
+        csv.field_size_limit(MAX_CSV_FIELD)
 
 
 def iter_coco_samples(raw_file, shard):
@@ -296,9 +335,41 @@ def iter_coco_samples(raw_file, shard):
         image_id = annotation.get("image_id")
         meta = dict(annotation, file_name=file_names.get(image_id))
         caption = annotation.get("caption")
-        yield _sample(str(annotation["id"]), shard, position,
+        yield _sample(safe_key(str(annotation["id"])), shard, position,
                       caption if isinstance(caption, str) else None, None, meta,
                       None if image_id is None else str(image_id))
+
+
+def normalize_path(path: str) -> str:
+    """A local path made absolute (object-store URLs as they are): annotate records where each
+    record came from, and resample finds it again by that name whatever the working directory."""
+    if FileSystems.get_scheme(path) is None:
+        return os.path.abspath(path)
+    return path
+
+
+def iter_file_records(path, input_format=FORMAT_AUTO, key_column="key", caption_column="caption"):
+    """Samples of one input file, and TaggedOutput quarantine entries for what cannot be read."""
+    file_format = detect_format(path) if input_format == FORMAT_AUTO else input_format
+    if file_format is None:
+        yield q.quarantined(q.STAGE_READ, q.UNREADABLE_FILE, None, path, None,
+                            "unknown file type; pass --input-format")
+        return
+    try:
+        with FileSystems.open(path) as raw_file:
+            if file_format == FORMAT_WEBDATASET:
+                yield from iter_tar_samples(raw_file, path, caption_column)
+            elif file_format == FORMAT_PARQUET:
+                yield from iter_parquet_samples(raw_file, path, key_column, caption_column)
+            elif file_format == FORMAT_JSONL:
+                yield from iter_jsonl_samples(raw_file, path, key_column, caption_column)
+            elif file_format == FORMAT_CSV:
+                yield from iter_csv_samples(raw_file, path, key_column, caption_column)
+            else:
+                yield from iter_coco_samples(raw_file, path)
+    except Exception as error:  # a file we cannot open or parse at all: quarantine, go on
+        yield q.quarantined(q.STAGE_READ, q.UNREADABLE_FILE, None, path, None,
+                            f"{type(error).__name__}: {error}")
 
 
 class ReadFileSamples(beam.DoFn):
@@ -313,32 +384,25 @@ class ReadFileSamples(beam.DoFn):
 
     def process(self, path):
         self.files_read.inc()
-        for output in self._records(path):
+        for output in iter_file_records(path, self.input_format, self.key_column, self.caption_column):
             self.records_read.inc()
             yield output
 
-    def _records(self, path):
-        file_format = self.input_format
-        if file_format == FORMAT_AUTO:
-            file_format = detect_format(path)
-        if file_format is None:
-            yield q.quarantined(q.STAGE_READ, q.UNREADABLE_FILE, None, path, None,
-                                "unknown file type; pass --input-format")
-            return
-        try:
-            with FileSystems.open(path) as raw_file:
-                if file_format == FORMAT_WEBDATASET:
-                    yield from iter_tar_samples(raw_file, path, self.caption_column)
-                elif file_format == FORMAT_PARQUET:
-                    yield from iter_parquet_samples(raw_file, path, self.key_column, self.caption_column)
-                elif file_format == FORMAT_JSONL:
-                    yield from iter_jsonl_samples(raw_file, path, self.key_column, self.caption_column)
-                elif file_format == FORMAT_CSV:
-                    yield from iter_csv_samples(raw_file, path, self.key_column, self.caption_column)
-                else:
-                    yield from iter_coco_samples(raw_file, path)
-        except Exception as error:  # a file we cannot open or parse at all: quarantine, go on
-            yield q.quarantined(q.STAGE_READ, q.UNREADABLE_FILE, None, path, None, repr(error))
+
+class MatchInputFiles(beam.PTransform):
+    """Globs -> the distinct (normalised) paths they match, spread over the workers."""
+
+    def __init__(self, globs):
+        super().__init__()
+        self.globs = [globs] if isinstance(globs, str) else list(globs)
+
+    def expand(self, pbegin):
+        return (pbegin
+                | "Globs" >> beam.Create(self.globs)
+                | "MatchFiles" >> fileio.MatchAll()
+                | "Paths" >> beam.Map(lambda metadata: normalize_path(metadata.path))
+                # Distinct groups by path, which also spreads the files over the workers.
+                | "SpreadFiles" >> beam.Distinct())
 
 
 class ReadSamples(beam.PTransform):
@@ -361,11 +425,7 @@ class ReadSamples(beam.PTransform):
 
     def expand(self, pbegin):
         return (pbegin
-                | "Globs" >> beam.Create(self.globs)
-                | "MatchFiles" >> fileio.MatchAll()
-                | "Paths" >> beam.Map(lambda metadata: metadata.path)
-                # Distinct groups by path, which also spreads the files over the workers.
-                | "SpreadFiles" >> beam.Distinct()
+                | "MatchInputFiles" >> MatchInputFiles(self.globs)
                 | "ReadFiles" >> beam.ParDo(ReadFileSamples(
                     self.input_format, self.key_column, self.caption_column)).with_outputs(
                         q.QUARANTINE_TAG, main="samples"))

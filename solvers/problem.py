@@ -107,11 +107,11 @@ class ConstraintSpec:
         centred = attributes - np.asarray(self.targets) * annotated_by_value  # v (N, m)
         values = np.asarray(self.unit_values)
         unit_concepts = np.asarray(self.unit_concepts)
-        # y_ir for each unit; representation units use y = 1.
-        concept_columns = sp.csc_matrix(concepts)[:, np.maximum(unit_concepts, 0)].tocsc()
+        # y_ir for each unit; representation units use y = 1 (and need no concept column at all).
         is_representation = unit_concepts == REPRESENTATION
         ones = sp.csc_matrix(np.ones((attributes.shape[0], int(is_representation.sum()))))
-        unit_y = sp.hstack([ones, concept_columns[:, ~is_representation]], format="csc")
+        concept_columns = sp.csc_matrix(concepts)[:, unit_concepts[~is_representation]]
+        unit_y = sp.hstack([ones, concept_columns], format="csc")
         order = np.concatenate([np.flatnonzero(is_representation), np.flatnonzero(~is_representation)])
         inverse = np.empty_like(order)
         inverse[order] = np.arange(len(order))

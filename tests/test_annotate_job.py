@@ -43,8 +43,9 @@ def coco_mini_job(coco_mini_shards, tmp_path_factory):
 
 def test_coco_mini_every_sample_annotated_with_its_own_caption(coco_mini_job, coco_mini_shards):
     output, table, counts = coco_mini_job
-    assert counts == {"records_read": 159, "annotated": 159, "quarantined": 0,
-                      "quarantined_by_reason": {}}
+    assert counts == {"records_read": 159, "annotated": 159, "quarantined": 0, "quarantined_by_reason": {},
+                      "utility_missing": 0,
+                      "read_options": {"input_format": "auto", "key_column": "key", "caption_column": "caption"}}
     assert table.schema.equals(annotate.ANNOTATION_SCHEMA)
     rows = {row["key"]: row for row in table.to_pylist()}
     for record in coco_mini_shards.records:
@@ -238,9 +239,14 @@ def test_tables_carry_captions_and_utility(broken_job):
     assert rows["p1"]["attributes"] == [MAN] and rows["p2"]["utility"] is None
 
 
-def test_missing_input_is_a_clear_error(tmp_path):
-    with pytest.raises(SystemExit, match="no input files match"):
+def test_missing_input_is_a_clear_error(tmp_path, capsys):
+    from pipeline import cli
+
+    with pytest.raises(FileNotFoundError, match="no input files match"):
         annotate.run(["--input", str(tmp_path / "nothing-*.tar"), "--output", str(tmp_path / "o")])
+    assert cli.main(["annotate", "--input", str(tmp_path / "nothing-*.tar"), "--output", str(tmp_path / "o")]) == 1
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("balancebeam annotate: no input files match") and error.count("\n") == 0
 
 
 # --- image zero-shot annotator inside the job -----------------------------------------------

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from pipeline.annotators import combine
-from pipeline.annotators.decode import ImageRejected, decode_image
+from trainer.images import ImageRejected, decode_image
 from pipeline.annotators.lexicon import Lexicon, LexiconError, plural_of
 from pipeline.annotators.text import TextAnnotator, annotate_caption
 

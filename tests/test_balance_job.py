@@ -118,10 +118,13 @@ def test_solution_depends_on_signatures_not_on_the_number_of_rows(coco_mini_anno
 
 
 def test_infeasible_keep_rate_fails_with_the_achievable_rate(coco_mini_annotations, tmp_path, capsys):
-    code = balance.run(["--annotations", str(coco_mini_annotations), "--output", str(tmp_path / "s.json"),
-                        "--keep-rate", "0.99", "--min-support", "2", "--method", "exact", *TWO_WORKERS])
-    message = capsys.readouterr().err
+    from pipeline import cli
+
+    code = cli.main(["balance", "--annotations", str(coco_mini_annotations), "--output", str(tmp_path / "s.json"),
+                     "--keep-rate", "0.99", "--min-support", "2", "--method", "exact", *TWO_WORKERS])
+    message = capsys.readouterr().err.strip()
     assert code == 1 and "0.99" in message and "at most" in message and "Binding" in message
+    assert message.count("\n") == 0
     assert not (tmp_path / "s.json").exists()
 
 

@@ -305,8 +305,15 @@ def test_annotated_records_missing_from_the_input_leave_no_holes_and_kept_images
                          input_glob=read_now)
     counts = manifest["counts"]
     originals = {r["key"]: r for r in coco_mini_shards.records if r["shard"] in read_now}
+    left_out = [r for r in coco_mini_shards.records if r["shard"] not in read_now]
     assert counts["samples_read"] == len(originals)
-    assert counts["kept"] + counts["dropped"] + counts["quarantined_total"] == counts["samples_read"]
+    assert counts["kept"] + counts["dropped"] + counts["records_quarantined"] == counts["samples_read"]
+    # The third shard's annotation rows have no record now: each is counted and quarantined by name.
+    assert counts["missing_from_input"] == len(left_out) == counts["quarantined"]["resample:missing_from_input"]
+    entries = [json.loads(line) for path in (tmp_path / "part" / "quarantine").glob("*.jsonl")
+               for line in path.read_text().splitlines()]
+    assert sorted(e["key"] for e in entries if e["reason"] == "missing_from_input") == sorted(
+        r["key"] for r in left_out)
     assert counts["output_samples"] == counts["kept"] == sum(s["samples"] for s in manifest["shards"])
     assert all(s["samples"] == 15 for s in manifest["shards"][:-1]) and manifest["shards"][-1]["samples"] <= 15
     released = list(webdataset.WebDataset(sorted(str(p) for p in (tmp_path / "part").glob("*.tar")),

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import webdataset
 
-from pipeline import cli, resample, run_all
+from pipeline import cli, resample
 from pipeline import release as release_module
 from pipeline.annotators.text import annotate_caption
 from pipeline.signatures import encode

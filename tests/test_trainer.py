@@ -2,7 +2,6 @@
 
 Two tiny CPU models are trained once per module (planted vs unplanted data, same size and seed).
 """
-import io
 import json
 import logging
 import os

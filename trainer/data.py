@@ -4,7 +4,6 @@ Images are decoded with PIL only (webdataset's default decoders include pickle; 
 a `handler` decides what a bad sample does, as in webdataset: raise, or warn and continue.
 """
 import glob
-import io
 import json
 import logging
 import os
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import torch
 import webdataset as wds
-from PIL import Image
+from trainer.images import decode_image
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +60,7 @@ def decode_sample(sample: dict) -> dict:
         raise ValueError(f"sample {sample.get('__key__')!r} in {sample.get('__url__')!r} has no image")
     if "txt" not in sample:
         raise ValueError(f"sample {sample.get('__key__')!r} in {sample.get('__url__')!r} has no txt caption")
-    with Image.open(io.BytesIO(sample[image_key])) as image:
-        rgb = image.convert("RGB")
+    rgb = decode_image(sample[image_key])  # allowed formats only, bounded pixels (trainer/images.py)
     metadata = json.loads(sample["json"]) if "json" in sample else {}
     return {"key": sample["__key__"], "image": rgb, "text": sample["txt"].decode("utf-8"),
             "metadata": metadata, "image_bytes": sample[image_key]}
@@ -154,8 +152,7 @@ class LabelledSet:
         """Decode and preprocess images start..stop into one tensor batch."""
         tensors = []
         for data in self.image_bytes[start:stop]:
-            with Image.open(io.BytesIO(data)) as image:
-                tensors.append(preprocess(image.convert("RGB")))
+            tensors.append(preprocess(decode_image(data)))
         return torch.stack(tensors)
 
 
@@ -194,8 +191,7 @@ def read_image_folders(root, label_key: str) -> LabelledSet:
                 continue
             data = path.read_bytes()
             try:
-                with Image.open(io.BytesIO(data)) as image:
-                    image.verify()
+                decode_image(data)
             except Exception as error:  # noqa: BLE001 - unreadable files are reported, not fatal
                 result.skipped.append((str(path), f"{type(error).__name__}: {error}"))
                 continue

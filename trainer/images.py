@@ -1,6 +1,6 @@
 """Image decoding with safety limits: which formats, how many pixels, what counts as broken.
 
-PIL only (no torch), so the annotate job can check images without the zero-shot model.
+PIL only (no torch, no Beam): the annotate job checks images with it and the trainer decodes with it.
 """
 import io
 import warnings

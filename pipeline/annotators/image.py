@@ -10,7 +10,7 @@ import tempfile
 
 import numpy as np
 
-from pipeline.annotators.decode import DEFAULT_MAX_IMAGE_PIXELS, decode_image
+from trainer.images import DEFAULT_MAX_IMAGE_PIXELS, decode_image
 
 # CLIP's zero-shot prompts ("a photo of a {}.", Radford et al. 2021, the ImageNet template most
 # used on its own).

@@ -1,0 +1,387 @@
+"""Nothing lost, nothing unsafe: reconciliation that fails jobs, safe keys, bad input, bad options.
+
+Each test pins one promise of issue 9 with data built here (or the real coco_mini shards) and checks
+it from the files a job wrote, read back by other readers (webdataset, tarfile), not from the job's
+own bookkeeping.
+"""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+
+import numpy as np
+import pytest
+import webdataset
+
+from pipeline import annotate, cli, release, resample, sources
+from pipeline import quarantine as quarantine_module
+from pipeline.errors import ReconciliationError
+from pipeline.keys import safe_key
+
+HOSTILE_KEYS = ["../../evil", "a.b.c", "a.b.d", ".", "..", "nul\x00key", "x" * 300, "plain", "with/slash",
+                "back\\slash", "tilde~", "100%", "line\nbreak", "é.jpg"]
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def _balanced_rows(keys):
+    """As many 'a man' as 'a woman' captions, no concepts: balanced already, so keep rate 1 keeps all."""
+    return [{"key": key, "caption": "a man" if i % 2 else "a woman"} for i, key in enumerate(keys)]
+
+
+# --- keys -----------------------------------------------------------------------------------------
+
+def test_safe_keys_are_unique_bounded_and_reversible_where_short():
+    from urllib.parse import unquote
+
+    encoded = [safe_key(key) for key in HOSTILE_KEYS]
+    assert len(set(encoded)) == len(HOSTILE_KEYS)
+    for key, name in zip(HOSTILE_KEYS, encoded):
+        assert "." not in name and "/" not in name and "\\" not in name and "\x00" not in name
+        assert name not in ("", ".", "..") and len(name.encode("utf-8")) <= 200
+        assert name.isprintable()
+        if len(key) < 60:
+            assert unquote(name) == key
+    assert safe_key("plain") == "plain" and safe_key("0a1b2c") == "0a1b2c"
+
+
+@pytest.fixture(scope="module")
+def hostile_release(tmp_path_factory):
+    work = tmp_path_factory.mktemp("hostile_keys")
+    table = _write_jsonl(work / "captions.jsonl", _balanced_rows(HOSTILE_KEYS))
+    output = work / "run"
+    assert cli.main(["run", "--input", str(table), "--output", str(output), "--keep-rate", "1",
+                     "--min-support", "1", "--samples-per-shard", "5"]) == 0
+    return output / "release"
+
+
+def test_a_release_with_hostile_keys_reads_back_whole_in_every_reader(hostile_release, tmp_path):
+    manifest = json.loads((hostile_release / "manifest.json").read_text())
+    kept = manifest["counts"]["output_samples"]
+    assert kept == len(HOSTILE_KEYS) and manifest["counts"]["quarantined_total"] == 0
+    shards = sorted(str(p) for p in hostile_release.glob("*.tar"))
+    # webdataset: every sample intact (a txt and a json each), keys distinct
+    samples = list(webdataset.WebDataset(shards, shardshuffle=False))
+    assert len(samples) == kept and len({s["__key__"] for s in samples}) == kept
+    assert all(set(s) >= {"txt", "json"} for s in samples)
+    # the original key of every record is in its json
+    assert sorted(json.loads(s["json"])["key"] for s in samples) == sorted(HOSTILE_KEYS)
+    # tarfile: extraction stays inside the folder and makes one file per member
+    target = tmp_path / "extracted"
+    for shard in shards:
+        with tarfile.open(shard) as archive:
+            archive.extractall(target, filter="data")
+    extracted = [p for p in target.rglob("*") if p.is_file()]
+    assert len(extracted) == 2 * kept and not list(tmp_path.parent.glob("evil*"))
+    assert all(target in p.resolve().parents for p in extracted)
+    # balancebeam's own reader
+    read, entries = [], []
+    for shard in shards:
+        with open(shard, "rb") as handle:
+            samples, bad = _read_all(sources.iter_tar_samples(handle, shard))
+        read, entries = read + samples, entries + bad
+    assert len(read) == kept and entries == []
+
+
+def test_tar_keys_with_dots_get_their_real_reason(tmp_path):
+    import io
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        for name, data in (("a.b.jpg", b"not read"), ("a.b.txt", b"a man")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    buffer.seek(0)
+    outputs = list(sources.iter_tar_samples(buffer, "dots.tar"))
+    assert len(outputs) == 1
+    entry = outputs[0].value
+    assert entry["reason"] == quarantine_module.INVALID_KEY and "must not contain '.'" in entry["detail"]
+
+
+# --- table readers --------------------------------------------------------------------------------
+
+def _read_all(iterator):
+    samples, entries = [], []
+    for output in iterator:
+        (entries.append(output.value) if hasattr(output, "tag") else samples.append(output))
+    return samples, entries
+
+
+def test_csv_keeps_reading_after_a_huge_field_and_reports_an_unterminated_quote(tmp_path):
+    path = tmp_path / "table.csv"
+    huge = "x" * (sources.MAX_CSV_FIELD + 10)
+    path.write_text("key,caption\n"
+                    "k0,a man\n"
+                    f"k1,{huge}\n"
+                    "k2,a woman\n"
+                    "k3,a dog\n"
+                    'k4,"never closed\n'
+                    "k5,swallowed\n"
+                    "k6,swallowed too\n")
+    with open(path, "rb") as handle:
+        samples, entries = _read_all(sources.iter_csv_samples(handle, str(path), "key", "caption"))
+    assert [s["key"] for s in samples] == ["k0", "k2", "k3"]
+    assert [(e["reason"], e["position"]) for e in entries] == [("bad_row", 1), ("bad_row", 4)]
+    assert "field larger than field limit" in entries[0]["detail"]
+    assert "never closed" in entries[1]["detail"] and "lines 6-8" in entries[1]["detail"]
+
+
+def test_csv_fields_up_to_the_limit_are_read_whole(tmp_path):
+    path = tmp_path / "table.csv"
+    caption = "a man " + "y" * 200_000  # above csv's own 128 KiB default
+    path.write_text(f"key,caption\nk0,{caption}\nk1,a woman\n")
+    with open(path, "rb") as handle:
+        samples, entries = _read_all(sources.iter_csv_samples(handle, str(path), "key", "caption"))
+    assert entries == [] and [s["caption"] for s in samples] == [caption, "a woman"]
+
+
+# --- utility --------------------------------------------------------------------------------------
+
+def test_bad_utility_values_count_as_missing_and_are_never_dropped(tmp_path):
+    scores = [0.2, 0.9, "nan", float("nan"), float("inf"), "-inf", "abc", None, True, 0.5, 0.7, 0.1]
+    rows = _balanced_rows([f"k{i}" for i in range(len(scores))])
+    for row, score in zip(rows, scores):
+        if score is not None:
+            row["score"] = score
+    table = _write_jsonl(tmp_path / "scored.jsonl", rows)
+    output = tmp_path / "out"
+    assert cli.main(["run", "--input", str(table), "--output", str(output), "--keep-rate", "0.9",
+                     "--utility-field", "score", "--utility-tilt", "0.5", "--mode", "weights",
+                     "--min-support", "1"]) == 0
+    annotations = {r["key"]: r["utility"] for r in annotate.read_annotations(output / "annotations").to_pylist()}
+    expected = {f"k{i}": (float(s) if isinstance(s, float) and math.isfinite(s) else None)
+                for i, s in enumerate(scores)}
+    assert annotations == expected
+    counts = json.loads((output / "annotations" / "counts.json").read_text())
+    assert counts["utility_missing"] == sum(value is None for value in expected.values()) == 7
+    manifest = json.loads((output / "release" / "manifest.json").read_text())
+    assert manifest["counts"]["kept"] == len(scores)  # weights mode keeps every q > 0, scored or not
+
+
+def test_keep_probability_is_a_function_of_the_row_not_of_which_row_came_first():
+    from pipeline.signatures import SignatureTable
+    from solvers import solve
+    from solvers.problem import BalanceProblem
+
+    table = SignatureTable.from_records([
+        {"attributes": ["g:man"], "concepts": ["c"], "utility": 0.2, "count": 60},
+        {"attributes": ["g:woman"], "concepts": ["c"], "utility": 0.8, "count": 40},
+        {"attributes": ["g:man"], "concepts": [], "utility": 0.5, "count": 40},
+        {"attributes": ["g:woman"], "concepts": [], "utility": None, "count": 60},
+    ])
+    problem = BalanceProblem(table.attributes, table.concepts, groups=table.groups, keep_rate=0.7,
+                             weights=table.weights, utility=table.utility, utility_tilt=0.3, min_support=1,
+                             attribute_names=table.attribute_names, concept_names=table.concept_names,
+                             group_names=table.group_names)
+    solution = solve(problem, method="exact")
+    rows = [(["g:man"], ["c"], 0.201), (["g:man"], ["c"], 0.204), (["g:man"], ["c"], 0.196)]
+    first = release.KeepRule(solution, seed=1)
+    second = release.KeepRule(solution, seed=1)
+    forward = [first.keep_probability(*row) for row in rows]
+    backward = [second.keep_probability(*row) for row in reversed(rows)][::-1]
+    assert forward == backward and len(set(forward)) == 1  # one signature (bucket 0.20), one q
+
+
+# --- reconciliation -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    work = tmp_path_factory.mktemp("small_run")
+    table = _write_jsonl(work / "captions.jsonl", _balanced_rows([f"key{i:03d}" for i in range(40)]))
+    output = work / "run"
+    assert cli.main(["run", "--input", str(table), "--output", str(output), "--keep-rate", "1",
+                     "--min-support", "1", "--samples-per-shard", "7"]) == 0
+    return table, output
+
+
+def _resample_again(small_run, release_dir, *args):
+    table, output = small_run
+    return cli.main(["resample", "--input", str(table), "--annotations", str(output / "annotations"),
+                     "--solution", str(output / "solution.json"), "--output", str(release_dir),
+                     "--samples-per-shard", "7", *args])
+
+
+@pytest.mark.parametrize("fault", ["shard_loses_a_sample", "bucket_loses_a_copy", "decisions_lose_a_row"])
+def test_a_job_that_loses_records_fails_and_publishes_nothing(small_run, tmp_path, monkeypatch, capsys, fault):
+    """The in-process runner runs DoFns in this process, so a fault injected here happens inside the job."""
+    if fault == "shard_loses_a_sample":
+        write_shard = release.write_shard
+        monkeypatch.setattr(release, "write_shard", lambda path, samples: write_shard(path, list(samples)[1:]))
+    elif fault == "bucket_loses_a_copy":
+        sort_bucket = resample._sort_bucket
+
+        def sort_but_lose_a_copy(element):
+            for out in sort_bucket(element):
+                yield (out[0], out[1][1:]) if isinstance(out, tuple) else out
+
+        monkeypatch.setattr(resample, "_sort_bucket", sort_but_lose_a_copy)
+    else:
+        process = resample.Decide.process
+
+        def decide_but_lose_a_row(self, table, solution_text):
+            for out in process(self, table, solution_text):
+                yield (out[0], {name: values[1:] for name, values in out[1].items()}) if isinstance(out, tuple) \
+                    else out
+
+        monkeypatch.setattr(resample.Decide, "process", decide_but_lose_a_row)
+    release_dir = tmp_path / "release"
+    assert _resample_again(small_run, release_dir) == 1
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "did not account for every record" in error
+    assert not (release_dir / "manifest.json").exists() and not (release_dir / "sizes.json").exists()
+
+
+def test_reconcile_names_the_numbers_that_disagree():
+    counts = {"decisions_read": 10, "decisions_read_by_file": 10, "decisions_joined": 10, "samples_read": 12,
+              "kept": 6, "dropped": 4, "records_quarantined": 1, "output_samples": 6,
+              "quarantined": {"resample:not_annotated": 1}, "kept_signatures": {"[]": 6}}
+    shards = [{"name": "b-00000.tar", "index": 0, "samples": 6}]
+    with pytest.raises(ReconciliationError) as raised:
+        resample.reconcile(counts, shards, 10, 1, 10)
+    assert "kept + dropped + quarantined at resample = records read: 11 != 12" in str(raised.value)
+    assert raised.value.counts["samples_read"] == 12
+    counts["records_quarantined"] = 2
+    counts["quarantined"] = {"resample:not_annotated": 2}
+    assert resample.reconcile(counts, shards, 10, 2, 10)["kept"] == 6
+
+
+def test_annotate_refuses_to_finish_when_its_files_disagree_with_its_counts(tmp_path, monkeypatch, capsys):
+    table = _write_jsonl(tmp_path / "t.jsonl", _balanced_rows(["a", "b", "c", "d"]))
+    monkeypatch.setattr(annotate, "annotation_rows", lambda directory: 3)
+    assert cli.main(["annotate", "--input", str(table), "--output", str(tmp_path / "ann")]) == 1
+    assert "annotation rows in the Parquet files = annotated: 3 != 4" in capsys.readouterr().err
+    assert not (tmp_path / "ann" / "counts.json").exists()
+
+
+# --- publishing -----------------------------------------------------------------------------------
+
+def test_a_killed_resample_leaves_no_release_and_a_rerun_equals_a_clean_run(small_run, tmp_path):
+    table, output = small_run
+    release_dir = tmp_path / "release"
+    assert _resample_again(small_run, release_dir, "--samples-per-shard", "3") == 0  # an older release
+    old_manifest = (release_dir / "manifest.json").read_text()
+    (release_dir / "report.html").write_text("<p>report of the older release</p>")
+    command = [sys.executable, "-m", "pipeline.cli", "resample", "--input", str(table),
+               "--annotations", str(output / "annotations"), "--solution", str(output / "solution.json"),
+               "--output", str(release_dir), "--samples-per-shard", "7"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    deadline = time.time() + 120
+    while (release_dir / "manifest.json").exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    # killed after it unpublished the old release: no manifest, card or report describes the shards now
+    manifest_now = release_dir / "manifest.json"
+    assert not manifest_now.exists() or manifest_now.read_text() != old_manifest
+    if not manifest_now.exists():
+        assert not (release_dir / "report.html").exists() and not (release_dir / "README.md").exists()
+    assert _resample_again(small_run, release_dir) == 0
+    clean = tmp_path / "clean"
+    assert _resample_again(small_run, clean) == 0
+    rerun, reference = (json.loads((d / "manifest.json").read_text()) for d in (release_dir, clean))
+    assert rerun["shards"] == reference["shards"] and rerun["counts"] == reference["counts"]
+    assert sorted(p.name for p in release_dir.iterdir() if p.is_file()) == \
+        sorted(p.name for p in clean.iterdir() if p.is_file())
+
+
+# --- options --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flags, words", [
+    (["--keep-rate", "0"], "--keep-rate must be a number in (0, 1]"),
+    (["--keep-rate", "1.5"], "--keep-rate must be a number in (0, 1]"),
+    (["--keep-rate", "most"], "--keep-rate must be a number in (0, 1]"),
+    (["--association-gap", "-0.1"], "--association-gap must be a number >= 0"),
+    (["--samples-per-shard", "0"], "--samples-per-shard must be >= 1"),
+    (["--mode", "repeat", "--output-size", "0"], "--output-size must be >= 1"),
+    (["--seed", "-1"], "--seed must be a whole number"),
+    (["--seed", str(2 ** 64)], "--seed must be a whole number"),
+    (["--max-image-pixels", "0"], "--max-image-pixels must be >= 1"),
+    (["--prefix", "../x"], "--prefix must be"),
+    (["--direct_num_wokers=2"], "unrecognised arguments: --direct_num_wokers=2"),
+    (["more.jsonl", "other.jsonl"], "unquoted glob"),
+])
+def test_bad_options_are_refused_in_one_line_before_any_job_runs(tmp_path, capsys, flags, words):
+    table = _write_jsonl(tmp_path / "t.jsonl", _balanced_rows(["a", "b"]))
+    output = tmp_path / "out"
+    assert cli.main(["run", "--input", str(table), "--output", str(output), *flags]) == 2
+    error = capsys.readouterr().err.strip()
+    assert words in error and error.count("\n") == 0
+    assert not (output / "annotations").exists()
+
+
+def test_an_output_that_cannot_be_a_directory_is_refused(tmp_path, capsys):
+    table = _write_jsonl(tmp_path / "t.jsonl", _balanced_rows(["a", "b"]))
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    for output, words in ((blocker, "is a file, not a directory"), (blocker / "sub", "cannot be created")):
+        assert cli.main(["run", "--input", str(table), "--output", str(output)]) == 2
+        error = capsys.readouterr().err.strip()
+        assert words in error and error.count("\n") == 0
+
+
+def test_a_wide_gap_is_allowed_with_a_warning(caplog):
+    from pipeline.balance import BalanceConfig
+
+    BalanceConfig(association_gap=0.6)
+    assert "constrains nothing" in caplog.text
+
+
+# --- smaller defects ------------------------------------------------------------------------------
+
+def test_one_signature_says_nothing_to_balance(tmp_path, capsys):
+    table = _write_jsonl(tmp_path / "t.jsonl", [{"key": f"k{i}", "caption": "a man"} for i in range(5)])
+    assert cli.main(["run", "--input", str(table), "--output", str(tmp_path / "out")]) == 1
+    error = capsys.readouterr().err.strip()
+    assert "nothing to balance" in error and error.count("\n") == 0
+
+
+def test_quarantine_details_are_the_same_in_two_runs(tmp_path, webdataset_writer):
+    shards = webdataset_writer(tmp_path / "in", [
+        {"__key__": f"bad{i}", "jpg": b"not an image at all", "txt": b"a man"} for i in range(3)], 10,
+        prefix="broken")
+    texts = []
+    for run in ("one", "two"):
+        output = tmp_path / run
+        assert cli.main(["annotate", "--input", str(shards[0]), "--output", str(output)]) == 0
+        texts.append(sorted("".join(p.read_text() for p in output.glob("quarantine-*.jsonl")).splitlines()))
+    assert texts[0] == texts[1] and len(texts[0]) == 3
+    assert all("undecodable_image" in line and " at 0x" not in line for line in texts[0])
+
+
+def test_report_and_card_survive_names_that_mean_something_to_matplotlib_and_markdown(tmp_path):
+    from pipeline import report
+
+    name = "$\\bogus{x}$ | *bold* <b>"  # not a mathtext formula: matplotlib would raise on it
+    stats = {"shares": {"before": {"concepts": {name: {"support": {"g": 60.0}, "shares": {"g:a": 0.5, "g:b": 0.5}}}},
+                        "realized": {"concepts": {name: {"support": {"g": 60.0}, "shares": {"g:a": 0.5, "g:b": 0.5}}}}},
+             "targets": {"g:a": 0.5, "g:b": 0.5}, "proxies": [{"concept": name, "score": 0.1}]}
+    assert report.plot_heatmaps(stats) and report.plot_proxies(stats)
+    assert report.markdown_text(name) == "$\\\\bogus\\{x\\}$ \\| \\*bold\\* \\<b\\>"
+
+
+def test_the_trainer_decodes_only_allowed_formats_within_the_pixel_limit():
+    import io
+
+    from PIL import Image
+
+    from trainer import images
+    from trainer.data import decode_sample
+
+    gif = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(gif, format="GIF")
+    with pytest.raises(images.ImageRejected):
+        decode_sample({"__key__": "k", "gif": gif.getvalue(), "jpg": gif.getvalue(), "txt": b"a man"})
+    big = io.BytesIO()
+    Image.new("L", (3000, 3000)).save(big, format="PNG")
+    with pytest.raises(images.ImageRejected, match="pixels"):
+        images.decode_image(big.getvalue(), max_pixels=1_000_000)
+    assert np.asarray(images.decode_image(big.getvalue())).shape == (3000, 3000, 3)
