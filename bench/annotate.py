@@ -10,7 +10,6 @@ import pathlib
 import subprocess
 import sys
 import tempfile
-import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 COCO_MINI = ROOT.parent / "shared" / "data" / "coco_mini"
@@ -20,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 _CHILD = """
 import json, sys, time
 sys.path.insert(0, {root!r})
-from bench.annotate import MemorySampler
+from bench.memory import MemorySampler
 mode, glob, output = sys.argv[1:4]
 sampler = MemorySampler()
 start = time.perf_counter()
@@ -35,64 +34,13 @@ else:
 seconds = time.perf_counter() - start
 print(json.dumps({{"count": count, "seconds": seconds, "peak_mib": sampler.stop() / 2**20}}))
 """
-# How often the memory sampler reads /proc: often enough to catch a worker's peak.
-MEMORY_SAMPLE_SECONDS = 0.05
-
-
-class MemorySampler:
-    """Peak resident memory of this process plus all its descendants (Beam's worker processes),
-    read from /proc in a background thread. (getrusage's ru_maxrss is no use here: Linux carries
-    it across fork and exec, so a child would report its parent's peak.)"""
-
-    def __init__(self):
-        import os
-        import threading
-
-        self.page = os.sysconf("SC_PAGE_SIZE")
-        self.peak = 0
-        self.done = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _descendants(self, pid):
-        pids = [pid]
-        for task in pathlib.Path(f"/proc/{pid}/task").glob("*/children"):
-            try:
-                for child in task.read_text().split():
-                    pids.extend(self._descendants(int(child)))
-            except OSError:
-                pass
-        return pids
-
-    def _rss(self):
-        import os
-
-        total = 0
-        for pid in self._descendants(os.getpid()):
-            try:
-                total += int(pathlib.Path(f"/proc/{pid}/statm").read_text().split()[1]) * self.page
-            except (OSError, IndexError, ValueError):
-                pass
-        return total
-
-    def _run(self):
-        while not self.done.wait(MEMORY_SAMPLE_SECONDS):
-            self.peak = max(self.peak, self._rss())
-
-    def stop(self):
-        self.peak = max(self.peak, self._rss())
-        self.done.set()
-        self.thread.join()
-        return self.peak
-
-
 def plain_loop(glob):
     """The reference: the same reading, decoding and matching as the job, in one Python loop."""
     import glob as globbing
 
     from apache_beam.pvalue import TaggedOutput
 
-    from pipeline.annotators.decode import decode_image
+    from trainer.images import decode_image
     from pipeline.annotators.text import TextAnnotator
     from pipeline.annotate import _image_member
     from pipeline.sources import iter_tar_samples

@@ -93,7 +93,7 @@ def main(argv=None):
         releases.append(manifest)
     print(f"\nresample: {len(shards)} shards, {copied} samples, {input_bytes / 1e6:.1f} MB "
           f"({args.image_size}px JPEG + txt + json), 2 cores")
-    print(f"| run | samples | seconds | samples/s | MB/s | ratio to copy |")
+    print("| run | samples | seconds | samples/s | MB/s | ratio to copy |")
     print("|---|---|---|---|---|---|")
     for name, samples, seconds in rows:
         print(f"| {name} | {samples} | {seconds:.2f} | {samples / seconds:.0f} | {input_bytes / 1e6 / seconds:.1f} | "
