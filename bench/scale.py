@@ -126,8 +126,8 @@ def plain_loop(pattern: str, output: pathlib.Path, samples_per_shard: int, seed:
     solution, _ = balance.solve_table(SignatureTable.from_counts(counts.items()), config)
     rule = release.KeepRule(BalanceSolution.from_json(solution.to_json()), seed)
     kept = []
-    for key, attributes, concepts, sample in rows:
-        q = rule.keep_probability(attributes, concepts)
+    decided = rule.signatures_and_probabilities((attributes, concepts, None) for _, attributes, concepts, _ in rows)
+    for (key, _, _, sample), (_, q) in zip(rows, decided):
         if rule.copies(key, q):
             kept.append((release.order_uniform(seed, key), key, sample, {"q": q, "weight": 1.0}))
     kept.sort(key=lambda item: (item[0], item[1]))

@@ -63,7 +63,7 @@ class KeepRule:
         self._known_attributes = set(self.attribute_names)
         self._known_concepts = set(self.concept_names)
         self._memo: dict[str, float] = {}
-        self._row_memo: dict[tuple, tuple[str, float]] = {}
+        self._row_memo: dict[tuple, str] = {}
 
     def signature(self, attributes, concepts, utility=None) -> str:
         """Signature over the solution's own columns (unknown labels do not change q)."""
@@ -75,29 +75,36 @@ class KeepRule:
     def keep_probability(self, attributes, concepts, utility=None) -> float:
         """q of a row: a function of its signature alone (utility as its bucket, as balance counted it),
         so every row of a signature has the same q whichever row a worker meets first."""
-        text = self.signature(attributes, concepts, utility)
-        if text not in self._memo:
-            attributes_row = encode([attributes or ()], self.attribute_names)
-            concepts_row = encode([concepts or ()], self.concept_names)
-            utilities = None
-            if self.solution.utility_tilt:
-                bucket = parse_signature(text)[2]  # None: no usable score, the mean's target rate
-                utilities = np.array([self.solution.utility_mean if bucket is None else bucket])
-            self._memo[text] = float(self.solution.q_for(attributes_row, concepts_row, utilities)[0])
-        return self._memo[text]
+        return self.signatures_and_probabilities([(attributes, concepts, utility)])[0][1]
 
-    def signature_and_probability(self, attributes, concepts, utility=None) -> tuple[str, float]:
-        """(signature, q) of a row, memoised on its labels as given: rows repeat a few label sets."""
+    def signatures_and_probabilities(self, rows) -> list[tuple[str, float]]:
+        """(signature, q) of many (attributes, concepts, utility) rows.
+
+        The q of every signature not met before comes from one vectorised `q_for` over all of them:
+        building the constraint rows costs milliseconds per call, and a table has thousands of
+        signatures. Signatures are memoised on the labels as given (rows repeat a few label sets).
+        """
         use_utility = bool(self.solution.utility_tilt)
-        memo_key = (tuple(attributes or ()), tuple(concepts or ()), utility if use_utility else None)
-        found = self._row_memo.get(memo_key)
-        if found is None:
-            if len(self._row_memo) >= _ROW_MEMO_LIMIT:  # utilities can make every row distinct
-                self._row_memo.clear()
-            found = (self.signature(attributes, concepts, utility),
-                     self.keep_probability(attributes, concepts, utility))
-            self._row_memo[memo_key] = found
-        return found
+        texts = []
+        for attributes, concepts, utility in rows:
+            memo_key = (tuple(attributes or ()), tuple(concepts or ()), utility if use_utility else None)
+            text = self._row_memo.get(memo_key)
+            if text is None:
+                if len(self._row_memo) >= _ROW_MEMO_LIMIT:  # utilities can make every row distinct
+                    self._row_memo.clear()
+                text = self._row_memo[memo_key] = self.signature(attributes, concepts, utility)
+            texts.append(text)
+        unseen = sorted({text for text in texts if text not in self._memo})
+        if unseen:
+            parsed = [parse_signature(text) for text in unseen]
+            utilities = None
+            if use_utility:  # the bucket balance counted; None: no usable score, the mean's target rate
+                utilities = np.array([self.solution.utility_mean if bucket is None else bucket
+                                      for _, _, bucket in parsed])
+            q = self.solution.q_for(encode([a for a, _, _ in parsed], self.attribute_names),
+                                    encode([c for _, c, _ in parsed], self.concept_names), utilities)
+            self._memo.update(zip(unseen, q.tolist()))
+        return [(text, self._memo[text]) for text in texts]
 
     def copies(self, key: str, keep_probability: float) -> int:
         """Bernoulli: 1 iff h(seed, key) < q; weights: 1 iff q > 0 (repeat needs the global order)."""

@@ -109,10 +109,10 @@ class Decide(_SolutionUser):
         rule = self.rule(solution_text)
         columns = table.to_pydict()
         batches: dict[str, dict] = {}
-        for key, shard, position, attributes, concepts, utility in zip(
-                columns["key"], columns["shard"], columns["position"], columns["attributes"],
-                columns["concepts"], columns["utility"]):
-            signature, q = rule.signature_and_probability(attributes, concepts, utility)
+        decided = rule.signatures_and_probabilities(zip(columns["attributes"], columns["concepts"],
+                                                        columns["utility"]))
+        for key, shard, position, (signature, q) in zip(columns["key"], columns["shard"], columns["position"],
+                                                       decided):
             shard = self._path(shard)
             batch = batches.get(shard)
             if batch is None:
