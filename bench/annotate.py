@@ -42,7 +42,7 @@ def plain_loop(glob):
 
     from trainer.images import decode_image
     from pipeline.annotators.text import TextAnnotator
-    from pipeline.annotate import _image_member
+    from pipeline.labelling import image_member
     from pipeline.sources import iter_tar_samples
 
     annotator = TextAnnotator()
@@ -52,7 +52,7 @@ def plain_loop(glob):
             for sample in iter_tar_samples(handle, path):
                 if isinstance(sample, TaggedOutput) or not (sample["caption"] or "").strip():
                     continue
-                decode_image(_image_member(sample["members"]))
+                decode_image(image_member(sample["members"]))
                 annotator(sample["caption"])
                 annotated += 1
     return annotated

@@ -104,7 +104,7 @@ def plain_loop(pattern: str, output: pathlib.Path, samples_per_shard: int, seed:
     from apache_beam.pvalue import TaggedOutput
 
     from pipeline import balance, release
-    from pipeline.annotate import _image_member
+    from pipeline.labelling import image_member
     from pipeline.annotators.text import TextAnnotator
     from pipeline.signatures import SignatureTable, row_signature
     from pipeline.sources import iter_file_records
@@ -118,7 +118,7 @@ def plain_loop(pattern: str, output: pathlib.Path, samples_per_shard: int, seed:
             if isinstance(sample, TaggedOutput) or not (sample["caption"] or "").strip():
                 continue
             if sample["members"]:
-                decode_image(_image_member(sample["members"]))
+                decode_image(image_member(sample["members"]))
             attributes, concepts, _ = annotator(sample["caption"])
             rows.append((sample["key"], attributes, concepts, sample))
     counts = collections.Counter(row_signature(a, c) for _, a, c, _ in rows)

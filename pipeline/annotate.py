@@ -5,23 +5,23 @@ Reads WebDataset tars or caption tables, writes annotations-*.parquet, quarantin
 import argparse
 import json
 import logging
-import math
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import SetupOptions
 
 from pipeline import quarantine as q
 from pipeline.annotators import combine
-from trainer.images import DEFAULT_MAX_IMAGE_PIXELS, ImageRejected, decode_image
 from pipeline.annotators.lexicon import Lexicon
-from pipeline.annotators.text import TextAnnotator
-from pipeline.files import count_lines, write_text_atomically
+from pipeline.counts import add_counts
 from pipeline.errors import ReconciliationError, UsageError
+from pipeline.files import count_lines, read_text, write_text_atomically
+from pipeline.labelling import COUNTS_TAG, AnnotateBatch, AnnotateImages, DropDuplicates, FindDuplicateKeys
 from pipeline.options import pipeline_options
-from pipeline.records import ANNOTATION_SCHEMA, annotation_row
-from pipeline.sources import FORMATS, IMAGE_EXTENSIONS, ReadSamples
+from pipeline.records import ANNOTATION_SCHEMA
+from pipeline.sources import FORMATS
+from pipeline.splits import PlanRanges, ReadRangeBatches
+from trainer.images import DEFAULT_MAX_IMAGE_PIXELS
 
 ANNOTATIONS_PREFIX = "annotations"
 QUARANTINE_PREFIX = "quarantine"
@@ -29,207 +29,9 @@ COUNTS_FILE = "counts.json"
 # Where the job's own counts land before the driver has reconciled them with the files written.
 PENDING_COUNTS_FILE = ".counts-pending.json"
 ANNOTATIONS_GLOB = ANNOTATIONS_PREFIX + "-*.parquet"
-# Images per zero-shot forward pass: Beam's BatchElements adapts between these bounds.
-MIN_IMAGE_BATCH = 8
+LABEL_SETS_FILE = "label-sets.jsonl"
 
-log = logging.getLogger("balancebeam.annotate")
-
-
-def _image_member(members):
-    for extension in IMAGE_EXTENSIONS:
-        for name, data in members.items():
-            if name.lower() == extension:
-                return data
-    return None
-
-
-def _utility(meta, field):
-    """The record's utility score, or None when it has none that is a finite number (NaN, "nan",
-    infinities and text count as missing: the row is kept at the average score's rate, and
-    counts.json says how many)."""
-    if not field or meta.get(field) is None or isinstance(meta[field], bool):
-        return None
-    try:
-        value = float(meta[field])
-    except (TypeError, ValueError, OverflowError):
-        return None
-    return value if math.isfinite(value) else None
-
-
-class AnnotateText(beam.DoFn):
-    """Checks a sample (caption, image decodes) and annotates its caption with the lexicon.
-
-    With `pass_images` it emits {"row", "image", "embedding"} for the image annotator;
-    otherwise the finished annotations row.
-    """
-
-    def __init__(self, lexicon, utility_field=None, max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS,
-                 pass_images=False, embedding_field=None):
-        self.annotator = TextAnnotator(lexicon)
-        self.utility_field = utility_field
-        self.max_image_pixels = max_image_pixels
-        self.pass_images = pass_images
-        self.embedding_field = embedding_field
-        self.annotated = Metrics.counter(q.METRICS_NAMESPACE, "annotated_text")
-        self.attribute_hits = Metrics.counter(q.METRICS_NAMESPACE, "text_attribute_hits")
-        self.concept_hits = Metrics.counter(q.METRICS_NAMESPACE, "text_concept_hits")
-
-    def process(self, sample):
-        caption = sample.get("caption")
-        if caption is None:
-            yield q.sample_quarantined(sample, q.STAGE_ANNOTATE, q.MISSING_CAPTION, "no caption")
-            return
-        if not caption.strip():
-            yield q.sample_quarantined(sample, q.STAGE_ANNOTATE, q.EMPTY_CAPTION, "blank caption")
-            return
-        image = None
-        if sample.get("members"):  # WebDataset samples must carry an image that decodes
-            image = _image_member(sample["members"])
-            if image is None:
-                yield q.sample_quarantined(sample, q.STAGE_DECODE, q.MISSING_IMAGE,
-                                           f"members: {sorted(sample['members'])}")
-                return
-            try:
-                decode_image(image, self.max_image_pixels)
-            except ImageRejected as rejected:
-                yield q.sample_quarantined(sample, q.STAGE_DECODE, rejected.reason, rejected)
-                return
-        attributes, concepts, evidence = self.annotator(caption)
-        self.annotated.inc()
-        self.attribute_hits.inc(len(attributes))
-        self.concept_hits.inc(len(concepts))
-        for label in attributes:
-            Metrics.counter(q.METRICS_NAMESPACE, f"text_{label}").inc()
-        row = annotation_row(sample, attributes, concepts, evidence,
-                             _utility(sample.get("meta") or {}, self.utility_field))
-        if not self.pass_images:
-            yield row
-            return
-        embedding = None
-        if self.embedding_field:
-            embedding = (sample.get("meta") or {}).get(self.embedding_field)
-            member = (sample.get("members") or {}).get(self.embedding_field)
-            if member is not None:
-                embedding = _load_npy(member)
-        yield {"row": row, "image": image, "embedding": embedding}
-
-
-def _load_npy(data):
-    import io
-
-    import numpy as np
-
-    return np.load(io.BytesIO(data), allow_pickle=False).ravel().tolist()
-
-
-class AnnotateImages(beam.DoFn):
-    """Runs the zero-shot image annotator on a batch and combines its answer with the text's."""
-
-    def __init__(self, image_annotator, policies):
-        self.image_annotator = image_annotator
-        self.policies = policies
-        self.image_attribute_hits = Metrics.counter(q.METRICS_NAMESPACE, "image_attribute_hits")
-        self.image_concept_hits = Metrics.counter(q.METRICS_NAMESPACE, "image_concept_hits")
-        self.images_scored = Metrics.counter(q.METRICS_NAMESPACE, "images_scored")
-
-    def setup(self):
-        self.image_annotator._loaded()
-
-    def process(self, batch):
-        import numpy as np
-
-        with_embedding = [e for e in batch if e["embedding"] is not None]
-        with_image = [e for e in batch if e["embedding"] is None and e["image"] is not None]
-        text_only = [e for e in batch if e["embedding"] is None and e["image"] is None]
-        scored = []
-        if with_embedding:
-            dim = self.image_annotator.embed_dim
-            good = []
-            for element in with_embedding:
-                vector = np.asarray(element["embedding"], dtype=np.float32).ravel()
-                if vector.shape != (dim,) or not np.isfinite(vector).all():
-                    row = element["row"]
-                    yield q.quarantined(q.STAGE_ANNOTATE, q.BAD_EMBEDDING, row["key"], row["shard"],
-                                        row["position"], f"shape {vector.shape}, model wants ({dim},)")
-                else:
-                    good.append((element, vector))
-            if good:
-                results = self.image_annotator.annotate_embeddings(np.stack([v for _, v in good]))
-                scored.extend(zip([e for e, _ in good], results))
-        if with_image:
-            results = self.image_annotator.annotate_images([e["image"] for e in with_image])
-            self.images_scored.inc(len(with_image))
-            scored.extend(zip(with_image, results))
-        for element in text_only:
-            yield element["row"]
-        for element, (image_attributes, image_concepts, scores) in scored:
-            self.image_attribute_hits.inc(len(image_attributes))
-            self.image_concept_hits.inc(len(image_concepts))
-            yield self._combined(element["row"], image_attributes, image_concepts, scores)
-
-    def _combined(self, row, image_attributes, image_concepts, scores):
-        evidence = json.loads(row["evidence"])
-        attributes, concepts, sources = combine.combine_annotations(
-            row["attributes"], row["concepts"], image_attributes, image_concepts, self.policies)
-        if scores:
-            evidence["image"] = scores
-        evidence.pop("concepts", None)
-        if sources:
-            evidence["concepts"] = sources
-        return dict(row, attributes=attributes, concepts=concepts,
-                    evidence=json.dumps(evidence, sort_keys=True, ensure_ascii=False))
-
-
-class KeepFirstOccurrence(beam.DoFn):
-    """Of rows sharing a key, keeps the one from the smallest (shard, position); quarantines the rest."""
-
-    def process(self, keyed_rows):
-        key, rows = keyed_rows
-        rows = sorted(rows, key=lambda row: (row["shard"], row["position"]))
-        first = rows[0]
-        Metrics.counter(q.METRICS_NAMESPACE, "annotated").inc()
-        yield first
-        for duplicate in rows[1:]:
-            yield q.quarantined(q.STAGE_DEDUPLICATE, q.DUPLICATE_KEY, key, duplicate["shard"],
-                                duplicate["position"],
-                                f"kept the copy at {first['shard']} position {first['position']}")
-
-
-class DropDuplicateKeys(beam.PTransform):
-    """Rows -> (unique rows, quarantined duplicates); which copy survives does not depend on order."""
-
-    def expand(self, rows):
-        return (rows
-                | "ByKey" >> beam.Map(lambda row: (row["key"], row))
-                | "GroupByKey" >> beam.GroupByKey()
-                | "KeepFirst" >> beam.ParDo(KeepFirstOccurrence()).with_outputs(
-                    q.QUARANTINE_TAG, main="rows"))
-
-
-class WriteCounts(beam.PTransform):
-    """counts.json: records read, annotated, quarantined in total and by reason."""
-
-    def __init__(self, path):
-        super().__init__()
-        self.path = path
-
-    def expand(self, labels):
-        return (labels
-                | "Count" >> beam.combiners.Count.PerElement()
-                | "AsDict" >> beam.combiners.ToDict()
-                | "Write" >> beam.Map(_write_counts, self.path))
-
-
-def _write_counts(counted, path):
-    counts = {"records_read": counted.get("records_read", 0),
-              "annotated": counted.get("annotated", 0),
-              "utility_missing": counted.get("utility_missing", 0),
-              "quarantined": sum(n for label, n in counted.items() if label.startswith("quarantined:")),
-              "quarantined_by_reason": {label.split(":", 1)[1]: n for label, n in sorted(counted.items())
-                                        if label.startswith("quarantined:")}}
-    with FileSystems.create(path) as handle:
-        handle.write(json.dumps(counts, indent=2, sort_keys=True).encode("utf-8"))
-    return counts
+log = logging.getLogger(__name__)
 
 
 def build_parser():
@@ -281,52 +83,66 @@ def _image_annotator(args, lexicon):
     return zero_shot.ZeroShotImageAnnotator(config, lexicon.groups, lexicon.concepts)
 
 
+class Annotate(beam.PTransform):
+    """Input globs -> annotation rows in Parquet, quarantine entries in JSONL, counts as data.
+
+    Reads the inputs in ranges (several workers share a big file), labels records in batches, drops
+    duplicate keys (only keys cross that shuffle) and writes what is left; every step reports its
+    counts, so the job can reconcile them with the files written.
+    """
+
+    def __init__(self, args):
+        super().__init__()
+        self.args = args
+
+    def expand(self, pbegin):
+        args = self.args
+        lexicon = Lexicon.load(args.lexicon)
+        use_images = bool(args.image_model)
+        output = args.output.rstrip("/")
+        read = (pbegin
+                | "PlanRanges" >> PlanRanges(args.input, args.input_format)
+                | "ReadRanges" >> beam.ParDo(ReadRangeBatches(args.key_column, args.caption_column)).with_outputs(
+                    q.QUARANTINE_TAG, COUNTS_TAG, main="batches"))
+        labelled = read.batches | "AnnotateText" >> beam.ParDo(AnnotateBatch(
+            lexicon, args.utility_field, args.max_image_pixels, use_images,
+            args.image_embedding_field)).with_outputs(q.QUARANTINE_TAG, main="rows")
+        quarantined = [read[q.QUARANTINE_TAG], labelled[q.QUARANTINE_TAG]]
+        counts = [read[COUNTS_TAG]]
+        rows = labelled.rows
+        if use_images:
+            images = rows | "AnnotateImages" >> beam.ParDo(AnnotateImages(
+                _image_annotator(args, lexicon), combine.parse_policies(args.combine, args.combine_group),
+                args.image_batch_size)).with_outputs(q.QUARANTINE_TAG, main="rows")
+            rows = images.rows
+            quarantined.append(images[q.QUARANTINE_TAG])
+        duplicates = rows | "FindDuplicateKeys" >> FindDuplicateKeys()
+        quarantined.append(duplicates[q.QUARANTINE_TAG])
+        unique = rows | "DropDuplicates" >> beam.ParDo(
+            DropDuplicates(args.utility_field),
+            beam.pvalue.AsSingleton(duplicates.places | "DuplicatePlaces" >> beam.combiners.ToSet())).with_outputs(
+                COUNTS_TAG, main="tables")
+        counts.append(unique[COUNTS_TAG])
+        _ = unique.tables | "WriteAnnotations" >> beam.io.WriteToParquetBatched(
+            FileSystems.join(output, ANNOTATIONS_PREFIX), ANNOTATION_SCHEMA, file_name_suffix=".parquet")
+        all_quarantined = tuple(quarantined) | "FlattenQuarantine" >> beam.Flatten()
+        _ = all_quarantined | "WriteQuarantine" >> q.WriteQuarantine(FileSystems.join(output, QUARANTINE_PREFIX))
+        counts.append(all_quarantined | "CountQuarantined" >> beam.Map(
+            lambda entry: {"quarantined": 1, "quarantined_by_reason": {entry["reason"]: 1}}))
+        return (tuple(counts)
+                | "AllCounts" >> beam.Flatten()
+                | "AddCounts" >> beam.CombineGlobally(add_counts)
+                | "WriteCounts" >> beam.Map(_write_pending_counts, FileSystems.join(output, PENDING_COUNTS_FILE)))
+
+
+def _write_pending_counts(counts, path):
+    write_text_atomically(path, json.dumps(counts, sort_keys=True))
+    return counts
+
+
 def annotate_pipeline(pipeline, args):
-    """Adds the annotate job to `pipeline`; returns the PCollection of annotations rows."""
-    lexicon = Lexicon.load(args.lexicon)
-    use_images = bool(args.image_model)
-    if args.image_embedding_field and not use_images:
-        raise ValueError("--image-embedding-field needs --image-model (prompts are encoded by its text tower)")
-    output = args.output.rstrip("/")
-
-    read = pipeline | "Read" >> ReadSamples(args.input, args.input_format, args.caption_column,
-                                            args.key_column)
-    text = read.samples | "AnnotateText" >> beam.ParDo(AnnotateText(
-        lexicon, args.utility_field, args.max_image_pixels, use_images,
-        args.image_embedding_field)).with_outputs(q.QUARANTINE_TAG, main="rows")
-    quarantined = [read[q.QUARANTINE_TAG], text[q.QUARANTINE_TAG]]
-    rows = text.rows
-    if use_images:
-        policies = combine.parse_policies(args.combine, args.combine_group)
-        images = (rows
-                  | "BatchForModel" >> beam.BatchElements(
-                      min_batch_size=min(MIN_IMAGE_BATCH, args.image_batch_size),
-                      max_batch_size=args.image_batch_size)
-                  | "AnnotateImages" >> beam.ParDo(AnnotateImages(
-                      _image_annotator(args, lexicon), policies)).with_outputs(
-                          q.QUARANTINE_TAG, main="rows"))
-        rows = images.rows
-        quarantined.append(images[q.QUARANTINE_TAG])
-    unique = rows | "DropDuplicateKeys" >> DropDuplicateKeys()
-    quarantined.append(unique[q.QUARANTINE_TAG])
-
-    unique.rows | "WriteAnnotations" >> beam.io.WriteToParquet(
-        FileSystems.join(output, ANNOTATIONS_PREFIX), ANNOTATION_SCHEMA,
-        file_name_suffix=".parquet")
-    all_quarantined = tuple(quarantined) | "FlattenQuarantine" >> beam.Flatten()
-    all_quarantined | "WriteQuarantine" >> q.WriteQuarantine(FileSystems.join(output, QUARANTINE_PREFIX))
-
-    labels = (
-        read.samples | "LabelRead" >> beam.Map(lambda _: "records_read"),
-        read[q.QUARANTINE_TAG] | "LabelReadQuarantine" >> beam.Map(lambda _: "records_read"),
-        unique.rows | "LabelAnnotated" >> beam.Map(lambda _: "annotated"),
-        all_quarantined | "LabelQuarantined" >> beam.Map(lambda e: "quarantined:" + e["reason"]),
-        unique.rows | "LabelUtilityMissing" >> beam.FlatMap(
-            lambda row, wanted: ["utility_missing"] if wanted and row["utility"] is None else [],
-            bool(args.utility_field)),
-    ) | "FlattenLabels" >> beam.Flatten()
-    labels | "WriteCounts" >> WriteCounts(FileSystems.join(output, PENDING_COUNTS_FILE))
-    return unique.rows
+    """Adds the annotate job to `pipeline`; returns the PCollection holding its one count dict."""
+    return pipeline | "Annotate" >> Annotate(args)
 
 
 def _prepare_output(output):
@@ -335,7 +151,8 @@ def _prepare_output(output):
         FileSystems.mkdirs(output)
     except Exception:  # exists already (local) or directories are implicit (object stores)
         pass
-    stale = [m.path for pattern in (ANNOTATIONS_GLOB, QUARANTINE_PREFIX + "-*.jsonl", COUNTS_FILE, PENDING_COUNTS_FILE)
+    stale = [m.path for pattern in (ANNOTATIONS_GLOB, QUARANTINE_PREFIX + "-*.jsonl", COUNTS_FILE, PENDING_COUNTS_FILE,
+                                    LABEL_SETS_FILE)
              for m in FileSystems.match([FileSystems.join(output, pattern)])[0].metadata_list]
     if stale:
         log.info("removing %d files of an earlier annotate run in %s", len(stale), output)
@@ -352,15 +169,18 @@ def check_arguments(args) -> None:
         raise UsageError("--image-embedding-field needs --image-model (prompts are encoded by its text tower)")
 
 
-def reconcile(counts: dict, rows_written: int, quarantine_lines: int) -> None:
+def reconcile(counts: dict, rows_written: int, quarantine_lines: int, label_set_rows: int) -> None:
     """records read = annotated + quarantined, checked against the files actually written."""
     numbers = {"records_read": counts["records_read"], "annotated": counts["annotated"],
                "quarantined": counts["quarantined"], "annotation_rows_written": rows_written,
-               "quarantine_lines_written": quarantine_lines}
+               "quarantine_lines_written": quarantine_lines, "rows_counted_by_label_set": label_set_rows}
     checks = [("annotated + quarantined = records read", counts["annotated"] + counts["quarantined"],
                counts["records_read"]),
               ("annotation rows in the Parquet files = annotated", rows_written, counts["annotated"]),
-              ("quarantine lines written = quarantined", quarantine_lines, counts["quarantined"])]
+              ("quarantine lines written = quarantined", quarantine_lines, counts["quarantined"]),
+              ("rows counted by label set = annotated", label_set_rows, counts["annotated"]),
+              ("quarantined by reason = quarantined", sum(counts["quarantined_by_reason"].values()),
+               counts["quarantined"])]
     failed = [f"{name}: {left} != {right}" for name, left, right in checks if left != right]
     if failed:
         raise ReconciliationError(
@@ -384,12 +204,18 @@ def run(argv=None, save_main_session=False):
     with beam.Pipeline(options=options) as pipeline:
         annotate_pipeline(pipeline, args)
     pending = FileSystems.join(output, PENDING_COUNTS_FILE)
-    with FileSystems.open(pending) as handle:
-        counts = json.loads(handle.read())
+    counted = json.loads(read_text(pending))
+    counts = {"records_read": counted.get("records_read", 0), "annotated": counted.get("annotated", 0),
+              "quarantined": counted.get("quarantined", 0),
+              "quarantined_by_reason": dict(sorted(counted.get("quarantined_by_reason", {}).items())),
+              "utility_missing": counted.get("utility_missing", 0)}
+    label_sets = counted.get("label_sets", {})
     reconcile(counts, annotation_rows(output),
-              count_lines(FileSystems.join(output, QUARANTINE_PREFIX + "-*.jsonl")))
+              count_lines(FileSystems.join(output, QUARANTINE_PREFIX + "-*.jsonl")), sum(label_sets.values()))
     counts["read_options"] = {"input_format": args.input_format, "key_column": args.key_column,
                               "caption_column": args.caption_column}
+    write_text_atomically(FileSystems.join(output, LABEL_SETS_FILE), "".join(
+        json.dumps({"label_set": json.loads(text), "count": n}) + "\n" for text, n in sorted(label_sets.items())))
     write_text_atomically(FileSystems.join(output, COUNTS_FILE), json.dumps(counts, indent=2, sort_keys=True))
     FileSystems.delete([pending])
     log.info("read %d records: %d annotated, %d quarantined %s; annotations in %s (every record accounted for)",

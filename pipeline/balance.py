@@ -117,6 +117,11 @@ def count_signatures(annotations_dir: str, work_prefix: str, pipeline_args: Sequ
     pattern = FileSystems.join(annotations_dir, ANNOTATIONS_GLOB)
     rows_written = annotation_rows(annotations_dir)
     options = pipeline_options(pipeline_args, "balancebeam balance")
+    counted_by_annotate = _signatures_from_label_sets(annotations_dir, config, rows_written)
+    if counted_by_annotate is not None:
+        log.info("counted signatures from annotate's label-set counts (%d rows; no second pass over "
+                 "the annotations)", rows_written)
+        return SignatureTable.from_counts(counted_by_annotate.items())
     with beam.Pipeline(options=options) as pipeline:
         _ = (pipeline
              | "ReadAnnotations" >> beam.io.ReadFromParquetBatched(pattern, columns=_FEATURE_COLUMNS)
@@ -136,6 +141,27 @@ def count_signatures(annotations_dir: str, work_prefix: str, pipeline_args: Sequ
             f"{rows_written}: the count lost or repeated rows, so nothing was solved or written; re-run the job",
             {"rows_counted": counted, "annotation_rows_written": rows_written})
     return SignatureTable.from_counts(counts)
+
+
+def _signatures_from_label_sets(annotations_dir: str, config: BalanceConfig, rows_written: int):
+    """Signature counts from the label-set counts annotate wrote (None when it wrote none or they
+    do not add up to the annotation rows: then balance counts the rows itself)."""
+    from pipeline.annotate import COUNTS_FILE, LABEL_SETS_FILE
+
+    path = FileSystems.join(annotations_dir, LABEL_SETS_FILE)
+    if not (FileSystems.exists(path) and FileSystems.exists(FileSystems.join(annotations_dir, COUNTS_FILE))):
+        return None
+    counts = collections.Counter()
+    for line in read_text(path).splitlines():
+        entry = json.loads(line)
+        attributes, concepts, utility = entry["label_set"]
+        counts[row_signature(attributes, concepts, utility, conditional=config.conditional,
+                             use_utility=config.utility_tilt > 0)] += int(entry["count"])
+    if sum(counts.values()) != rows_written:
+        log.warning("annotate's label-set counts (%d rows) do not match the %d annotation rows; counting "
+                    "the rows again", sum(counts.values()), rows_written)
+        return None
+    return counts
 
 
 # In memory: choose concepts, discover proxies, solve --------------------------------------------

@@ -10,6 +10,7 @@ the sample's json (its key column), so nothing about a record is lost.
 from __future__ import annotations
 
 import hashlib
+import re
 
 # Characters encoded wherever they appear: the dot (WebDataset's key/extension split), path
 # separators, '%' itself (so the encoding is reversible), '~' (which marks a shortened key) and every
@@ -19,6 +20,9 @@ _ENCODED = frozenset("%./\\~")
 # the longest copy suffix and extension.
 MAX_KEY_BYTES = 200
 _DIGEST_CHARS = 16
+# Keys made of these characters only are safe as they are (ASCII letters, digits and punctuation
+# other than the encoded ones, and spaces); anything else goes through _encode_char.
+_SAFE = re.compile(r"[A-Za-z0-9 !\"#$&'()*+,:;<=>?@\[\]^_`{|}-]*\Z")
 
 
 def _encode_char(char: str) -> str:
@@ -29,6 +33,8 @@ def _encode_char(char: str) -> str:
 
 def safe_key(key: str) -> str:
     """The key as a safe, unique member-name stem (itself when it already is one)."""
+    if _SAFE.match(key) and len(key) <= MAX_KEY_BYTES:  # the common case, without a loop over characters
+        return key
     encoded = "".join(_encode_char(char) for char in key)
     if len(encoded.encode("utf-8", "surrogatepass")) <= MAX_KEY_BYTES:
         return encoded

@@ -239,12 +239,6 @@ def read_members(located, read_at, where: str = "") -> dict[str, bytes]:
     return members
 
 
-def member_meta(members: dict) -> dict:
-    """A tar sample's metadata again from its json member, parsed as the reader parsed it (or {})."""
-    json_name = next((name for name in members if name.lower() == "json"), None)
-    return {} if json_name is None else json.loads(members[json_name].decode("utf-8"))
-
-
 _PREFIX_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
 

@@ -10,6 +10,7 @@ The job reconciles its own counts and publishes a manifest only when every recor
 from __future__ import annotations
 
 import argparse
+import bisect
 import collections
 import json
 import logging
@@ -24,10 +25,12 @@ from apache_beam.metrics import Metrics
 from pipeline import hashing, release
 from pipeline.annotate import ANNOTATIONS_GLOB, annotation_rows, read_counts
 from pipeline.files import count_lines, delete_matching, ensure_writable_directory, read_text, write_text_atomically
+from pipeline.counts import add_counts
 from pipeline.errors import DataError, ReconciliationError, UsageError
 from pipeline.options import pipeline_options
 from pipeline.quarantine import QUARANTINE_TAG, STAGE_READ, WriteQuarantine, quarantine_record
-from pipeline.sources import FORMATS, MatchInputFiles, iter_file_records, normalize_path
+from pipeline.sources import FORMATS, normalize_path
+from pipeline.splits import PlanRanges, iter_range_records
 from solvers.solution import BalanceSolution
 
 log = logging.getLogger(__name__)
@@ -49,23 +52,8 @@ RANK_BUCKET_SIZE = 100_000
 ITEMS_PER_ELEMENT = 20_000
 _ANNOTATION_COLUMNS = ["key", "shard", "position", "attributes", "concepts", "utility"]
 _COUNTS_TAG = "counts"
+_BUCKET_SIZES_TAG = "bucket_sizes"
 _WORK_DIR_PREFIX = ".resample-work-"
-
-
-# --- counts: plain nested dicts that add up -----------------------------------------------------
-
-def add_counts(dicts) -> dict:
-    """Sum of count dicts; nested dicts (by reason, by signature) add up key by key."""
-    total: dict = {}
-    for counts in dicts:
-        for name, value in counts.items():
-            if isinstance(value, dict):
-                inner = total.setdefault(name, {})
-                for key, amount in value.items():
-                    inner[key] = inner.get(key, 0) + amount
-            else:
-                total[name] = total.get(name, 0) + value
-    return total
 
 
 def _counts_output(counts: dict):
@@ -125,6 +113,23 @@ class Decide(_SolutionUser):
             batch["signatures"].append(signature)
         yield from batches.items()
         yield _counts_output({"decisions_read": table.num_rows})
+
+
+def _route_to_ranges(shard_and_batch, range_starts):
+    """(input file, batch) -> ((file, range index), part) for each range of the file the batch touches.
+
+    range_starts: file -> sorted positions its ranges start at; a file not read now is range 0.
+    """
+    shard, batch = shard_and_batch
+    starts = range_starts.get(shard)
+    if not starts or len(starts) == 1:
+        yield (shard, 0), batch
+        return
+    rows = collections.defaultdict(list)
+    for i, position in enumerate(batch["positions"]):
+        rows[bisect.bisect_right(starts, position) - 1].append(i)
+    for index, indices in sorted(rows.items()):
+        yield (shard, max(index, 0)), _split_batch(batch, indices)
 
 
 def _merge_batches(batches) -> dict:
@@ -222,7 +227,7 @@ def _bucket_offsets(totals) -> dict:
     return {"offsets": offsets, "total": running}
 
 
-# --- one input file meets its decisions ---------------------------------------------------------
+# --- one input range meets its decisions --------------------------------------------------------
 
 def _tar_offsets(path):
     """Header index of an uncompressed input tar (None for anything we cannot seek in)."""
@@ -236,29 +241,29 @@ def _tar_offsets(path):
         return None
 
 
-class ResampleFile(beam.DoFn):
-    """(input file, {"read": [file], "decisions": [batches]}) -> its kept copies, bucketed for ranking.
+class ResampleRange(beam.DoFn):
+    """((file, range), {"read": [range], "decisions": [batches]}) -> its kept copies, bucketed for ranking.
 
-    Main output: (order bucket, [(order, copy key, sample, balance)]); the sample carries small
-    members and places in the input tar, never image bytes. Tagged outputs: quarantine entries and
-    one count dict per file (records read, kept, dropped, quarantined, decisions joined or missing).
+    Main output: (order bucket, [(order, copy key, source tar, members)]): the members as released
+    (json with `balance`), large ones as their place in the input tar, never image bytes. Tagged
+    outputs: quarantine entries, each bucket element's size, and one count dict per range (records
+    read, kept, dropped, quarantined, decisions joined or missing).
     """
 
-    def __init__(self, seed: int, mode: str, buckets: int, input_format: str, key_column: str,
-                 caption_column: str):
+    def __init__(self, seed: int, mode: str, buckets: int, key_column: str, caption_column: str):
         self.seed, self.mode, self.buckets = seed, mode, buckets
-        self.input_format, self.key_column, self.caption_column = input_format, key_column, caption_column
+        self.key_column, self.caption_column = key_column, caption_column
         self.kept_counter = Metrics.counter(METRICS_NAMESPACE, "records_kept")
         self.read_counter = Metrics.counter(METRICS_NAMESPACE, "records_read")
 
     def process(self, element):
-        path, groups = element
-        read_now = bool(list(groups["read"]))
+        (path, _), groups = element
+        read_now = list(groups["read"])
         decisions = _merge_batches(groups["decisions"])
         counts = collections.Counter()
         quarantined = collections.Counter()
         kept_signatures = collections.Counter()
-        counts["decisions_read_by_file"] = len(decisions["keys"])
+        counts["decisions_grouped"] = len(decisions["keys"])
         index = {position: i for i, position in enumerate(decisions["positions"])}
         if len(index) != len(decisions["keys"]):
             raise DataError(f"annotations list some record of {path} twice (same position); "
@@ -267,7 +272,7 @@ class ResampleFile(beam.DoFn):
         buckets: dict[int, list] = collections.defaultdict(list)
         tar_index = None
         if read_now:
-            for output in iter_file_records(path, self.input_format, self.key_column, self.caption_column):
+            for output in iter_range_records(read_now[0], self.key_column, self.caption_column):
                 if isinstance(output, beam.pvalue.TaggedOutput):  # read-stage quarantine
                     entry = output.value
                     quarantined[f"{entry['stage']}:{entry['reason']}"] += 1
@@ -297,23 +302,28 @@ class ResampleFile(beam.DoFn):
                 counts["kept"] += 1
                 counts["output_samples"] += copies
                 kept_signatures[decisions["signatures"][i]] += copies
-                if sample.get("members") and tar_index is None:
+                source = path if sample.get("members") else None
+                if source and tar_index is None:
                     tar_index = _tar_offsets(path) or {}
-                payload = _payload(sample, tar_index)
                 for copy in range(copies):
                     balance = {"q": decisions["q"][i], "weight": decisions["weights"][i]}
                     if self.mode == "repeat":
                         balance["copy"] = copy
+                    # The released members, json with `balance` included; images as their place in the tar.
+                    members = release.locate_members(sample["key"], dict(release.release_members(sample, balance)),
+                                                     tar_index)
                     order = release.order_uniform(self.seed, sample["key"], copy)
                     bucket = min(int(order * self.buckets), self.buckets - 1)
                     items = buckets[bucket]
-                    items.append((order, release.copy_key(sample["key"], copy), payload, balance))
+                    items.append((order, release.copy_key(sample["key"], copy), source, members))
                     if len(items) >= ITEMS_PER_ELEMENT:
                         yield bucket, items
+                        yield beam.pvalue.TaggedOutput(_BUCKET_SIZES_TAG, (bucket, len(items)))
                         buckets[bucket] = []
         for bucket, items in sorted(buckets.items()):
             if items:
                 yield bucket, items
+                yield beam.pvalue.TaggedOutput(_BUCKET_SIZES_TAG, (bucket, len(items)))
         for i in range(len(matched)):
             if not matched[i]:
                 counts["missing_from_input"] += 1
@@ -324,43 +334,28 @@ class ResampleFile(beam.DoFn):
                     else "annotated, but no record at this place in the file now"))
         self.read_counter.inc(counts["samples_read"])
         self.kept_counter.inc(counts["kept"])
-        counts["files_read"] = int(read_now)
+        counts["ranges_read"] = len(read_now)
         yield _counts_output({**counts, "quarantined": dict(quarantined),
                               "kept_signatures": dict(kept_signatures)})
 
 
-def _payload(sample: dict, tar_index) -> dict:
-    """What travels to the shard writer: a tar sample's members as places, or a table row whole."""
-    if not sample.get("members"):  # a caption-table row: small, it travels whole
-        return {"key": sample["key"], "caption": sample.get("caption"), "meta": sample.get("meta")}
-    # meta, caption and image_id come again from the members when the shard is written.
-    return {"key": sample["key"], "shard": sample["shard"],
-            "members": release.locate_members(sample["key"], sample["members"], tar_index)}
-
-
 # --- ranking and writing ------------------------------------------------------------------------
 
-def _sort_bucket(bucket_and_chunks):
-    """All kept copies of one order bucket, sorted by (order, copy key); also the bucket's size."""
+def _sort_bucket(bucket_and_chunks, offsets, samples_per_shard):
+    """All kept copies of one order bucket, sorted by (order, copy key) and ranked from the bucket's
+    offset; consecutive ranks go out grouped by the shard that holds them."""
     bucket, chunks = bucket_and_chunks
     items = sorted((item for chunk in chunks for item in chunk), key=lambda item: (item[0], item[1]))
-    yield bucket, items
-    yield beam.pvalue.TaggedOutput("totals", (bucket, len(items)))
-
-
-def _by_shard(bucket_and_items, offsets, samples_per_shard):
-    """Ranks from the bucket offsets; consecutive ranks go out grouped by their shard index."""
-    bucket, items = bucket_and_items
     first = offsets["offsets"][bucket]
     current, group = None, []
-    for i, (_, copy_key, payload, balance) in enumerate(items):
+    for i, (_, copy_key, source, members) in enumerate(items):
         rank = first + i
         shard = rank // samples_per_shard
         if shard != current and group:
             yield current, group
             group = []
         current = shard
-        group.append((rank, copy_key, payload, balance))
+        group.append((rank, copy_key, source, members))
     if group:
         yield current, group
 
@@ -385,9 +380,9 @@ class _InputTars:
 
 
 class WriteShard(beam.DoFn):
-    """(shard index, [[(rank, key, sample, balance)]]) -> one tar in rank order; yields its manifest entry.
+    """(shard index, [[(rank, key, source tar, members)]]) -> one tar in rank order; yields its manifest entry.
 
-    Large members are read here from the input tars, once, at the place ResampleFile noted.
+    Large members are read here from the input tars, once, at the place ResampleRange noted.
     """
 
     def __init__(self, output_dir: str, prefix: str):
@@ -400,13 +395,11 @@ class WriteShard(beam.DoFn):
         path = FileSystems.join(self.output_dir, release.shard_name(self.prefix, index))
         inputs = _InputTars()
 
-        def released(rank_key_sample_balance):
-            _, key, sample, balance = rank_key_sample_balance
-            source = sample.get("shard")
-            members = release.read_members(sample.get("members") or (), lambda offset, size: inputs.read_at(
-                source, offset, size), where=f"{source} ({sample.get('key')})")
-            meta = sample["meta"] if "meta" in sample else release.member_meta(members)
-            return key, release.release_members(dict(sample, members=members, meta=meta), balance)
+        def released(rank_key_source_members):
+            _, key, source, located = rank_key_source_members
+            members = release.read_members(located, lambda offset, size: inputs.read_at(source, offset, size),
+                                           where=f"{source} ({key})")
+            return key, list(members.items())
 
         try:
             info = release.write_shard(path, map(released, ordered))
@@ -433,20 +426,24 @@ def build_pipeline(pipeline, *, input_glob, annotations_dir, solution_text, outp
     decisions = decided.decisions
     if mode == "repeat":
         decisions = decisions | "RepeatCopies" >> RepeatCopies(seed, output_size, buckets)
-    files = pipeline | "MatchInput" >> MatchInputFiles(input_glob)
-    per_file = ({"read": files | "ReadMarker" >> beam.Map(lambda path: (path, True)), "decisions": decisions}
-                | "ByInputFile" >> beam.CoGroupByKey()
-                | "ResampleFile" >> beam.ParDo(ResampleFile(
-                    seed, mode, buckets, input_format, key_column, caption_column)).with_outputs(
-                        QUARANTINE_TAG, _COUNTS_TAG, main="kept"))
-    ranked = (per_file.kept
-              | "GroupOrderBucket" >> beam.GroupByKey()
-              | "SortOrderBucket" >> beam.FlatMap(_sort_bucket).with_outputs("totals", main="items"))
-    offsets = (ranked.totals
-               | "AllTotals" >> beam.combiners.ToList()
+    ranges = pipeline | "PlanRanges" >> PlanRanges(input_glob, input_format)
+    range_starts = (ranges
+                    | "RangeStart" >> beam.Map(lambda r: (r["path"], r["first_position"]))
+                    | "RangesOfFile" >> beam.GroupByKey()
+                    | "SortStarts" >> beam.MapTuple(lambda path, starts: (path, sorted(starts))))
+    routed = decisions | "RouteToRanges" >> beam.FlatMap(_route_to_ranges, beam.pvalue.AsDict(range_starts))
+    per_file = ({"read": ranges | "ByRange" >> beam.Map(lambda r: ((r["path"], r["index"]), r)), "decisions": routed}
+                | "ByInputRange" >> beam.CoGroupByKey()
+                | "ResampleRange" >> beam.ParDo(ResampleRange(
+                    seed, mode, buckets, key_column, caption_column)).with_outputs(
+                        QUARANTINE_TAG, _COUNTS_TAG, _BUCKET_SIZES_TAG, main="kept"))
+    offsets = (per_file[_BUCKET_SIZES_TAG]
+               | "BucketSizes" >> beam.CombinePerKey(sum)
+               | "AllSizes" >> beam.combiners.ToList()
                | "Offsets" >> beam.Map(_bucket_offsets))
-    _ = (ranked.items
-         | "ByShard" >> beam.FlatMap(_by_shard, beam.pvalue.AsSingleton(offsets), samples_per_shard)
+    _ = (per_file.kept
+         | "GroupOrderBucket" >> beam.GroupByKey()
+         | "SortAndRank" >> beam.FlatMap(_sort_bucket, beam.pvalue.AsSingleton(offsets), samples_per_shard)
          | "GroupByShard" >> beam.GroupByKey()
          | "WriteShard" >> beam.ParDo(WriteShard(output_dir, prefix))
          | "AllShards" >> beam.combiners.ToList()
@@ -474,7 +471,7 @@ def reconcile(counts: dict, shards: list[dict], annotation_rows_written: int, qu
     numbers = {
         "annotation_rows_written": annotation_rows_written,
         "decisions_read": counts.get("decisions_read", 0),
-        "decisions_grouped_by_file": counts.get("decisions_read_by_file", 0),
+        "decisions_grouped_by_range": counts.get("decisions_grouped", 0),
         "decisions_joined": counts.get("decisions_joined", 0),
         "missing_from_input": counts.get("missing_from_input", 0),
         "samples_read": counts.get("samples_read", 0),
@@ -495,8 +492,8 @@ def reconcile(counts: dict, shards: list[dict], annotation_rows_written: int, qu
     checks = [
         ("annotation rows read = annotation rows annotate wrote",
          n["decisions_read"], n["annotation_rows_written"]),
-        ("annotation rows grouped by input file = annotation rows read",
-         n["decisions_grouped_by_file"], n["decisions_read"]),
+        ("annotation rows grouped by input range = annotation rows read",
+         n["decisions_grouped_by_range"], n["decisions_read"]),
         ("annotation rows joined + missing from the input = annotation rows read",
          n["decisions_joined"] + n["missing_from_input"], n["decisions_read"]),
         ("kept + dropped = annotation rows joined", n["kept"] + n["dropped"], n["decisions_joined"]),

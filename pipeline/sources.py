@@ -1,6 +1,7 @@
 """Reading image-text samples for the Beam jobs: WebDataset tars, caption tables, COCO caption JSON.
 
-`ReadSamples` is the one source transform; bad records go to a tagged quarantine output.
+Plain iterators, one per format, that yield samples and TaggedOutput quarantine entries for what
+cannot be read; pipeline/splits.py cuts files into ranges and runs them in Beam.
 """
 import csv
 import json
@@ -13,7 +14,6 @@ import tarfile
 import apache_beam as beam
 from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.metrics import Metrics
 
 from pipeline import quarantine as q
 from pipeline.keys import safe_key
@@ -220,7 +220,8 @@ def _row_sample(row, shard, position, key_column, caption_column, has_key_column
                    None if image_id is None else str(image_id))
 
 
-def iter_parquet_samples(raw_file, shard, key_column, caption_column):
+def iter_parquet_samples(raw_file, shard, key_column, caption_column, row_groups=None, first_position=0):
+    """Rows of a Parquet table (of the given row groups only, numbered from first_position)."""
     import pyarrow.parquet as pq
 
     parquet = pq.ParquetFile(raw_file)
@@ -228,27 +229,30 @@ def iter_parquet_samples(raw_file, shard, key_column, caption_column):
     if parquet.metadata.num_rows == 0:
         yield q.quarantined(q.STAGE_READ, q.EMPTY_SHARD, None, shard, None, "table has no rows")
         return
-    position = 0
-    for batch in parquet.iter_batches(batch_size=TABLE_BATCH_ROWS):
+    position = first_position
+    for batch in parquet.iter_batches(batch_size=TABLE_BATCH_ROWS, row_groups=row_groups):
         for row in batch.to_pylist():
             yield _row_sample(row, shard, position, key_column, caption_column, has_key_column)
             position += 1
 
 
+def jsonl_record(line: bytes, shard, position, key_column, caption_column):
+    """One JSONL line as a sample, or its quarantine entry."""
+    try:
+        row = json.loads(line.decode("utf-8"))
+        if not isinstance(row, dict):
+            raise ValueError(f"line is a {type(row).__name__}, not an object")
+    except UnicodeDecodeError as error:
+        return q.quarantined(q.STAGE_READ, q.NON_UTF8_TEXT, None, shard, position, error)
+    except ValueError as error:
+        return q.quarantined(q.STAGE_READ, q.BAD_JSON, None, shard, position, error)
+    return _row_sample(row, shard, position, key_column, caption_column, True)
+
+
 def iter_jsonl_samples(raw_file, shard, key_column, caption_column):
     position = -1
     for position, line in enumerate(raw_file):
-        try:
-            row = json.loads(line.decode("utf-8"))
-            if not isinstance(row, dict):
-                raise ValueError(f"line is a {type(row).__name__}, not an object")
-        except UnicodeDecodeError as error:
-            yield q.quarantined(q.STAGE_READ, q.NON_UTF8_TEXT, None, shard, position, error)
-            continue
-        except ValueError as error:
-            yield q.quarantined(q.STAGE_READ, q.BAD_JSON, None, shard, position, error)
-            continue
-        yield _row_sample(row, shard, position, key_column, caption_column, True)
+        yield jsonl_record(line, shard, position, key_column, caption_column)
     if position < 0:
         yield q.quarantined(q.STAGE_READ, q.EMPTY_SHARD, None, shard, None, "file has no lines")
 
@@ -372,23 +376,6 @@ def iter_file_records(path, input_format=FORMAT_AUTO, key_column="key", caption_
                             f"{type(error).__name__}: {error}")
 
 
-class ReadFileSamples(beam.DoFn):
-    """One file path in, its samples out (main output) and bad records (quarantine output)."""
-
-    def __init__(self, input_format=FORMAT_AUTO, key_column="key", caption_column="caption"):
-        self.input_format = input_format
-        self.key_column = key_column
-        self.caption_column = caption_column
-        self.files_read = Metrics.counter(q.METRICS_NAMESPACE, "files_read")
-        self.records_read = Metrics.counter(q.METRICS_NAMESPACE, "records_read")
-
-    def process(self, path):
-        self.files_read.inc()
-        for output in iter_file_records(path, self.input_format, self.key_column, self.caption_column):
-            self.records_read.inc()
-            yield output
-
-
 class MatchInputFiles(beam.PTransform):
     """Globs -> the distinct (normalised) paths they match, spread over the workers."""
 
@@ -403,29 +390,3 @@ class MatchInputFiles(beam.PTransform):
                 | "Paths" >> beam.Map(lambda metadata: normalize_path(metadata.path))
                 # Distinct groups by path, which also spreads the files over the workers.
                 | "SpreadFiles" >> beam.Distinct())
-
-
-class ReadSamples(beam.PTransform):
-    """Every sample of the files matching `input_glob` (a glob or a list of globs).
-
-    Output: a DoOutputsTuple with `.samples` (dicts: key, shard, position, caption, members,
-    meta, image_id) and `.quarantine` (entries of pipeline.quarantine). Files are spread over
-    workers (one file is one unit of work), so each worker streams one file at a time.
-    """
-
-    def __init__(self, input_glob, input_format=FORMAT_AUTO, caption_column="caption",
-                 key_column="key"):
-        super().__init__()
-        if input_format not in FORMATS:
-            raise ValueError(f"input format must be one of {FORMATS}, got {input_format!r}")
-        self.globs = [input_glob] if isinstance(input_glob, str) else list(input_glob)
-        self.input_format = input_format
-        self.caption_column = caption_column
-        self.key_column = key_column
-
-    def expand(self, pbegin):
-        return (pbegin
-                | "MatchInputFiles" >> MatchInputFiles(self.globs)
-                | "ReadFiles" >> beam.ParDo(ReadFileSamples(
-                    self.input_format, self.key_column, self.caption_column)).with_outputs(
-                        q.QUARANTINE_TAG, main="samples"))

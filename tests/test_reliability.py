@@ -218,9 +218,9 @@ def test_a_job_that_loses_records_fails_and_publishes_nothing(small_run, tmp_pat
     elif fault == "bucket_loses_a_copy":
         sort_bucket = resample._sort_bucket
 
-        def sort_but_lose_a_copy(element):
-            for out in sort_bucket(element):
-                yield (out[0], out[1][1:]) if isinstance(out, tuple) else out
+        def sort_but_lose_a_copy(element, *args):
+            for shard, group in sort_bucket(element, *args):
+                yield shard, group[1:]
 
         monkeypatch.setattr(resample, "_sort_bucket", sort_but_lose_a_copy)
     else:
@@ -240,7 +240,7 @@ def test_a_job_that_loses_records_fails_and_publishes_nothing(small_run, tmp_pat
 
 
 def test_reconcile_names_the_numbers_that_disagree():
-    counts = {"decisions_read": 10, "decisions_read_by_file": 10, "decisions_joined": 10, "samples_read": 12,
+    counts = {"decisions_read": 10, "decisions_grouped": 10, "decisions_joined": 10, "samples_read": 12,
               "kept": 6, "dropped": 4, "records_quarantined": 1, "output_samples": 6,
               "quarantined": {"resample:not_annotated": 1}, "kept_signatures": {"[]": 6}}
     shards = [{"name": "b-00000.tar", "index": 0, "samples": 6}]

@@ -1,12 +1,14 @@
 """Tests of the sources: WebDataset tars, caption tables and COCO JSON, good and broken.
 
-Reader functions are tested directly; ReadSamples once inside a real multi-process Beam pipeline.
+Reader functions are tested directly; planned ranges once inside a real multi-process Beam pipeline.
 """
 import hashlib
 import io
 import json
 import tarfile
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from apache_beam.pvalue import TaggedOutput
 
@@ -159,18 +161,23 @@ def test_detect_format():
     assert sources.detect_format("x.txt") is None
 
 
-def test_read_samples_in_another_pipeline_is_byte_exact(coco_mini_shards, tmp_path):
-    """What the resample job relies on: ReadSamples in any pipeline, members byte for byte."""
+def test_planned_ranges_read_in_another_pipeline_are_byte_exact(coco_mini_shards, tmp_path):
+    """What annotate and resample rely on: PlanRanges + ReadRangeBatches in any pipeline, members
+    byte for byte, each file once even when two globs match it."""
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
+
+    from pipeline import splits
 
     out = tmp_path / "digests"
     options = PipelineOptions(["--direct_running_mode=multi_processing", "--direct_num_workers=2"])
     with beam.Pipeline(options=options) as pipeline:
-        read = pipeline | sources.ReadSamples([coco_mini_shards.glob, coco_mini_shards.glob])
-        (read.samples
-         | beam.Map(lambda s: json.dumps([s["key"], s["shard"], {
-             ext: hashlib.sha256(data).hexdigest() for ext, data in s["members"].items()}]))
+        read = (pipeline
+                | splits.PlanRanges([coco_mini_shards.glob, coco_mini_shards.glob])
+                | beam.ParDo(splits.ReadRangeBatches()).with_outputs("quarantine", "counts", main="batches"))
+        (read.batches
+         | beam.FlatMap(lambda batch: [json.dumps([s["key"], s["shard"], {
+             ext: hashlib.sha256(data).hexdigest() for ext, data in s["members"].items()}]) for s in batch])
          | beam.io.WriteToText(str(out)))
         read.quarantine | "Quarantine" >> beam.io.WriteToText(str(tmp_path / "quarantine"))
     lines = [json.loads(line) for path in tmp_path.glob("digests*") for line in path.read_text().splitlines()]
@@ -182,3 +189,46 @@ def test_read_samples_in_another_pipeline_is_byte_exact(coco_mini_shards, tmp_pa
         assert (shard, digests["jpg"], digests["txt"]) == expected[key]
         assert set(digests) == {"jpg", "txt", "json"}
     assert all(path.read_text() == "" for path in tmp_path.glob("quarantine*"))
+
+
+@pytest.mark.parametrize("range_bytes", [700, 4096, 50_000])
+def test_a_jsonl_file_cut_in_ranges_reads_like_the_whole_file(tmp_path, monkeypatch, range_bytes):
+    """Records, their positions and quarantine entries are the same however the file is cut."""
+    from pipeline import splits
+
+    lines = []
+    for i in range(3000):
+        if i % 701 == 3:
+            lines.append("{not json")
+        elif i % 997 == 5:
+            lines.append("")
+        else:
+            lines.append(json.dumps({"key": f"k{i}", "caption": "a man " * (i % 17)}))
+    path = tmp_path / "t.jsonl"
+    path.write_text("\n".join(lines))  # no newline after the last line
+
+    def flat(records):
+        return [(r.value["position"], r.value["reason"]) if hasattr(r, "tag") else (r["position"], r["key"])
+                for r in records]
+
+    whole = flat(sources.iter_file_records(str(path)))
+    monkeypatch.setattr(splits, "RANGE_BYTES", range_bytes)
+    ranges = splits.plan_ranges(str(path))
+    assert len(ranges) > 1
+    assert [r["index"] for r in ranges] == list(range(len(ranges)))
+    assert [x for r in ranges for x in flat(splits.iter_range_records(r))] == whole
+    assert [p for p, _ in whole] == list(range(3000))
+
+
+def test_a_parquet_file_is_cut_at_row_groups(tmp_path, monkeypatch):
+    from pipeline import splits
+
+    path = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"key": [f"k{i}" for i in range(1000)], "caption": ["a woman"] * 1000}), path,
+                   row_group_size=150)
+    monkeypatch.setattr(splits, "PARQUET_RANGE_ROWS", 300)
+    ranges = splits.plan_ranges(str(path))
+    assert [(r["start"], r["end"], r["first_position"]) for r in ranges] == [(0, 2, 0), (2, 4, 300), (4, 6, 600),
+                                                                              (6, 7, 900)]
+    records = [r for rng in ranges for r in splits.iter_range_records(rng)]
+    assert [(r["position"], r["key"]) for r in records] == [(i, f"k{i}") for i in range(1000)]

@@ -1,0 +1,257 @@
+"""The annotate job's steps, each on a batch of records: check and label, look at images, drop duplicates.
+
+Every step takes and gives lists (one element per batch, not per record) and reports what it
+quarantined as data (count dicts), so the job can reconcile its counts with the files it wrote.
+"""
+from __future__ import annotations
+
+import collections
+import io
+import json
+import math
+import zlib
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+
+from pipeline import quarantine as q
+from pipeline.annotators import combine
+from pipeline.annotators.text import TextAnnotator
+from pipeline.records import ANNOTATION_SCHEMA, annotation_row
+from pipeline.signatures import row_signature
+from pipeline.sources import IMAGE_EXTENSIONS
+from trainer.images import DEFAULT_MAX_IMAGE_PIXELS, ImageRejected, decode_image
+
+COUNTS_TAG = "counts"
+# Keys are spread over this many buckets to find duplicates; only (key, file, place) travels.
+DEDUP_BUCKETS = 16
+
+
+def image_member(members):
+    for extension in IMAGE_EXTENSIONS:
+        for name, data in members.items():
+            if name.lower() == extension:
+                return data
+    return None
+
+
+def utility_of(meta, field):
+    """The record's utility score, or None when it has none that is a finite number (NaN, "nan",
+    infinities and text count as missing: the row is kept at the average score's rate, and
+    counts.json says how many)."""
+    if not field or meta.get(field) is None or isinstance(meta[field], bool):
+        return None
+    try:
+        value = float(meta[field])
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _load_npy(data):
+    import numpy as np
+
+    return np.load(io.BytesIO(data), allow_pickle=False).ravel().tolist()
+
+
+class AnnotateBatch(beam.DoFn):
+    """A batch of samples -> one list of annotation rows; bad samples -> quarantine entries.
+
+    A sample needs a caption and, when it comes from a tar, an image that decodes. With
+    `pass_images` the list holds {"row", "image", "embedding"} for the image annotator instead.
+    """
+
+    def __init__(self, lexicon, utility_field=None, max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS,
+                 pass_images=False, embedding_field=None):
+        self.annotator = TextAnnotator(lexicon)
+        self.utility_field = utility_field
+        self.max_image_pixels = max_image_pixels
+        self.pass_images = pass_images
+        self.embedding_field = embedding_field
+        self.annotated = Metrics.counter(q.METRICS_NAMESPACE, "annotated_text")
+
+    def process(self, samples):
+        rows, entries = [], []
+        for sample in samples:
+            result = self._annotate(sample)
+            (entries if isinstance(result, beam.pvalue.TaggedOutput) else rows).append(result)
+        self.annotated.inc(len(rows))
+        yield from entries
+        if rows:
+            yield rows if self.pass_images else rows_table(rows)
+
+    def _annotate(self, sample):
+        caption = sample.get("caption")
+        if caption is None:
+            return q.sample_quarantined(sample, q.STAGE_ANNOTATE, q.MISSING_CAPTION, "no caption")
+        if not caption.strip():
+            return q.sample_quarantined(sample, q.STAGE_ANNOTATE, q.EMPTY_CAPTION, "blank caption")
+        image = None
+        if sample.get("members"):  # WebDataset samples must carry an image that decodes
+            image = image_member(sample["members"])
+            if image is None:
+                return q.sample_quarantined(sample, q.STAGE_DECODE, q.MISSING_IMAGE,
+                                            f"members: {sorted(sample['members'])}")
+            try:
+                decode_image(image, self.max_image_pixels)
+            except ImageRejected as rejected:
+                return q.sample_quarantined(sample, q.STAGE_DECODE, rejected.reason, rejected)
+        attributes, concepts, evidence = self.annotator(caption)
+        row = annotation_row(sample, attributes, concepts, evidence,
+                             utility_of(sample.get("meta") or {}, self.utility_field))
+        if not self.pass_images:
+            return row
+        embedding = None
+        if self.embedding_field:
+            embedding = (sample.get("meta") or {}).get(self.embedding_field)
+            member = (sample.get("members") or {}).get(self.embedding_field)
+            if member is not None:
+                embedding = _load_npy(member)
+        return {"row": row, "image": image, "embedding": embedding}
+
+
+def rows_table(rows):
+    """Annotation rows as one pyarrow Table: what crosses a stage boundary (no per-row encoding)."""
+    import pyarrow as pa
+
+    return pa.Table.from_pylist(rows, schema=ANNOTATION_SCHEMA)
+
+
+class AnnotateImages(beam.DoFn):
+    """A batch from AnnotateBatch -> a table of rows, the zero-shot image answer combined with the text's.
+
+    The model sees `batch_size` images (or precomputed embeddings) at a time.
+    """
+
+    def __init__(self, image_annotator, policies, batch_size):
+        self.image_annotator = image_annotator
+        self.policies = policies
+        self.batch_size = batch_size
+        self.images_scored = Metrics.counter(q.METRICS_NAMESPACE, "images_scored")
+
+    def setup(self):
+        self.image_annotator._loaded()
+
+    def process(self, elements):
+        rows, entries = [], []
+        for start in range(0, len(elements), self.batch_size):
+            self._score(elements[start:start + self.batch_size], rows, entries)
+        yield from entries
+        if rows:
+            yield rows_table(rows)
+
+    def _score(self, batch, rows, entries):
+        import numpy as np
+
+        with_embedding = [e for e in batch if e["embedding"] is not None]
+        with_image = [e for e in batch if e["embedding"] is None and e["image"] is not None]
+        scored = []
+        if with_embedding:
+            dim = self.image_annotator.embed_dim
+            good = []
+            for element in with_embedding:
+                vector = np.asarray(element["embedding"], dtype=np.float32).ravel()
+                if vector.shape != (dim,) or not np.isfinite(vector).all():
+                    row = element["row"]
+                    entries.append(q.quarantined(q.STAGE_ANNOTATE, q.BAD_EMBEDDING, row["key"], row["shard"],
+                                                 row["position"], f"shape {vector.shape}, model wants ({dim},)"))
+                else:
+                    good.append((element, vector))
+            if good:
+                results = self.image_annotator.annotate_embeddings(np.stack([v for _, v in good]))
+                scored.extend(zip([e for e, _ in good], results))
+        if with_image:
+            results = self.image_annotator.annotate_images([e["image"] for e in with_image])
+            self.images_scored.inc(len(with_image))
+            scored.extend(zip(with_image, results))
+        rows.extend(e["row"] for e in batch if e["embedding"] is None and e["image"] is None)
+        rows.extend(self._combined(element["row"], image_attributes, image_concepts, scores)
+                    for element, (image_attributes, image_concepts, scores) in scored)
+
+    def _combined(self, row, image_attributes, image_concepts, scores):
+        evidence = json.loads(row["evidence"])
+        attributes, concepts, sources = combine.combine_annotations(
+            row["attributes"], row["concepts"], image_attributes, image_concepts, self.policies)
+        if scores:
+            evidence["image"] = scores
+        evidence.pop("concepts", None)
+        if sources:
+            evidence["concepts"] = sources
+        return dict(row, attributes=attributes, concepts=concepts,
+                    evidence=json.dumps(evidence, sort_keys=True, ensure_ascii=False))
+
+
+def _dedup_bucket(key: str) -> int:
+    return zlib.crc32(key.encode("utf-8", "surrogatepass")) % DEDUP_BUCKETS  # stable across processes
+
+
+def _keys_by_bucket(table):
+    buckets = collections.defaultdict(list)
+    for key, shard, position in zip(*(table.column(name).to_pylist() for name in ("key", "shard", "position"))):
+        buckets[_dedup_bucket(key)].append((key, shard, position))
+    yield from buckets.items()
+
+
+def _duplicates_in_bucket(bucket_and_lists):
+    """Of the places sharing a key, the first (smallest file, then place) stays; the others go."""
+    _, lists = bucket_and_lists
+    places = collections.defaultdict(list)
+    for entries in lists:
+        for key, shard, position in entries:
+            places[key].append((shard, position))
+    for key, found in places.items():
+        if len(found) < 2:
+            continue
+        found.sort()
+        first_shard, first_position = found[0]
+        for shard, position in found[1:]:
+            yield beam.pvalue.TaggedOutput(q.QUARANTINE_TAG, q.quarantine_record(
+                q.STAGE_DEDUPLICATE, q.DUPLICATE_KEY, key, shard, position,
+                f"kept the copy at {first_shard} position {first_position}"))
+            yield shard, position
+
+
+class FindDuplicateKeys(beam.PTransform):
+    """Row tables -> the places of rows whose key an earlier row has (main) and their quarantine entries.
+
+    Only (key, file, place) crosses the shuffle; which copy survives does not depend on order.
+    """
+
+    def expand(self, row_batches):
+        return (row_batches
+                | "KeysByBucket" >> beam.FlatMap(_keys_by_bucket)
+                | "GroupBucket" >> beam.GroupByKey()
+                | "Duplicates" >> beam.FlatMap(_duplicates_in_bucket).with_outputs(q.QUARANTINE_TAG, main="places"))
+
+
+def label_set(attributes, concepts, utility) -> str:
+    """What balance needs of a row, before its options (conditional form, utility) are applied."""
+    return row_signature(attributes, concepts, utility, conditional=False, use_utility=True)
+
+
+class DropDuplicates(beam.DoFn):
+    """A table of rows -> the table without its duplicates, and the counts of what it keeps.
+
+    The counts: rows kept (`annotated`), rows without a usable utility, and rows per label set (what
+    balance counts signatures from, without reading the annotations again).
+    """
+
+    def __init__(self, utility_field=None):
+        self.utility_field = utility_field
+        self.annotated = Metrics.counter(q.METRICS_NAMESPACE, "annotated")
+
+    def process(self, table, duplicate_places):
+        import pyarrow as pa
+
+        if duplicate_places:
+            places = zip(table.column("shard").to_pylist(), table.column("position").to_pylist())
+            table = table.filter(pa.array([place not in duplicate_places for place in places], type=pa.bool_()))
+        self.annotated.inc(table.num_rows)
+        utilities = table.column("utility").to_pylist()
+        label_sets = collections.Counter(map(label_set, table.column("attributes").to_pylist(),
+                                             table.column("concepts").to_pylist(), utilities))
+        missing = sum(utility is None for utility in utilities) if self.utility_field else 0
+        yield beam.pvalue.TaggedOutput(COUNTS_TAG, {"annotated": table.num_rows, "utility_missing": missing,
+                                                    "label_sets": dict(label_sets)})
+        if table.num_rows:
+            yield table

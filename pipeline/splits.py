@@ -1,0 +1,177 @@
+"""Units of work: input files cut into ranges that different workers read, and records in batches.
+
+A million-row JSONL file is one file: read whole, it would keep one worker busy while the other
+waits. Uncompressed JSONL is cut at newlines every RANGE_BYTES and Parquet at row groups, and each
+range knows the position (line or row number) of its first record, so a record's position is the
+same however the file was cut. Every other input (tars, CSV, COCO JSON, compressed files) is one
+range. Readers hand records on in batches, so no stage boundary pays Beam's per-element cost.
+"""
+from __future__ import annotations
+
+import apache_beam as beam
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+
+from pipeline import quarantine as q
+from pipeline.sources import (FORMAT_AUTO, FORMAT_JSONL, FORMAT_PARQUET, MatchInputFiles, detect_format,
+                              iter_file_records, iter_parquet_samples, jsonl_record)
+
+# About 40k caption rows of JSONL: big enough that a range's fixed cost is small, small enough
+# that a 200k-row file already keeps two workers busy to the end (16 MiB left one waiting).
+RANGE_BYTES = 4 * 1024 * 1024
+PARQUET_RANGE_ROWS = 200_000
+_SCAN_BLOCK = 8 * 1024 * 1024
+# Records per batch out of a reader, and a cap on a batch's bytes (tar samples carry images).
+RECORDS_PER_BATCH = 2000
+BATCH_BYTES = 64 * 1024 * 1024
+
+
+def plan_ranges(path: str, input_format: str = FORMAT_AUTO) -> list[dict]:
+    """The ranges of one input file, in order: {path, index, format, start, end, first_position}.
+
+    A range with start None is the whole file, read by the format's own reader.
+    """
+    file_format = detect_format(path) if input_format == FORMAT_AUTO else input_format
+    whole = [{"path": path, "index": 0, "format": file_format, "start": None, "end": None, "first_position": 0}]
+    compressed = CompressionTypes.detect_compression_type(path) != CompressionTypes.UNCOMPRESSED
+    try:
+        if file_format == FORMAT_JSONL and not compressed:
+            return _jsonl_ranges(path) or whole
+        if file_format == FORMAT_PARQUET and not compressed:
+            return _parquet_ranges(path) or whole
+    except Exception:  # unreadable here: the whole-file reader quarantines it with the reason
+        return whole
+    return whole
+
+
+def _jsonl_ranges(path: str) -> list[dict]:
+    """Newline-aligned byte ranges of about RANGE_BYTES, with the line number each starts at."""
+    size = FileSystems.match([path])[0].metadata_list[0].size_in_bytes
+    if size <= RANGE_BYTES:
+        return []
+    ranges, start, lines_before, offset, lines = [], 0, 0, 0, 0
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+        while True:
+            block = handle.read(_SCAN_BLOCK)
+            if not block:
+                break
+            cut_from = 0
+            while offset + len(block) - start > RANGE_BYTES:
+                newline = block.find(b"\n", max(cut_from, start + RANGE_BYTES - offset))
+                if newline < 0:
+                    break
+                end = offset + newline + 1
+                lines += block.count(b"\n", cut_from, newline + 1)
+                ranges.append((start, end, lines_before))
+                start, lines_before, cut_from = end, lines, newline + 1
+            lines += block.count(b"\n", cut_from)
+            offset += len(block)
+    if start < offset:
+        ranges.append((start, offset, lines_before))
+    return [{"path": path, "index": i, "format": FORMAT_JSONL, "start": s, "end": e, "first_position": first}
+            for i, (s, e, first) in enumerate(ranges)]
+
+
+def _parquet_ranges(path: str) -> list[dict]:
+    """Runs of whole row groups of about PARQUET_RANGE_ROWS rows."""
+    import pyarrow.parquet as pq
+
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+        metadata = pq.ParquetFile(handle).metadata
+    if metadata.num_rows <= PARQUET_RANGE_ROWS or metadata.num_row_groups < 2:
+        return []
+    ranges, groups, rows, first = [], [], 0, 0
+    for group in range(metadata.num_row_groups):
+        groups.append(group)
+        rows += metadata.row_group(group).num_rows
+        if rows - first >= PARQUET_RANGE_ROWS or group == metadata.num_row_groups - 1:
+            ranges.append({"path": path, "index": len(ranges), "format": FORMAT_PARQUET,
+                           "start": groups[0], "end": groups[-1] + 1, "first_position": first})
+            groups, first = [], rows
+    return ranges
+
+
+def iter_range_records(file_range: dict, key_column="key", caption_column="caption"):
+    """Samples of one range (and TaggedOutput quarantine entries), positions counted from the file's start."""
+    path = file_range["path"]
+    if file_range["start"] is None:
+        yield from iter_file_records(path, file_range["format"] or FORMAT_AUTO, key_column, caption_column)
+        return
+    try:
+        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+            if file_range["format"] == FORMAT_PARQUET:
+                yield from iter_parquet_samples(handle, path, key_column, caption_column,
+                                                list(range(file_range["start"], file_range["end"])),
+                                                file_range["first_position"])
+                return
+            handle.seek(file_range["start"])
+            data = handle.read(file_range["end"] - file_range["start"])
+    except Exception as error:  # the file changed or vanished since it was planned
+        yield q.quarantined(q.STAGE_READ, q.UNREADABLE_FILE, None, path, file_range["first_position"],
+                            f"range {file_range['index']}: {type(error).__name__}: {error}")
+        return
+    lines = data.split(b"\n")
+    if lines and not lines[-1]:
+        lines.pop()  # the range ends with a newline: no partial line after it
+    for offset, line in enumerate(lines):
+        yield jsonl_record(line, path, file_range["first_position"] + offset, key_column, caption_column)
+
+
+def batches_of(records, size: int = RECORDS_PER_BATCH, max_bytes: int = BATCH_BYTES):
+    """Lists of consecutive records, at most `size` records or about `max_bytes` of members each."""
+    batch, weight = [], 0
+    for record in records:
+        batch.append(record)
+        weight += sum(len(data) for data in (record.get("members") or {}).values())
+        if len(batch) >= size or weight >= max_bytes:
+            yield batch
+            batch, weight = [], 0
+    if batch:
+        yield batch
+
+
+class PlanRanges(beam.PTransform):
+    """Globs -> the ranges of every matched file, spread over the workers (a shuffle in between)."""
+
+    def __init__(self, globs, input_format=FORMAT_AUTO):
+        super().__init__()
+        self.globs, self.input_format = globs, input_format
+
+    def expand(self, pbegin):
+        input_format = self.input_format
+        return (pbegin
+                | "MatchInputFiles" >> MatchInputFiles(self.globs)
+                | "Plan" >> beam.FlatMap(lambda path: plan_ranges(path, input_format))
+                | "SpreadRanges" >> beam.Reshuffle())
+
+
+class ReadRangeBatches(beam.DoFn):
+    """A range -> batches of its samples (main output), quarantine entries, and one count dict."""
+
+    def __init__(self, key_column="key", caption_column="caption"):
+        self.key_column, self.caption_column = key_column, caption_column
+        self.records_read = Metrics.counter(q.METRICS_NAMESPACE, "records_read")
+
+    def process(self, file_range):
+        counted = {"read": 0, "quarantined": 0}
+
+        def samples():
+            for output in iter_range_records(file_range, self.key_column, self.caption_column):
+                counted["read"] += 1
+                if isinstance(output, beam.pvalue.TaggedOutput):
+                    counted["quarantined"] += 1
+                    quarantine.append(output)
+                else:
+                    yield output
+
+        quarantine = []
+        for batch in batches_of(samples()):  # streamed: a tar's images are not all held at once
+            yield from quarantine
+            quarantine.clear()
+            yield batch
+        yield from quarantine
+        read, quarantined = counted["read"], counted["quarantined"]
+        self.records_read.inc(read)
+        yield beam.pvalue.TaggedOutput("counts", {"records_read": read, "read_quarantined": quarantined,
+                                                  "ranges_read": 1})
