@@ -94,50 +94,70 @@ def input_bytes(pattern: str) -> int:
 # --- the reference: one process, one loop, the same work ---------------------------------------------
 
 def plain_loop(pattern: str, output: pathlib.Path, samples_per_shard: int, seed: int = 0) -> dict:
-    """annotate -> count signatures -> solve -> keyed-hash sampling -> ordered tar shards, in one loop.
+    """annotate -> count signatures -> solve -> exact-count sampling -> ordered tar shards, in one process.
 
-    The same functions the job calls per record (reader, image check, lexicon, signature, solver,
-    keep rule, order hash, shard writer), without Beam: what the job's parallelism must beat.
+    The same functions the job calls per record (reader, image check, lexicon, signature, solver and
+    its integer program, keep rule, order hash, member index, shard writer), without Beam, and like
+    the job it reads the input twice so that memory does not grow with the images: what the job's
+    parallelism must beat.
     """
     import glob
+    import heapq
 
     from apache_beam.pvalue import TaggedOutput
 
-    from pipeline import balance, release
-    from pipeline.labelling import image_member
+    from pipeline import balance, hashing, release
     from pipeline.annotators.text import TextAnnotator
+    from pipeline.labelling import image_member
+    from pipeline.resample import _InputTars, _tar_offsets
     from pipeline.signatures import SignatureTable, row_signature
     from pipeline.sources import iter_file_records
-    from solvers.solution import BalanceSolution
     from trainer.images import decode_image
 
+    paths = [os.path.abspath(path) for path in sorted(glob.glob(pattern))]
     annotator = TextAnnotator()
-    rows = []  # (key, attributes, concepts, sample)
-    for path in sorted(glob.glob(pattern)):
-        for sample in iter_file_records(os.path.abspath(path)):
+    labels = {}  # key -> (attributes, concepts)
+    for path in paths:  # pass 1: annotate
+        for sample in iter_file_records(path):
             if isinstance(sample, TaggedOutput) or not (sample["caption"] or "").strip():
                 continue
             if sample["members"]:
                 decode_image(image_member(sample["members"]))
             attributes, concepts, _ = annotator(sample["caption"])
-            rows.append((sample["key"], attributes, concepts, sample))
-    counts = collections.Counter(row_signature(a, c) for _, a, c, _ in rows)
+            labels[sample["key"]] = (attributes, concepts)
+    counts = collections.Counter(row_signature(a, c) for a, c in labels.values())
     config = balance.config_from_args(balance_args())
     solution, _ = balance.solve_table(SignatureTable.from_counts(counts.items()), config)
-    rule = release.KeepRule(BalanceSolution.from_json(solution.to_json()), seed)
-    kept = []
-    decided = rule.signatures_and_probabilities((attributes, concepts, None) for _, attributes, concepts, _ in rows)
-    for (key, _, _, sample), (_, q) in zip(rows, decided):
-        if rule.copies(key, q):
-            kept.append((release.order_uniform(seed, key), key, sample, {"q": q, "weight": 1.0}))
-    kept.sort(key=lambda item: (item[0], item[1]))
+    rule = release.KeepRule(solution, seed, "exact")
+    decided = dict(zip(labels, rule.signatures_and_probabilities((a, c, None) for a, c in labels.values())))
+    draws = collections.defaultdict(list)
+    for key, (signature, _) in decided.items():
+        if rule.exact_signature(signature) is not None:
+            draws[signature].append((hashing.keyed_uniform(seed, key), key))
+    thresholds = {signature: heapq.nsmallest(rule.exact_signature(signature)[1], found)[-1]
+                  for signature, found in draws.items()}
+    kept = {key: (signature, q) for key, (signature, q) in decided.items()
+            if rule.copies(key, q, signature, thresholds.get(signature))}
+    items = []
+    for path in paths:  # pass 2: the kept records' members, images as their place in the tar
+        index = None
+        for sample in iter_file_records(path):
+            if isinstance(sample, TaggedOutput) or sample["key"] not in kept:
+                continue
+            if sample["members"] and index is None:
+                index = _tar_offsets(path) or {}
+            members = release.release_members(sample, {"q": kept[sample["key"]][1], "weight": 1.0})
+            items.append((release.order_uniform(seed, sample["key"]), sample["key"], path,
+                          release.locate_members(sample["key"], dict(members), index)))
+    items.sort(key=lambda item: (item[0], item[1]))
     output.mkdir(parents=True, exist_ok=True)
-    written = 0
-    for index, start in enumerate(range(0, len(kept), samples_per_shard)):
-        items = [(key, release.release_members(sample, balance_)) for _, key, sample, balance_
-                 in kept[start:start + samples_per_shard]]
-        written += release.write_shard(str(output / release.shard_name("plain", index)), items)["samples"]
-    return {"records": len(rows), "kept": written}
+    written, inputs = 0, _InputTars()
+    for shard, start in enumerate(range(0, len(items), samples_per_shard)):
+        rows = [(key, list(release.read_members(located, lambda o, n, p=path: inputs.read_at(p, o, n)).items()))
+                for _, key, path, located in items[start:start + samples_per_shard]]
+        written += release.write_shard(str(output / release.shard_name("plain", shard)), rows)["samples"]
+    inputs.close()
+    return {"records": len(labels), "kept": written}
 
 
 def balance_args():
@@ -198,6 +218,25 @@ def run_job(pattern: str, output: pathlib.Path, beam_args: list[str], samples_pe
     return manifest
 
 
+_PLAIN_LOOP_CHILD = """
+import json, pathlib, sys, time
+sys.path.insert(0, {root!r})
+from bench.memory import MemorySampler
+from bench.scale import plain_loop
+sampler = MemorySampler()
+started = time.perf_counter()
+result = plain_loop(sys.argv[1], pathlib.Path(sys.argv[2]), int(sys.argv[3]))
+print(json.dumps({{"seconds": time.perf_counter() - started, "peak_mib": sampler.stop() / 2 ** 20, "result": result}}))
+"""
+
+
+def measure_plain_loop(pattern: str, output: pathlib.Path, samples_per_shard: int) -> dict:
+    """The plain loop in a fresh interpreter, so its peak memory (and its heap) are its own."""
+    child = subprocess.run([sys.executable, "-c", _PLAIN_LOOP_CHILD.format(root=str(ROOT)), pattern, str(output),
+                            str(samples_per_shard)], capture_output=True, text=True, check=True)
+    return {"run": "plain loop (1 process)", **json.loads(child.stdout.strip().splitlines()[-1])}
+
+
 def measure(label, function, *args):
     sampler = MemorySampler()
     started = time.perf_counter()
@@ -209,7 +248,7 @@ def measure(label, function, *args):
 def bench_dataset(name, pattern, work, args) -> list[dict]:
     """The plain loop, then the job in every asked mode; checks and returns the table's rows."""
     size_mb = input_bytes(pattern) / 1e6
-    runs = [measure("plain loop (1 process)", plain_loop, pattern, work / f"{name}-plain", args.samples_per_shard)]
+    runs = [measure_plain_loop(pattern, work / f"{name}-plain", args.samples_per_shard)]
     records = runs[0]["result"]["records"]
     shutil.rmtree(work / f"{name}-plain", ignore_errors=True)
     modes = []

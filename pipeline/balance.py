@@ -285,6 +285,7 @@ def solve_table(table: SignatureTable, config: BalanceConfig):
     started = time.perf_counter()
     solution = solve(problem, method=config.method)
     seconds = time.perf_counter() - started
+    solution.exact_counts, exact_statistics = exact_counts(problem, projected, solution, config)
     bias_options = dict(weights=projected.weights, targets=np.asarray(problem.spec.targets),
                         groups=projected.groups, min_support=config.min_support,
                         attribute_names=projected.attribute_names, concept_names=projected.concept_names,
@@ -311,9 +312,36 @@ def solve_table(table: SignatureTable, config: BalanceConfig):
         "data_bias_before": before.to_dict(),
         "data_bias_after": after.to_dict(),
         "balance_seconds": seconds,
+        "exact_counts": exact_statistics,
         "config": dataclasses.asdict(config),
     }
     return solution, projected
+
+
+def exact_counts(problem, projected: SignatureTable, solution, config: BalanceConfig):
+    """Whole rows to keep per signature ({signature text: [n_s, k_s, constrained]}) and how it went.
+
+    Resample's exact mode keeps exactly k_s rows of each constrained signature (those with the
+    smallest keyed hash), so the release meets the gaps in its own counts, not only on average.
+    """
+    from solvers.rounding import allocate
+
+    started = time.perf_counter()
+    try:
+        allocation = allocate(problem, solution.q)
+    except (RuntimeError, ValueError) as error:
+        log.warning("no exact counts (%s): resample can only sample by probability (--mode bernoulli)", error)
+        return None, {"status": "failed", "message": str(error)}
+    matrix, _ = problem.constraint_matrix()
+    constrained = np.diff(matrix.tocsr().indptr) > 0
+    texts = projected.signature_texts(config.conditional, config.utility_tilt > 0)
+    counts = {text: [int(n), int(k), int(c)] for text, n, k, c in zip(
+        texts, np.round(projected.weights).astype(np.int64), allocation.counts, constrained)}
+    plan = float(projected.weights @ solution.q)
+    statistics = {"status": allocation.status, "seconds": time.perf_counter() - started,
+                  "rows_kept": int(allocation.counts.sum()), "planned_rows": plan,
+                  "constrained_signatures": int(constrained.sum()), **allocation.statistics}
+    return counts, statistics
 
 
 def read_label_list(path: str) -> list[str]:

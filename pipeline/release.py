@@ -16,12 +16,15 @@ import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline import hashing
-from pipeline.errors import UsageError
+from pipeline.errors import DataError, UsageError
 from pipeline.signatures import encode, parse_signature, row_signature
 from solvers.solution import BalanceSolution
 
-MODES = ("bernoulli", "weights", "repeat")
-DEFAULT_MODE = "bernoulli"
+MODES = ("exact", "bernoulli", "weights", "repeat")
+# exact: k_s whole rows of every constrained signature (balance's integer program), so the release
+# meets the gaps in its own counts; bernoulli draws each row on its own (a concept of 50 rows then
+# moves by about 0.1 in share).
+DEFAULT_MODE = "exact"
 DEFAULT_SEED = 0
 DEFAULT_PREFIX = "balanced"
 # img2dataset writes 10,000 samples per shard; 1,000 keeps a shard of web images (~100 kB each)
@@ -49,12 +52,18 @@ class KeepRule:
     """Keep probability and copies of a record from its features, the solution and the seed.
 
     A pure function of (features, solution, seed), memoised by signature: rows with the same
-    signature have the same q, so a worker computes q once per signature it meets.
+    signature have the same q, so a worker computes q once per signature it meets. Its own default
+    mode is bernoulli, which any solution supports; resample's default, exact, needs the exact
+    counts balance adds to solution.json.
     """
 
-    def __init__(self, solution: BalanceSolution, seed: int = DEFAULT_SEED, mode: str = DEFAULT_MODE):
+    def __init__(self, solution: BalanceSolution, seed: int = DEFAULT_SEED, mode: str = "bernoulli"):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if mode == "exact" and solution.exact_counts is None:
+            raise DataError("this solution has no exact counts (an older balance, or its integer program "
+                            "failed: see solution.json statistics.exact_counts); re-run balance, or resample "
+                            "with --mode bernoulli")
         self.solution = solution
         self.seed = int(seed)
         self.mode = mode
@@ -106,13 +115,39 @@ class KeepRule:
             self._memo.update(zip(unseen, q.tolist()))
         return [(text, self._memo[text]) for text in texts]
 
-    def copies(self, key: str, keep_probability: float) -> int:
-        """Bernoulli: 1 iff h(seed, key) < q; weights: 1 iff q > 0 (repeat needs the global order)."""
+    def exact_signature(self, signature: str):
+        """(n_s, k_s) when exact mode keeps exactly k_s of the n_s rows of this signature by rank, else None.
+
+        Signatures no constraint sees (rows without an annotated attribute), and those kept whole or
+        not at all, need no ranking: they are drawn by probability, or kept or dropped outright.
+        """
+        entry = (self.solution.exact_counts or {}).get(signature) if self.mode == "exact" else None
+        if entry is None or not entry[2] or not 0 < entry[1] < entry[0]:
+            return None
+        return entry[0], entry[1]
+
+    def copies(self, key: str, keep_probability: float, signature: str | None = None, threshold=None) -> int:
+        """1 or 0 for one record (repeat mode needs the global order: see repeat_copies).
+
+        exact: for a ranked signature, 1 iff (h(seed, key), key) is at most the signature's threshold
+        (the k_s-th smallest); all rows of a signature with k_s = n_s, none with k_s = 0; otherwise
+        as bernoulli. bernoulli: 1 iff h(seed, key) < q. weights: 1 iff q > 0.
+        """
         if self.mode == "weights":
             return int(keep_probability > 0)
-        if self.mode == "bernoulli":
-            return int(hashing.keep_bernoulli(keep_probability, hashing.keyed_uniform(self.seed, key)))
-        raise ValueError("repeat mode decides copies along the global order (see repeat_copies)")
+        if self.mode == "repeat":
+            raise ValueError("repeat mode decides copies along the global order (see repeat_copies)")
+        draw = hashing.keyed_uniform(self.seed, key)
+        if self.mode == "exact" and signature is not None:
+            entry = (self.solution.exact_counts or {}).get(signature)
+            if entry is not None and entry[2]:
+                if entry[1] >= entry[0]:
+                    return 1
+                if entry[1] <= 0:
+                    return 0
+                if threshold is not None:
+                    return int((draw, key) <= tuple(threshold))
+        return int(hashing.keep_bernoulli(keep_probability, draw))
 
     def weight(self, keep_probability: float) -> float:
         """Training weight of a kept record: q / eta in weights mode (unbiased for the plan), else 1."""

@@ -12,10 +12,12 @@ from __future__ import annotations
 import argparse
 import bisect
 import collections
+import heapq
 import json
 import logging
 import sys
 import uuid
+import zlib
 
 import apache_beam as beam
 from apache_beam.io.filesystem import CompressionTypes
@@ -52,6 +54,8 @@ RANK_BUCKET_SIZE = 100_000
 ITEMS_PER_ELEMENT = 20_000
 _ANNOTATION_COLUMNS = ["key", "shard", "position", "attributes", "concepts", "utility"]
 _COUNTS_TAG = "counts"
+# Ranked signatures are merged in this many groups to find each one's exact-count threshold.
+THRESHOLD_BUCKETS = 64
 _BUCKET_SIZES_TAG = "bucket_sizes"
 _WORK_DIR_PREFIX = ".resample-work-"
 
@@ -93,7 +97,7 @@ class Decide(_SolutionUser):
             self._paths[shard] = normalize_path(shard)
         return self._paths[shard]
 
-    def process(self, table, solution_text):
+    def process(self, table, solution_text, thresholds):
         rule = self.rule(solution_text)
         columns = table.to_pydict()
         batches: dict[str, dict] = {}
@@ -109,10 +113,62 @@ class Decide(_SolutionUser):
             batch["keys"].append(key)
             batch["q"].append(q)
             batch["weights"].append(rule.weight(q))
-            batch["copies"].append(None if self.mode == "repeat" else rule.copies(key, q))
+            batch["copies"].append(None if self.mode == "repeat" else
+                                   rule.copies(key, q, signature, thresholds.get(signature)))
             batch["signatures"].append(signature)
         yield from batches.items()
         yield _counts_output({"decisions_read": table.num_rows})
+
+
+class RankCandidates(_SolutionUser):
+    """Exact mode: a table of annotation rows -> per ranked signature in it, the (draw, key) of its
+    k_s smallest rows (sorted), keyed by a bucket of signatures for the merge."""
+
+    def process(self, table, solution_text):
+        rule = self.rule(solution_text)
+        columns = table.to_pydict()
+        decided = rule.signatures_and_probabilities(zip(columns["attributes"], columns["concepts"],
+                                                        columns["utility"]))
+        draws = collections.defaultdict(list)
+        for key, (signature, _) in zip(columns["key"], decided):
+            if rule.exact_signature(signature) is not None:
+                draws[signature].append((hashing.keyed_uniform(self.seed, key), key))
+        for signature, found in draws.items():
+            keep = rule.exact_signature(signature)[1]
+            yield _signature_bucket(signature), (signature, keep, heapq.nsmallest(keep, found))
+
+
+def _signature_bucket(signature: str) -> int:
+    return zlib.crc32(signature.encode("utf-8")) % THRESHOLD_BUCKETS
+
+
+def _thresholds(bucket_and_parts):
+    """The k_s-th smallest (draw, key) of each signature: rows at or below it are the k_s kept."""
+    _, parts = bucket_and_parts
+    merged, keep = collections.defaultdict(list), {}
+    for signature, count, smallest in parts:
+        merged[signature].extend(smallest)
+        keep[signature] = count
+    for signature, found in merged.items():
+        yield signature, heapq.nsmallest(keep[signature], found)[-1]
+
+
+class ExactThresholds(beam.PTransform):
+    """Annotation tables -> {signature: threshold} for exact mode ({} in the other modes)."""
+
+    def __init__(self, seed: int, mode: str, solution):
+        super().__init__()
+        self.seed, self.mode, self.solution = seed, mode, solution
+
+    def expand(self, tables):
+        if self.mode != "exact":
+            return tables.pipeline | "NoThresholds" >> beam.Create([{}])
+        return (tables
+                | "RankCandidates" >> beam.ParDo(RankCandidates(self.seed, self.mode),
+                                                 beam.pvalue.AsSingleton(self.solution))
+                | "BySignatureBucket" >> beam.GroupByKey()
+                | "Thresholds" >> beam.FlatMap(_thresholds)
+                | "AsDict" >> beam.combiners.ToDict())
 
 
 def _route_to_ranges(shard_and_batch, range_starts):
@@ -418,11 +474,12 @@ def build_pipeline(pipeline, *, input_glob, annotations_dir, solution_text, outp
                    caption_column="caption", output_size=None, quarantine_prefix=None):
     """The resample graph on `pipeline`; its results land in `work_dir` (counts.json, shards.json)."""
     solution = pipeline | "Solution" >> beam.Create([solution_text])
-    decided = (pipeline
-               | "ReadAnnotations" >> beam.io.ReadFromParquetBatched(
-                   FileSystems.join(annotations_dir, ANNOTATIONS_GLOB), columns=_ANNOTATION_COLUMNS)
-               | "Decide" >> beam.ParDo(Decide(seed, mode), beam.pvalue.AsSingleton(solution)).with_outputs(
-                   _COUNTS_TAG, main="decisions"))
+    tables = pipeline | "ReadAnnotations" >> beam.io.ReadFromParquetBatched(
+        FileSystems.join(annotations_dir, ANNOTATIONS_GLOB), columns=_ANNOTATION_COLUMNS)
+    thresholds = tables | "ExactThresholds" >> ExactThresholds(seed, mode, solution)
+    decided = tables | "Decide" >> beam.ParDo(
+        Decide(seed, mode), beam.pvalue.AsSingleton(solution), beam.pvalue.AsSingleton(thresholds)).with_outputs(
+            _COUNTS_TAG, main="decisions")
     decisions = decided.decisions
     if mode == "repeat":
         decisions = decisions | "RepeatCopies" >> RepeatCopies(seed, output_size, buckets)
@@ -464,7 +521,7 @@ def _write_json_to(payload, path):
 # --- the driver: prepare, run, reconcile, publish -----------------------------------------------
 
 def reconcile(counts: dict, shards: list[dict], annotation_rows_written: int, quarantine_lines: int,
-              samples_per_shard: int) -> dict:
+              samples_per_shard: int, exact_counts: dict | None = None) -> dict:
     """The job's own accounting; raises ReconciliationError naming every equation that fails."""
     read_quarantined = sum(n for reason, n in counts.get("quarantined", {}).items()
                            if reason.startswith(STAGE_READ + ":"))
@@ -510,6 +567,14 @@ def reconcile(counts: dict, shards: list[dict], annotation_rows_written: int, qu
     short = [s["name"] for s in shards if s["samples"] != samples_per_shard and s["index"] != len(shards) - 1]
     if short:
         failed.append(f"shards other than the last are not full: {short[:5]}")
+    if exact_counts and not n["missing_from_input"]:
+        kept = counts.get("kept_signatures", {})
+        off = [(signature, kept.get(signature, 0), entry[1]) for signature, entry in sorted(exact_counts.items())
+               if entry[2] and kept.get(signature, 0) != entry[1]]
+        numbers["signatures_off_their_exact_count"] = len(off)
+        if off:
+            failed.append(f"{len(off)} signatures kept other than their exact count (signature, kept, asked): "
+                          f"{off[:3]}")
     if failed:
         raise ReconciliationError(
             "resample did not account for every record, so no manifest was published (the shards "
@@ -562,6 +627,7 @@ def resample(input_glob, annotations_dir, solution_path, output_dir, *, seed=rel
             raise FileNotFoundError(f"no input files match {pattern!r}")
     solution_text = read_text(solution_path)
     solution = BalanceSolution.from_json(solution_text)  # fail here, not on a worker, if it is unreadable
+    release.KeepRule(solution, seed, mode)  # and if it cannot be applied in this mode
     rows_written = annotation_rows(annotations_dir)
     read_options = _annotate_read_options(annotations_dir, input_format, rows_written)
     output_dir = output_dir.rstrip("/")
@@ -585,7 +651,7 @@ def resample(input_glob, annotations_dir, solution_path, output_dir, *, seed=rel
         if FileSystems.exists(work_dir):
             FileSystems.delete([work_dir])
     numbers = reconcile(counts, shards, rows_written, count_lines(quarantine_prefix + "-*.jsonl"),
-                        samples_per_shard)
+                        samples_per_shard, solution.exact_counts if mode == "exact" else None)
     if not numbers["decisions_joined"] and numbers["samples_read"] and numbers["decisions_read"]:
         raise DataError(
             f"none of the {numbers['samples_read']} records read has an annotation row among the "
@@ -654,8 +720,9 @@ def _write_kept_signatures(counts: dict, output_dir: str) -> None:
 def add_release_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags that say how the release is drawn and laid out (shared with `balancebeam run`)."""
     parser.add_argument("--mode", choices=release.MODES, default=release.DEFAULT_MODE,
-                        help="bernoulli: keep with probability q; weights: keep q > 0 with weight q/eta; "
-                             "repeat: copies proportional to q, exactly --output-size samples")
+                        help="exact (default): whole rows per signature so the release itself meets the gaps; "
+                             "bernoulli: keep each row with probability q; weights: keep q > 0 with weight "
+                             "q/eta; repeat: copies proportional to q, exactly --output-size samples")
     parser.add_argument("--seed", type=int, default=release.DEFAULT_SEED,
                         help=f"sampling seed, 0 <= seed < 2**{hashing.SEED_BITS}")
     parser.add_argument("--samples-per-shard", type=int, default=release.DEFAULT_SAMPLES_PER_SHARD)

@@ -54,6 +54,8 @@ class SignatureTable:
     concepts: np.ndarray  # (S, c) 0/1
     weights: np.ndarray  # (S,) counts
     utility: np.ndarray | None  # (S,) or None when no row has one
+    # (S,) True where the rows had no score (their utility above is the filled-in mean), or None
+    utility_missing: np.ndarray | None = None
 
     @property
     def group_names(self) -> list[str]:
@@ -88,6 +90,8 @@ class SignatureTable:
             # A row without a score gets the mean score: its target keep rate is then eta.
             fill = float(np.average(known, weights=known_weights))
             utility = np.array([fill if u is None else u for u in utilities], dtype=np.float64)
+            return cls(attribute_names, concept_names, attributes, concepts, weights, utility,
+                       np.array([u is None for u in utilities]))
         return cls(attribute_names, concept_names, attributes, concepts, weights, utility)
 
     def project(self, concept_names: Sequence[str]) -> "SignatureTable":
@@ -100,14 +104,30 @@ class SignatureTable:
         parts = [self.attributes, concepts]
         if self.utility is not None:
             parts.append(self.utility[:, None])
+            missing = self.utility_missing if self.utility_missing is not None else np.zeros(len(self.weights))
+            parts.append(np.asarray(missing, dtype=np.float64)[:, None])
         stacked = np.hstack(parts)
         unique, inverse = np.unique(stacked, axis=0, return_inverse=True)
         inverse = inverse.reshape(-1)
         weights = np.bincount(inverse, weights=self.weights, minlength=len(unique))
         m, c = self.attributes.shape[1], len(columns)
         utility = unique[:, m + c] if self.utility is not None else None
+        missing = unique[:, m + c + 1] > 0 if self.utility is not None else None
         return SignatureTable(list(self.attribute_names), list(concept_names), unique[:, :m],
-                              unique[:, m:m + c], weights, utility)
+                              unique[:, m:m + c], weights, utility, missing)
+
+    def signature_texts(self, conditional: bool = True, use_utility: bool = False) -> list[str]:
+        """Each row's signature text, as `row_signature` writes it for a record with the same labels
+        (what resample's KeepRule computes for a record, so the two can be matched)."""
+        texts = []
+        for i in range(len(self.weights)):
+            utility = None
+            if self.utility is not None and not (self.utility_missing is not None and self.utility_missing[i]):
+                utility = float(self.utility[i])
+            texts.append(row_signature([self.attribute_names[k] for k in np.flatnonzero(self.attributes[i])],
+                                       [self.concept_names[r] for r in np.flatnonzero(self.concepts[i])],
+                                       utility, conditional=conditional, use_utility=use_utility))
+        return texts
 
     def to_records(self) -> list[dict]:
         """JSON-ready rows: {"attributes": [...], "concepts": [...], "utility": u, "count": n}."""

@@ -37,6 +37,9 @@ class BalanceSolution:
     status: str = "unknown"
     method: str = ""
     statistics: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # Exact-count sampling: signature text -> [rows n_s, rows to keep k_s] (solvers/rounding.py),
+    # filled in by the caller that knows the signature texts; None when not computed.
+    exact_counts: dict[str, list[int]] | None = None
 
     @property
     def duals(self) -> dict[str, Any]:
@@ -82,6 +85,7 @@ class BalanceSolution:
             "constraint_duals": np.asarray(self.constraint_duals, dtype=np.float64).tolist(),
             "spec": self.spec.to_dict(),
             "statistics": self.statistics,
+            "exact_counts": self.exact_counts,
         }
         return json.dumps(payload, indent=1, default=_json_default, allow_nan=True)
 
@@ -104,6 +108,7 @@ class BalanceSolution:
             status=payload["status"],
             method=payload["method"],
             statistics=payload.get("statistics", {}),
+            exact_counts=payload.get("exact_counts"),
         )
 
 

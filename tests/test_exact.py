@@ -37,7 +37,11 @@ def test_duals_reproduce_q_and_constraints_hold(form):
         assert solution.q.min() >= 0 and solution.q.max() <= 1
         assert current.weights @ solution.q / current.total_weight == pytest.approx(0.6, abs=1e-8)
         assert solution.max_violation <= 1e-7
-        assert solution.objective == pytest.approx(current.objective(solution.q, 0.6))
+        # 1/2 sum w (q - t)^2 with t = eta + tau (u - mean_w u), written out here, not the problem's formula
+        targets = np.full(current.num_rows, 0.6)
+        if current.utility is not None:
+            targets += 0.2 * (current.utility - np.average(current.utility, weights=current.weights))
+        assert solution.objective == pytest.approx(0.5 * np.sum(current.weights * (solution.q - targets) ** 2))
         assert abs(solution.duality_gap) <= 1e-7
         # Stationarity: q = clip(t - C lambda - nu, 0, 1) from the duals alone.
         lam = solution.constraint_duals

@@ -226,8 +226,8 @@ def test_a_job_that_loses_records_fails_and_publishes_nothing(small_run, tmp_pat
     else:
         process = resample.Decide.process
 
-        def decide_but_lose_a_row(self, table, solution_text):
-            for out in process(self, table, solution_text):
+        def decide_but_lose_a_row(self, table, solution_text, thresholds):
+            for out in process(self, table, solution_text, thresholds):
                 yield (out[0], {name: values[1:] for name, values in out[1].items()}) if isinstance(out, tuple) \
                     else out
 

@@ -9,13 +9,14 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 
 import numpy as np
 import pytest
 import webdataset
 
 from pipeline import annotate, balance, hashing, release, resample
-from pipeline.signatures import SignatureTable
+from pipeline.signatures import SignatureTable, row_signature
 from solvers.solution import BalanceSolution
 
 ONE_WORKER = ["--direct_running_mode=multi_processing", "--direct_num_workers=1"]
@@ -204,7 +205,7 @@ def _resample(balanced, output, *pipeline_args, **options):
 @pytest.fixture(scope="module")
 def two_worker_release(balanced_coco_mini, tmp_path_factory):
     output = tmp_path_factory.mktemp("release_two_workers")
-    return output, _resample(balanced_coco_mini, output, *TWO_WORKERS)
+    return output, _resample(balanced_coco_mini, output, *TWO_WORKERS, mode="bernoulli")
 
 
 def test_release_counts_reconcile_and_follow_q(two_worker_release, balanced_coco_mini):
@@ -214,17 +215,32 @@ def test_release_counts_reconcile_and_follow_q(two_worker_release, balanced_coco
     assert counts["kept"] + counts["dropped"] + counts["quarantined_total"] == counts["samples_read"]
     assert counts["output_samples"] == counts["kept"] == sum(s["samples"] for s in manifest["shards"])
     assert all(s["samples"] == SAMPLES_PER_SHARD for s in manifest["shards"][:-1])
-    # Every kept sample's q is its annotation's q, and the hash draw is below it; dropped ones above.
-    solution = BalanceSolution.from_json(open(balanced_coco_mini[2]).read())
-    rule = release.KeepRule(solution, seed=11)
+    # Kept iff the keyed hash draw is below the row's planned q. The q here is Clarabel's primal plan
+    # on the counted signatures (balance re-solved in the test), not the duals the job applies.
     rows = {r["key"]: r for r in annotate.read_annotations(balanced_coco_mini[1]).to_pylist()}
+    table = SignatureTable.from_counts(Counter(
+        row_signature(r["attributes"], r["concepts"]) for r in rows.values()).items())
+    planned, projected = balance.solve_table(table, balance.BalanceConfig(keep_rate=0.7, min_support=2,
+                                                                          method="exact"))
+    plan = {}
+    for i in range(len(projected.weights)):
+        attributes = frozenset(projected.attribute_names[k] for k in np.flatnonzero(projected.attributes[i]))
+        concepts = frozenset(projected.concept_names[r] for r in np.flatnonzero(projected.concepts[i]))
+        plan[attributes, concepts] = planned.q[i]
     kept = {s["__key__"]: json.loads(s["json"]) for s in webdataset.WebDataset(
         sorted(str(p) for p in output.glob("*.tar")), shardshuffle=False)}
+    checked = 0
     for key, row in rows.items():
-        q = rule.keep_probability(row["attributes"], row["concepts"])
-        assert (key in kept) == (hashing.keyed_uniform(11, key) < q)
+        attributes = frozenset(row["attributes"]) & set(projected.attribute_names)
+        concepts = frozenset(row["concepts"]) & set(projected.concept_names) if attributes else frozenset()
+        q = plan[attributes, concepts]
+        draw = hashing.keyed_uniform(11, key)
+        if abs(draw - q) > 1e-6:  # the duals reproduce the primal q to ~1e-7
+            assert (key in kept) == (draw < q), key
+            checked += 1
         if key in kept:
-            assert kept[key]["balance"] == {"q": q, "weight": 1.0}
+            assert kept[key]["balance"]["q"] == pytest.approx(q, abs=1e-6) and kept[key]["balance"]["weight"] == 1.0
+    assert checked >= len(rows) - 2
 
 
 def _start_job_service():
@@ -243,14 +259,49 @@ def _start_job_service():
     return service, port
 
 
+def test_exact_mode_keeps_the_k_smallest_draws_of_each_signature(shared_data, tmp_path):
+    """The default mode: of each constrained signature, exactly balance's k_s rows, those whose keyed
+    hash is smallest; counted here from the shards and the annotations alone."""
+    from pipeline import cli
+
+    captions = [a["caption"] for a in json.loads((shared_data / "coco_val2017_captions.json").read_text())[
+        "annotations"] if " man " in a["caption"] or " woman " in a["caption"]][:300]
+    table = tmp_path / "captions.jsonl"
+    table.write_text("".join(json.dumps({"key": f"k{i:05d}", "caption": captions[i % len(captions)]}) + "\n"
+                             for i in range(3000)))
+    output = tmp_path / "run"
+    assert cli.main(["run", "--input", str(table), "--output", str(output), "--keep-rate", "max",
+                     "--min-support", "20", "--seed", "11", *TWO_WORKERS]) == 0
+    manifest = json.loads((output / "release" / "manifest.json").read_text())
+    assert manifest["mode"] == "exact"
+    solution = BalanceSolution.from_json((output / "solution.json").read_text())
+    rule = release.KeepRule(solution, seed=11)
+    kept = {s["__key__"] for s in webdataset.WebDataset(sorted(str(p) for p in (output / "release").glob("*.tar")),
+                                                        shardshuffle=False)}
+    by_signature = {}
+    for row in annotate.read_annotations(output / "annotations").to_pylist():
+        by_signature.setdefault(rule.signature(row["attributes"], row["concepts"]), []).append(row["key"])
+    ranked = 0
+    for signature, keys in by_signature.items():
+        rows, keep, constrained = solution.exact_counts[signature]
+        assert rows == len(keys)
+        if not constrained:
+            continue
+        smallest = sorted(keys, key=lambda key: (hashing.keyed_uniform(11, key), key))[:keep]
+        assert {key for key in keys if key in kept} == set(smallest), signature
+        ranked += 0 < keep < rows
+    assert ranked >= 3
+    assert manifest["counts"]["kept"] == len(kept)
+
+
 def test_same_release_with_one_or_two_workers_and_on_the_portable_runner(
         two_worker_release, balanced_coco_mini, tmp_path):
     _, two = two_worker_release
-    one = _resample(balanced_coco_mini, tmp_path / "one", *ONE_WORKER)
+    one = _resample(balanced_coco_mini, tmp_path / "one", *ONE_WORKER, mode="bernoulli")
     service, port = _start_job_service()
     try:
         portable = _resample(balanced_coco_mini, tmp_path / "portable", "--runner=PortableRunner",
-                             f"--job_endpoint=localhost:{port}", "--environment_type=LOOPBACK")
+                             f"--job_endpoint=localhost:{port}", "--environment_type=LOOPBACK", mode="bernoulli")
     finally:
         service.terminate()
         service.wait(timeout=30)
@@ -262,11 +313,11 @@ def test_same_release_with_one_or_two_workers_and_on_the_portable_runner(
 def test_rerun_into_the_same_directory_gives_the_same_release(two_worker_release, balanced_coco_mini, tmp_path):
     _, reference = two_worker_release
     output = tmp_path / "rerun"
-    _resample(balanced_coco_mini, output, *TWO_WORKERS, samples_per_shard=10)  # an earlier, different run
+    _resample(balanced_coco_mini, output, *TWO_WORKERS, samples_per_shard=10, mode="bernoulli")  # an earlier, different run
     (output / "balanced-00003.tar.tmp-crashed").write_bytes(b"half a shard")
     stale_quarantine = output / "quarantine" / "resample-00001-of-00002.jsonl"
     stale_quarantine.write_text('{"key": "from-an-earlier-run"}\n')
-    again = _resample(balanced_coco_mini, output, *TWO_WORKERS)
+    again = _resample(balanced_coco_mini, output, *TWO_WORKERS, mode="bernoulli")
     assert not stale_quarantine.exists()
     assert [p.name for p in (output / "quarantine").iterdir()] == ["resample-00000-of-00001.jsonl"]
     assert again["shards"] == reference["shards"]

@@ -44,6 +44,7 @@ def finished_study(tmp_path_factory):
     return {"dir": directory, "output": output}
 
 
+@pytest.mark.slow
 def test_every_variant_is_produced(finished_study):
     output = finished_study["output"]
     for name in ("balanced", "balanced_proxies", "random"):
@@ -57,6 +58,7 @@ def test_every_variant_is_produced(finished_study):
     assert abs(random_done["rows"]["kept"] - 800 * random_done["keep_rate"]) < 3 * (800 * 0.25) ** 0.5
 
 
+@pytest.mark.slow
 def test_balanced_data_has_lower_association_bias_than_the_original(finished_study):
     stats = json.loads((finished_study["output"] / "variants" / "balanced" / "run" / "release" / "stats.json").read_text())
     before = stats["data_bias"]["before"]["summary"]["association_bias_max"]
@@ -71,6 +73,7 @@ def test_balanced_data_has_lower_association_bias_than_the_original(finished_stu
     assert data_bias["random"]["association_bias_max"] > 0.3
 
 
+@pytest.mark.slow
 def test_image_labels_show_the_association_that_text_annotation_cannot_see(finished_study):
     """A quarter of the synthetic captions say "a person": those rows stay skewed after balancing."""
     results = json.loads((finished_study["output"] / study_results.RESULTS_JSON).read_text())
@@ -85,6 +88,7 @@ def test_image_labels_show_the_association_that_text_annotation_cannot_see(finis
     assert "image-label AB max" in table
 
 
+@pytest.mark.slow
 def test_model_association_is_also_measured_along_the_original_datas_direction(finished_study):
     from trainer.synth import CONCEPTS
 
@@ -134,6 +138,7 @@ def test_labelled_data_bias_against_hand_counts(tmp_path):
     assert study.labelled_data_bias(str(tmp_path / "plain.tar"), config, 0, False) is None
 
 
+@pytest.mark.slow
 def test_every_run_and_checkpoint_is_evaluated(finished_study):
     results = json.loads((finished_study["output"] / study_results.RESULTS_JSON).read_text())
     assert set(results["arms"]) == set(VARIANTS + [SCHEDULE])
@@ -154,6 +159,7 @@ def test_every_run_and_checkpoint_is_evaluated(finished_study):
     assert done["steps"] == STEPS // 2
 
 
+@pytest.mark.slow
 def test_results_table_has_spread_and_paired_tests(finished_study):
     output = finished_study["output"]
     results = json.loads((output / study_results.RESULTS_JSON).read_text())
@@ -169,6 +175,7 @@ def test_results_table_has_spread_and_paired_tests(finished_study):
     assert (output / study_results.PLOT_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_rerun_skips_every_finished_unit(finished_study, caplog):
     output = finished_study["output"]
     markers = sorted(output.glob("**/" + study.DONE_FILE))
@@ -224,6 +231,7 @@ def test_shipped_config_is_valid():
     assert extra[extra.index("--image-model") + 1] == config["train"]["model"]
 
 
+@pytest.mark.slow
 def test_given_shards_and_eval_set_instead_of_synthetic(finished_study, tmp_path):
     """Your own data: shards, an evaluation set and the labels of interest; original only, one seed."""
     data = finished_study["output"] / "data"

@@ -47,6 +47,7 @@ def planted(tmp_path_factory):
     return train_on(tmp_path_factory.mktemp("planted"), association_strength=1.0)
 
 
+@pytest.mark.slow
 def test_short_cpu_run_lowers_the_loss_and_retrieves_well_above_chance(unplanted):
     assert unplanted["summary"]["steps"] == TRAIN_STEPS
     assert unplanted["losses"][-1] < 0.6 * unplanted["losses"][0]
@@ -56,6 +57,7 @@ def test_short_cpu_run_lowers_the_loss_and_retrieves_well_above_chance(unplanted
     assert unplanted["evaluation"]["attribute_accuracy"] > 0.9  # the glyphs are easy to tell apart
 
 
+@pytest.mark.slow
 def test_model_trained_on_planted_data_has_larger_association_bias(planted, unplanted):
     planted_ab = planted["evaluation"]["association_bias"]
     unplanted_ab = unplanted["evaluation"]["association_bias"]
@@ -64,6 +66,7 @@ def test_model_trained_on_planted_data_has_larger_association_bias(planted, unpl
     assert planted_ab["ab_per_concept"]["kitchen"] < 0 < planted_ab["ab_per_concept"]["office"]  # a=man, b=woman
 
 
+@pytest.mark.slow
 def test_checkpoint_loads_with_weights_only_and_resume_continues(unplanted, tmp_path):
     checkpoint = torch.load(unplanted["summary"]["checkpoint"], weights_only=True)
     assert {"model", "optimizer", "scheduler", "step", "model_name"} <= set(checkpoint)
@@ -80,6 +83,7 @@ def test_checkpoint_loads_with_weights_only_and_resume_continues(unplanted, tmp_
     assert steps == [1, 2, 3, 4, 5, 6]  # the resumed run started at step 5, not from scratch
 
 
+@pytest.mark.slow
 def test_init_checkpoint_starts_from_the_trained_weights(unplanted, tmp_path):
     summary = train(TrainConfig(data=str(unplanted["data"] / "train" / "synth-00000.tar"), output=str(tmp_path),
                                 init_checkpoint=unplanted["summary"]["checkpoint"], steps=1, lr=1e-12,
@@ -91,6 +95,7 @@ def test_init_checkpoint_starts_from_the_trained_weights(unplanted, tmp_path):
         assert torch.allclose(tensor, after["model"][name], atol=1e-6), name
 
 
+@pytest.mark.slow
 def test_loading_a_checkpoint_does_not_claim_random_weights(unplanted, caplog):
     caplog.set_level("WARNING")
     models.load_checkpoint(unplanted["summary"]["checkpoint"])
@@ -161,6 +166,7 @@ OPEN_CLIP_LOADER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_open_clips_own_loader_reads_our_shards(unplanted, tmp_path):
     """open_clip_train 3.x pins webdataset<=0.2.86 (its [training] extra); webdataset 1.x yields an
     end-of-shard marker its grouper does not expect. So run open_clip's loader with the version it
