@@ -30,7 +30,13 @@ log = logging.getLogger(__name__)
 METRICS_NAMESPACE = "balancebeam"
 ANNOTATIONS_GLOB = "annotations-*.parquet"
 SIGNATURES_FILE = "signatures.jsonl"
-METHODS = ("dual", "exact", "streaming")
+# The solvers balance offers. It solves on counted signatures, which fit in memory whatever N is, so
+# the dual solver is exact there and the streaming solver (for rows that do not fit) has no place.
+METHODS = ("dual", "exact")
+STREAMING_REFUSED = (
+    "--method streaming is not offered by balance: balance solves on counted signatures, which fit in "
+    "memory whatever the number of rows, so 'dual' reaches the exact optimum, faster; the streaming "
+    "solver (solvers.solve_stream) is for rows that do not fit in memory, from Python")
 DEFAULT_METHOD = "dual"
 # With two values at 50% each a share can be at most 0.5 from its target: a wider gap binds nothing.
 WIDE_SHARE_GAP = 0.5
@@ -48,6 +54,7 @@ class BalanceConfig:
     targets: str | list = "uniform"
     concepts: list[str] | None = None  # labels of interest; None: every concept seen
     proxies: int | list[str] | None = None  # top-K discovery, or an explicit list
+    unconstrained: list[str] | None = None  # concepts whose association is definitional: never constrained
     min_support: float = DEFAULT_MIN_SUPPORT
     method: str = DEFAULT_METHOD
     constraint_form: str = "share"
@@ -56,6 +63,8 @@ class BalanceConfig:
 
     def __post_init__(self):
         """Refuse what cannot work, in the flags' own words, before any job runs."""
+        if self.method == "streaming":
+            raise UsageError(STREAMING_REFUSED)
         if self.method not in METHODS:
             raise UsageError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.keep_rate != "max":
@@ -236,16 +245,17 @@ def parse_targets(targets, attribute_names: Sequence[str]):
 
 def choose_concepts(table: SignatureTable, config: BalanceConfig) -> tuple[list[str], list[dict], list[str]]:
     """(concepts to constrain, proxies with their scores, requested labels never seen)."""
+    exempt = set(config.unconstrained or ())
     if config.concepts is None:
-        interest, not_seen = list(table.concept_names), []
+        interest, not_seen = [c for c in table.concept_names if c not in exempt], []
     else:
-        interest = [c for c in dict.fromkeys(config.concepts) if c in table.concept_names]
+        interest = [c for c in dict.fromkeys(config.concepts) if c in table.concept_names and c not in exempt]
         not_seen = [c for c in dict.fromkeys(config.concepts) if c not in table.concept_names]
     if isinstance(config.proxies, int):
-        proxies = discover_proxies(table, interest, config.proxies, config.min_support)
+        proxies = discover_proxies(table, interest + sorted(exempt), config.proxies, config.min_support)
     elif config.proxies:
         proxies = [{"concept": c, "given": True} for c in dict.fromkeys(config.proxies)
-                   if c in table.concept_names and c not in interest]
+                   if c in table.concept_names and c not in interest and c not in exempt]
         not_seen += [c for c in config.proxies if c not in table.concept_names]
     else:
         proxies = []
@@ -313,9 +323,88 @@ def solve_table(table: SignatureTable, config: BalanceConfig):
         "data_bias_after": after.to_dict(),
         "balance_seconds": seconds,
         "exact_counts": exact_statistics,
+        "dropped_concepts": dropped_concepts(problem, solution, after),
+        "unconstrained_concepts": unconstrained_concepts(table, config),
+        "price_of_balance": price_of_balance(table, config),
         "config": dataclasses.asdict(config),
     }
+    for entry in solution.statistics["dropped_concepts"]:
+        log.warning("the plan drops a concept: %s", entry["reason"])
     return solution, projected
+
+
+def dropped_concepts(problem, solution, after) -> list[dict]:
+    """Constrained concepts the plan keeps none of, each with its support and the reason in words."""
+    spec = problem.spec
+    base_support = problem.unit_supports(np.ones(problem.num_rows))
+    dropped = problem.dropped_units(solution.q)
+    names = set(after.dropped_concepts())
+    entries = []
+    for r, concept in enumerate(spec.concept_names):
+        units = [u for u in range(spec.num_units) if spec.unit_concepts[u] == r]
+        if not units or not dropped[units].all() or concept not in names:
+            continue
+        support = float(base_support[units[0]])
+        before_shares = {}
+        for u in units:
+            value = spec.unit_values[u]
+            rows = problem.weights * problem.attributes[:, value] * problem.concepts[:, r]
+            before_shares[spec.attribute_names[value]] = float(rows.sum() / support) if support else 0.0
+        gap = spec.unit_gaps[units[0]]
+        value, share = max(before_shares.items(), key=lambda item: (item[1] == 1.0, abs(item[1] - spec.targets[
+            spec.attribute_names.index(item[0])])))
+        target = spec.targets[spec.attribute_names.index(value)]
+        short = value.split(":", 1)[-1]
+        if share == 1.0:
+            reason = (f"'{concept}': all {support:.0f} annotated rows are '{short}'; balancing it to "
+                      f"{target:.0%} ± {gap:.0%} is only possible by dropping it")
+        elif share == 0.0:
+            reason = (f"'{concept}': none of its {support:.0f} annotated rows is '{short}'; balancing it to "
+                      f"{target:.0%} ± {gap:.0%} is only possible by dropping it")
+        else:
+            reason = (f"'{concept}': {share:.0%} of its {support:.0f} annotated rows are '{short}'; at keep rate "
+                      f"{solution.keep_rate:.3f} the plan meets {target:.0%} ± {gap:.0%} by keeping none of them")
+        entries.append({"concept": concept, "support": support, "shares": before_shares, "reason": reason})
+    return entries
+
+
+def unconstrained_concepts(table: SignatureTable, config: BalanceConfig) -> list[dict]:
+    """The concepts the user exempted (--unconstrained-concepts), with their support and shares."""
+    entries = []
+    shares = concept_shares(table)
+    for concept in config.unconstrained or ():
+        if concept not in table.concept_names:
+            entries.append({"concept": concept, "support": 0.0, "shares": {}, "seen": False})
+            continue
+        r = table.concept_names.index(concept)
+        entry = {"concept": concept, "seen": True, "support": 0.0, "shares": {}}
+        for group, (columns, _, support, share) in shares.items():
+            entry["support"] += float(support[r])
+            entry["shares"].update({table.attribute_names[k]: float(share[j, r]) for j, k in enumerate(columns)})
+        entries.append(entry)
+    return entries
+
+
+# The association gaps the price-of-balance curve is drawn at (share gaps).
+PRICE_OF_BALANCE_GAPS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3)
+
+
+def price_of_balance(table: SignatureTable, config: BalanceConfig, gaps=PRICE_OF_BALANCE_GAPS) -> list[dict]:
+    """The largest feasible keep rate at each association gap, on these signatures (an LP per gap).
+
+    Cheap at any N: it runs on the counted signatures. Only for the share form (moments have no
+    common scale to draw against).
+    """
+    from solvers.max_rate import max_keep_rate
+
+    if config.constraint_form != "share":
+        return []
+    curve = []
+    for gap in gaps:
+        at_gap = dataclasses.replace(config, association_gap=gap, keep_rate=1.0)
+        problem, *_ = build_problem(table, at_gap)
+        curve.append({"association_gap": gap, "max_keep_rate": max_keep_rate(problem)})
+    return curve
 
 
 def exact_counts(problem, projected: SignatureTable, solution, config: BalanceConfig):
@@ -366,10 +455,14 @@ def add_solve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--targets", default="uniform",
                         help="uniform | preserve | NAME=SHARE,... (e.g. woman=0.5,man=0.5)")
     parser.add_argument("--concepts", help="file of concepts of interest (default: every concept seen)")
+    parser.add_argument("--unconstrained-concepts", metavar="FILE",
+                        help="file of concepts never constrained, whose association is definitional "
+                             "(e.g. 'bride', 'beard'); the dataset card lists them")
     parser.add_argument("--proxies", help="K (discover the top K proxies beyond --concepts) or a file of proxies")
     parser.add_argument("--min-support", type=float, default=DEFAULT_MIN_SUPPORT,
                         help="concepts with fewer annotated rows are left out of the constraints, and reported")
-    parser.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD)
+    parser.add_argument("--method", default=DEFAULT_METHOD,
+                        help="dual (default: exact optimum on the signatures, fast) or exact (cvxpy + Clarabel)")
     parser.add_argument("--constraint-form", choices=("share", "moment"), default="share")
     parser.add_argument("--unconditional", action="store_true",
                         help="the paper's unconditional variant: shares among all rows, not annotated ones")
@@ -382,6 +475,9 @@ def parse_args(argv):
     parser.add_argument("--output", required=True, help="where to write solution.json")
     parser.add_argument("--signatures", help=f"where to write the counted signatures (default: {SIGNATURES_FILE} "
                         "next to --output)")
+    parser.add_argument("--explore", action="store_true",
+                        help="print the largest feasible keep rate at association gaps from 0.01 to 0.3 on these "
+                             "annotations (the price of balance), and write nothing")
     add_solve_arguments(parser)
     return parser.parse_known_args(argv)
 
@@ -399,6 +495,7 @@ def config_from_args(args) -> BalanceConfig:
     return BalanceConfig(
         keep_rate=keep_rate, representation_gap=args.representation_gap, association_gap=args.association_gap,
         targets=args.targets, concepts=read_label_list(args.concepts) if args.concepts else None,
+        unconstrained=read_label_list(args.unconstrained_concepts) if args.unconstrained_concepts else None,
         proxies=proxies, min_support=args.min_support, method=args.method,
         constraint_form=args.constraint_form, conditional=not args.unconditional, utility_tilt=args.utility_tilt)
 
@@ -419,6 +516,7 @@ def balance(annotations_dir: str, output: str, config: BalanceConfig, pipeline_a
     log.info("solved M4 (%s) at keep rate %.4f on %d signatures: data AB max %s -> %s; wrote %s",
              solution.method, solution.keep_rate, stats["signatures_solved"],
              "n/a" if before is None else f"{before:.3f}", "n/a" if after is None else f"{after:.3f}", output)
+    (log.info if solution.status == "optimal" else log.warning)("solution %s", solution.certificate())
     return solution
 
 
@@ -426,5 +524,19 @@ def run(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args, pipeline_args = parse_args(argv)
     config = config_from_args(args)
+    if args.explore:
+        table = count_signatures(args.annotations, f"{args.output}.parts-{os.getpid()}", pipeline_args, config)
+        print(format_price_of_balance(price_of_balance(table, config), table.num_rows))
+        return 0
     balance(args.annotations, args.output, config, pipeline_args, args.signatures)
     return 0
+
+
+def format_price_of_balance(curve: list[dict], rows: int) -> str:
+    """The price-of-balance curve as a small table for the terminal."""
+    lines = [f"largest feasible keep rate on these {rows} rows, by association gap (share):",
+             "association gap  max keep rate  rows kept"]
+    for point in curve:
+        lines.append(f"{point['association_gap']:>15.2f}  {point['max_keep_rate']:>13.4f}  "
+                     f"{point['max_keep_rate'] * rows:>9.0f}")
+    return "\n".join(lines)

@@ -159,7 +159,11 @@ def build_statistics(solution: BalanceSolution, signature_records, kept, manifes
         "excluded_low_support": solution.statistics.get("excluded_low_support", {}),
         "mode": manifest.get("mode"), "seed": manifest.get("seed"),
         "solution": {"method": solution.method, "status": solution.status,
-                     "max_violation": solution.max_violation, "digest": manifest.get("solution_digest")},
+                     "max_violation": solution.max_violation, "digest": manifest.get("solution_digest"),
+                     "certified_violation": solution.certified_violation, "certificate": solution.certificate()},
+        "dropped_concepts": solution.statistics.get("dropped_concepts", []),
+        "unconstrained_concepts": solution.statistics.get("unconstrained_concepts", []),
+        "price_of_balance": solution.statistics.get("price_of_balance", []),
     }
     return stats
 
@@ -276,6 +280,27 @@ def plot_q(stats: dict) -> str:
     return _png(figure)
 
 
+def plot_price_of_balance(stats: dict) -> str | None:
+    """The largest feasible keep rate against the association gap, with the release's own point."""
+    curve = stats.get("price_of_balance") or []
+    if not curve:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 3))
+    axis.plot([p["association_gap"] for p in curve], [p["max_keep_rate"] for p in curve], marker="o", color="#4a7bb7")
+    gap = stats["gaps"]["association"]
+    if isinstance(gap, (int, float)):
+        axis.scatter([gap], [stats["keep_rate"]], color="#b7794a", zorder=3, label="this release")
+        axis.legend()
+    axis.set_xlabel("association gap (share)")
+    axis.set_ylabel("largest feasible keep rate")
+    axis.set_title("the price of balance")
+    return _png(figure)
+
+
 def plot_proxies(stats: dict) -> str | None:
     proxies = [p for p in stats["proxies"] if "score" in p]
     if not proxies:
@@ -297,7 +322,7 @@ def render_html(stats: dict, manifest: dict) -> str:
         f"<tr><td>{stage}</td><td>{number(v['representation_bias'])}</td><td>{number(v['association_bias_max'])}</td>"
         f"<td>{number(v['association_bias_mean'])}</td></tr>" for stage, v in head.items())
     images = [("Attribute share per concept", plot_heatmaps(stats)), ("Keep probabilities", plot_q(stats)),
-              ("Proxies", plot_proxies(stats))]
+              ("Proxies", plot_proxies(stats)), ("The price of balance", plot_price_of_balance(stats))]
     images = [(title, data) for title, data in images if data]
     figures = "".join(f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' src='data:image/png;base64,{data}'>"
                       for title, data in images)
@@ -305,6 +330,8 @@ def render_html(stats: dict, manifest: dict) -> str:
     coverage = "".join(f"<tr><td>{html.escape(group)}</td>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>"
                        for group, cells in coverage_rows(stats))
     warnings = "".join(f"<p><strong>Note:</strong> {html.escape(w)}.</p>" for w in coverage_warnings(stats))
+    dropped = "".join(f"<p><strong>Dropped by the plan:</strong> {html.escape(entry['reason'])}.</p>"
+                      for entry in stats.get("dropped_concepts", []))
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>balancebeam release report</title>
 <style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}}td,th{{padding:0.2em 0.8em;text-align:right}}</style>
@@ -314,6 +341,8 @@ def render_html(stats: dict, manifest: dict) -> str:
 <p>Read {counts['samples_read']} records; kept {counts['kept']} ({counts['rate_kept']:.1%}), dropped {counts['dropped']};
 wrote {counts['output_samples']} samples in {len(manifest['shards'])} shards (mode {html.escape(str(stats['mode']))},
 seed {stats['seed']}). Quarantined: {html.escape(json.dumps(stats['quarantine']))}.</p>
+<p>Solver: {html.escape(stats['solution'].get('certificate') or stats['solution']['status'])}.</p>
+{dropped}
 <h2>Data bias</h2>
 <table><tr><th>stage</th><th>RB</th><th>AB max</th><th>AB mean (support-weighted)</th></tr>{rows}</table>
 <p>RB = max |share - target| over attribute values; AB over (value, concept) pairs with at least
@@ -361,7 +390,7 @@ def dataset_card(stats: dict, manifest: dict, solution: BalanceSolution) -> str:
         f"- keep rate: {solution.keep_rate:.4f} (asked: {solution.statistics.get('keep_rate_requested')})",
         f"- targets: {code(json.dumps(stats['targets'], ensure_ascii=False))}",
         f"- gaps: {code(json.dumps(stats['gaps']))}; minimum support {stats['min_support']:g}",
-        f"- solver: {solution.method} ({solution.status}), largest constraint violation {solution.max_violation:.2e}",
+        f"- solver: {solution.certificate()}",
         f"- mode: {manifest['mode']}, seed: {manifest['seed']}, samples per shard: {manifest['samples_per_shard']}",
         f"- solution digest (sha256 of the duals and configuration that decide q): {manifest['solution_digest']}",
         f"- configuration: {code(json.dumps(config, sort_keys=True, ensure_ascii=False))}",
@@ -371,6 +400,9 @@ def dataset_card(stats: dict, manifest: dict, solution: BalanceSolution) -> str:
         f"{stats['rows']['dropped']}; quarantined: {code(json.dumps(stats['quarantine']))}",
         f"- proxies: {', '.join(markdown_text(p['concept']) for p in stats['proxies']) or 'none'}",
         f"- concepts left out for low support: {code(json.dumps(stats['excluded_low_support'], ensure_ascii=False))}",
+        f"- concepts left unconstrained on purpose (--unconstrained-concepts): "
+        f"{', '.join(markdown_text(c['concept']) for c in stats['unconstrained_concepts']) or 'none'}",
+        *[f"- dropped by the plan: {markdown_text(entry['reason'])}" for entry in stats["dropped_concepts"]],
         "",
         "## Data bias (before -> after, counted in this release)", "",
         "| | RB | AB max | AB mean |", "|---|---|---|---|",

@@ -616,7 +616,8 @@ def check_release_options(mode: str, samples_per_shard: int, output_size, seed: 
 
 def resample(input_glob, annotations_dir, solution_path, output_dir, *, seed=release.DEFAULT_SEED,
              mode=release.DEFAULT_MODE, samples_per_shard=release.DEFAULT_SAMPLES_PER_SHARD,
-             prefix=release.DEFAULT_PREFIX, input_format="auto", output_size=None, pipeline_args=()):
+             prefix=release.DEFAULT_PREFIX, input_format="auto", output_size=None, pipeline_args=(),
+             allow_approximate=False):
     """Run the resample job, reconcile it, publish the release; return the manifest it wrote."""
     check_release_options(mode, samples_per_shard, output_size, seed)
     release.check_prefix(prefix)
@@ -628,6 +629,12 @@ def resample(input_glob, annotations_dir, solution_path, output_dir, *, seed=rel
     solution_text = read_text(solution_path)
     solution = BalanceSolution.from_json(solution_text)  # fail here, not on a worker, if it is unreadable
     release.KeepRule(solution, seed, mode)  # and if it cannot be applied in this mode
+    if solution.status != "optimal":
+        if not allow_approximate:
+            raise DataError(f"{solution_path} is not a certified solution: {solution.certificate()}. Re-run "
+                            "balance (--method exact is the reference solver), or pass --allow-approximate to "
+                            "release it anyway")
+        log.warning("releasing an uncertified solution (--allow-approximate): %s", solution.certificate())
     rows_written = annotation_rows(annotations_dir)
     read_options = _annotate_read_options(annotations_dir, input_format, rows_written)
     output_dir = output_dir.rstrip("/")
@@ -666,7 +673,8 @@ def resample(input_glob, annotations_dir, solution_path, output_dir, *, seed=rel
     manifest = _manifest(counts, numbers, shard_entries, {
         "format": "webdataset", "prefix": prefix, "samples_per_shard": samples_per_shard, "mode": mode,
         "seed": seed, "output_size": output_size, "input": input_glob,
-        "solution_digest": release.solution_digest(solution)})
+        "solution_digest": release.solution_digest(solution), "solution_status": solution.status,
+        "certificate": solution.certificate()})
     write_text_atomically(FileSystems.join(output_dir, SIZES_FILE),
                           json.dumps({s["name"]: s["samples"] for s in shard_entries}, indent=1) + "\n")
     _write_kept_signatures(counts.get("kept_signatures", {}), output_dir)
@@ -728,6 +736,8 @@ def add_release_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples-per-shard", type=int, default=release.DEFAULT_SAMPLES_PER_SHARD)
     parser.add_argument("--prefix", default=release.DEFAULT_PREFIX, help="shards are PREFIX-00000.tar, ...")
     parser.add_argument("--output-size", type=int, help="repeat mode: samples in the release (default: as read)")
+    parser.add_argument("--allow-approximate", action="store_true",
+                        help="release a solution whose status is not optimal (refused otherwise)")
 
 
 def parse_args(argv):
@@ -746,7 +756,7 @@ def run(argv=None) -> int:
     args, pipeline_args = parse_args(argv)
     resample(args.input, args.annotations, args.solution, args.output, seed=args.seed, mode=args.mode,
              samples_per_shard=args.samples_per_shard, prefix=args.prefix, input_format=args.input_format,
-             output_size=args.output_size, pipeline_args=pipeline_args)
+             output_size=args.output_size, pipeline_args=pipeline_args, allow_approximate=args.allow_approximate)
     return 0
 
 

@@ -9,10 +9,13 @@ import time
 
 import numpy as np
 
-from solvers.problem import BalanceProblem
+from solvers.problem import SHARE_TOLERANCE, BalanceProblem
 from solvers.solution import BalanceSolution
 
 METHODS = ("dual", "exact", "streaming")
+# "optimal" promises every constraint within this, in the user's units: a share (DESIGN.md,
+# "Certificates"), or the moment form's own units (the solvers' tolerance there).
+CERTIFIED_TOLERANCE = {"share": SHARE_TOLERANCE, "moment": 1e-6}
 DEFAULT_METHOD = "dual"
 # A requested rate this far above the LP's maximum is still solved (HiGHS's primal tolerance is
 # 1e-7 in counts; the solvers meet the rate to 1e-9), anything beyond it is infeasible.
@@ -67,6 +70,11 @@ def solve(problem: BalanceProblem, method: str = DEFAULT_METHOD, *, keep_rate=No
         raise explain_infeasible(target, 1.0)
 
     solution = solver(target, keep_rate=eta, **options)
+    if solution.q is not None:  # every method certified alike, in the user's units
+        statistics["certified_violation"] = target.certified_violation(solution.q)
+        if solution.status == "optimal" and statistics["certified_violation"] > CERTIFIED_TOLERANCE[
+                target.spec.constraint_form]:
+            solution.status = "not_converged"
     statistics["signatures"] = target.num_rows
     statistics["rows"] = problem.num_rows
     statistics["total_seconds"] = time.perf_counter() - started

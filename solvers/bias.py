@@ -9,7 +9,7 @@ from typing import Sequence
 
 import numpy as np
 
-from solvers.problem import DEFAULT_MIN_SUPPORT, _as_indicator, _as_vector
+from solvers.problem import DEFAULT_MIN_SUPPORT, DROPPED_FRACTION, DROPPED_SUPPORT, _as_indicator, _as_vector
 
 
 @dataclasses.dataclass
@@ -37,7 +37,8 @@ class DataBias:
     association_moment: np.ndarray      # A_kr (m, c)
     support: np.ndarray                 # sum w a_g(k) y_r, before q (m, c)
     kept_support: np.ndarray            # sum w q a_g(k) y_r (m, c)
-    measured: np.ndarray                # support >= min_support (and > 0): pairs in data AB (m, c)
+    measured: np.ndarray                # support >= min_support, and not dropped: pairs in data AB (m, c)
+    dropped: np.ndarray                 # q keeps (almost) none of the pair's rows: no share to measure (m, c)
 
     @property
     def representation_bias(self) -> float:
@@ -69,6 +70,12 @@ class DataBias:
                 "share": float(self.concept_share[k, r]), "target": float(self.targets[k]),
                 "gap": float(self.concept_gap[k, r]), "support": float(self.support[k, r])}
 
+    def dropped_concepts(self) -> list[str]:
+        """Concepts with enough support that q keeps none of: left out of AB, named here instead."""
+        eligible = (self.support >= self.min_support) & (self.support > 0)
+        return [name for r, name in enumerate(self.concept_names)
+                if eligible[:, r].any() and self.dropped[eligible[:, r], r].all()]
+
     def summary(self) -> dict:
         return {
             "representation_bias": self.representation_bias,
@@ -76,7 +83,8 @@ class DataBias:
             "association_bias_mean": self.association_bias_mean,
             "worst_association": self.worst_association(),
             "pairs_measured": int(self.measured.sum()),
-            "pairs_below_min_support": int((~self.measured).sum()),
+            "pairs_below_min_support": int((self.support < self.min_support).sum()),
+            "concepts_dropped": self.dropped_concepts(),
             "total_weight": self.total_weight,
             "kept_weight": self.kept_weight,
             "keep_rate": self.kept_weight / self.total_weight if self.total_weight else float("nan"),
@@ -149,13 +157,15 @@ def data_bias(attributes, concepts, q=None, weights=None, targets="uniform", gro
         association_moment = ((centred * kept[:, None]).T @ concepts) / total_weight
     support = (annotated * weights[:, None]).T @ concepts
     kept_support = (annotated * kept[:, None]).T @ concepts
+    dropped = (support > 0) & (kept_support <= np.maximum(DROPPED_FRACTION * support, DROPPED_SUPPORT))
     return DataBias(
         attribute_names=attribute_names, concept_names=concept_names, group_names=group_names, groups=groups,
         targets=pi, conditional=bool(conditional), min_support=float(min_support), total_weight=total_weight,
         kept_weight=float(kept.sum()), value_share=value_share, value_gap=np.abs(value_share - pi),
         representation_moment=representation_moment, concept_share=concept_share,
         concept_gap=np.abs(concept_share - pi[:, None]), association_moment=association_moment,
-        support=support, kept_support=kept_support, measured=(support >= min_support) & (support > 0))
+        support=support, kept_support=kept_support, measured=(support >= min_support) & (support > 0) & ~dropped,
+        dropped=dropped)
 
 
 def _targets(targets, attributes, annotated, weights, groups, num_values) -> np.ndarray:

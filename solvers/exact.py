@@ -9,7 +9,7 @@ import time
 import cvxpy as cp
 import numpy as np
 
-from solvers.problem import BalanceProblem
+from solvers.problem import SHARE_TOLERANCE, BalanceProblem
 from solvers.solution import BalanceSolution
 
 DEFAULT_SOLVER = "CLARABEL"
@@ -36,13 +36,14 @@ def solve_exact(problem: BalanceProblem, keep_rate=None, solver: str = DEFAULT_S
     w = problem.weights
     W = problem.total_weight
     t = problem.keep_targets(eta)
+    d = row_scales(problem)  # (J,): each row in units of its concept's support (share form), else 1
 
     # DESIGN.md, "M4 as an optimisation problem", line by line.
     q = cp.Variable(problem.num_rows, name="keep_probability")
     objective = cp.Minimize(0.5 * cp.sum_squares(cp.multiply(np.sqrt(w), q - t)))  # 1/2 sum w (q - t)^2
     bounds = [q >= 0, q <= 1]                                                        # 0 <= q <= 1
     rate = w @ q == eta * W                                                          # sum w q = eta W
-    moments = (C.T @ cp.multiply(w, q)) / W <= b                                    # (1/W) C^T (w q) <= b
+    moments = cp.multiply(d, C.T @ cp.multiply(w, q)) / W <= cp.multiply(d, b)      # (1/W) C^T (w q) <= b
     program = cp.Problem(objective, bounds + [rate, moments])
 
     if solver == "CLARABEL":
@@ -61,14 +62,18 @@ def solve_exact(problem: BalanceProblem, keep_rate=None, solver: str = DEFAULT_S
     if program.status not in SOLVED_STATUSES or q.value is None:
         raise RuntimeError(f"{solver} returned status '{program.status}' on the M4 problem")
 
-    # Stationarity of row i: w_i (q_i - t_i) + (w_i / W) (C mu)_i + nu w_i = 0 with mu the dual of
-    # `moments` and nu that of `rate`; so lambda = mu / W in q = clip(t - C lambda - nu, 0, 1).
-    constraint_duals = np.maximum(np.asarray(moments.dual_value, dtype=np.float64).reshape(-1), 0.0) / W
+    # Stationarity of row i: w_i (q_i - t_i) + (w_i / W) (C D mu)_i + nu w_i = 0 with mu the dual of
+    # the scaled `moments` and nu that of `rate`; so lambda = D mu / W in q = clip(t - C lambda - nu, 0, 1).
+    constraint_duals = d * np.maximum(np.asarray(moments.dual_value, dtype=np.float64).reshape(-1), 0.0) / W
     rate_dual = float(np.asarray(rate.dual_value).reshape(()))
     keep_probability = np.clip(np.asarray(q.value, dtype=np.float64), 0.0, 1.0)
     objective_value = problem.objective(keep_probability, eta)
     dual_value = dual_objective(problem, eta, constraint_duals, rate_dual)
     stats = program.solver_stats
+    certified = problem.certified_violation(keep_probability)
+    status = program.status
+    if status == cp.OPTIMAL and problem.spec.constraint_form == "share" and certified > SHARE_TOLERANCE:
+        status = cp.OPTIMAL_INACCURATE  # the solver's tolerance, not the user's gap, was met
     return BalanceSolution(
         spec=problem.spec,
         keep_rate=eta,
@@ -80,7 +85,7 @@ def solve_exact(problem: BalanceProblem, keep_rate=None, solver: str = DEFAULT_S
         objective=objective_value,
         max_violation=max_violation(problem, keep_probability, eta),
         duality_gap=(objective_value - dual_value) / max(abs(objective_value), 1.0),
-        status=program.status,
+        status=status,
         method="exact",
         statistics={
             "solver": solver,
@@ -90,8 +95,23 @@ def solve_exact(problem: BalanceProblem, keep_rate=None, solver: str = DEFAULT_S
             "rows": problem.num_rows,
             "constraint_rows": int(len(b)),
             "total_weight": W,
+            "certified_violation": certified,
         },
     )
+
+
+def row_scales(problem: BalanceProblem) -> np.ndarray:
+    """A factor per constraint row so that each reads in units of its own concept's annotated support.
+
+    In (1/W) units a small concept's rows are tiny next to the solver's absolute tolerances (W = 1e9,
+    support 50: 1e-10 is 2 in share), so each share-form row is multiplied by W / support: the same
+    constraint, the tolerance now in shares. Moment-form rows are the user's own units and stay.
+    """
+    if problem.spec.constraint_form != "share":
+        return np.ones(problem.spec.num_constraints)
+    support = problem.unit_supports(np.ones(problem.num_rows))
+    scale = problem.total_weight / np.maximum(support, 1e-300)
+    return np.concatenate([scale, scale])
 
 
 def max_violation(problem: BalanceProblem, q: np.ndarray, keep_rate: float) -> float:

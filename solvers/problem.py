@@ -19,6 +19,14 @@ DEFAULT_MOMENT_ASSOCIATION_EPS = 0.0005
 # DESIGN.md: "A concept with too little annotated support (a minimum count, e.g. 50) is left out".
 DEFAULT_MIN_SUPPORT = 50
 DEFAULT_KEEP_RATE = 0.9
+# DESIGN.md, "Certificates": a solution is optimal only when every constrained share is within its
+# gap to this much, as a share, whatever the total weight W.
+SHARE_TOLERANCE = 1e-6
+# A unit that keeps less than this fraction of its annotated weight (and less than a millionth of a
+# row) has no share: the plan dropped its concept (q of about 1e-12 on its rows, or a few millionths
+# on the way there), and a ratio of two rounding errors says nothing. In a release that is no row.
+DROPPED_FRACTION = 1e-4
+DROPPED_SUPPORT = 1e-6
 CONSTRAINT_FORMS = ("share", "moment")
 REPRESENTATION = -1  # concept index of a representation unit
 
@@ -315,6 +323,40 @@ class BalanceProblem:
         """max(0, (1/W) C^T (w q) - b) per constraint row, in the problem's units."""
         matrix, bounds = self.constraint_matrix()
         return np.maximum(matrix.T @ (self.weights * q) / self.total_weight - bounds, 0.0)
+
+    def unit_supports(self, q: np.ndarray) -> np.ndarray:
+        """Kept annotated weight behind each unit's share, sum w q a y (the denominator of the share)."""
+        _, scale = self.unit_matrices()
+        return scale.T @ (self.weights * q)
+
+    def dropped_units(self, q: np.ndarray) -> np.ndarray:
+        """Units whose concept the plan keeps (almost) nothing of: they have no share to certify."""
+        kept, original = self.unit_supports(q), self.unit_supports(np.ones(self.num_rows))
+        return kept <= np.maximum(DROPPED_FRACTION * original, DROPPED_SUPPORT)
+
+    def share_excess(self, q: np.ndarray) -> np.ndarray:
+        """Per constraint unit, how far the kept data's share lies outside target ± gap, as a share
+        (0 inside; 0 for a unit whose concept the plan dropped, which has no share: dropped_units).
+
+        Share form only: the certificate in the user's units whatever W is (DESIGN.md: a moment
+        violation v allows a share excess of v W / K for a concept with kept annotated support K).
+        """
+        if self.spec.constraint_form != "share":
+            raise ValueError("share_excess is for the share form; the moment form is certified by violations()")
+        base, _ = self.unit_matrices()
+        kept = self.weights * q
+        offset = base.T @ kept  # sum w q (s - pi a) y = (share - target) * support
+        support = self.unit_supports(q)
+        excess = np.zeros(self.spec.num_units)
+        present = ~self.dropped_units(q)
+        excess[present] = np.abs(offset[present]) / support[present] - np.asarray(self.spec.unit_gaps)[present]
+        return np.maximum(excess, 0.0)
+
+    def certified_violation(self, q: np.ndarray) -> float:
+        """The largest constraint violation in the user's units: a share (share form) or a moment."""
+        if self.spec.constraint_form == "share":
+            return float(self.share_excess(q).max(initial=0.0))
+        return float(self.violations(q).max(initial=0.0))
 
     def objective(self, q: np.ndarray, keep_rate: float) -> float:
         """1/2 sum_i w_i (q_i - t_i)^2 (DESIGN.md)."""

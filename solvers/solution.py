@@ -46,6 +46,24 @@ class BalanceSolution:
         """lambda per constraint row and nu, with readable names for the rows."""
         return {"lambda": self.constraint_duals, "nu": self.rate_dual}
 
+    @property
+    def certified_violation(self) -> float | None:
+        """The largest constraint excess in the user's units (a share, in the share form), if measured."""
+        value = self.statistics.get("certified_violation")
+        return None if value is None else float(value)
+
+    def certificate(self) -> str:
+        """The solver's word, in words: the status and what it guarantees about the constraints."""
+        units = "a share" if self.spec.constraint_form == "share" else "a moment"
+        measured = self.certified_violation
+        if measured is None:
+            return f"{self.status} ({self.method}); no certificate was measured"
+        if self.status == "optimal":
+            return (f"optimal ({self.method}): every constrained value is within its gap (largest excess "
+                    f"{measured:.1e} as {units})")
+        return (f"{self.status} ({self.method}): NOT certified; a constrained value is off its gap by up to "
+                f"{measured:.3g} as {units}")
+
     def q_for(self, attributes, concepts, utility=None) -> np.ndarray:
         """Keep probability of any rows, seen or not, from their features and the duals."""
         matrix, _ = self.spec.constraint_matrix(attributes, concepts)
