@@ -264,13 +264,18 @@ def choose_concepts(table: SignatureTable, config: BalanceConfig) -> tuple[list[
 
 def build_problem(table: SignatureTable, config: BalanceConfig):
     """The M4 problem on the counted signatures, projected onto the chosen concepts."""
-    from solvers.problem import BalanceProblem
-
     concepts, proxies, not_seen = choose_concepts(table, config)
     # A concept present in every row would only repeat the representation constraint.
     concepts = [c for c in concepts if not table.concepts[:, table.concept_names.index(c)].all()]
     projected = table.project(concepts)
-    problem = BalanceProblem(
+    return problem_on(projected, config), projected, proxies, not_seen
+
+
+def problem_on(projected: SignatureTable, config: BalanceConfig):
+    """The M4 problem of `config` on an already projected table (one projection, several problems)."""
+    from solvers.problem import BalanceProblem
+
+    return BalanceProblem(
         projected.attributes, projected.concepts, groups=projected.groups,
         targets=parse_targets(config.targets, projected.attribute_names), keep_rate=config.keep_rate,
         representation_gap=config.representation_gap, association_gap=config.association_gap,
@@ -278,7 +283,6 @@ def build_problem(table: SignatureTable, config: BalanceConfig):
         utility=projected.utility if config.utility_tilt > 0 else None, utility_tilt=config.utility_tilt,
         conditional=config.conditional, attribute_names=projected.attribute_names,
         concept_names=projected.concept_names, group_names=projected.group_names)
-    return problem, projected, proxies, not_seen
 
 
 def solve_table(table: SignatureTable, config: BalanceConfig):
@@ -325,7 +329,7 @@ def solve_table(table: SignatureTable, config: BalanceConfig):
         "exact_counts": exact_statistics,
         "dropped_concepts": dropped_concepts(problem, solution, after),
         "unconstrained_concepts": unconstrained_concepts(table, config),
-        "price_of_balance": price_of_balance(table, config),
+        "price_of_balance": price_of_balance(projected, config),
         "config": dataclasses.asdict(config),
     }
     for entry in solution.statistics["dropped_concepts"]:
@@ -389,22 +393,19 @@ def unconstrained_concepts(table: SignatureTable, config: BalanceConfig) -> list
 PRICE_OF_BALANCE_GAPS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3)
 
 
-def price_of_balance(table: SignatureTable, config: BalanceConfig, gaps=PRICE_OF_BALANCE_GAPS) -> list[dict]:
+def price_of_balance(projected: SignatureTable, config: BalanceConfig, gaps=PRICE_OF_BALANCE_GAPS) -> list[dict]:
     """The largest feasible keep rate at each association gap, on these signatures (an LP per gap).
 
-    Cheap at any N: it runs on the counted signatures. Only for the share form (moments have no
-    common scale to draw against).
+    Cheap at any N: it runs on the counted signatures, projected onto the chosen concepts (as
+    build_problem returns them). Only for the share form (moments have no common scale to draw
+    against).
     """
     from solvers.max_rate import max_keep_rate
 
     if config.constraint_form != "share":
         return []
-    curve = []
-    for gap in gaps:
-        at_gap = dataclasses.replace(config, association_gap=gap, keep_rate=1.0)
-        problem, *_ = build_problem(table, at_gap)
-        curve.append({"association_gap": gap, "max_keep_rate": max_keep_rate(problem)})
-    return curve
+    return [{"association_gap": gap, "max_keep_rate": max_keep_rate(problem_on(
+        projected, dataclasses.replace(config, association_gap=gap, keep_rate=1.0)))} for gap in gaps]
 
 
 def exact_counts(problem, projected: SignatureTable, solution, config: BalanceConfig):
@@ -526,7 +527,7 @@ def run(argv=None) -> int:
     config = config_from_args(args)
     if args.explore:
         table = count_signatures(args.annotations, f"{args.output}.parts-{os.getpid()}", pipeline_args, config)
-        print(format_price_of_balance(price_of_balance(table, config), table.num_rows))
+        print(format_price_of_balance(price_of_balance(build_problem(table, config)[1], config), table.num_rows))
         return 0
     balance(args.annotations, args.output, config, pipeline_args, args.signatures)
     return 0

@@ -239,6 +239,16 @@ class DropDuplicates(beam.DoFn):
     def __init__(self, utility_field=None):
         self.utility_field = utility_field
         self.annotated = Metrics.counter(q.METRICS_NAMESPACE, "annotated")
+        self._label_sets: dict[tuple, str] = {}  # rows repeat a few thousand label sets
+
+    def _label_set(self, attributes, concepts, utility) -> str:
+        labels = (tuple(attributes), tuple(concepts), utility)
+        text = self._label_sets.get(labels)
+        if text is None:
+            if len(self._label_sets) >= 100_000:  # utilities can make every row distinct
+                self._label_sets.clear()
+            text = self._label_sets[labels] = label_set(attributes, concepts, utility)
+        return text
 
     def process(self, table, duplicate_places):
         import pyarrow as pa
@@ -248,7 +258,7 @@ class DropDuplicates(beam.DoFn):
             table = table.filter(pa.array([place not in duplicate_places for place in places], type=pa.bool_()))
         self.annotated.inc(table.num_rows)
         utilities = table.column("utility").to_pylist()
-        label_sets = collections.Counter(map(label_set, table.column("attributes").to_pylist(),
+        label_sets = collections.Counter(map(self._label_set, table.column("attributes").to_pylist(),
                                              table.column("concepts").to_pylist(), utilities))
         missing = sum(utility is None for utility in utilities) if self.utility_field else 0
         yield beam.pvalue.TaggedOutput(COUNTS_TAG, {"annotated": table.num_rows, "utility_missing": missing,

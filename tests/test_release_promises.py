@@ -53,7 +53,8 @@ def test_an_exempted_concept_is_not_constrained_and_is_listed(tmp_path):
 
 def test_the_price_of_balance_is_the_lp_maximum_at_each_gap():
     table = _table()
-    curve = balance.price_of_balance(table, balance.BalanceConfig(representation_gap=0.05))
+    config = balance.BalanceConfig(representation_gap=0.05)
+    curve = balance.price_of_balance(balance.build_problem(table, config)[1], config)
     assert [point["association_gap"] for point in curve] == list(balance.PRICE_OF_BALANCE_GAPS)
     rates = [point["max_keep_rate"] for point in curve]
     assert all(a <= b + 1e-9 for a, b in zip(rates, rates[1:])) and rates[0] < rates[-1]
