@@ -109,7 +109,7 @@ def plain_loop(pattern: str, output: pathlib.Path, samples_per_shard: int, seed:
     from pipeline import balance, hashing, release
     from pipeline.annotators.text import TextAnnotator
     from pipeline.labelling import image_member
-    from pipeline.resample import _InputTars, _tar_offsets
+    from pipeline.shards import InputTars, tar_offsets
     from pipeline.signatures import SignatureTable, row_signature
     from pipeline.sources import iter_file_records
     from trainer.images import decode_image
@@ -145,13 +145,13 @@ def plain_loop(pattern: str, output: pathlib.Path, samples_per_shard: int, seed:
             if isinstance(sample, TaggedOutput) or sample["key"] not in kept:
                 continue
             if sample["members"] and index is None:
-                index = _tar_offsets(path) or {}
+                index = tar_offsets(path) or {}
             members = release.release_members(sample, {"q": kept[sample["key"]][1], "weight": 1.0})
             items.append((release.order_uniform(seed, sample["key"]), sample["key"], path,
                           release.locate_members(sample["key"], dict(members), index)))
     items.sort(key=lambda item: (item[0], item[1]))
     output.mkdir(parents=True, exist_ok=True)
-    written, inputs = 0, _InputTars()
+    written, inputs = 0, InputTars()
     for shard, start in enumerate(range(0, len(items), samples_per_shard)):
         rows = [(key, list(release.read_members(located, lambda o, n, p=path: inputs.read_at(p, o, n)).items()))
                 for _, key, path, located in items[start:start + samples_per_shard]]

@@ -20,7 +20,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from pipeline.balance import SIGNATURES_FILE, concept_shares
 from pipeline.files import read_text, write_text_atomically
-from pipeline.resample import KEPT_SIGNATURES_FILE, MANIFEST_FILE
+from pipeline.publish import KEPT_SIGNATURES_FILE, MANIFEST_FILE
 from pipeline.signatures import SignatureTable, encode
 from solvers.problem import REPRESENTATION
 from solvers.solution import BalanceSolution

@@ -216,13 +216,13 @@ def test_a_job_that_loses_records_fails_and_publishes_nothing(small_run, tmp_pat
         write_shard = release.write_shard
         monkeypatch.setattr(release, "write_shard", lambda path, samples: write_shard(path, list(samples)[1:]))
     elif fault == "bucket_loses_a_copy":
-        sort_bucket = resample._sort_bucket
+        sort_and_rank = resample.sort_and_rank
 
         def sort_but_lose_a_copy(element, *args):
-            for shard, group in sort_bucket(element, *args):
+            for shard, group in sort_and_rank(element, *args):
                 yield shard, group[1:]
 
-        monkeypatch.setattr(resample, "_sort_bucket", sort_but_lose_a_copy)
+        monkeypatch.setattr(resample, "sort_and_rank", sort_but_lose_a_copy)
     else:
         process = resample.Decide.process
 

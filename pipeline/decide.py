@@ -1,0 +1,244 @@
+"""Keep decisions in batches: per annotation row its q and copies, grouped by the input range it describes.
+
+The solution travels as a side input; exact mode first ranks each constrained signature's rows by
+their keyed hash (ExactThresholds), repeat mode spreads copies along a keyed-hash order
+(RepeatCopies). A batch is a dict of equal-length lists: positions, keys, q, weights, copies,
+signatures.
+"""
+from __future__ import annotations
+
+import bisect
+import collections
+import heapq
+import zlib
+
+import apache_beam as beam
+
+from pipeline import hashing, release
+from pipeline.sources import normalize_path
+from solvers.solution import BalanceSolution
+
+COUNTS_TAG = "counts"
+# Ranked signatures are merged in this many groups to find each one's exact-count threshold.
+THRESHOLD_BUCKETS = 64
+
+
+def counts_output(counts: dict):
+    return beam.pvalue.TaggedOutput(COUNTS_TAG, counts)
+
+
+class _SolutionUser(beam.DoFn):
+    """A DoFn that reads the solution from its side input once per worker."""
+
+    def __init__(self, seed: int, mode: str):
+        self.seed, self.mode = seed, mode
+        self._rule, self._text = None, None
+        self._paths: dict[str, str] = {}
+
+    def rule(self, solution_text: str) -> release.KeepRule:
+        if self._rule is None or not (self._text is solution_text or self._text == solution_text):
+            self._rule = release.KeepRule(BalanceSolution.from_json(solution_text), self.seed, self.mode)
+            self._text = solution_text
+        return self._rule
+
+
+def _empty_batch() -> dict:
+    return {"positions": [], "keys": [], "q": [], "weights": [], "copies": [], "signatures": []}
+
+
+class Decide(_SolutionUser):
+    """A table of annotation rows -> (input file, batch of decisions): q, copies, weight, signature.
+
+    copies is None in repeat mode (decided later along the global order, see RepeatCopies).
+    """
+
+    def _path(self, shard: str) -> str:
+        """The input file as resample names it (annotations from before paths were absolute)."""
+        if shard not in self._paths:
+            self._paths[shard] = normalize_path(shard)
+        return self._paths[shard]
+
+    def process(self, table, solution_text, thresholds):
+        rule = self.rule(solution_text)
+        columns = table.to_pydict()
+        batches: dict[str, dict] = {}
+        decided = rule.signatures_and_probabilities(zip(columns["attributes"], columns["concepts"],
+                                                        columns["utility"]))
+        for key, shard, position, (signature, q) in zip(columns["key"], columns["shard"], columns["position"],
+                                                       decided):
+            shard = self._path(shard)
+            batch = batches.get(shard)
+            if batch is None:
+                batch = batches[shard] = _empty_batch()
+            batch["positions"].append(position)
+            batch["keys"].append(key)
+            batch["q"].append(q)
+            batch["weights"].append(rule.weight(q))
+            batch["copies"].append(None if self.mode == "repeat" else
+                                   rule.copies(key, q, signature, thresholds.get(signature)))
+            batch["signatures"].append(signature)
+        yield from batches.items()
+        yield counts_output({"decisions_read": table.num_rows})
+
+
+class RankCandidates(_SolutionUser):
+    """Exact mode: a table of annotation rows -> per ranked signature in it, the (draw, key) of its
+    k_s smallest rows (sorted), keyed by a bucket of signatures for the merge."""
+
+    def process(self, table, solution_text):
+        rule = self.rule(solution_text)
+        columns = table.to_pydict()
+        decided = rule.signatures_and_probabilities(zip(columns["attributes"], columns["concepts"],
+                                                        columns["utility"]))
+        draws = collections.defaultdict(list)
+        for key, (signature, _) in zip(columns["key"], decided):
+            if rule.exact_signature(signature) is not None:
+                draws[signature].append((hashing.keyed_uniform(self.seed, key), key))
+        for signature, found in draws.items():
+            keep = rule.exact_signature(signature)[1]
+            yield _signature_bucket(signature), (signature, keep, heapq.nsmallest(keep, found))
+
+
+def _signature_bucket(signature: str) -> int:
+    return zlib.crc32(signature.encode("utf-8")) % THRESHOLD_BUCKETS
+
+
+def _thresholds(bucket_and_parts):
+    """The k_s-th smallest (draw, key) of each signature: rows at or below it are the k_s kept."""
+    _, parts = bucket_and_parts
+    merged, keep = collections.defaultdict(list), {}
+    for signature, count, smallest in parts:
+        merged[signature].extend(smallest)
+        keep[signature] = count
+    for signature, found in merged.items():
+        yield signature, heapq.nsmallest(keep[signature], found)[-1]
+
+
+class ExactThresholds(beam.PTransform):
+    """Annotation tables -> {signature: threshold} for exact mode ({} in the other modes)."""
+
+    def __init__(self, seed: int, mode: str, solution):
+        super().__init__()
+        self.seed, self.mode, self.solution = seed, mode, solution
+
+    def expand(self, tables):
+        if self.mode != "exact":
+            return tables.pipeline | "NoThresholds" >> beam.Create([{}])
+        return (tables
+                | "RankCandidates" >> beam.ParDo(RankCandidates(self.seed, self.mode),
+                                                 beam.pvalue.AsSingleton(self.solution))
+                | "BySignatureBucket" >> beam.GroupByKey()
+                | "Thresholds" >> beam.FlatMap(_thresholds)
+                | "AsDict" >> beam.combiners.ToDict())
+
+
+def route_to_ranges(shard_and_batch, range_starts):
+    """(input file, batch) -> ((file, range index), part) for each range of the file the batch touches.
+
+    range_starts: file -> sorted positions its ranges start at; a file not read now is range 0.
+    """
+    shard, batch = shard_and_batch
+    starts = range_starts.get(shard)
+    if not starts or len(starts) == 1:
+        yield (shard, 0), batch
+        return
+    rows = collections.defaultdict(list)
+    for i, position in enumerate(batch["positions"]):
+        rows[bisect.bisect_right(starts, position) - 1].append(i)
+    for index, indices in sorted(rows.items()):
+        yield (shard, max(index, 0)), _split_batch(batch, indices)
+
+
+def merge_batches(batches) -> dict:
+    merged = _empty_batch()
+    for batch in batches:
+        for name, values in batch.items():
+            merged[name].extend(values)
+    return merged
+
+
+def _split_batch(batch: dict, rows) -> dict:
+    return {name: [values[i] for i in rows] for name, values in batch.items()}
+
+
+class RepeatCopies(beam.PTransform):
+    """Repeat mode: copies proportional to q, exactly `output_size` in all (systematic sampling).
+
+    Decision batches are re-bucketed by a keyed-hash order, sorted per bucket, given exact integer
+    running sums of their masses (bucket offsets from a side input), and sent back by input file.
+    """
+
+    def __init__(self, seed: int, output_size: int | None, buckets: int):
+        super().__init__()
+        self.seed, self.output_size, self.buckets = seed, output_size, buckets
+
+    def expand(self, decisions):
+        seed, buckets = self.seed, self.buckets
+
+        def by_order_bucket(shard_and_batch):
+            shard, batch = shard_and_batch
+            rows = collections.defaultdict(list)
+            orders = [hashing.keyed_uniform(seed, key, hashing.REPEAT) for key in batch["keys"]]
+            for i, order in enumerate(orders):
+                rows[min(int(order * buckets), buckets - 1)].append(i)
+            for bucket, indices in rows.items():
+                part = _split_batch(batch, indices)
+                part["order"] = [orders[i] for i in indices]
+                part["shard"] = [shard] * len(indices)
+                yield bucket, part
+
+        def sort_bucket(bucket_and_parts):
+            bucket, parts = bucket_and_parts
+            rows = [row for part in parts for row in zip(
+                part["order"], part["keys"], part["shard"], part["positions"], part["q"], part["weights"],
+                part["signatures"])]
+            rows.sort(key=lambda row: (row[0], row[1]))
+            starts, running = [], 0
+            for row in rows:
+                starts.append(running)
+                running += release.repeat_mass(row[4])
+            yield bucket, (rows, starts)
+            yield beam.pvalue.TaggedOutput("totals", (bucket, running))
+
+        sorted_buckets = (decisions
+                          | "ByOrderBucket" >> beam.FlatMap(by_order_bucket)
+                          | "GroupOrderBucket" >> beam.GroupByKey()
+                          | "SortBucket" >> beam.FlatMap(sort_bucket).with_outputs("totals", main="rows"))
+        offsets = (sorted_buckets.totals
+                   | "AllTotals" >> beam.combiners.ToList()
+                   | "Offsets" >> beam.Map(bucket_offsets))
+        size = (decisions
+                | "RowsPerBatch" >> beam.MapTuple(lambda _, batch: len(batch["keys"]))
+                | "DefaultSize" >> beam.CombineGlobally(sum))
+        requested = self.output_size
+        offset_uniform = hashing.keyed_uniform(seed, "systematic-offset", hashing.REPEAT)
+
+        def with_copies(bucket_and_rows, offsets, size):
+            bucket, (rows, starts) = bucket_and_rows
+            target = size if requested is None else requested
+            total, base = offsets["total"], offsets["offsets"][bucket]
+            batches: dict[str, dict] = {}
+            for (_, key, shard, position, q, weight, signature), start in zip(rows, starts):
+                start += base
+                end = start + release.repeat_mass(q)
+                batch = batches.get(shard)
+                if batch is None:
+                    batch = batches[shard] = _empty_batch()
+                batch["positions"].append(position)
+                batch["keys"].append(key)
+                batch["q"].append(q)
+                batch["weights"].append(weight)
+                batch["copies"].append(release.repeat_copies(start, end, total, target, offset_uniform))
+                batch["signatures"].append(signature)
+            yield from batches.items()
+
+        return sorted_buckets.rows | "Copies" >> beam.FlatMap(
+            with_copies, beam.pvalue.AsSingleton(offsets), beam.pvalue.AsSingleton(size))
+
+
+def bucket_offsets(totals) -> dict:
+    offsets, running = {}, 0
+    for bucket, total in sorted(totals):
+        offsets[bucket] = running
+        running += total
+    return {"offsets": offsets, "total": running}

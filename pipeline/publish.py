@@ -1,0 +1,122 @@
+"""Publishing a release: reconcile the job's counts with what it wrote, then the manifest, written last.
+
+A folder holds a release when it holds a manifest.json; prepare_release_dir removes the old one
+(and what describes the old shards) before anything new is written, so a job killed half way
+leaves a folder without a manifest, never an old manifest beside new shards.
+"""
+from __future__ import annotations
+
+import json
+import logging
+
+from apache_beam.io.filesystems import FileSystems
+
+from pipeline.errors import ReconciliationError, UsageError
+from pipeline.files import ensure_writable_directory, write_text_atomically
+from pipeline.quarantine import STAGE_READ
+
+log = logging.getLogger(__name__)
+
+MANIFEST_FILE = "manifest.json"
+SIZES_FILE = "sizes.json"
+KEPT_SIGNATURES_FILE = "kept-signatures.jsonl"
+# What a published release holds besides its shards; removed before a new release is written into
+# the same folder, so a crash can never leave an old manifest, card or report beside new shards.
+REPORT_FILES = ("stats.json", "report.html", "README.md")
+
+
+def reconcile(counts: dict, shards: list[dict], annotation_rows_written: int, quarantine_lines: int,
+              samples_per_shard: int, exact_counts: dict | None = None) -> dict:
+    """The job's own accounting; raises ReconciliationError naming every equation that fails."""
+    read_quarantined = sum(n for reason, n in counts.get("quarantined", {}).items()
+                           if reason.startswith(STAGE_READ + ":"))
+    numbers = {
+        "annotation_rows_written": annotation_rows_written,
+        "decisions_read": counts.get("decisions_read", 0),
+        "decisions_grouped_by_range": counts.get("decisions_grouped", 0),
+        "decisions_joined": counts.get("decisions_joined", 0),
+        "missing_from_input": counts.get("missing_from_input", 0),
+        "samples_read": counts.get("samples_read", 0),
+        "kept": counts.get("kept", 0),
+        "dropped": counts.get("dropped", 0),
+        "records_quarantined": counts.get("records_quarantined", 0),
+        "read_quarantined": read_quarantined,
+        "quarantined_total": sum(counts.get("quarantined", {}).values()),
+        "quarantine_lines_written": quarantine_lines,
+        "output_samples": counts.get("output_samples", 0),
+        "kept_signature_copies": sum(counts.get("kept_signatures", {}).values()),
+        "samples_in_shards": sum(shard["samples"] for shard in shards),
+        "shards_written": len(shards),
+    }
+    n = numbers
+    expected_shards = -(-n["output_samples"] // samples_per_shard)
+    indices = sorted(shard["index"] for shard in shards)
+    checks = [
+        ("annotation rows read = annotation rows annotate wrote",
+         n["decisions_read"], n["annotation_rows_written"]),
+        ("annotation rows grouped by input range = annotation rows read",
+         n["decisions_grouped_by_range"], n["decisions_read"]),
+        ("annotation rows joined + missing from the input = annotation rows read",
+         n["decisions_joined"] + n["missing_from_input"], n["decisions_read"]),
+        ("kept + dropped = annotation rows joined", n["kept"] + n["dropped"], n["decisions_joined"]),
+        ("kept + dropped + quarantined at resample = records read",
+         n["kept"] + n["dropped"] + n["records_quarantined"], n["samples_read"]),
+        ("samples written in shards = output samples", n["samples_in_shards"], n["output_samples"]),
+        ("kept copies by signature = output samples", n["kept_signature_copies"], n["output_samples"]),
+        ("quarantine lines written = records quarantined", n["quarantine_lines_written"], n["quarantined_total"]),
+        ("shards written = ceil(output samples / samples per shard)", n["shards_written"], expected_shards),
+    ]
+    failed = [f"{name}: {left} != {right}" for name, left, right in checks if left != right]
+    if indices != list(range(len(shards))):
+        failed.append(f"shard indices are not 0..{len(shards) - 1} each once: {indices[:10]}...")
+    short = [s["name"] for s in shards if s["samples"] != samples_per_shard and s["index"] != len(shards) - 1]
+    if short:
+        failed.append(f"shards other than the last are not full: {short[:5]}")
+    if exact_counts and not n["missing_from_input"]:
+        kept = counts.get("kept_signatures", {})
+        off = [(signature, kept.get(signature, 0), entry[1]) for signature, entry in sorted(exact_counts.items())
+               if entry[2] and kept.get(signature, 0) != entry[1]]
+        numbers["signatures_off_their_exact_count"] = len(off)
+        if off:
+            failed.append(f"{len(off)} signatures kept other than their exact count (signature, kept, asked): "
+                          f"{off[:3]}")
+    if failed:
+        raise ReconciliationError(
+            "resample did not account for every record, so no manifest was published (the shards "
+            "written are not a release; re-run the job): " + "; ".join(failed) + ". All counts: "
+            + ", ".join(f"{name} {value}" for name, value in numbers.items()), numbers)
+    return numbers
+
+
+def prepare_release_dir(output_dir: str) -> None:
+    """Make the folder writable for a release and unpublish whatever release it held.
+
+    The manifest goes first (and the report, card and lists that describe the old shards), so
+    from here until the new manifest is written the folder is visibly not a release.
+    """
+    try:
+        ensure_writable_directory(output_dir)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    manifest = FileSystems.join(output_dir, MANIFEST_FILE)
+    if FileSystems.exists(manifest):
+        log.info("unpublishing the release in %s before writing the new one", output_dir)
+        FileSystems.delete([manifest])
+        for name in (SIZES_FILE, KEPT_SIGNATURES_FILE, *REPORT_FILES):
+            if FileSystems.exists(FileSystems.join(output_dir, name)):
+                FileSystems.delete([FileSystems.join(output_dir, name)])
+
+
+def manifest(counts: dict, numbers: dict, shards: list[dict], details: dict) -> dict:
+    quarantined = dict(sorted(counts.get("quarantined", {}).items()))
+    summary = {name: numbers[name] for name in (
+        "samples_read", "kept", "dropped", "output_samples", "records_quarantined", "missing_from_input",
+        "decisions_read", "decisions_joined", "quarantined_total")}
+    summary["quarantined"] = quarantined
+    summary["input_records"] = numbers["samples_read"] + numbers["read_quarantined"]
+    return {**details, "shards": shards, "counts": summary, "total_bytes": sum(s["bytes"] for s in shards)}
+
+
+def write_kept_signatures(counts: dict, output_dir: str) -> None:
+    lines = [json.dumps({"signature": json.loads(s), "count": n}) for s, n in sorted(counts.items())]
+    write_text_atomically(FileSystems.join(output_dir, KEPT_SIGNATURES_FILE), "".join(line + "\n" for line in lines))

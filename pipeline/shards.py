@@ -1,0 +1,214 @@
+"""Writing the release: each input range meets its decisions, kept copies are ranked and written in shards.
+
+A range is read once, by one worker; a record meets its decision by place (the key is checked).
+Kept copies leave in batches per order bucket (a range of a keyed hash), are sorted per bucket and
+ranked with exact integer offsets, so shard i holds ranks [i*S, (i+1)*S). Image bytes never cross
+a shuffle: kept tar members travel as their place in the input tar and are read back by the
+worker writing the shard.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+
+import apache_beam as beam
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+
+from pipeline import release
+from pipeline.decide import counts_output, merge_batches
+from pipeline.errors import DataError
+from pipeline.quarantine import QUARANTINE_TAG, quarantine_record
+from pipeline.splits import iter_range_records
+
+log = logging.getLogger(__name__)
+
+METRICS_NAMESPACE = "balancebeam"
+STAGE_RESAMPLE = "resample"
+NOT_ANNOTATED = "not_annotated"  # read now, but annotate wrote no row for it (quarantined there, or new)
+INPUT_CHANGED = "input_changed"  # the record at this place has another key than when it was annotated
+MISSING_FROM_INPUT = "missing_from_input"  # an annotation row whose record is not in the input read now
+# Kept copies per ranking bucket (sorted in one worker's memory) and per element a range sends to
+# one bucket (bounds a worker's memory while it reads a large file).
+RANK_BUCKET_SIZE = 100_000
+ITEMS_PER_ELEMENT = 20_000
+BUCKET_SIZES_TAG = "bucket_sizes"
+
+
+def tar_offsets(path):
+    """Header index of an uncompressed input tar (None for anything we cannot seek in)."""
+    if not path or CompressionTypes.detect_compression_type(path) != CompressionTypes.UNCOMPRESSED:
+        return None
+    try:
+        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as raw_file:
+            return release.tar_member_offsets(raw_file)
+    except (OSError, ValueError) as error:
+        log.warning("cannot index %s (%s): its members travel inline", path, error)
+        return None
+
+
+class ResampleRange(beam.DoFn):
+    """((file, range), {"read": [range], "decisions": [batches]}) -> its kept copies, bucketed for ranking.
+
+    Main output: (order bucket, [(order, copy key, source tar, members)]): the members as released
+    (json with `balance`), large ones as their place in the input tar, never image bytes. Tagged
+    outputs: quarantine entries, each bucket element's size, and one count dict per range (records
+    read, kept, dropped, quarantined, decisions joined or missing).
+    """
+
+    def __init__(self, seed: int, mode: str, buckets: int, key_column: str, caption_column: str):
+        self.seed, self.mode, self.buckets = seed, mode, buckets
+        self.key_column, self.caption_column = key_column, caption_column
+        self.kept_counter = Metrics.counter(METRICS_NAMESPACE, "records_kept")
+        self.read_counter = Metrics.counter(METRICS_NAMESPACE, "records_read")
+
+    def process(self, element):
+        (path, _), groups = element
+        read_now = list(groups["read"])
+        decisions = merge_batches(groups["decisions"])
+        counts = collections.Counter()
+        quarantined = collections.Counter()
+        kept_signatures = collections.Counter()
+        counts["decisions_grouped"] = len(decisions["keys"])
+        index = {position: i for i, position in enumerate(decisions["positions"])}
+        if len(index) != len(decisions["keys"]):
+            raise DataError(f"annotations list some record of {path} twice (same position); "
+                            "re-run annotate into an empty folder")
+        matched = bytearray(len(decisions["keys"]))
+        buckets: dict[int, list] = collections.defaultdict(list)
+        tar_index = None
+        if read_now:
+            for output in iter_range_records(read_now[0], self.key_column, self.caption_column):
+                if isinstance(output, beam.pvalue.TaggedOutput):  # read-stage quarantine
+                    entry = output.value
+                    quarantined[f"{entry['stage']}:{entry['reason']}"] += 1
+                    yield output
+                    continue
+                sample = output
+                counts["samples_read"] += 1
+                i = index.get(sample["position"])
+                reason = None
+                if i is None or matched[i]:
+                    reason, detail = NOT_ANNOTATED, "annotate wrote no row for this record (see its quarantine)"
+                elif decisions["keys"][i] != sample["key"]:
+                    reason, detail = INPUT_CHANGED, (f"annotated as key {decisions['keys'][i]!r}; the input "
+                                                     "changed since annotate read it")
+                if reason is not None:
+                    quarantined[f"{STAGE_RESAMPLE}:{reason}"] += 1
+                    counts["records_quarantined"] += 1
+                    yield beam.pvalue.TaggedOutput(QUARANTINE_TAG, quarantine_record(
+                        STAGE_RESAMPLE, reason, sample["key"], path, sample["position"], detail))
+                    continue
+                matched[i] = 1
+                counts["decisions_joined"] += 1
+                copies = decisions["copies"][i]
+                if not copies:
+                    counts["dropped"] += 1
+                    continue
+                counts["kept"] += 1
+                counts["output_samples"] += copies
+                kept_signatures[decisions["signatures"][i]] += copies
+                source = path if sample.get("members") else None
+                if source and tar_index is None:
+                    tar_index = tar_offsets(path) or {}
+                for copy in range(copies):
+                    balance = {"q": decisions["q"][i], "weight": decisions["weights"][i]}
+                    if self.mode == "repeat":
+                        balance["copy"] = copy
+                    # The released members, json with `balance` included; images as their place in the tar.
+                    members = release.locate_members(sample["key"], dict(release.release_members(sample, balance)),
+                                                     tar_index)
+                    order = release.order_uniform(self.seed, sample["key"], copy)
+                    bucket = min(int(order * self.buckets), self.buckets - 1)
+                    items = buckets[bucket]
+                    items.append((order, release.copy_key(sample["key"], copy), source, members))
+                    if len(items) >= ITEMS_PER_ELEMENT:
+                        yield bucket, items
+                        yield beam.pvalue.TaggedOutput(BUCKET_SIZES_TAG, (bucket, len(items)))
+                        buckets[bucket] = []
+        for bucket, items in sorted(buckets.items()):
+            if items:
+                yield bucket, items
+                yield beam.pvalue.TaggedOutput(BUCKET_SIZES_TAG, (bucket, len(items)))
+        for i in range(len(matched)):
+            if not matched[i]:
+                counts["missing_from_input"] += 1
+                quarantined[f"{STAGE_RESAMPLE}:{MISSING_FROM_INPUT}"] += 1
+                yield beam.pvalue.TaggedOutput(QUARANTINE_TAG, quarantine_record(
+                    STAGE_RESAMPLE, MISSING_FROM_INPUT, decisions["keys"][i], path, decisions["positions"][i],
+                    "annotated, but not in the input read now" if not read_now
+                    else "annotated, but no record at this place in the file now"))
+        self.read_counter.inc(counts["samples_read"])
+        self.kept_counter.inc(counts["kept"])
+        counts["ranges_read"] = len(read_now)
+        yield counts_output({**counts, "quarantined": dict(quarantined),
+                              "kept_signatures": dict(kept_signatures)})
+
+
+def sort_and_rank(bucket_and_chunks, offsets, samples_per_shard):
+    """All kept copies of one order bucket, sorted by (order, copy key) and ranked from the bucket's
+    offset; consecutive ranks go out grouped by the shard that holds them."""
+    bucket, chunks = bucket_and_chunks
+    items = sorted((item for chunk in chunks for item in chunk), key=lambda item: (item[0], item[1]))
+    first = offsets["offsets"][bucket]
+    current, group = None, []
+    for i, (_, copy_key, source, members) in enumerate(items):
+        rank = first + i
+        shard = rank // samples_per_shard
+        if shard != current and group:
+            yield current, group
+            group = []
+        current = shard
+        group.append((rank, copy_key, source, members))
+    if group:
+        yield current, group
+
+
+class InputTars:
+    """Open input files of one shard writer, read at given offsets (each file opened once)."""
+
+    def __init__(self):
+        self._open = {}
+
+    def read_at(self, path, offset, size):
+        if path not in self._open:
+            self._open[path] = FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED)
+        handle = self._open[path]
+        handle.seek(offset)
+        return handle.read(size)
+
+    def close(self):
+        for handle in self._open.values():
+            handle.close()
+        self._open.clear()
+
+
+class WriteShard(beam.DoFn):
+    """(shard index, [[(rank, key, source tar, members)]]) -> one tar in rank order; yields its manifest entry.
+
+    Large members are read here from the input tars, once, at the place ResampleRange noted.
+    """
+
+    def __init__(self, output_dir: str, prefix: str):
+        self.output_dir, self.prefix = output_dir, prefix
+        self.shards = Metrics.counter(METRICS_NAMESPACE, "shards_written")
+
+    def process(self, shard):
+        index, groups = shard
+        ordered = sorted((item for group in groups for item in group), key=lambda item: item[0])
+        path = FileSystems.join(self.output_dir, release.shard_name(self.prefix, index))
+        inputs = InputTars()
+
+        def released(rank_key_source_members):
+            _, key, source, located = rank_key_source_members
+            members = release.read_members(located, lambda offset, size: inputs.read_at(source, offset, size),
+                                           where=f"{source} ({key})")
+            return key, list(members.items())
+
+        try:
+            info = release.write_shard(path, map(released, ordered))
+        finally:
+            inputs.close()
+        self.shards.inc()
+        yield dict(info, index=index, first_rank=ordered[0][0] if ordered else None)
