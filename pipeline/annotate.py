@@ -19,9 +19,9 @@ from pipeline.files import count_lines, read_text, write_text_atomically
 from pipeline.labelling import COUNTS_TAG, AnnotateBatch, AnnotateImages, DropDuplicates, FindDuplicateKeys
 from pipeline.options import pipeline_options
 from pipeline.records import ANNOTATION_SCHEMA
-from pipeline.sources import FORMATS
+from pipeline.sources import CAPTION_COLUMNS, FORMATS, KEY_COLUMNS, resolve_columns
 from pipeline.splits import PlanRanges, ReadRangeBatches
-from trainer.images import DEFAULT_MAX_IMAGE_PIXELS
+from trainer.images import DEFAULT_MAX_IMAGE_PIXELS, VALIDATION_LEVELS
 
 ANNOTATIONS_PREFIX = "annotations"
 QUARANTINE_PREFIX = "quarantine"
@@ -43,22 +43,37 @@ def build_parser():
                         help="glob of input files (repeatable): *.tar, *.parquet, *.jsonl, *.csv, COCO *.json")
     parser.add_argument("--output", required=True, help="output directory (local, gs://, s3://)")
     parser.add_argument("--input-format", default="auto", choices=FORMATS)
-    parser.add_argument("--caption-column", default="caption", help="caption column or json field")
-    parser.add_argument("--key-column", default="key", help="key column of caption tables")
+    parser.add_argument("--caption-column", default=None,
+                        help="caption column of tables, or json field of tar samples without a .txt member "
+                             f"(default: the first of {', '.join(CAPTION_COLUMNS)} a table has; 'caption' in json)")
+    parser.add_argument("--key-column", default=None,
+                        help=f"key column of tables (default: the first of {', '.join(KEY_COLUMNS)} a table has; "
+                             "without one, FILE#ROW)")
     parser.add_argument("--utility-field", default=None,
                         help="numeric field of the sample's json (or a table column) carried as utility")
     parser.add_argument("--lexicon", action="append", default=None,
                         help="lexicon file or directory (repeatable); default: the bundled ones")
     parser.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
                         help="decompression-bomb limit: larger images are quarantined")
+    parser.add_argument("--validate-images", choices=VALIDATION_LEVELS, default="full",
+                        help="how much of each tar sample's image is checked: full decode (default); draft (JPEGs "
+                             "decoded at reduced scale); header (format allow-list and declared size only: broken "
+                             "pixel data passes); none. bench/annotate.py measures each")
     image = parser.add_argument_group("image zero-shot annotator (optional)")
     image.add_argument("--image-model", default=None, help="open_clip architecture, e.g. ViT-B-32")
     image.add_argument("--image-checkpoint", default=None,
                        help="state-dict file for --image-model (torch.load with weights_only=True)")
     image.add_argument("--image-model-config", default=None,
                        help="open_clip model config JSON for a custom architecture (file stem = name)")
-    image.add_argument("--image-embedding-field", default=None,
-                       help="use precomputed image embeddings from this json field / table column / .npy member")
+    image.add_argument("--image-embedding-field", "--embeddings-field", dest="image_embedding_field", default=None,
+                       help="use precomputed image embeddings: this json field, table column, .npy member, or "
+                            "array of the .npz beside each Parquet file (DataComp: l14_img)")
+    image.add_argument("--prompt-embeddings", default=None,
+                       help="prompts.npz from `balancebeam embed-prompts`: score the precomputed embeddings "
+                            "with it, no model loaded (needs --embeddings-field)")
+    image.add_argument("--faces-column", default=None,
+                       help="a list column (DataComp: face_bboxes): non-empty means a person is visible, empty "
+                            "means nobody is; it replaces the prompts' margin rule for the image annotator")
     image.add_argument("--image-batch-size", type=int, default=32)
     image.add_argument("--person-margin", type=float, default=None)
     image.add_argument("--concept-top-k", type=int, default=None)
@@ -79,7 +94,7 @@ def _image_annotator(args, lexicon):
     config = zero_shot.ZeroShotConfig(
         architecture=args.image_model, checkpoint=args.image_checkpoint,
         model_config=args.image_model_config, batch_size=args.image_batch_size,
-        max_image_pixels=args.max_image_pixels, **overrides)
+        max_image_pixels=args.max_image_pixels, prompt_embeddings=args.prompt_embeddings, **overrides)
     return zero_shot.ZeroShotImageAnnotator(config, lexicon.groups, lexicon.concepts)
 
 
@@ -98,15 +113,17 @@ class Annotate(beam.PTransform):
     def expand(self, pbegin):
         args = self.args
         lexicon = Lexicon.load(args.lexicon)
-        use_images = bool(args.image_model)
+        use_images = bool(args.image_model or args.prompt_embeddings)
         output = args.output.rstrip("/")
         read = (pbegin
                 | "PlanRanges" >> PlanRanges(args.input, args.input_format)
-                | "ReadRanges" >> beam.ParDo(ReadRangeBatches(args.key_column, args.caption_column)).with_outputs(
+                | "ReadRanges" >> beam.ParDo(ReadRangeBatches(
+                    args.key_column, args.caption_column, args.image_embedding_field if use_images else None)).with_outputs(
                     q.QUARANTINE_TAG, COUNTS_TAG, main="batches"))
         labelled = read.batches | "AnnotateText" >> beam.ParDo(AnnotateBatch(
             lexicon, args.utility_field, args.max_image_pixels, use_images,
-            args.image_embedding_field)).with_outputs(q.QUARANTINE_TAG, main="rows")
+            args.image_embedding_field, args.faces_column, args.validate_images)).with_outputs(
+                q.QUARANTINE_TAG, main="rows")
         quarantined = [read[q.QUARANTINE_TAG], labelled[q.QUARANTINE_TAG]]
         counts = [read[COUNTS_TAG]]
         rows = labelled.rows
@@ -165,8 +182,17 @@ def check_arguments(args) -> None:
         raise UsageError(f"--max-image-pixels must be >= 1, got {args.max_image_pixels}")
     if args.image_batch_size < 1:
         raise UsageError(f"--image-batch-size must be >= 1, got {args.image_batch_size}")
-    if args.image_embedding_field and not args.image_model:
-        raise UsageError("--image-embedding-field needs --image-model (prompts are encoded by its text tower)")
+    if args.image_embedding_field and not (args.image_model or args.prompt_embeddings):
+        raise UsageError("--embeddings-field needs --prompt-embeddings (from `balancebeam embed-prompts`) or "
+                         "--image-model (whose text tower embeds the prompts)")
+    if args.prompt_embeddings and not args.image_embedding_field:
+        raise UsageError("--prompt-embeddings scores precomputed image embeddings: name them with "
+                         "--embeddings-field (DataComp: l14_img)")
+    if args.prompt_embeddings and args.image_model:
+        raise UsageError("give --prompt-embeddings or --image-model, not both")
+    if args.faces_column and not (args.image_model or args.prompt_embeddings):
+        raise UsageError("--faces-column decides who the image annotator sees: it needs --image-model or "
+                         "--prompt-embeddings")
 
 
 def reconcile(counts: dict, rows_written: int, quarantine_lines: int, label_set_rows: int) -> None:
@@ -193,9 +219,17 @@ def run(argv=None, save_main_session=False):
     parser = build_parser()
     args, beam_args = parser.parse_known_args(argv)
     check_arguments(args)
+    first_files = []
     for pattern in args.input:
-        if not FileSystems.match([pattern])[0].metadata_list:
+        matched = FileSystems.match([pattern])[0].metadata_list
+        if not matched:
             raise FileNotFoundError(f"no input files match {pattern!r}")
+        first_files.append(min(m.path for m in matched))
+    try:  # a table without its caption column stops here, not as a million quarantined rows
+        args.key_column, args.caption_column = resolve_columns(first_files, args.input_format, args.key_column,
+                                                               args.caption_column)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
     options = pipeline_options(beam_args, "balancebeam annotate")
     options.view_as(SetupOptions).save_main_session = save_main_session
     output = args.output.rstrip("/")
@@ -229,17 +263,19 @@ def run(argv=None, save_main_session=False):
 
 def annotation_rows(directory) -> int:
     """Rows in an annotate output's Parquet files, from their footers (independent of any Beam job)."""
-    import pyarrow.parquet as pq
-
     paths = [m.path for m in FileSystems.match(
         [FileSystems.join(str(directory).rstrip("/"), ANNOTATIONS_GLOB)])[0].metadata_list]
     if not paths:
         raise FileNotFoundError(f"no {ANNOTATIONS_GLOB} in {directory}; run `balancebeam annotate` first")
-    rows = 0
-    for path in paths:
-        with FileSystems.open(path, compression_type="uncompressed") as handle:
-            rows += pq.ParquetFile(handle).metadata.num_rows
-    return rows
+    return sum(parquet_rows(path) for path in paths)
+
+
+def parquet_rows(path: str) -> int:
+    """Rows of one Parquet file, from its footer."""
+    import pyarrow.parquet as pq
+
+    with FileSystems.open(path, compression_type="uncompressed") as handle:
+        return pq.ParquetFile(handle).metadata.num_rows
 
 
 def read_annotations(directory):

@@ -20,7 +20,7 @@ from pipeline.annotators.text import TextAnnotator
 from pipeline.records import ANNOTATION_SCHEMA, annotation_row
 from pipeline.signatures import row_signature
 from pipeline.sources import IMAGE_EXTENSIONS
-from trainer.images import DEFAULT_MAX_IMAGE_PIXELS, ImageRejected, decode_image
+from trainer.images import DEFAULT_MAX_IMAGE_PIXELS, ImageRejected, check_image
 
 COUNTS_TAG = "counts"
 # Keys are spread over this many buckets to find duplicates; only (key, file, place) travels.
@@ -48,6 +48,23 @@ def utility_of(meta, field):
     return value if math.isfinite(value) else None
 
 
+def person_visible(meta, column):
+    """True when the record's face boxes (DataComp's face_bboxes) list at least one face, False when the
+    list is empty, None when there is no such signal (the image annotator then decides by its prompts)."""
+    if not column or meta.get(column) is None:
+        return None
+    faces = meta[column]
+    if isinstance(faces, str):
+        try:
+            faces = json.loads(faces)
+        except ValueError:
+            return None
+    try:
+        return len(faces) > 0
+    except TypeError:
+        return None
+
+
 def _load_npy(data):
     import numpy as np
 
@@ -62,12 +79,14 @@ class AnnotateBatch(beam.DoFn):
     """
 
     def __init__(self, lexicon, utility_field=None, max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS,
-                 pass_images=False, embedding_field=None):
+                 pass_images=False, embedding_field=None, faces_column=None, validate_images="full"):
         self.annotator = TextAnnotator(lexicon)
+        self.validate_images = validate_images
         self.utility_field = utility_field
         self.max_image_pixels = max_image_pixels
         self.pass_images = pass_images
         self.embedding_field = embedding_field
+        self.faces_column = faces_column
         self.annotated = Metrics.counter(q.METRICS_NAMESPACE, "annotated_text")
 
     def process(self, samples):
@@ -93,7 +112,7 @@ class AnnotateBatch(beam.DoFn):
                 return q.sample_quarantined(sample, q.STAGE_DECODE, q.MISSING_IMAGE,
                                             f"members: {sorted(sample['members'])}")
             try:
-                decode_image(image, self.max_image_pixels)
+                check_image(image, self.validate_images, self.max_image_pixels)
             except ImageRejected as rejected:
                 return q.sample_quarantined(sample, q.STAGE_DECODE, rejected.reason, rejected)
         attributes, concepts, evidence = self.annotator(caption)
@@ -101,13 +120,14 @@ class AnnotateBatch(beam.DoFn):
                              utility_of(sample.get("meta") or {}, self.utility_field))
         if not self.pass_images:
             return row
-        embedding = None
-        if self.embedding_field:
+        embedding = sample.get("embedding")  # a table row's, read with its file (.npz beside a Parquet)
+        if self.embedding_field and embedding is None:
             embedding = (sample.get("meta") or {}).get(self.embedding_field)
             member = (sample.get("members") or {}).get(self.embedding_field)
             if member is not None:
                 embedding = _load_npy(member)
-        return {"row": row, "image": image, "embedding": embedding}
+        return {"row": row, "image": image, "embedding": embedding,
+                "person_visible": person_visible(sample.get("meta") or {}, self.faces_column)}
 
 
 def rows_table(rows):
@@ -158,10 +178,13 @@ class AnnotateImages(beam.DoFn):
                 else:
                     good.append((element, vector))
             if good:
-                results = self.image_annotator.annotate_embeddings(np.stack([v for _, v in good]))
+                results = self.image_annotator.annotate_embeddings(
+                    np.stack([v for _, v in good]), [e.get("person_visible") for e, _ in good])
                 scored.extend(zip([e for e, _ in good], results))
         if with_image:
-            results = self.image_annotator.annotate_images([e["image"] for e in with_image])
+            results = self.image_annotator.annotate_embeddings(
+                self.image_annotator.embed_images([e["image"] for e in with_image]),
+                [e.get("person_visible") for e in with_image])
             self.images_scored.inc(len(with_image))
             scored.extend(zip(with_image, results))
         rows.extend(e["row"] for e in batch if e["embedding"] is None and e["image"] is None)

@@ -220,8 +220,13 @@ def _row_sample(row, shard, position, key_column, caption_column, has_key_column
                    None if image_id is None else str(image_id))
 
 
-def iter_parquet_samples(raw_file, shard, key_column, caption_column, row_groups=None, first_position=0):
-    """Rows of a Parquet table (of the given row groups only, numbered from first_position)."""
+def iter_parquet_samples(raw_file, shard, key_column, caption_column, row_groups=None, first_position=0,
+                         embeddings_field=None):
+    """Rows of a Parquet table (of the given row groups only, numbered from first_position).
+
+    embeddings_field: each sample also carries `embedding`, its row of that column or, when the table
+    has no such column, of that array in the .npz file beside it (DataComp's layout: rows aligned).
+    """
     import pyarrow.parquet as pq
 
     parquet = pq.ParquetFile(raw_file)
@@ -229,11 +234,51 @@ def iter_parquet_samples(raw_file, shard, key_column, caption_column, row_groups
     if parquet.metadata.num_rows == 0:
         yield q.quarantined(q.STAGE_READ, q.EMPTY_SHARD, None, shard, None, "table has no rows")
         return
+    embeddings = None
+    if embeddings_field and embeddings_field not in parquet.schema_arrow.names:
+        embeddings = _npz_embeddings(shard, embeddings_field, parquet.metadata.num_rows)
+        if isinstance(embeddings, str):  # no usable .npz: every row of this range says why
+            position = first_position
+            for batch in parquet.iter_batches(batch_size=TABLE_BATCH_ROWS, row_groups=row_groups, columns=[]):
+                for _ in range(batch.num_rows):
+                    yield q.quarantined(q.STAGE_READ, q.BAD_EMBEDDING, None, shard, position, embeddings)
+                    position += 1
+            return
     position = first_position
     for batch in parquet.iter_batches(batch_size=TABLE_BATCH_ROWS, row_groups=row_groups):
         for row in batch.to_pylist():
-            yield _row_sample(row, shard, position, key_column, caption_column, has_key_column)
+            sample = _row_sample(row, shard, position, key_column, caption_column, has_key_column)
+            if embeddings_field and not isinstance(sample, beam.pvalue.TaggedOutput):
+                sample["embedding"] = embeddings[position] if embeddings is not None else row.get(embeddings_field)
+                sample["meta"].pop(embeddings_field, None)  # a vector is not metadata to copy along
+            yield sample
             position += 1
+
+
+def npz_path(parquet_path: str) -> str:
+    """The .npz file DataComp keeps beside a metadata shard: same name, .npz instead of .parquet."""
+    return re.sub(r"\.parquet$", "", parquet_path) + ".npz"
+
+
+def _npz_embeddings(parquet_path: str, field: str, rows: int):
+    """The shard's embeddings array (rows, dim), or a string saying why there is none to use."""
+    import io
+
+    import numpy as np
+
+    path = npz_path(parquet_path)
+    try:
+        with FileSystems.open(path, compression_type="uncompressed") as handle:
+            data = handle.read()
+        with np.load(io.BytesIO(data), allow_pickle=False) as stored:
+            if field not in stored.files:
+                return f"{path} has no array {field!r} (it has {', '.join(stored.files)})"
+            array = stored[field]
+    except Exception as error:  # missing, not an npz, or pickled objects (refused)
+        return f"cannot read embeddings {field!r} from {path}: {type(error).__name__}: {error}"
+    if array.ndim != 2 or len(array) != rows:
+        return f"{path}: {field!r} has shape {array.shape}, the table has {rows} rows"
+    return array
 
 
 def jsonl_record(line: bytes, shard, position, key_column, caption_column):
@@ -344,6 +389,56 @@ def iter_coco_samples(raw_file, shard):
                       None if image_id is None else str(image_id))
 
 
+# Column names tried in order when --caption-column / --key-column are not given: balancebeam's
+# own, then DataComp's and img2dataset's metadata (`text` and `uid` in DataComp's Parquet).
+CAPTION_COLUMNS = ("caption", "text")
+KEY_COLUMNS = ("key", "uid")
+_TABLE_FORMATS = (FORMAT_PARQUET, FORMAT_JSONL, FORMAT_CSV)
+
+
+def table_columns(path: str, input_format: str = FORMAT_AUTO):
+    """The column names of a caption table (Parquet schema, a JSONL file's first object, a CSV header),
+    or None for the other formats and for a file whose first record cannot be read (its reader will
+    quarantine it with the reason)."""
+    file_format = detect_format(path) if input_format == FORMAT_AUTO else input_format
+    if file_format not in _TABLE_FORMATS:
+        return None
+    try:
+        with FileSystems.open(path) as raw_file:
+            if file_format == FORMAT_PARQUET:
+                import pyarrow.parquet as pq
+
+                return list(pq.ParquetFile(raw_file).schema_arrow.names)
+            first = raw_file.readline()
+            if file_format == FORMAT_JSONL:
+                row = json.loads(first.decode("utf-8"))
+                return list(row) if isinstance(row, dict) else None
+            return next(csv.reader([first.decode("utf-8")]), None)
+    except Exception:  # unreadable here: the job's reader quarantines it with the reason
+        return None
+
+
+def resolve_columns(paths, input_format=FORMAT_AUTO, key_column=None, caption_column=None):
+    """(key column, caption column) for reading `paths`: the ones given, or the first of KEY_COLUMNS /
+    CAPTION_COLUMNS a table has. Raises ValueError, naming the columns found, when a table lacks the
+    caption column or a key column that was asked for by name (a table with no key column at all is
+    keyed FILE#ROW)."""
+    for path in paths:
+        columns = table_columns(path, input_format)
+        if columns is None:
+            continue
+        caption = caption_column or next((c for c in CAPTION_COLUMNS if c in columns), None)
+        key = key_column or next((c for c in KEY_COLUMNS if c in columns), KEY_COLUMNS[0])
+        found = ", ".join(map(repr, columns[:30])) + (", ..." if len(columns) > 30 else "")
+        if caption is None or caption not in columns:
+            asked = f"--caption-column {caption!r}" if caption else f"caption column ({' or '.join(CAPTION_COLUMNS)})"
+            raise ValueError(f"{path} has no {asked}; its columns are {found}: pass --caption-column NAME")
+        if key_column and key_column not in columns:
+            raise ValueError(f"{path} has no --key-column {key_column!r}; its columns are {found}")
+        return key, caption
+    return key_column or KEY_COLUMNS[0], caption_column or CAPTION_COLUMNS[0]
+
+
 def normalize_path(path: str) -> str:
     """A local path made absolute (object-store URLs as they are): annotate records where each
     record came from, and resample finds it again by that name whatever the working directory."""
@@ -352,7 +447,8 @@ def normalize_path(path: str) -> str:
     return path
 
 
-def iter_file_records(path, input_format=FORMAT_AUTO, key_column="key", caption_column="caption"):
+def iter_file_records(path, input_format=FORMAT_AUTO, key_column="key", caption_column="caption",
+                      embeddings_field=None):
     """Samples of one input file, and TaggedOutput quarantine entries for what cannot be read."""
     file_format = detect_format(path) if input_format == FORMAT_AUTO else input_format
     if file_format is None:
@@ -364,7 +460,8 @@ def iter_file_records(path, input_format=FORMAT_AUTO, key_column="key", caption_
             if file_format == FORMAT_WEBDATASET:
                 yield from iter_tar_samples(raw_file, path, caption_column)
             elif file_format == FORMAT_PARQUET:
-                yield from iter_parquet_samples(raw_file, path, key_column, caption_column)
+                yield from iter_parquet_samples(raw_file, path, key_column, caption_column,
+                                                embeddings_field=embeddings_field)
             elif file_format == FORMAT_JSONL:
                 yield from iter_jsonl_samples(raw_file, path, key_column, caption_column)
             elif file_format == FORMAT_CSV:

@@ -92,18 +92,22 @@ def _parquet_ranges(path: str) -> list[dict]:
     return ranges
 
 
-def iter_range_records(file_range: dict, key_column="key", caption_column="caption"):
-    """Samples of one range (and TaggedOutput quarantine entries), positions counted from the file's start."""
+def iter_range_records(file_range: dict, key_column="key", caption_column="caption", embeddings_field=None):
+    """Samples of one range (and TaggedOutput quarantine entries), positions counted from the file's start.
+
+    embeddings_field: Parquet rows also carry their image embedding from the .npz beside the file.
+    """
     path = file_range["path"]
     if file_range["start"] is None:
-        yield from iter_file_records(path, file_range["format"] or FORMAT_AUTO, key_column, caption_column)
+        yield from iter_file_records(path, file_range["format"] or FORMAT_AUTO, key_column, caption_column,
+                                     embeddings_field)
         return
     try:
         with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
             if file_range["format"] == FORMAT_PARQUET:
                 yield from iter_parquet_samples(handle, path, key_column, caption_column,
                                                 list(range(file_range["start"], file_range["end"])),
-                                                file_range["first_position"])
+                                                file_range["first_position"], embeddings_field)
                 return
             handle.seek(file_range["start"])
             data = handle.read(file_range["end"] - file_range["start"])
@@ -149,15 +153,17 @@ class PlanRanges(beam.PTransform):
 class ReadRangeBatches(beam.DoFn):
     """A range -> batches of its samples (main output), quarantine entries, and one count dict."""
 
-    def __init__(self, key_column="key", caption_column="caption"):
+    def __init__(self, key_column="key", caption_column="caption", embeddings_field=None):
         self.key_column, self.caption_column = key_column, caption_column
+        self.embeddings_field = embeddings_field
         self.records_read = Metrics.counter(q.METRICS_NAMESPACE, "records_read")
 
     def process(self, file_range):
         counted = {"read": 0, "quarantined": 0}
 
         def samples():
-            for output in iter_range_records(file_range, self.key_column, self.caption_column):
+            for output in iter_range_records(file_range, self.key_column, self.caption_column,
+                                             self.embeddings_field):
                 counted["read"] += 1
                 if isinstance(output, beam.pvalue.TaggedOutput):
                     counted["quarantined"] += 1

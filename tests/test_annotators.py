@@ -148,6 +148,31 @@ def test_decode_rejects_broken_and_oversized_images(coco_mini_shards):
     assert rejected.value.reason == "image_too_large"
 
 
+@pytest.mark.parametrize("level, rejected", [
+    ("full", {"truncated", "not_an_image", "gif", "bomb"}),
+    ("draft", {"truncated", "not_an_image", "gif", "bomb"}),
+    ("header", {"not_an_image", "gif", "bomb"}),
+    ("none", set()),
+])
+def test_each_validation_level_rejects_what_it_promises(coco_mini_shards, level, rejected):
+    """header still refuses non-images, formats outside the allow-list and bombs by declared size;
+    only a full or draft decode sees broken pixel data; none looks at nothing."""
+    from trainer.images import check_image
+
+    jpeg = coco_mini_shards.records[0]["jpg"]
+    cases = {"good_jpeg": jpeg, "good_png": _encoded(Image.new("RGB", (40, 30)), "PNG"),
+             "truncated": jpeg[: len(jpeg) // 2], "not_an_image": b"<html>not an image</html>",
+             "gif": _encoded(Image.new("RGB", (8, 8)), "GIF"),
+             "bomb": _encoded(Image.new("1", (12000, 12000)), "PNG")}
+    found = set()
+    for name, data in cases.items():
+        try:
+            check_image(data, level)
+        except ImageRejected:
+            found.add(name)
+    assert found == rejected
+
+
 @pytest.fixture(scope="module")
 def zero_shot(tiny_clip):
     from pipeline.annotators.image import ZeroShotConfig, ZeroShotImageAnnotator

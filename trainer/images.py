@@ -15,6 +15,17 @@ ALLOWED_IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")
 DEFAULT_MAX_IMAGE_PIXELS = 64 * 1024 * 1024
 
 
+# How much of an image the annotate job checks (--validate-images), cheapest last:
+#   full:   decode every pixel (truncated or corrupt data is caught);
+#   draft:  JPEGs decoded at reduced scale by libjpeg's DCT scaling (most corruption caught, several
+#           times cheaper); other formats fully;
+#   header: only the header is parsed: non-images, formats outside the allow-list and bombs by their
+#           declared size are still rejected, broken pixel data is not;
+#   none:   the bytes are not looked at.
+VALIDATION_LEVELS = ("full", "draft", "header", "none")
+DRAFT_SIZE = (64, 64)
+
+
 class ImageRejected(ValueError):
     """The bytes are not an image we accept; `reason` is a quarantine reason."""
 
@@ -23,8 +34,26 @@ class ImageRejected(ValueError):
         self.reason = reason
 
 
-def decode_image(data, max_pixels=DEFAULT_MAX_IMAGE_PIXELS, mode="RGB"):
-    """Fully decodes image bytes into a PIL image in `mode`, checking the size before decoding."""
+def check_image(data, level="full", max_pixels=DEFAULT_MAX_IMAGE_PIXELS) -> None:
+    """Raise ImageRejected unless `data` passes the check of `level` (see VALIDATION_LEVELS)."""
+    if level == "none":
+        return
+    if level == "full":
+        decode_image(data, max_pixels)
+        return
+    image = open_image(data, max_pixels)
+    if level == "header":
+        return
+    try:
+        if image.format == "JPEG":
+            image.draft("RGB", DRAFT_SIZE)
+        image.load()
+    except Exception as error:
+        raise ImageRejected("undecodable_image", f"{image.format} data is broken: {error}") from None
+
+
+def open_image(data, max_pixels=DEFAULT_MAX_IMAGE_PIXELS):
+    """Parse the header only: an allowed format whose declared size is within `max_pixels`."""
     try:
         with warnings.catch_warnings():  # the size is checked below with our own limit
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -37,6 +66,12 @@ def decode_image(data, max_pixels=DEFAULT_MAX_IMAGE_PIXELS, mode="RGB"):
     if width * height > max_pixels:
         raise ImageRejected("image_too_large",
                             f"{width}x{height} = {width * height} pixels, limit {max_pixels}")
+    return image
+
+
+def decode_image(data, max_pixels=DEFAULT_MAX_IMAGE_PIXELS, mode="RGB"):
+    """Fully decodes image bytes into a PIL image in `mode`, checking the size before decoding."""
+    image = open_image(data, max_pixels)
     try:
         image.load()  # truncated or corrupt data fails here
         return image.convert(mode) if image.mode != mode else image

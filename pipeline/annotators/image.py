@@ -1,6 +1,9 @@
 """Image zero-shot annotator: an open_clip model scores attribute and concept prompts per image.
 
-Batched; the model comes from an architecture name plus a local (or FileSystems) checkpoint.
+Batched; the model comes from an architecture name plus a local (or FileSystems) checkpoint. For
+a pool with precomputed image embeddings (DataComp's `l14_img`), `balancebeam embed-prompts`
+stores the prompts' embeddings once (prompts.npz) and workers score rows with a matrix product,
+no model loaded (ZeroShotConfig.prompt_embeddings).
 """
 import dataclasses
 import io
@@ -45,6 +48,7 @@ class ZeroShotConfig:
     batch_size: int = DEFAULT_BATCH_SIZE
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     torch_threads: int = 0       # 0: torch's default
+    prompt_embeddings: str = None  # prompts.npz from `balancebeam embed-prompts`: score embeddings, no model
 
 
 def _read_bytes(path):
@@ -119,6 +123,8 @@ class ZeroShotImageAnnotator:
         return self._loaded()["no_person"].shape[1]
 
     def _loaded(self):
+        if self._state is None and self.config.prompt_embeddings:
+            self._state = load_prompt_embeddings(self.config.prompt_embeddings, self.groups, self.concepts)
         if self._state is None:
             import torch
 
@@ -148,18 +154,37 @@ class ZeroShotImageAnnotator:
                 chunks.append(model.encode_text(tokens, normalize=True).float().numpy())
         return np.concatenate(chunks)
 
+    def prompt_arrays(self) -> dict:
+        """The prompts' embeddings and names as plain arrays: what prompts.npz holds."""
+        state = self._loaded()
+        arrays = {"logit_scale": np.float32(state["logit_scale"]), "no_person": state["no_person"],
+                  "group_names": np.array(list(self.groups), dtype=str),
+                  "concept_names": np.array(self.concepts, dtype=str),
+                  "concepts": state["concepts"] if state["concepts"] is not None else np.zeros((0, self.embed_dim))}
+        for index, (group, values) in enumerate(self.groups.items()):
+            arrays[f"group_{index}"] = state["groups"][group]
+            arrays[f"group_{index}_values"] = np.array(values, dtype=str)
+        return arrays
+
     def embed_images(self, images_bytes):
         """Normalised image embeddings (batch, dim) of encoded images, in one forward pass."""
         import torch
 
         state = self._loaded()
+        if "model" not in state:
+            raise ValueError("this annotator scores precomputed embeddings only (--prompt-embeddings); the "
+                             "sample has an image but no embedding: pass --embeddings-field, or --image-model")
         pixels = torch.stack([state["preprocess"](decode_image(data, self.config.max_image_pixels))
                               for data in images_bytes])
         with torch.no_grad():
             return state["model"].encode_image(pixels, normalize=True).float().numpy()
 
-    def annotate_embeddings(self, embeddings):
-        """[(attributes, concepts, scores)] per row of `embeddings` (batch, dim)."""
+    def annotate_embeddings(self, embeddings, person_visible=None):
+        """[(attributes, concepts, scores)] per row of `embeddings` (batch, dim).
+
+        person_visible: per row True / False / None; where given (e.g. from DataComp's face_bboxes), it
+        decides whether anybody is shown instead of the prompts' margin rule.
+        """
         state = self._loaded()
         embeddings = np.asarray(embeddings, dtype=np.float32)
         if embeddings.ndim != 2 or embeddings.shape[1] != state["no_person"].shape[1]:
@@ -175,8 +200,11 @@ class ZeroShotImageAnnotator:
             probability = _softmax(logits)
             for row, (attributes, _, scores) in enumerate(results):
                 best = int(similarity[row].argmax())
-                if similarity[row, best] - no_person[row] < self.config.person_margin:
-                    continue  # the margin rule: nobody is shown
+                visible = None if person_visible is None else person_visible[row]
+                if visible is None:
+                    visible = similarity[row, best] - no_person[row] >= self.config.person_margin  # margin rule
+                if not visible:
+                    continue  # nobody is shown
                 for index, value in enumerate(values):
                     if similarity[row, best] - similarity[row, index] <= self.config.overlap_margin:
                         label = f"{group}:{value}"
@@ -192,6 +220,22 @@ class ZeroShotImageAnnotator:
 
     def annotate_images(self, images_bytes):
         return self.annotate_embeddings(self.embed_images(images_bytes))
+
+
+def load_prompt_embeddings(path: str, groups: dict, concepts: tuple) -> dict:
+    """prompts.npz -> the annotator's scoring state; its groups, values and concepts must be the lexicon's."""
+    with np.load(io.BytesIO(_read_bytes(path)), allow_pickle=False) as stored:
+        arrays = {name: stored[name] for name in stored.files}
+    found_groups = {str(name): tuple(str(v) for v in arrays[f"group_{i}_values"])
+                    for i, name in enumerate(arrays["group_names"])}
+    found_concepts = tuple(str(c) for c in arrays["concept_names"])
+    if found_groups != dict(groups) or found_concepts != tuple(concepts):
+        raise ValueError(f"{path} was made for other labels ({len(found_groups)} groups, {len(found_concepts)} "
+                         f"concepts) than this lexicon's ({len(groups)} groups, {len(concepts)} concepts): run "
+                         "`balancebeam embed-prompts` again with the same --lexicon")
+    return {"logit_scale": float(arrays["logit_scale"]), "no_person": arrays["no_person"].astype(np.float32),
+            "groups": {group: arrays[f"group_{i}"].astype(np.float32) for i, group in enumerate(found_groups)},
+            "concepts": arrays["concepts"].astype(np.float32) if len(found_concepts) else None}
 
 
 def _softmax(logits):
