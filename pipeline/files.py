@@ -19,9 +19,14 @@ def read_text(path: str) -> str:
 
 def write_text_atomically(path: str, text: str) -> None:
     """Write under a temporary name, then rename: a reader never sees half a file."""
+    write_bytes_atomically(path, text.encode("utf-8"))
+
+
+def write_bytes_atomically(path: str, data: bytes) -> None:
+    """Write under a temporary name, then rename: a reader never sees half a file."""
     temporary = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     with FileSystems.create(temporary) as handle:
-        handle.write(text.encode("utf-8"))
+        handle.write(data)
     if FileSystems.exists(path):
         FileSystems.delete([path])
     FileSystems.rename([temporary], [path])

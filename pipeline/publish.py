@@ -23,6 +23,9 @@ KEPT_SIGNATURES_FILE = "kept-signatures.jsonl"
 # What a published release holds besides its shards; removed before a new release is written into
 # the same folder, so a crash can never leave an old manifest, card or report beside new shards.
 REPORT_FILES = ("stats.json", "report.html", "README.md")
+# A subset release's files (pipeline/subset.py; keep.parquet is a folder of part files), which an
+# earlier release may have left.
+SUBSET_FILES = ("subset.npy", "keep.parquet")
 
 
 def reconcile(counts: dict, shards: list[dict], annotation_rows_written: int, quarantine_lines: int,
@@ -72,20 +75,65 @@ def reconcile(counts: dict, shards: list[dict], annotation_rows_written: int, qu
     short = [s["name"] for s in shards if s["samples"] != samples_per_shard and s["index"] != len(shards) - 1]
     if short:
         failed.append(f"shards other than the last are not full: {short[:5]}")
-    if exact_counts and not n["missing_from_input"]:
-        kept = counts.get("kept_signatures", {})
-        off = [(signature, kept.get(signature, 0), entry[1]) for signature, entry in sorted(exact_counts.items())
-               if entry[2] and kept.get(signature, 0) != entry[1]]
-        numbers["signatures_off_their_exact_count"] = len(off)
-        if off:
-            failed.append(f"{len(off)} signatures kept other than their exact count (signature, kept, asked): "
-                          f"{off[:3]}")
+    if not n["missing_from_input"]:
+        failed += _exact_counts_off(counts, numbers, exact_counts)
+    _raise_if_failed(failed, numbers, "the shards written are not a release")
+    return numbers
+
+
+def reconcile_subset(counts: dict, written: dict, annotation_rows_written: int,
+                     exact_counts: dict | None = None) -> dict:
+    """A subset release's accounting: every annotation row decided once, one keep.parquet row each,
+    one subset.npy entry per kept uid."""
+    numbers = {
+        "annotation_rows_written": annotation_rows_written,
+        "decisions_read": counts.get("decisions_read", 0),
+        "decisions_decided": counts.get("decided", 0),
+        "kept": counts.get("kept", 0),
+        "dropped": counts.get("dropped", 0),
+        "kept_not_uid": counts.get("kept_not_uid", 0),
+        "output_samples": counts.get("output_samples", 0),
+        "kept_signature_copies": sum(counts.get("kept_signatures", {}).values()),
+        "keep_rows_written": written.get("keep_rows_written", 0),
+        "subset_rows_written": written.get("subset_rows_written", 0),
+    }
+    # The input is not read: the records are the annotated ones, and none is quarantined here.
+    numbers.update(samples_read=numbers["decisions_read"], decisions_joined=numbers["decisions_read"],
+                   missing_from_input=0, records_quarantined=0, read_quarantined=0, quarantined_total=0)
+    n = numbers
+    checks = [
+        ("annotation rows read = annotation rows annotate wrote", n["decisions_read"], n["annotation_rows_written"]),
+        ("annotation rows decided = annotation rows read", n["decisions_decided"], n["decisions_read"]),
+        ("kept + dropped = annotation rows read", n["kept"] + n["dropped"], n["decisions_read"]),
+        ("keep.parquet rows = annotation rows read", n["keep_rows_written"], n["decisions_read"]),
+        ("subset.npy rows = kept records with a uid", n["subset_rows_written"], n["kept"] - n["kept_not_uid"]),
+        ("kept copies by signature = output samples", n["kept_signature_copies"], n["output_samples"]),
+    ]
+    failed = [f"{name}: {left} != {right}" for name, left, right in checks if left != right]
+    failed += _exact_counts_off(counts, numbers, exact_counts)
+    _raise_if_failed(failed, numbers, "the files written are not a release")
+    return numbers
+
+
+def _exact_counts_off(counts: dict, numbers: dict, exact_counts: dict | None) -> list[str]:
+    """Exact mode: every constrained signature kept exactly the rows the integer program chose."""
+    if not exact_counts:
+        return []
+    kept = counts.get("kept_signatures", {})
+    off = [(signature, kept.get(signature, 0), entry[1]) for signature, entry in sorted(exact_counts.items())
+           if entry[2] and kept.get(signature, 0) != entry[1]]
+    numbers["signatures_off_their_exact_count"] = len(off)
+    if not off:
+        return []
+    return [f"{len(off)} signatures kept other than their exact count (signature, kept, asked): {off[:3]}"]
+
+
+def _raise_if_failed(failed: list[str], numbers: dict, what_was_written: str) -> None:
     if failed:
         raise ReconciliationError(
-            "resample did not account for every record, so no manifest was published (the shards "
-            "written are not a release; re-run the job): " + "; ".join(failed) + ". All counts: "
+            f"resample did not account for every record, so no manifest was published ({what_was_written}; "
+            "re-run the job): " + "; ".join(failed) + ". All counts: "
             + ", ".join(f"{name} {value}" for name, value in numbers.items()), numbers)
-    return numbers
 
 
 def prepare_release_dir(output_dir: str) -> None:
@@ -102,7 +150,7 @@ def prepare_release_dir(output_dir: str) -> None:
     if FileSystems.exists(manifest):
         log.info("unpublishing the release in %s before writing the new one", output_dir)
         FileSystems.delete([manifest])
-        for name in (SIZES_FILE, KEPT_SIGNATURES_FILE, *REPORT_FILES):
+        for name in (SIZES_FILE, KEPT_SIGNATURES_FILE, *REPORT_FILES, *SUBSET_FILES):
             if FileSystems.exists(FileSystems.join(output_dir, name)):
                 FileSystems.delete([FileSystems.join(output_dir, name)])
 

@@ -339,7 +339,7 @@ def render_html(stats: dict, manifest: dict) -> str:
 <h1>balancebeam release report</h1>
 <p>{html.escape(PERCEIVED)}</p>
 <p>Read {counts['samples_read']} records; kept {counts['kept']} ({counts['rate_kept']:.1%}), dropped {counts['dropped']};
-wrote {counts['output_samples']} samples in {len(manifest['shards'])} shards (mode {html.escape(str(stats['mode']))},
+wrote {html.escape(release_summary(manifest))} (mode {html.escape(str(stats['mode']))},
 seed {stats['seed']}). Quarantined: {html.escape(json.dumps(stats['quarantine']))}.</p>
 <p>Solver: {html.escape(stats['solution'].get('certificate') or stats['solution']['status'])}.</p>
 {dropped}
@@ -370,17 +370,43 @@ def _versions() -> dict:
     return versions
 
 
-def dataset_card(stats: dict, manifest: dict, solution: BalanceSolution) -> str:
-    head = headline(stats)
-    config = solution.statistics.get("config", {})
+def release_summary(manifest: dict) -> str:
+    """What the release holds, in one phrase (a WebDataset release or a subset release)."""
+    if manifest.get("format") == "subset":
+        files = manifest["files"]
+        return (f"subset.npy ({files['subset.npy']['rows']} uids) and keep.parquet ({files['keep.parquet']['rows']} "
+                f"rows in {len(files['keep.parquet']['parts'])} part files), {manifest['total_bytes']} bytes; no image "
+                "was read or copied")
+    shards = manifest["shards"]
+    return f"{manifest['counts']['output_samples']} samples in {len(shards)} WebDataset shards, {manifest['total_bytes']} bytes"
+
+
+def _reading_it(manifest: dict) -> list[str]:
+    if manifest.get("format") == "subset":
+        return ["subset.npy is DataComp's subset file (sorted uids as two uint64 each); hand it to DataComp's "
+                "resharder (`--subset-file subset.npy`). keep.parquet, a folder of Parquet part files read as one "
+                "table, has one row per annotated record: key, q (keep probability), copies (0 = dropped), weight.",
+                "", "```python", "import numpy as np",
+                "import pyarrow.parquet as pq", "uids = np.load(\"subset.npy\", mmap_mode=\"r\")",
+                "keep = pq.read_table(\"keep.parquet\").to_pandas()", "```", "",
+                "Integrity: manifest.json lists subset.npy and every keep.parquet part with its size and sha256.", ""]
     shards = manifest["shards"]
     pattern = (f"{manifest['prefix']}-{{{shards[0]['name'][-9:-4]}..{shards[-1]['name'][-9:-4]}}}.tar"
                if shards else "(no shards)")
+    return ["```python", "import webdataset as wds", f"dataset = wds.WebDataset(\"{pattern}\").decode(\"pil\")",
+            "```", "", "sizes.json beside the shards gives each shard's sample count (open_clip reads it).", "",
+            "Integrity: manifest.json lists every shard with its size and sha256.", ""]
+
+
+def dataset_card(stats: dict, manifest: dict, solution: BalanceSolution) -> str:
+    head = headline(stats)
+    config = solution.statistics.get("config", {})
+    members = ("" if manifest.get("format") == "subset" else
+               " Every sample keeps all its members byte for byte; its json gains `balance: {q, weight}` (q: keep "
+               "probability; weight: training weight, q/eta in weights mode, else 1).")
     lines = [
         "# Balanced image-text release (balancebeam)", "",
-        f"{len(shards)} WebDataset shards, {stats['rows']['output_samples']} samples, "
-        f"{manifest['total_bytes']} bytes. Every sample keeps all its members byte for byte; its json gains "
-        "`balance: {q, weight}` (q: keep probability; weight: training weight, q/eta in weights mode, else 1).", "",
+        f"{release_summary(manifest)}.{members}", "",
         "## What \"perceived\" means", "", PERCEIVED, "",
         "## How it was made", "",
         "1. annotate: perceived attributes and concepts of every caption (and image, if configured).",
@@ -416,9 +442,7 @@ def dataset_card(stats: dict, manifest: dict, solution: BalanceSolution) -> str:
               "| group | before | planned | released |", "|---|---|---|---|"]
     lines += [f"| {markdown_text(group)} | " + " | ".join(cells) + " |" for group, cells in coverage_rows(stats)]
     lines += [f"\n**Note:** {warning}." for warning in coverage_warnings(stats, name=markdown_text)]
-    lines += ["", "## Reading it", "", "```python", "import webdataset as wds",
-              f"dataset = wds.WebDataset(\"{pattern}\").decode(\"pil\")", "```", "",
-              "Integrity: manifest.json lists every shard with its size and sha256.", ""]
+    lines += ["", "## Reading it", "", *_reading_it(manifest)]
     return "\n".join(lines)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import posixpath
 import sys
 import uuid
 
@@ -19,10 +20,10 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline import hashing, release
-from pipeline.annotate import ANNOTATIONS_GLOB, annotation_rows, read_counts
+from pipeline.annotate import ANNOTATIONS_GLOB, annotation_rows, parquet_rows, read_counts
 from pipeline.counts import add_counts
 from pipeline.decide import COUNTS_TAG, Decide, ExactThresholds, RepeatCopies, bucket_offsets, route_to_ranges
-from pipeline.errors import DataError, UsageError
+from pipeline.errors import DataError, ReconciliationError, UsageError
 from pipeline.files import count_lines, delete_matching, read_text, write_text_atomically
 from pipeline.options import pipeline_options
 from pipeline import publish
@@ -32,6 +33,7 @@ from pipeline.shards import (BUCKET_SIZES_TAG, MISSING_FROM_INPUT, RANK_BUCKET_S
                              sort_and_rank)
 from pipeline.sources import FORMATS
 from pipeline.splits import PlanRanges
+from pipeline import subset as subset_release
 from solvers.solution import BalanceSolution
 
 log = logging.getLogger(__name__)
@@ -39,12 +41,13 @@ log = logging.getLogger(__name__)
 __all__ = ["KEPT_SIGNATURES_FILE", "MANIFEST_FILE", "SIZES_FILE", "resample", "run"]
 _ANNOTATION_COLUMNS = ["key", "shard", "position", "attributes", "concepts", "utility"]
 _WORK_DIR_PREFIX = ".resample-work-"
+FORMAT_WEBDATASET = "webdataset"
+FORMAT_SUBSET = "subset"
+OUTPUT_FORMATS = (FORMAT_WEBDATASET, FORMAT_SUBSET)
 
 
-def build_pipeline(pipeline, *, input_glob, annotations_dir, solution_text, output_dir, work_dir, seed, mode,
-                   samples_per_shard, prefix, buckets, input_format="auto", key_column="key",
-                   caption_column="caption", output_size=None, quarantine_prefix=None):
-    """The resample graph on `pipeline`; its results land in `work_dir` (counts.json, shards.json)."""
+def _decisions(pipeline, *, annotations_dir, solution_text, seed, mode, buckets, output_size):
+    """Annotation rows -> (decision batches by input file, the decision counts): shared by both formats."""
     solution = pipeline | "Solution" >> beam.Create([solution_text])
     tables = pipeline | "ReadAnnotations" >> beam.io.ReadFromParquetBatched(
         FileSystems.join(annotations_dir, ANNOTATIONS_GLOB), columns=_ANNOTATION_COLUMNS)
@@ -55,6 +58,22 @@ def build_pipeline(pipeline, *, input_glob, annotations_dir, solution_text, outp
     decisions = decided.decisions
     if mode == "repeat":
         decisions = decisions | "RepeatCopies" >> RepeatCopies(seed, output_size, buckets)
+    return decisions, decided[COUNTS_TAG]
+
+
+def _write_counts(counts, work_dir):
+    _ = (tuple(counts)
+         | "AllCounts" >> beam.Flatten()
+         | "AddCounts" >> beam.CombineGlobally(add_counts)
+         | "WriteCounts" >> beam.Map(_write_json_to, FileSystems.join(work_dir, "counts.json")))
+
+
+def build_pipeline(pipeline, *, input_glob, annotations_dir, solution_text, output_dir, work_dir, seed, mode,
+                   samples_per_shard, prefix, buckets, input_format="auto", key_column="key",
+                   caption_column="caption", output_size=None, quarantine_prefix=None):
+    """The resample graph on `pipeline`; its results land in `work_dir` (counts.json, shards.json)."""
+    decisions, decision_counts = _decisions(pipeline, annotations_dir=annotations_dir, solution_text=solution_text,
+                                            seed=seed, mode=mode, buckets=buckets, output_size=output_size)
     ranges = pipeline | "PlanRanges" >> PlanRanges(input_glob, input_format)
     range_starts = (ranges
                     | "RangeStart" >> beam.Map(lambda r: (r["path"], r["first_position"]))
@@ -77,12 +96,19 @@ def build_pipeline(pipeline, *, input_glob, annotations_dir, solution_text, outp
          | "WriteShard" >> beam.ParDo(WriteShard(output_dir, prefix))
          | "AllShards" >> beam.combiners.ToList()
          | "WriteShardList" >> beam.Map(_write_json_to, FileSystems.join(work_dir, "shards.json")))
-    _ = ((decided[COUNTS_TAG], per_file[COUNTS_TAG])
-         | "AllCounts" >> beam.Flatten()
-         | "AddCounts" >> beam.CombineGlobally(add_counts)
-         | "WriteCounts" >> beam.Map(_write_json_to, FileSystems.join(work_dir, "counts.json")))
+    _write_counts((decision_counts, per_file[COUNTS_TAG]), work_dir)
     if quarantine_prefix:
         _ = per_file[QUARANTINE_TAG] | "WriteQuarantine" >> WriteQuarantine(quarantine_prefix)
+
+
+def build_subset_pipeline(pipeline, *, annotations_dir, solution_text, output_dir, work_dir, seed, mode, buckets,
+                          subset_buckets, output_size=None):
+    """The subset graph: decisions from the annotations alone, no input read (pipeline/subset.py)."""
+    decisions, decision_counts = _decisions(pipeline, annotations_dir=annotations_dir, solution_text=solution_text,
+                                            seed=seed, mode=mode, buckets=buckets, output_size=output_size)
+    released = decisions | "SubsetRelease" >> subset_release.SubsetRelease(output_dir, work_dir, subset_buckets)
+    _ = released["written"] | "WriteFileCounts" >> beam.Map(_write_json_to, FileSystems.join(work_dir, "written.json"))
+    _write_counts((decision_counts, released["counts"]), work_dir)
 
 
 def _write_json_to(payload, path):
@@ -105,13 +131,22 @@ def check_release_options(mode: str, samples_per_shard: int, output_size, seed: 
 def resample(input_glob, annotations_dir, solution_path, output_dir, *, seed=release.DEFAULT_SEED,
              mode=release.DEFAULT_MODE, samples_per_shard=release.DEFAULT_SAMPLES_PER_SHARD,
              prefix=release.DEFAULT_PREFIX, input_format="auto", output_size=None, pipeline_args=(),
-             allow_approximate=False):
-    """Run the resample job, reconcile it, publish the release; return the manifest it wrote."""
+             allow_approximate=False, output_format=FORMAT_WEBDATASET):
+    """Run the resample job, reconcile it, publish the release; return the manifest it wrote.
+
+    output_format "webdataset" writes shards read from the input; "subset" writes subset.npy and
+    keep.parquet from the annotations alone (the input is not read; `input_glob` may be None).
+    """
     check_release_options(mode, samples_per_shard, output_size, seed)
+    if output_format not in OUTPUT_FORMATS:
+        raise UsageError(f"--output-format must be one of {', '.join(OUTPUT_FORMATS)}, got {output_format!r}")
     release.check_prefix(prefix)
-    globs = [input_glob] if isinstance(input_glob, str) else list(input_glob)
+    subset = output_format == FORMAT_SUBSET
+    globs = [] if input_glob is None else [input_glob] if isinstance(input_glob, str) else list(input_glob)
+    if not globs and not subset:
+        raise UsageError("--input is needed to write WebDataset shards (only --output-format subset reads none)")
     options = pipeline_options(pipeline_args, "balancebeam resample")
-    for pattern in globs:
+    for pattern in [] if subset else globs:
         if not FileSystems.match([pattern])[0].metadata_list:
             raise FileNotFoundError(f"no input files match {pattern!r}")
     solution_text = read_text(solution_path)
@@ -133,20 +168,63 @@ def resample(input_glob, annotations_dir, solution_path, output_dir, *, seed=rel
     delete_matching(quarantine_prefix + "-*.jsonl")  # an earlier run's, which this run's may not overwrite
     expected_copies = max(rows_written, output_size or 0)
     buckets = max(1, -(-expected_copies // RANK_BUCKET_SIZE))
+    results = ("counts.json", "written.json") if subset else ("counts.json", "shards.json")
     try:
         with beam.Pipeline(options=options) as pipeline:
-            build_pipeline(pipeline, input_glob=globs, annotations_dir=annotations_dir, solution_text=solution_text,
-                           output_dir=output_dir, work_dir=work_dir, seed=seed, mode=mode,
-                           samples_per_shard=samples_per_shard, prefix=prefix, buckets=buckets,
-                           output_size=output_size, quarantine_prefix=quarantine_prefix, **read_options)
-        counts = json.loads(read_text(FileSystems.join(work_dir, "counts.json")))
-        shards = json.loads(read_text(FileSystems.join(work_dir, "shards.json")))
+            if subset:
+                subset_release.prepare_keep_dir(output_dir)
+                build_subset_pipeline(pipeline, annotations_dir=annotations_dir, solution_text=solution_text,
+                                      output_dir=output_dir, work_dir=work_dir, seed=seed, mode=mode,
+                                      buckets=buckets, subset_buckets=subset_release.bucket_count(rows_written),
+                                      output_size=output_size)
+            else:
+                build_pipeline(pipeline, input_glob=globs, annotations_dir=annotations_dir,
+                               solution_text=solution_text, output_dir=output_dir, work_dir=work_dir, seed=seed,
+                               mode=mode, samples_per_shard=samples_per_shard, prefix=prefix, buckets=buckets,
+                               output_size=output_size, quarantine_prefix=quarantine_prefix, **read_options)
+        counts, written = (json.loads(read_text(FileSystems.join(work_dir, name))) for name in results)
+        if subset:  # subset.npy from the buckets' uid files, before the work folder goes
+            written = {"buckets": written,
+                       "subset": subset_release.assemble_subset(written, work_dir, output_dir)}
     finally:
         delete_matching(FileSystems.join(work_dir, "*"))
         if FileSystems.exists(work_dir):
             FileSystems.delete([work_dir])
+    exact_counts = solution.exact_counts if mode == "exact" else None
+    details = {"prefix": prefix, "samples_per_shard": samples_per_shard, "mode": mode, "seed": seed,
+               "output_size": output_size, "input": input_glob, "solution_digest": release.solution_digest(solution),
+               "solution_status": solution.status, "certificate": solution.certificate()}
+    if subset:
+        manifest = _publish_subset(counts, written, rows_written, exact_counts, output_dir, prefix, details)
+    else:
+        manifest = _publish_shards(counts, written, rows_written, exact_counts, output_dir, prefix, details,
+                                   quarantine_prefix, samples_per_shard, annotations_dir)
+    publish.write_kept_signatures(counts.get("kept_signatures", {}), output_dir)
+    write_text_atomically(FileSystems.join(output_dir, MANIFEST_FILE), json.dumps(manifest, indent=1) + "\n")
+    c = manifest["counts"]
+    if subset:
+        files, subset_file, keep_dir = manifest["files"], subset_release.SUBSET_FILE, subset_release.KEEP_DIR
+        log.info("decided %d annotated records: kept %d, dropped %d; wrote %s (%d uids) and %s (%d rows) to %s, "
+                 "no image read (every record accounted for)", c["samples_read"], c["kept"], c["dropped"],
+                 subset_file, files[subset_file]["rows"], keep_dir, files[keep_dir]["rows"], output_dir)
+        if c["kept_not_uid"]:
+            log.warning("%d kept records have a key that is not a 128-bit hex uid, so %s cannot list them; "
+                        "%s does", c["kept_not_uid"], subset_file, keep_dir)
+        return manifest
+    log.info("read %d records: kept %d, dropped %d, quarantined %d; wrote %d samples in %d shards to %s "
+             "(every record accounted for)", c["samples_read"], c["kept"], c["dropped"], c["records_quarantined"],
+             c["output_samples"], len(manifest["shards"]), output_dir)
+    if c["missing_from_input"]:
+        log.warning("%d annotated records were not in the input read now (quarantined as %s)",
+                    c["missing_from_input"], MISSING_FROM_INPUT)
+    return manifest
+
+
+def _publish_shards(counts, shards, rows_written, exact_counts, output_dir, prefix, details, quarantine_prefix,
+                    samples_per_shard, annotations_dir) -> dict:
+    """Reconcile a WebDataset release, remove an earlier run's shards, write sizes.json; the manifest."""
     numbers = reconcile(counts, shards, rows_written, count_lines(quarantine_prefix + "-*.jsonl"),
-                        samples_per_shard, solution.exact_counts if mode == "exact" else None)
+                        samples_per_shard, exact_counts)
     if not numbers["decisions_joined"] and numbers["samples_read"] and numbers["decisions_read"]:
         raise DataError(
             f"none of the {numbers['samples_read']} records read has an annotation row among the "
@@ -158,22 +236,35 @@ def resample(input_glob, annotations_dir, solution_path, output_dir, *, seed=rel
     stale = delete_matching(FileSystems.join(output_dir, f"{prefix}-*"), keep=listed)
     if stale:
         log.info("removed %d files of an earlier run that this release does not list", len(stale))
-    manifest = publish.manifest(counts, numbers, shard_entries, {
-        "format": "webdataset", "prefix": prefix, "samples_per_shard": samples_per_shard, "mode": mode,
-        "seed": seed, "output_size": output_size, "input": input_glob,
-        "solution_digest": release.solution_digest(solution), "solution_status": solution.status,
-        "certificate": solution.certificate()})
     write_text_atomically(FileSystems.join(output_dir, SIZES_FILE),
                           json.dumps({s["name"]: s["samples"] for s in shard_entries}, indent=1) + "\n")
-    publish.write_kept_signatures(counts.get("kept_signatures", {}), output_dir)
-    write_text_atomically(FileSystems.join(output_dir, MANIFEST_FILE), json.dumps(manifest, indent=1) + "\n")
-    c = manifest["counts"]
-    log.info("read %d records: kept %d, dropped %d, quarantined %d; wrote %d samples in %d shards to %s "
-             "(every record accounted for)", c["samples_read"], c["kept"], c["dropped"], c["records_quarantined"],
-             c["output_samples"], len(manifest["shards"]), output_dir)
-    if c["missing_from_input"]:
-        log.warning("%d annotated records were not in the input read now (quarantined as %s)",
-                    c["missing_from_input"], MISSING_FROM_INPUT)
+    return publish.manifest(counts, numbers, shard_entries, {"format": FORMAT_WEBDATASET, **details})
+
+
+def _publish_subset(counts, written, rows_written, exact_counts, output_dir, prefix, details) -> dict:
+    """Reconcile a subset release with the files on disk, remove an earlier release's shards; the manifest."""
+    parts = sorted(written["buckets"], key=lambda entry: entry["part"])
+    on_disk = {posixpath.basename(m.path): m.path for m in FileSystems.match(
+        [FileSystems.join(output_dir, subset_release.KEEP_DIR, "*.parquet")])[0].metadata_list}
+    if sorted(on_disk) != [entry["part"] for entry in parts]:
+        raise ReconciliationError(f"keep.parquet holds {sorted(on_disk)[:5]}..., the job wrote "
+                                  f"{[entry['part'] for entry in parts][:5]}...: no manifest was published; "
+                                  "re-run the job", {})
+    footer_rows = sum(parquet_rows(path) for path in on_disk.values())
+    numbers = publish.reconcile_subset(counts, {"keep_rows_written": footer_rows,
+                                                "subset_rows_written": written["subset"]["rows"]},
+                                       rows_written, exact_counts)
+    stale = delete_matching(FileSystems.join(output_dir, f"{prefix}-*"))
+    if stale:
+        log.info("removed %d shard files of an earlier release (a subset release has none)", len(stale))
+    files = {subset_release.SUBSET_FILE: written["subset"],
+             subset_release.KEEP_DIR: {"rows": footer_rows, "bytes": sum(entry["bytes"] for entry in parts),
+                                       "parts": [{name: entry[name] for name in ("part", "rows", "bytes", "sha256")}
+                                                 for entry in parts]}}
+    manifest = publish.manifest(counts, numbers, [], {"format": FORMAT_SUBSET, **details})
+    manifest["counts"]["kept_not_uid"] = numbers["kept_not_uid"]
+    manifest["files"] = files
+    manifest["total_bytes"] = sum(entry["bytes"] for entry in files.values())
     return manifest
 
 
@@ -211,12 +302,16 @@ def add_release_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-size", type=int, help="repeat mode: samples in the release (default: as read)")
     parser.add_argument("--allow-approximate", action="store_true",
                         help="release a solution whose status is not optimal (refused otherwise)")
+    parser.add_argument("--output-format", choices=OUTPUT_FORMATS, default=FORMAT_WEBDATASET,
+                        help="webdataset (default): shards with every kept sample's members; subset: DataComp's "
+                             "subset.npy and keep.parquet (key, q, copies, weight), no image read or copied")
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="balancebeam resample", description=__doc__.splitlines()[0])
-    parser.add_argument("--input", required=True, action="append",
-                        help="the input the annotations were made from (glob; repeatable)")
+    parser.add_argument("--input", action="append",
+                        help="the input the annotations were made from (glob; repeatable); not read, and not "
+                             "needed, with --output-format subset")
     parser.add_argument("--input-format", choices=FORMATS, default="auto")
     parser.add_argument("--annotations", required=True, help="directory with annotations-*.parquet")
     parser.add_argument("--solution", required=True, help="solution.json from `balancebeam balance`")
@@ -229,7 +324,8 @@ def run(argv=None) -> int:
     args, pipeline_args = parse_args(argv)
     resample(args.input, args.annotations, args.solution, args.output, seed=args.seed, mode=args.mode,
              samples_per_shard=args.samples_per_shard, prefix=args.prefix, input_format=args.input_format,
-             output_size=args.output_size, pipeline_args=pipeline_args, allow_approximate=args.allow_approximate)
+             output_size=args.output_size, pipeline_args=pipeline_args, allow_approximate=args.allow_approximate,
+             output_format=args.output_format)
     return 0
 
 

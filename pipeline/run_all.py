@@ -83,7 +83,7 @@ def run_all(inputs, output, args, annotate_args=(), beam_args=()) -> dict:
     resample.resample(inputs, paths["annotations"], paths["solution"], paths["release"], seed=args.seed,
                       mode=args.mode, samples_per_shard=args.samples_per_shard, prefix=args.prefix,
                       input_format=args.input_format, output_size=args.output_size, pipeline_args=beam_args,
-                      allow_approximate=args.allow_approximate)
+                      allow_approximate=args.allow_approximate, output_format=args.output_format)
     log.info("4/4 report")
     return report.report(paths["solution"], paths["signatures"], paths["release"], paths["annotations"])
 
