@@ -203,16 +203,18 @@ def release_members(sample: dict, balance: dict) -> list[tuple[str, bytes]]:
 
 
 def tar_member_offsets(raw_file) -> dict[str, list[tuple[int, int]]]:
-    """Member name -> [(data offset, size)] of a seekable tar's plain regular members, from headers only.
+    """Member name -> [(data offset, size)] of a seekable tar's regular members, from headers only.
 
     Reads one 512-byte header per member and seeks over the data (tarfile's own parser costs about
-    ten times more per header). Only the common case is indexed: ustar/GNU headers of regular
-    files; a member named by a pax or GNU long-name record is left out, and anything unexpected
-    ends the scan. Left-out members travel inline, so the index only has to be right where it
-    speaks, and locate_members checks it against the size the reader saw.
+    ten times more per header). ustar/GNU headers of regular files are indexed, and so are members
+    after a pax extended header (POSIX.1-2001: `path` and `size` records override the header's;
+    webdataset's TarWriter, and so img2dataset, writes one before every member); a member named by
+    a GNU long-name record is left out, and anything unexpected ends the scan. Left-out members
+    travel inline, so the index only has to be right where it speaks, and locate_members checks it
+    against the size the reader saw.
     """
     offsets: dict[str, list[tuple[int, int]]] = {}
-    offset, trust_next_name = 0, True
+    offset, trust_next_name, pax = 0, True, {}
     while True:
         raw_file.seek(offset)
         header = raw_file.read(_TAR_BLOCK)
@@ -234,16 +236,54 @@ def tar_member_offsets(raw_file) -> dict[str, list[tuple[int, int]]]:
         member_type = header[156:157]
         if member_type == b"g":  # a global pax header may rename every member after it
             break
+        if member_type == b"x":  # a pax header: its records describe the next member
+            pax = _pax_records(raw_file.read(size)) if size <= _MAX_PAX_BYTES else None
+            if pax is None:
+                break
+            offset += _TAR_BLOCK + -(-size // _TAR_BLOCK) * _TAR_BLOCK
+            continue
+        if "size" in pax:
+            size = pax["size"]
         if member_type in (b"0", b"\0") and trust_next_name:
             name = header[:100].split(b"\0", 1)[0]
             prefix = header[345:500].split(b"\0", 1)[0] if header[257:265] == tarfile.POSIX_MAGIC else b""
             if prefix:
                 name = prefix + b"/" + name
-            if not name.endswith(b"/"):
-                offsets.setdefault(name.decode("utf-8", "surrogateescape"), []).append((offset + _TAR_BLOCK, size))
-        trust_next_name = member_type not in (b"x", b"L", b"K")  # these rename or extend the next member
+            name = pax.get("path", name.decode("utf-8", "surrogateescape"))
+            if not name.endswith("/"):
+                offsets.setdefault(name, []).append((offset + _TAR_BLOCK, size))
+        trust_next_name = member_type not in (b"L", b"K")  # these rename or extend the next member
+        pax = {}
         offset += _TAR_BLOCK + -(-size // _TAR_BLOCK) * _TAR_BLOCK
     return offsets
+
+
+_MAX_PAX_BYTES = 1 << 20
+
+
+def _pax_records(data: bytes):
+    """{"path": str, "size": int} from a pax extended header's "LENGTH key=value\\n" records (other
+    keys ignored), or None when the records do not parse (the scan then stops: nothing is guessed)."""
+    records, position = {}, 0
+    while position < len(data):
+        if data[position:].strip(b"\0") == b"":
+            break
+        space = data.find(b" ", position)
+        if space < 0 or not data[position:space].isdigit():
+            return None
+        length = int(data[position:space])
+        record = data[space + 1:position + length]
+        if length <= 0 or not record.endswith(b"\n") or b"=" not in record:
+            return None
+        key, value = record[:-1].split(b"=", 1)
+        if key == b"path":
+            records["path"] = value.decode("utf-8", "surrogateescape")
+        elif key == b"size":
+            if not value.isdigit():
+                return None
+            records["size"] = int(value)
+        position += length
+    return records
 
 
 def locate_members(key: str, members: dict, offsets) -> list[tuple[str, object]]:

@@ -29,8 +29,7 @@ from pipeline.options import pipeline_options
 from pipeline import publish
 from pipeline.publish import KEPT_SIGNATURES_FILE, MANIFEST_FILE, SIZES_FILE, prepare_release_dir, reconcile
 from pipeline.quarantine import QUARANTINE_TAG, WriteQuarantine
-from pipeline.shards import (BUCKET_SIZES_TAG, MISSING_FROM_INPUT, RANK_BUCKET_SIZE, ResampleRange, WriteShard,
-                             sort_and_rank)
+from pipeline.shards import BUCKET_SIZES_TAG, MISSING_FROM_INPUT, ResampleRange, WriteShard, rank_buckets, sort_and_rank
 from pipeline.sources import FORMATS
 from pipeline.splits import PlanRanges
 from pipeline import subset as subset_release
@@ -146,9 +145,12 @@ def resample(input_glob, annotations_dir, solution_path, output_dir, *, seed=rel
     if not globs and not subset:
         raise UsageError("--input is needed to write WebDataset shards (only --output-format subset reads none)")
     options = pipeline_options(pipeline_args, "balancebeam resample")
+    input_bytes = 0
     for pattern in [] if subset else globs:
-        if not FileSystems.match([pattern])[0].metadata_list:
+        matched = FileSystems.match([pattern])[0].metadata_list
+        if not matched:
             raise FileNotFoundError(f"no input files match {pattern!r}")
+        input_bytes += sum(m.size_in_bytes for m in matched)
     solution_text = read_text(solution_path)
     solution = BalanceSolution.from_json(solution_text)  # fail here, not on a worker, if it is unreadable
     release.KeepRule(solution, seed, mode)  # and if it cannot be applied in this mode
@@ -167,7 +169,7 @@ def resample(input_glob, annotations_dir, solution_path, output_dir, *, seed=rel
     quarantine_prefix = FileSystems.join(output_dir, "quarantine", "resample")
     delete_matching(quarantine_prefix + "-*.jsonl")  # an earlier run's, which this run's may not overwrite
     expected_copies = max(rows_written, output_size or 0)
-    buckets = max(1, -(-expected_copies // RANK_BUCKET_SIZE))
+    buckets = rank_buckets(expected_copies, input_bytes * expected_copies // max(rows_written, 1))
     results = ("counts.json", "written.json") if subset else ("counts.json", "shards.json")
     try:
         with beam.Pipeline(options=options) as pipeline:

@@ -30,10 +30,24 @@ NOT_ANNOTATED = "not_annotated"  # read now, but annotate wrote no row for it (q
 INPUT_CHANGED = "input_changed"  # the record at this place has another key than when it was annotated
 MISSING_FROM_INPUT = "missing_from_input"  # an annotation row whose record is not in the input read now
 # Kept copies per ranking bucket (sorted in one worker's memory) and per element a range sends to
-# one bucket (bounds a worker's memory while it reads a large file).
+# one bucket (bounds a worker's memory while it reads a large file). Members that travel inline
+# (a compressed tar's, or any the header index cannot vouch for) bound both by bytes as well: a
+# bucket is one element after its GroupByKey, and Beam's gRPC data plane refuses one over 2 GiB.
 RANK_BUCKET_SIZE = 100_000
+RANK_BUCKET_BYTES = 256 * 1024 * 1024
 ITEMS_PER_ELEMENT = 20_000
+ELEMENT_BYTES = 64 * 1024 * 1024
 BUCKET_SIZES_TAG = "bucket_sizes"
+
+
+def rank_buckets(copies: int, input_bytes: int) -> int:
+    """Ranking buckets for `copies` kept copies read from `input_bytes` of input: at most
+    RANK_BUCKET_SIZE copies, and at most RANK_BUCKET_BYTES even if every byte travelled inline."""
+    return max(1, -(-copies // RANK_BUCKET_SIZE), -(-input_bytes // RANK_BUCKET_BYTES))
+
+
+def _inline_bytes(members) -> int:
+    return sum(len(data) for _, data in members if not isinstance(data, tuple))
 
 
 def tar_offsets(path):
@@ -77,6 +91,7 @@ class ResampleRange(beam.DoFn):
                             "re-run annotate into an empty folder")
         matched = bytearray(len(decisions["keys"]))
         buckets: dict[int, list] = collections.defaultdict(list)
+        bucket_bytes: collections.Counter = collections.Counter()
         tar_index = None
         if read_now:
             for output in iter_range_records(read_now[0], self.key_column, self.caption_column):
@@ -123,10 +138,11 @@ class ResampleRange(beam.DoFn):
                     bucket = min(int(order * self.buckets), self.buckets - 1)
                     items = buckets[bucket]
                     items.append((order, release.copy_key(sample["key"], copy), source, members))
-                    if len(items) >= ITEMS_PER_ELEMENT:
+                    bucket_bytes[bucket] += _inline_bytes(members)
+                    if len(items) >= ITEMS_PER_ELEMENT or bucket_bytes[bucket] >= ELEMENT_BYTES:
                         yield bucket, items
                         yield beam.pvalue.TaggedOutput(BUCKET_SIZES_TAG, (bucket, len(items)))
-                        buckets[bucket] = []
+                        buckets[bucket], bucket_bytes[bucket] = [], 0
         for bucket, items in sorted(buckets.items()):
             if items:
                 yield bucket, items

@@ -4,6 +4,7 @@ Pure functions are tested directly; the Beam job runs on real coco_mini shards w
 workers (multi-process DirectRunner) and on the portable runner against a local job service.
 """
 import hashlib
+import io
 import json
 import socket
 import subprocess
@@ -157,7 +158,8 @@ def test_member_offsets_agree_with_tarfile_and_leave_out_what_they_cannot_be_sur
         offsets = release.tar_member_offsets(raw)
     with tarfile.open(path) as archive:
         truth = {m.name: (m.offset_data, m.size) for m in archive.getmembers()}
-    assert set(offsets) == {f"k{i}.{e}" for i in range(6) for e in ("jpg", "txt")}  # the pax-named one left out
+    # the long name, written with a pax record, is found by that record
+    assert set(offsets) == {f"k{i}.{e}" for i in range(6) for e in ("jpg", "txt")} | {"p" * 120 + ".jpg"}
     assert all(offsets[name] == [truth[name]] for name in offsets)
     with open(path, "rb") as raw:
         data = raw.read()
@@ -172,6 +174,32 @@ def test_member_offsets_agree_with_tarfile_and_leave_out_what_they_cannot_be_sur
     big = b"j" * (release.INLINE_MEMBER_BYTES + 1)
     assert release.locate_members("k", {"jpg": big}, {"k.jpg": [(512, len(big)), (9000, len(big))]}) == [("jpg", big)]
     assert release.locate_members("k", {"jpg": big}, {"k.jpg": [(512, len(big) + 1)]}) == [("jpg", big)]
+
+
+def test_member_offsets_of_webdataset_and_gnu_tars(tmp_path):
+    """webdataset's TarWriter (and so img2dataset) puts a pax header before every member: all of them
+    are indexed, as tarfile sees them; a GNU long name ('L' record) is still left out."""
+    import tarfile
+
+    import webdataset
+
+    path = tmp_path / "wds.tar"
+    with webdataset.TarWriter(str(path)) as writer:
+        for i in range(5):
+            writer.write({"__key__": f"s{i}", "jpg": bytes([i]) * (5000 + i), "txt": f"caption {i}".encode()})
+    with tarfile.open(path) as archive:
+        truth = {m.name: (m.offset_data, m.size) for m in archive.getmembers()}
+        assert archive.pax_headers == {} and any(m.pax_headers for m in archive.getmembers())
+    with open(path, "rb") as raw:
+        assert release.tar_member_offsets(raw) == {name: [where] for name, where in truth.items()}
+    gnu = tmp_path / "gnu.tar"
+    with tarfile.open(gnu, "w", format=tarfile.GNU_FORMAT) as archive:
+        for name in ("short.jpg", "l" * 130 + ".jpg"):
+            info = tarfile.TarInfo(name)
+            info.size = 600
+            archive.addfile(info, io.BytesIO(b"x" * 600))
+    with open(gnu, "rb") as raw:
+        assert set(release.tar_member_offsets(raw)) == {"short.jpg"}
 
 
 def test_a_member_that_changed_after_it_was_read_stops_the_write():
@@ -374,3 +402,24 @@ def test_annotated_records_missing_from_the_input_leave_no_holes_and_kept_images
         source = originals[sample["__key__"]]
         assert sample["jpg"] == source["jpg"] and sample["txt"] == source["caption"].encode("utf-8")
         assert {k: v for k, v in json.loads(sample["json"]).items() if k != "balance"} == source["json"]
+
+
+def test_ranking_buckets_bound_bytes_and_do_not_change_the_release(two_worker_release, balanced_coco_mini,
+                                                                     tmp_path, monkeypatch):
+    """Inline members count against a bucket's bytes (Beam's data plane refuses an element over 2 GiB):
+    with tiny limits the job ranks in many buckets and sends many small elements, and the release is
+    the same, byte for byte."""
+    from pipeline import shards
+
+    assert shards.rank_buckets(150_000, 0) == 2
+    assert shards.rank_buckets(10, 3 * shards.RANK_BUCKET_BYTES + 1) == 4
+    _, reference = two_worker_release
+    monkeypatch.setattr(shards, "RANK_BUCKET_BYTES", 64 * 1024)
+    monkeypatch.setattr(shards, "ELEMENT_BYTES", 16 * 1024)
+    chosen = []
+    monkeypatch.setattr(resample, "rank_buckets", lambda *args: chosen.append(shards.rank_buckets(*args)) or chosen[-1])
+    # in one process, so the limits patched here are the ones the DoFns read
+    small = _resample(balanced_coco_mini, tmp_path / "small-buckets", "--direct_running_mode=in_memory",
+                      mode="bernoulli")
+    assert chosen[0] > 10
+    assert small["shards"] == reference["shards"] and small["counts"] == reference["counts"]
