@@ -1,7 +1,9 @@
 """Benchmark of the annotate job: samples/s on DirectRunner (1 and 2 workers) against a plain loop.
 
-Prints a table with ratios against the plain-Python loop measured in the same run, and peak memory.
-Usage: python bench/annotate.py [--sizes 2000 6000] [--samples-per-shard 250]
+Prints a table with ratios against the plain-Python loop measured in the same run, and peak memory;
+then the image check of each --validate-images level on the same JPEGs, one process, against the
+full decode.
+Usage: python bench/annotate.py [--sizes 2000 6000] [--samples-per-shard 250] [--validation-images 5000]
 """
 import argparse
 import io
@@ -28,8 +30,9 @@ if mode == "loop":
     count = plain_loop(glob)
 else:
     from pipeline import annotate
+    workers, _, level = mode.partition(":")
     annotate.run(["--input", glob, "--output", output, "--direct_running_mode=multi_processing",
-                  "--direct_num_workers=" + mode])
+                  "--direct_num_workers=" + workers, "--validate-images", level or "full"])
     count = annotate.read_counts(output)["annotated"]
 seconds = time.perf_counter() - start
 print(json.dumps({{"count": count, "seconds": seconds, "peak_mib": sampler.stop() / 2**20}}))
@@ -95,6 +98,22 @@ def write_shards(directory, total, per_shard):
     return str(directory / "bench-*.tar")
 
 
+def validation_rates(images: int) -> list[tuple[str, float]]:
+    """Images per second of check_image at each level over coco_mini's JPEGs, in this process."""
+    import time
+
+    from trainer.images import VALIDATION_LEVELS, check_image
+
+    jpegs = [jpeg for jpeg, _ in _source_pairs()]
+    rates = []
+    for level in VALIDATION_LEVELS:
+        started = time.perf_counter()
+        for index in range(images):
+            check_image(jpegs[index % len(jpegs)], level)
+        rates.append((level, images / (time.perf_counter() - started)))
+    return rates
+
+
 def measure(mode, glob, output):
     result = subprocess.run([sys.executable, "-c", _CHILD.format(root=str(ROOT)), mode, glob, output],
                             capture_output=True, text=True, check=True)
@@ -105,9 +124,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sizes", type=int, nargs="+", default=[2000, 6000])
     parser.add_argument("--samples-per-shard", type=int, default=250)
+    parser.add_argument("--validation-images", type=int, default=5000)
     args = parser.parse_args(argv)
     modes = [("plain Python loop", "loop"), ("Beam DirectRunner, 1 worker", "1"),
-             ("Beam DirectRunner, 2 workers", "2")]
+             ("Beam DirectRunner, 2 workers", "2"), ("2 workers, --validate-images header", "2:header")]
     print(f"{'input':>8} | {'run':<30} | {'samples/s':>9} | {'vs loop':>7} | {'seconds':>7} | {'peak MiB':>8}")
     print("-" * 86)
     with tempfile.TemporaryDirectory() as folder:
@@ -121,6 +141,13 @@ def main(argv=None):
                 reference = reference or rate
                 print(f"{size:>8} | {label:<30} | {rate:>9.0f} | {rate / reference:>6.2f}x | "
                       f"{result['seconds']:>7.1f} | {result['peak_mib']:>8.0f}", flush=True)
+    if args.validation_images:
+        print(f"\n--validate-images on {args.validation_images} coco_mini JPEGs, one process")
+        print("| level | images/s | vs full |\n|---|---:|---:|")
+        rates = validation_rates(args.validation_images)
+        full = dict(rates)["full"]
+        for level, rate in rates:
+            print(f"| {level} | {rate:,.0f} | {rate / full:.1f}x |")
     return 0
 
 
