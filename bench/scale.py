@@ -409,9 +409,12 @@ def print_table(runs, cores, load):
         print("| data | samples released | worst constrained share: |share - target| - gap | kept / LP maximum |")
         print("|---|---|---|---|")
         for dataset, promise in promises:
-            value, concept = promise["worst_unit"] or ("-", "-")
-            print(f"| {dataset} | {promise['samples']:,} | {promise['worst_excess']:+.4f} ({value} in {concept}) | "
-                  f"{promise['kept_of_lp_max']:.4f} |")
+            if promise["worst_unit"] is None:
+                worst = "n/a: no constrained value has annotated samples in the release"
+            else:
+                value, concept = promise["worst_unit"]
+                worst = f"{promise['worst_excess']:+.4f} ({value} in {concept})"
+            print(f"| {dataset} | {promise['samples']:,} | {worst} | {promise['kept_of_lp_max']:.4f} |")
 
 
 def main(argv=None) -> int:
