@@ -46,6 +46,16 @@ def _empty_batch() -> dict:
     return {"positions": [], "keys": [], "q": [], "weights": [], "copies": [], "signatures": []}
 
 
+def _add_decision(batches: dict, shard: str, position, key, q, weight, copies, signature) -> None:
+    """Append one row's decision to the batch of its input file."""
+    batch = batches.get(shard)
+    if batch is None:
+        batch = batches[shard] = _empty_batch()
+    for name, value in (("positions", position), ("keys", key), ("q", q), ("weights", weight),
+                        ("copies", copies), ("signatures", signature)):
+        batch[name].append(value)
+
+
 class Decide(_SolutionUser):
     """A table of annotation rows -> (input file, batch of decisions): q, copies, weight, signature.
 
@@ -66,17 +76,8 @@ class Decide(_SolutionUser):
                                                         columns["utility"]))
         for key, shard, position, (signature, q) in zip(columns["key"], columns["shard"], columns["position"],
                                                        decided):
-            shard = self._path(shard)
-            batch = batches.get(shard)
-            if batch is None:
-                batch = batches[shard] = _empty_batch()
-            batch["positions"].append(position)
-            batch["keys"].append(key)
-            batch["q"].append(q)
-            batch["weights"].append(rule.weight(q))
-            batch["copies"].append(None if self.mode == "repeat" else
-                                   rule.copies(key, q, signature, thresholds.get(signature)))
-            batch["signatures"].append(signature)
+            copies = None if self.mode == "repeat" else rule.copies(key, q, signature, thresholds.get(signature))
+            _add_decision(batches, self._path(shard), position, key, q, rule.weight(q), copies, signature)
         yield from batches.items()
         yield counts_output({"decisions_read": table.num_rows})
 
@@ -221,15 +222,8 @@ class RepeatCopies(beam.PTransform):
             for (_, key, shard, position, q, weight, signature), start in zip(rows, starts):
                 start += base
                 end = start + release.repeat_mass(q)
-                batch = batches.get(shard)
-                if batch is None:
-                    batch = batches[shard] = _empty_batch()
-                batch["positions"].append(position)
-                batch["keys"].append(key)
-                batch["q"].append(q)
-                batch["weights"].append(weight)
-                batch["copies"].append(release.repeat_copies(start, end, total, target, offset_uniform))
-                batch["signatures"].append(signature)
+                copies = release.repeat_copies(start, end, total, target, offset_uniform)
+                _add_decision(batches, shard, position, key, q, weight, copies, signature)
             yield from batches.items()
 
         return sorted_buckets.rows | "Copies" >> beam.FlatMap(
