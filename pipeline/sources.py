@@ -420,9 +420,10 @@ def table_columns(path: str, input_format: str = FORMAT_AUTO):
 
 def resolve_columns(paths, input_format=FORMAT_AUTO, key_column=None, caption_column=None):
     """(key column, caption column) for reading `paths`: the ones given, or the first of KEY_COLUMNS /
-    CAPTION_COLUMNS a table has. Raises ValueError, naming the columns found, when a table lacks the
+    CAPTION_COLUMNS each table has. Raises ValueError, naming the columns found, when a table lacks the
     caption column or a key column that was asked for by name (a table with no key column at all is
-    keyed FILE#ROW)."""
+    keyed FILE#ROW), and when two tables would be read by different columns."""
+    resolved = {}
     for path in paths:
         columns = table_columns(path, input_format)
         if columns is None:
@@ -435,8 +436,15 @@ def resolve_columns(paths, input_format=FORMAT_AUTO, key_column=None, caption_co
             raise ValueError(f"{path} has no {asked}; its columns are {found}: pass --caption-column NAME")
         if key_column and key_column not in columns:
             raise ValueError(f"{path} has no --key-column {key_column!r}; its columns are {found}")
-        return key, caption
-    return key_column or KEY_COLUMNS[0], caption_column or CAPTION_COLUMNS[0]
+        resolved[path] = (key, caption)
+    if not resolved:
+        return key_column or KEY_COLUMNS[0], caption_column or CAPTION_COLUMNS[0]
+    (first_path, first), *others = resolved.items()
+    for path, pair in others:
+        if pair != first:
+            raise ValueError(f"{first_path} would be read by key and caption columns {first} but {path} by "
+                             f"{pair}: pass --key-column and --caption-column")
+    return first
 
 
 def normalize_path(path: str) -> str:

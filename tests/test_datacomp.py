@@ -133,6 +133,16 @@ def test_a_table_without_a_caption_column_stops_at_once_naming_its_columns(tmp_p
     assert "no --key-column 'id'" in capsys.readouterr().err
 
 
+def test_inputs_that_would_be_read_by_different_columns_are_refused(tmp_path, capsys):
+    """One glob of balancebeam tables, one of DataComp metadata: the columns differ, so say so."""
+    pq.write_table(pa.table({"key": ["k1"], "caption": ["a man"]}), tmp_path / "ours.parquet")
+    pq.write_table(pa.table({"uid": ["ab" * 16], "text": ["a woman"]}), tmp_path / "datacomp.parquet")
+    assert cli.main(["annotate", "--input", str(tmp_path / "ours.parquet"), "--input",
+                     str(tmp_path / "datacomp.parquet"), "--output", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err
+    assert "('key', 'caption')" in error and "('uid', 'text')" in error and "--key-column" in error
+
+
 def test_datacomp_columns_are_found_by_themselves(tmp_path):
     """`text` and `uid` (DataComp) are read without flags; `caption` and `key` still win where present."""
     table = tmp_path / "pool.parquet"
