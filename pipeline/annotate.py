@@ -38,7 +38,12 @@ def build_parser():
     parser = argparse.ArgumentParser(
         prog="balancebeam annotate",
         description="Annotate image-text pairs with perceived attributes and concepts (Beam job). "
-                    "Flags not listed here go to Beam (--runner, --direct_num_workers, ...).")
+                    "Flags not listed here go to Beam (--runner, --direct_num_workers, ...).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  balancebeam annotate --input 'shards/*.tar' --output out/annotations --direct_running_mode=multi_processing --direct_num_workers=2\n"
+               "  balancebeam annotate --input 'pool/*.parquet' --output out/annotations "
+               "--prompt-embeddings prompts.npz --embeddings-field l14_img --faces-column face_bboxes\n")
     parser.add_argument("--input", required=True, action="append",
                         help="glob of input files (repeatable): *.tar, *.parquet, *.jsonl, *.csv, COCO *.json")
     parser.add_argument("--output", required=True, help="output directory (local, gs://, s3://)")

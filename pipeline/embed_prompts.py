@@ -24,8 +24,9 @@ log = logging.getLogger(__name__)
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="balancebeam embed-prompts", description=__doc__.splitlines()[0],
-        epilog="example: balancebeam embed-prompts --image-model ViT-L-14 --image-checkpoint l14.pt "
-               "--output prompts.npz")
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  balancebeam embed-prompts --image-model ViT-L-14 --image-checkpoint l14.pt --output prompts.npz\n")
     parser.add_argument("--image-model", required=True, help="open_clip architecture of the pool's embeddings")
     parser.add_argument("--image-checkpoint", help="state-dict file (torch.load with weights_only=True)")
     parser.add_argument("--image-model-config", help="open_clip model config JSON for a custom architecture")

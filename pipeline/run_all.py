@@ -34,8 +34,13 @@ def layout(output: str) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="balancebeam run", description=__doc__.splitlines()[0],
-        epilog="annotate's own flags (--lexicon, --utility-field, --image-model, ...) are passed to it; "
-               "flags no job knows go to Beam.")
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="annotate's own flags (--lexicon, --utility-field, --image-model, ...) are passed to it;\n"
+               "flags no job knows go to Beam.\n\n"
+               "examples:\n"
+               "  balancebeam run --input 'shards/*.tar' --output out --keep-rate max --association-gap 0.05 "
+               "--direct_running_mode=multi_processing --direct_num_workers=2\n"
+               "  balancebeam run --input 'pool/*.parquet' --output out --keep-rate max --output-format subset\n")
     parser.add_argument("--input", required=True, action="append", help="input glob (repeatable)")
     parser.add_argument("--output", required=True, help="output directory: annotations/, solution.json, release/")
     parser.add_argument("--input-format", choices=FORMATS, default="auto")

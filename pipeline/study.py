@@ -354,7 +354,8 @@ def run(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for name in ("pipeline", "trainer"):  # open_clip logs every model creation at INFO on the root logger
         logging.getLogger(name).setLevel(logging.INFO)
-    parser = argparse.ArgumentParser(prog="balancebeam study", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="balancebeam study", description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog="examples:\n  balancebeam study\n  balancebeam study --config my-study.yaml --output runs/study\n")
     parser.add_argument("--config", default=str(study_config.SHIPPED_CONFIG),
                         help="study YAML (default: the shipped pipeline/configs/study.yaml)")
     parser.add_argument("--output", help="working directory (overrides the config's output)")

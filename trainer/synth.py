@@ -253,7 +253,8 @@ def make_synthetic(output, config: SynthConfig = None) -> dict:
 
 def parse_args(argv):
     defaults = SynthConfig()
-    parser = argparse.ArgumentParser(prog="balancebeam synth", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="balancebeam synth", description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog="examples:\n  balancebeam synth --output synth/\n  balancebeam synth --output synth/ --num-samples 6000 --woman-share 0.3\n")
     parser.add_argument("--output", required=True, help="directory for train/, eval/ and manifest.json")
     parser.add_argument("--num-samples", type=int, default=defaults.num_samples)
     parser.add_argument("--image-size", type=int, default=defaults.image_size)
