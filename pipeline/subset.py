@@ -16,6 +16,7 @@ the driver writes subset.npy by appending the buckets' sorted arrays to its head
 from __future__ import annotations
 
 import collections
+import hashlib
 import io
 import re
 import zlib
@@ -103,8 +104,6 @@ class WriteBucket(beam.DoFn):
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        from pipeline.release import file_sha256
-
         bucket, parts = bucket_and_parts
         columns = collections.defaultdict(list)
         for part in parts:
@@ -114,13 +113,14 @@ class WriteBucket(beam.DoFn):
         path = FileSystems.join(self.output_dir, KEEP_DIR, part_name(bucket, self.buckets))
         sink = io.BytesIO()
         pq.write_table(table, sink)
-        write_bytes_atomically(path, sink.getvalue())
+        data = sink.getvalue()
+        write_bytes_atomically(path, data)
         kept = [key for key, n in zip(table.column("key").to_pylist(), table.column("copies").to_pylist())
                 if n and is_uid(key)]
         uids = np.unique(uid_pairs(kept))  # sorted by (upper, lower): the uids' numeric order
         write_bytes_atomically(FileSystems.join(self.work_dir, f"uids-{bucket:05d}.bin"), uids.tobytes())
         yield {"bucket": bucket, "part": part_name(bucket, self.buckets), "rows": table.num_rows,
-               "bytes": len(sink.getvalue()), "sha256": file_sha256(path), "uids": len(uids)}
+               "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "uids": len(uids)}
 
 
 class SubsetRelease(beam.PTransform):
@@ -147,15 +147,13 @@ def prepare_keep_dir(output_dir: str) -> None:
     """An empty keep.parquet folder (an earlier run's parts removed)."""
     folder = FileSystems.join(output_dir, KEEP_DIR)
     delete_matching(FileSystems.join(folder, "*"))
-    if FileSystems.get_scheme(folder) is None:
-        FileSystems.mkdirs(folder) if not FileSystems.exists(folder) else None
+    if FileSystems.get_scheme(folder) is None and not FileSystems.exists(folder):  # object stores have no folders
+        FileSystems.mkdirs(folder)
 
 
 def assemble_subset(buckets_written: list[dict], work_dir: str, output_dir: str) -> dict:
     """subset.npy from the buckets' sorted uid files, appended in bucket order after the .npy header
     (the driver holds one bucket at a time); returns its rows, bytes and sha256."""
-    import hashlib
-
     total = sum(entry["uids"] for entry in buckets_written)
     header = io.BytesIO()
     np.lib.format.write_array_header_1_0(header, {"descr": np.lib.format.dtype_to_descr(UID_DTYPE),
