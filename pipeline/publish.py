@@ -110,6 +110,9 @@ def reconcile_subset(counts: dict, written: dict, annotation_rows_written: int,
         ("kept copies by signature = output samples", n["kept_signature_copies"], n["output_samples"]),
     ]
     failed = [f"{name}: {left} != {right}" for name, left, right in checks if left != right]
+    on_disk, listed = written.get("keep_parts_on_disk", []), written.get("keep_parts_written", [])
+    if on_disk != listed:
+        failed.append(f"keep.parquet part files = the parts the job wrote: {on_disk[:5]} != {listed[:5]}")
     failed += _exact_counts_off(counts, numbers, exact_counts)
     _raise_if_failed(failed, numbers, "the files written are not a release")
     return numbers

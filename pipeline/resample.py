@@ -23,7 +23,7 @@ from pipeline import hashing, release
 from pipeline.annotate import ANNOTATIONS_GLOB, annotation_rows, parquet_rows, read_counts
 from pipeline.counts import add_counts
 from pipeline.decide import COUNTS_TAG, Decide, ExactThresholds, RepeatCopies, bucket_offsets, route_to_ranges
-from pipeline.errors import DataError, ReconciliationError, UsageError
+from pipeline.errors import DataError, UsageError
 from pipeline.files import count_lines, delete_matching, read_text, write_text_atomically
 from pipeline.options import pipeline_options
 from pipeline import publish
@@ -248,13 +248,11 @@ def _publish_subset(counts, written, rows_written, exact_counts, output_dir, pre
     parts = sorted(written["buckets"], key=lambda entry: entry["part"])
     on_disk = {posixpath.basename(m.path): m.path for m in FileSystems.match(
         [FileSystems.join(output_dir, subset_release.KEEP_DIR, "*.parquet")])[0].metadata_list}
-    if sorted(on_disk) != [entry["part"] for entry in parts]:
-        raise ReconciliationError(f"keep.parquet holds {sorted(on_disk)[:5]}..., the job wrote "
-                                  f"{[entry['part'] for entry in parts][:5]}...: no manifest was published; "
-                                  "re-run the job", {})
     footer_rows = sum(parquet_rows(path) for path in on_disk.values())
     numbers = publish.reconcile_subset(counts, {"keep_rows_written": footer_rows,
-                                                "subset_rows_written": written["subset"]["rows"]},
+                                                "subset_rows_written": written["subset"]["rows"],
+                                                "keep_parts_on_disk": sorted(on_disk),
+                                                "keep_parts_written": [entry["part"] for entry in parts]},
                                        rows_written, exact_counts)
     stale = delete_matching(FileSystems.join(output_dir, f"{prefix}-*"))
     if stale:

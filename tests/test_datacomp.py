@@ -229,3 +229,20 @@ def test_a_missing_npz_quarantines_its_rows_with_the_reason(tmp_path, tiny_clip)
     assert counts["annotated"] == 0 and counts["quarantined_by_reason"] == {"bad_embedding": 2}
     entry = json.loads(next((tmp_path / "out").glob("quarantine-*.jsonl")).read_text().splitlines()[0])
     assert "0.npz" in entry["detail"]
+
+
+def test_subset_reconciliation_fails_on_a_stray_part_or_a_lost_row():
+    """The accounting names what differs; counts here are written out by hand."""
+    from pipeline import publish
+    from pipeline.errors import ReconciliationError
+
+    counts = {"decisions_read": 10, "decided": 10, "kept": 7, "dropped": 3, "kept_not_uid": 0,
+              "output_samples": 7, "kept_signatures": {"s": 7}}
+    written = {"keep_rows_written": 10, "subset_rows_written": 7, "keep_parts_on_disk": ["part-00000-of-00001.parquet"],
+               "keep_parts_written": ["part-00000-of-00001.parquet"]}
+    assert publish.reconcile_subset(counts, written, 10)["kept"] == 7
+    with pytest.raises(ReconciliationError, match="keep.parquet part files"):
+        publish.reconcile_subset(counts, dict(written, keep_parts_on_disk=["part-00000-of-00001.parquet",
+                                                                           "part-00009-of-00010.parquet"]), 10)
+    with pytest.raises(ReconciliationError, match="keep.parquet rows = annotation rows read: 9 != 10"):
+        publish.reconcile_subset(counts, dict(written, keep_rows_written=9), 10)
