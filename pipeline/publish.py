@@ -142,20 +142,25 @@ def _raise_if_failed(failed: list[str], numbers: dict, what_was_written: str) ->
 def prepare_release_dir(output_dir: str) -> None:
     """Make the folder writable for a release and unpublish whatever release it held.
 
-    The manifest goes first (and the report, card and lists that describe the old shards), so
-    from here until the new manifest is written the folder is visibly not a release.
+    The report, card and lists that describe the old shards go first and the manifest last, all
+    before anything new is written: a job killed half way through this leaves the old release whole
+    (its manifest and shards) or no manifest and nothing that describes the old shards, never a
+    report beside a folder that is not a release. From here until the new manifest is written the
+    folder is visibly not a release.
     """
     try:
         ensure_writable_directory(output_dir)
     except ValueError as error:
         raise UsageError(str(error)) from None
     manifest = FileSystems.join(output_dir, MANIFEST_FILE)
-    if FileSystems.exists(manifest):
+    had_release = FileSystems.exists(manifest)
+    if had_release:
         log.info("unpublishing the release in %s before writing the new one", output_dir)
+    for name in (SIZES_FILE, KEPT_SIGNATURES_FILE, *REPORT_FILES, *SUBSET_FILES):
+        if FileSystems.exists(FileSystems.join(output_dir, name)):
+            FileSystems.delete([FileSystems.join(output_dir, name)])
+    if had_release:
         FileSystems.delete([manifest])
-        for name in (SIZES_FILE, KEPT_SIGNATURES_FILE, *REPORT_FILES, *SUBSET_FILES):
-            if FileSystems.exists(FileSystems.join(output_dir, name)):
-                FileSystems.delete([FileSystems.join(output_dir, name)])
 
 
 def manifest(counts: dict, numbers: dict, shards: list[dict], details: dict) -> dict:
