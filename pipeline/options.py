@@ -4,11 +4,20 @@ Beam keeps flags it does not know and only logs "Discarding unparseable args"; a
 unquoted glob (`--input data/*.tar` expands to extra words) would then be silently ignored, so every
 job refuses arguments that neither it nor any Beam option class knows. On the DirectRunner in
 multi-process mode every SDK worker logs its start-up and each bundle at INFO to the terminal
-(over a hundred lines for a small job), burying the job's own summary.
+(over a hundred lines for a small job), burying the job's own summary, and two known-harmless
+warnings per worker, each echoed a second time by the job service:
+- "Discarding unparseable args: ['--pipeline_type_check', '--direct_runner_use_stacked_bundle']":
+  the worker rebuilds its options from a dictionary in which these two defaults are True, and
+  True becomes a flag that does not exist (the user's own flags were already checked here);
+- "No semi_persistent_directory found": a local worker has no staging directory, by design.
+Both are silenced in the workers only, by raising those two loggers to ERROR through Beam's
+`--sdk_harness_log_level_overrides`; errors still show, and the driver's logging is untouched.
 """
 from __future__ import annotations
 
 import functools
+import json
+import logging
 
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions, _BeamArgumentParser
 
@@ -18,6 +27,11 @@ WORKER_LOG_FLAG = "--default_sdk_harness_log_level"
 # Local runs only: on Dataflow, Flink or Spark the workers' INFO logs go to the service's log
 # viewer, where they help, so Beam's default stays. Pass the flag to choose another level.
 LOCAL_WORKER_LOG_LEVEL = "WARNING"
+# Local workers send their log records to the runner, which logs them again on this logger.
+LOCAL_WORKER_LOG_RELAY = "apache_beam.runners.portability.local_job_service"
+WORKER_OVERRIDES_FLAG = "--sdk_harness_log_level_overrides"
+# The worker module runs as __main__ (`python -m apache_beam.runners.worker.sdk_worker_main`).
+LOCAL_WORKER_LOG_OVERRIDES = {"apache_beam.options.pipeline_options": "ERROR", "__main__": "ERROR"}
 LOCAL_RUNNERS = (None, "DirectRunner", "direct", "BundleBasedDirectRunner", "SwitchingDirectRunner")
 
 
@@ -59,8 +73,19 @@ def pipeline_options(beam_args, command: str = "balancebeam") -> PipelineOptions
     """PipelineOptions from the job's leftover argv (checked); adds the quiet worker log level locally."""
     args = list(beam_args)
     check_pipeline_args(args, command)
-    runner = PipelineOptions(args).view_as(StandardOptions).runner
-    if runner in LOCAL_RUNNERS and not any(a == WORKER_LOG_FLAG or a.startswith(WORKER_LOG_FLAG + "=")
-                                           for a in args):
-        args.append(f"{WORKER_LOG_FLAG}={LOCAL_WORKER_LOG_LEVEL}")
+    given = PipelineOptions(args)
+    runner = given.view_as(StandardOptions).runner
+    if runner in LOCAL_RUNNERS:
+        if not _given(args, WORKER_LOG_FLAG):
+            args.append(f"{WORKER_LOG_FLAG}={LOCAL_WORKER_LOG_LEVEL}")
+        else:  # the user asked for the workers' logs: let the driver's relay of them through
+            level = logging.getLevelName(str(given.get_all_options()["default_sdk_harness_log_level"]).upper())
+            if isinstance(level, int):
+                logging.getLogger(LOCAL_WORKER_LOG_RELAY).setLevel(level)
+        if not _given(args, WORKER_OVERRIDES_FLAG):
+            args.append(f"{WORKER_OVERRIDES_FLAG}={json.dumps(LOCAL_WORKER_LOG_OVERRIDES)}")
     return PipelineOptions(args)
+
+
+def _given(args, flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in args)
