@@ -18,6 +18,7 @@ from pipeline.errors import ReconciliationError, UsageError
 from pipeline.files import count_lines, read_text, write_text_atomically
 from pipeline.labelling import COUNTS_TAG, AnnotateBatch, AnnotateImages, DropDuplicates, FindDuplicateKeys
 from pipeline.options import pipeline_options
+from pipeline.progress import InputProgress
 from pipeline.records import ANNOTATION_SCHEMA
 from pipeline.sources import CAPTION_COLUMNS, FORMATS, KEY_COLUMNS, resolve_columns
 from pipeline.splits import PlanRanges, ReadRangeBatches
@@ -123,7 +124,8 @@ class Annotate(beam.PTransform):
         read = (pbegin
                 | "PlanRanges" >> PlanRanges(args.input, args.input_format)
                 | "ReadRanges" >> beam.ParDo(ReadRangeBatches(
-                    args.key_column, args.caption_column, args.image_embedding_field if use_images else None)).with_outputs(
+                    args.key_column, args.caption_column, args.image_embedding_field if use_images else None,
+                    getattr(args, "progress_dir", None))).with_outputs(
                     q.QUARANTINE_TAG, COUNTS_TAG, main="batches"))
         labelled = read.batches | "AnnotateText" >> beam.ParDo(AnnotateBatch(
             lexicon, args.utility_field, args.max_image_pixels, use_images,
@@ -240,7 +242,8 @@ def run(argv=None, save_main_session=False):
     output = args.output.rstrip("/")
     _prepare_output(output)
     log.info("annotating %s into %s", ", ".join(args.input), output)
-    with beam.Pipeline(options=options) as pipeline:
+    with InputProgress("annotate", args.input, options) as progress, beam.Pipeline(options=options) as pipeline:
+        args.progress_dir = progress.marker_dir
         annotate_pipeline(pipeline, args)
     pending = FileSystems.join(output, PENDING_COUNTS_FILE)
     counted = json.loads(read_text(pending))
@@ -257,9 +260,10 @@ def run(argv=None, save_main_session=False):
         json.dumps({"label_set": json.loads(text), "count": n}) + "\n" for text, n in sorted(label_sets.items())))
     write_text_atomically(FileSystems.join(output, COUNTS_FILE), json.dumps(counts, indent=2, sort_keys=True))
     FileSystems.delete([pending])
-    log.info("read %d records: %d annotated, %d quarantined %s; annotations in %s (every record accounted for)",
+    reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(counts["quarantined_by_reason"].items()))
+    log.info("read %d records: %d annotated, %d quarantined%s; annotations in %s (every record accounted for)",
              counts["records_read"], counts["annotated"], counts["quarantined"],
-             counts["quarantined_by_reason"], FileSystems.join(output, ANNOTATIONS_GLOB))
+             f" ({reasons})" if reasons else "", FileSystems.join(output, ANNOTATIONS_GLOB))
     if counts.get("utility_missing"):
         log.warning("%d records have no usable --utility-field value (missing, not a number, NaN or "
                     "infinite); they count as average utility", counts["utility_missing"])

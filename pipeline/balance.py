@@ -23,6 +23,7 @@ from pipeline.errors import DataError, ReconciliationError, UsageError
 from pipeline.files import read_text, write_text_atomically
 from pipeline.options import pipeline_options
 from pipeline.signatures import SignatureTable, row_signature
+from solvers import progress as progress_policy
 from solvers.problem import DEFAULT_KEEP_RATE, DEFAULT_MIN_SUPPORT
 
 log = logging.getLogger(__name__)
@@ -297,7 +298,8 @@ def solve_table(table: SignatureTable, config: BalanceConfig):
                             f"({table.attribute_names[columns[0]]!r}): nothing to balance")
     problem, projected, proxies, not_seen = build_problem(table, config)
     started = time.perf_counter()
-    solution = solve(problem, method=config.method)
+    bar = {"progress": progress_policy.enabled()} if config.method == "dual" else {}  # exact: cvxpy's own
+    solution = solve(problem, method=config.method, **bar)
     seconds = time.perf_counter() - started
     solution.exact_counts, exact_statistics = exact_counts(problem, projected, solution, config)
     bias_options = dict(weights=projected.weights, targets=np.asarray(problem.spec.targets),

@@ -4,34 +4,23 @@ Subcommands are imported lazily, so `balancebeam train` never imports Beam and `
 """
 import importlib
 import logging
+import os
 import sys
 
 from pipeline.errors import EXIT_DATA, EXIT_OK, EXIT_USAGE, DataError, UsageError
 
-# Beam warns on the root logger, at import, that its BigQuery client libraries are missing;
-# balancebeam never uses BigQuery, so the line would only alarm a user on every command.
-BEAM_BIGQUERY_WARNING = "apitools not found, and bigquery client libraries are not available"
-
-
-class _DropBeamBigQueryWarning(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(BEAM_BIGQUERY_WARNING)
-
-
-_BEAM_BIGQUERY_FILTER = _DropBeamBigQueryWarning()  # one instance: addFilter ignores a second add
+GLOBAL_FLAGS = ("--debug", "--quiet", "--progress")
 
 LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
 # Our own packages say what they do at INFO; everything else (Beam, open_clip, ...) from WARNING up.
 INFO_LOGGERS = ("pipeline", "solvers", "trainer")
 
 
-def configure_logging() -> None:
-    """Before any command module is imported: importing Beam logs a warning on the root logger,
-    which makes logging configure itself with defaults and every later basicConfig a no-op."""
+def configure_logging(quiet: bool = False) -> None:
+    """Before any command module is imported, so that logging is ours before a library's import logs."""
     logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT)
     for name in INFO_LOGGERS:
-        logging.getLogger(name).setLevel(logging.INFO)
-    logging.getLogger().addFilter(_BEAM_BIGQUERY_FILTER)
+        logging.getLogger(name).setLevel(logging.WARNING if quiet else logging.INFO)
 
 # name -> ("module:function", one-line help). Each function takes argv (list of str) and returns
 # an exit code or None.
@@ -56,7 +45,13 @@ def _usage() -> str:
     for name, (_, help_text) in COMMANDS.items():
         lines.append(f"  {name.ljust(width)}  {help_text}")
     lines.append("")
-    lines.append("Run `balancebeam COMMAND --help` for a command's flags; `--debug` shows a failure's traceback.")
+    lines.append("Run `balancebeam COMMAND --help` for a command's flags.")
+    lines.append("")
+    lines.append("flags for every command (before or after it):")
+    lines.append("  --debug     show a failure's traceback")
+    lines.append("  --quiet     only warnings and errors, no progress")
+    lines.append("  --progress  progress lines and bars even when the output is not a terminal (a log file)")
+    lines.append("")
     lines.append("Exit codes: 0 ok, 1 a data, solver or reconciliation problem, 2 a usage problem.")
     return "\n".join(lines)
 
@@ -76,8 +71,11 @@ def main(argv=None) -> int:
     Exit codes: 0 ok, 1 a data, solver or reconciliation problem, 2 a usage problem.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv
-    argv = [a for a in argv if a != "--debug"]
+    debug, quiet, progress = ("--debug" in argv), ("--quiet" in argv), ("--progress" in argv)
+    if quiet and progress:
+        print("balancebeam: --quiet and --progress contradict each other; pass one", file=sys.stderr)
+        return EXIT_USAGE
+    argv = [a for a in argv if a not in GLOBAL_FLAGS]
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return EXIT_OK
@@ -88,8 +86,13 @@ def main(argv=None) -> int:
     if name not in COMMANDS:
         print(f"balancebeam: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return EXIT_USAGE
-    configure_logging()
+    configure_logging(quiet)
     target, _ = COMMANDS[name]
+    from solvers import progress as progress_policy  # noqa: PLC0415  (numpy: not for --help)
+
+    saved = os.environ.get(progress_policy.ENV)
+    if quiet or progress:  # solvers.progress reads it: every bar and progress line of the command
+        os.environ[progress_policy.ENV] = "1" if progress else "0"
     module_name, function_name = target.split(":")
     try:
         module = importlib.import_module(module_name)
@@ -104,6 +107,11 @@ def main(argv=None) -> int:
             raise
         print(f"balancebeam {name}: {_one_line(error)}", file=sys.stderr)
         return EXIT_DATA
+    finally:
+        if saved is None:
+            os.environ.pop(progress_policy.ENV, None)
+        else:
+            os.environ[progress_policy.ENV] = saved
     return int(result or 0)
 
 

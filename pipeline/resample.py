@@ -31,6 +31,7 @@ from pipeline.publish import KEPT_SIGNATURES_FILE, MANIFEST_FILE, SIZES_FILE, pr
 from pipeline.quarantine import QUARANTINE_TAG, WriteQuarantine
 from pipeline.shards import BUCKET_SIZES_TAG, MISSING_FROM_INPUT, ResampleRange, WriteShard, rank_buckets, sort_and_rank
 from pipeline.sources import FORMATS
+from pipeline.progress import InputProgress
 from pipeline.splits import PlanRanges
 from pipeline import subset as subset_release
 from solvers.solution import BalanceSolution
@@ -69,7 +70,7 @@ def _write_counts(counts, work_dir):
 
 def build_pipeline(pipeline, *, input_glob, annotations_dir, solution_text, output_dir, work_dir, seed, mode,
                    samples_per_shard, prefix, buckets, input_format="auto", key_column="key",
-                   caption_column="caption", output_size=None, quarantine_prefix=None):
+                   caption_column="caption", output_size=None, quarantine_prefix=None, progress_dir=None):
     """The resample graph on `pipeline`; its results land in `work_dir` (counts.json, shards.json)."""
     decisions, decision_counts = _decisions(pipeline, annotations_dir=annotations_dir, solution_text=solution_text,
                                             seed=seed, mode=mode, buckets=buckets, output_size=output_size)
@@ -82,7 +83,7 @@ def build_pipeline(pipeline, *, input_glob, annotations_dir, solution_text, outp
     per_file = ({"read": ranges | "ByRange" >> beam.Map(lambda r: ((r["path"], r["index"]), r)), "decisions": routed}
                 | "ByInputRange" >> beam.CoGroupByKey()
                 | "ResampleRange" >> beam.ParDo(ResampleRange(
-                    seed, mode, buckets, key_column, caption_column)).with_outputs(
+                    seed, mode, buckets, key_column, caption_column, progress_dir)).with_outputs(
                         QUARANTINE_TAG, COUNTS_TAG, BUCKET_SIZES_TAG, main="kept"))
     offsets = (per_file[BUCKET_SIZES_TAG]
                | "BucketSizes" >> beam.CombinePerKey(sum)
@@ -172,7 +173,7 @@ def resample(input_glob, annotations_dir, solution_path, output_dir, *, seed=rel
     buckets = rank_buckets(expected_copies, input_bytes * expected_copies // max(rows_written, 1))
     results = ("counts.json", "written.json") if subset else ("counts.json", "shards.json")
     try:
-        with beam.Pipeline(options=options) as pipeline:
+        with InputProgress("resample", globs, options) as progress, beam.Pipeline(options=options) as pipeline:
             if subset:
                 subset_release.prepare_keep_dir(output_dir)
                 build_subset_pipeline(pipeline, annotations_dir=annotations_dir, solution_text=solution_text,
@@ -183,7 +184,8 @@ def resample(input_glob, annotations_dir, solution_path, output_dir, *, seed=rel
                 build_pipeline(pipeline, input_glob=globs, annotations_dir=annotations_dir,
                                solution_text=solution_text, output_dir=output_dir, work_dir=work_dir, seed=seed,
                                mode=mode, samples_per_shard=samples_per_shard, prefix=prefix, buckets=buckets,
-                               output_size=output_size, quarantine_prefix=quarantine_prefix, **read_options)
+                               output_size=output_size, quarantine_prefix=quarantine_prefix,
+                               progress_dir=progress.marker_dir, **read_options)
         counts, written = (json.loads(read_text(FileSystems.join(work_dir, name))) for name in results)
         if subset:  # subset.npy from the buckets' uid files, before the work folder goes
             written = {"buckets": written,

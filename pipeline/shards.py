@@ -19,6 +19,7 @@ from apache_beam.metrics import Metrics
 from pipeline import release
 from pipeline.decide import counts_output, merge_batches
 from pipeline.errors import DataError
+from pipeline.progress import mark_range_read
 from pipeline.quarantine import QUARANTINE_TAG, quarantine_record
 from pipeline.splits import iter_range_records
 
@@ -71,9 +72,11 @@ class ResampleRange(beam.DoFn):
     read, kept, dropped, quarantined, decisions joined or missing).
     """
 
-    def __init__(self, seed: int, mode: str, buckets: int, key_column: str, caption_column: str):
+    def __init__(self, seed: int, mode: str, buckets: int, key_column: str, caption_column: str,
+                 progress_dir=None):
         self.seed, self.mode, self.buckets = seed, mode, buckets
         self.key_column, self.caption_column = key_column, caption_column
+        self.progress_dir = progress_dir  # pipeline.progress: a marker per range read
         self.kept_counter = Metrics.counter(METRICS_NAMESPACE, "records_kept")
         self.read_counter = Metrics.counter(METRICS_NAMESPACE, "records_read")
 
@@ -158,6 +161,8 @@ class ResampleRange(beam.DoFn):
         self.read_counter.inc(counts["samples_read"])
         self.kept_counter.inc(counts["kept"])
         counts["ranges_read"] = len(read_now)
+        if read_now:
+            mark_range_read(self.progress_dir, read_now[0], counts["samples_read"])
         yield counts_output({**counts, "quarantined": dict(quarantined),
                               "kept_signatures": dict(kept_signatures)})
 

@@ -14,6 +14,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
 from pipeline import quarantine as q
+from pipeline.progress import mark_range_read
 from pipeline.sources import (FORMAT_AUTO, FORMAT_JSONL, FORMAT_PARQUET, MatchInputFiles, detect_format,
                               iter_file_records, iter_parquet_samples, jsonl_record)
 
@@ -28,10 +29,18 @@ BATCH_BYTES = 64 * 1024 * 1024
 
 
 def plan_ranges(path: str, input_format: str = FORMAT_AUTO) -> list[dict]:
-    """The ranges of one input file, in order: {path, index, format, start, end, first_position}.
+    """The ranges of one input file, in order: {path, index, format, start, end, first_position,
+    ranges_in_file}.
 
     A range with start None is the whole file, read by the format's own reader.
     """
+    ranges = _plan_ranges(path, input_format)
+    for file_range in ranges:
+        file_range["ranges_in_file"] = len(ranges)
+    return ranges
+
+
+def _plan_ranges(path: str, input_format: str) -> list[dict]:
     file_format = detect_format(path) if input_format == FORMAT_AUTO else input_format
     whole = [{"path": path, "index": 0, "format": file_format, "start": None, "end": None, "first_position": 0}]
     compressed = CompressionTypes.detect_compression_type(path) != CompressionTypes.UNCOMPRESSED
@@ -153,9 +162,10 @@ class PlanRanges(beam.PTransform):
 class ReadRangeBatches(beam.DoFn):
     """A range -> batches of its samples (main output), quarantine entries, and one count dict."""
 
-    def __init__(self, key_column="key", caption_column="caption", embeddings_field=None):
+    def __init__(self, key_column="key", caption_column="caption", embeddings_field=None, progress_dir=None):
         self.key_column, self.caption_column = key_column, caption_column
         self.embeddings_field = embeddings_field
+        self.progress_dir = progress_dir  # pipeline.progress: a marker per range read
         self.records_read = Metrics.counter(q.METRICS_NAMESPACE, "records_read")
 
     def process(self, file_range):
@@ -179,5 +189,6 @@ class ReadRangeBatches(beam.DoFn):
         yield from quarantine
         read, quarantined = counted["read"], counted["quarantined"]
         self.records_read.inc(read)
+        mark_range_read(self.progress_dir, file_range, read)
         yield beam.pvalue.TaggedOutput("counts", {"records_read": read, "read_quarantined": quarantined,
                                                   "ranges_read": 1})

@@ -17,6 +17,7 @@ import numpy as np
 
 from pipeline import hashing, study_config, study_results
 from pipeline.study_config import BALANCED, BALANCED_PROXIES, M4_VARIANTS, ORIGINAL, RANDOM
+from solvers import progress as progress_policy
 
 log = logging.getLogger(__name__)
 
@@ -332,17 +333,26 @@ def run_study(config: dict) -> dict:
                                                            float(config["balance"]["min_support"]), weighted)
     steps = int(config["train"]["steps"])
     runs = {}
+    seeds = config["seeds"]
+    bar = progress_policy.bar(progress_policy.enabled(), (len(config["variants"]) + len(config["schedules"]))
+                              * len(seeds), "study", "run", leave=True)
     for name in config["variants"]:
         keep = {round(s.switch_at * steps) for s in config["schedules"] if s.first == name}
-        for seed in config["seeds"]:
+        for seed in seeds:
             runs[(name, seed)] = train_run(name, seed, variants[name]["shards"], config, output, steps, None,
                                            keep, evaluation)
+            if bar is not None:
+                bar.update(1)
     for schedule in config["schedules"]:
         switch = round(schedule.switch_at * steps)
-        for seed in config["seeds"]:
+        for seed in seeds:
             init = output / "runs" / schedule.first / f"seed-{seed}" / "checkpoints" / f"step-{switch:07d}.pt"
             runs[(schedule.name, seed)] = train_run(schedule.name, seed, variants[schedule.then]["shards"], config,
                                                     output, steps - switch, str(init), set(), evaluation)
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
     balanced = next((variants[name] for name in M4_VARIANTS if name in variants), None)
     directions = data_directions(balanced["stats"], eval_config.attribute_values[0]) if balanced else {}
     results = study_results.collect(config, variants, runs, directions)

@@ -11,6 +11,7 @@ import warnings
 import numpy as np
 import scipy.sparse as sp
 
+from solvers import progress as progress_bars
 from solvers.problem import SHARE_TOLERANCE, BalanceProblem
 from solvers.solution import BalanceSolution
 
@@ -194,7 +195,7 @@ def solve_dual(problem: BalanceProblem, keep_rate=None, tolerance: float = DEFAU
     extrapolated, momentum, nu = lam.copy(), 1.0, best["nu"]
     iterations = restarts = polishes = 0
     checkpoint_violation, feasibility_checked = np.inf, False
-    bar = _progress_bar(progress, max_iterations)
+    bar = progress_bars.bar(progress, max_iterations, "M4 dual", "it")
     while not _converged(best, needed, tolerance) and iterations < max_iterations:
         iterations += 1
         point = oracle.evaluate(extrapolated, nu)
@@ -306,11 +307,3 @@ def _raise_if_infeasible(problem: BalanceProblem, keep_rate: float) -> None:
 
     if keep_rate > max_keep_rate(problem) + FEASIBILITY_SLACK:
         raise explain_infeasible(problem, keep_rate)
-
-
-def _progress_bar(enabled: bool, total: int):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm  # noqa: PLC0415
-
-    return tqdm(total=total, desc="M4 dual", unit="it")

@@ -9,6 +9,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
+from solvers import progress as progress_bars
 from solvers.problem import DEFAULT_MIN_SUPPORT, REPRESENTATION, BalanceProblem, ConstraintSpec
 from solvers.solution import BalanceSolution
 
@@ -92,7 +93,7 @@ def solve_stream(spec: ConstraintSpec, batches_factory: BatchesFactory, keep_rat
     lam, nu = np.zeros(spec.num_constraints), 0.0
     average_lam, average_nu, averaged = np.zeros_like(lam), 0.0, 0
     steps = 0
-    bar = _progress_bar(progress, epochs + rate_passes + 1)
+    bar = progress_bars.bar(progress, epochs + rate_passes + 1, "M4 streaming", "pass")
     # Variance reduction with a lagged snapshot (SVRG-style, one pass per epoch): the step uses
     # g_b(x) - g_b(x_prev) + G(x_prev), where G(x_prev) is the full gradient at the point the
     # previous epoch started from, summed during that epoch; the first epoch is plain SGD.
@@ -278,11 +279,3 @@ def _resolve_keep_rate(problem: BalanceProblem, keep_rate) -> float:
 
         return float(max_keep_rate(problem))
     return float(keep_rate)
-
-
-def _progress_bar(enabled: bool, total: int):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm  # noqa: PLC0415
-
-    return tqdm(total=total, desc="M4 streaming", unit="pass")

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from solvers import progress as progress_policy
 from trainer import data as shard_data
 from trainer import losses, models
 
@@ -50,7 +51,7 @@ class TrainConfig:
     device: str = "auto"  # auto: cuda when available
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; or fp32 / bf16
     on_bad_sample: str = "warn"  # warn (skip it and say so) or raise
-    progress: bool = None  # tqdm bar; None = only when stderr is a terminal
+    progress: bool = None  # tqdm bar; None = solvers.progress decides (a terminal, unless --quiet)
 
 
 def cosine_with_warmup(warmup_steps: int, total_steps: int):
@@ -144,7 +145,7 @@ def train(config: TrainConfig) -> dict:
     log.info("training %s with %s loss on %d shards, batch %d x %d process(es), %d steps",
              model_name, config.loss, len(urls), config.batch_size, world_size, config.steps)
     metrics_file = open(output / "metrics.jsonl", "a") if rank == 0 else None
-    show_progress = rank == 0 and (sys.stderr.isatty() if config.progress is None else config.progress)
+    show_progress = rank == 0 and progress_policy.enabled(config.progress)
     progress = tqdm(total=config.steps, initial=step, disable=not show_progress, desc="train", unit="step")
     recent_losses, started, started_step = [], time.perf_counter(), step
 

@@ -1,0 +1,131 @@
+"""What a user sees in the terminal: balancebeam's own lines and real problems only (no Beam worker
+noise, in any runner mode), progress lines when asked for, and nothing but problems with --quiet."""
+import logging
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+from pipeline import annotate, progress
+from solvers import progress as progress_policy
+
+TWO_WORKERS = ["--direct_running_mode=multi_processing", "--direct_num_workers=2"]
+# A line of ours: the CLI's log format with one of our packages as the logger.
+OURS = re.compile(r"^(INFO|WARNING|ERROR|CRITICAL) (pipeline|solvers|trainer)(\.\w+)*: ")
+# What Beam printed before, per worker or per job (the issue's list).
+KNOWN_NOISE = ("apitools not found", "semi_persistent_directory", "Discarding unparseable args",
+               "local_job_service", "Logging handler created", "sdk_worker")
+PROGRESS_LINE = re.compile(r"annotate: (\d+) of (\d+) input files read \(\d+%\), ([\d,]+) records so far")
+
+
+def _environment(**extra):
+    environment = {k: v for k, v in os.environ.items() if k != progress_policy.ENV}
+    return {**environment, **extra}
+
+
+def _balancebeam(*argv, **extra_env):
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *argv], capture_output=True, text=True,
+                          env=_environment(**extra_env), timeout=300)
+
+
+@pytest.fixture
+def job_service():
+    """A local portable job service (a separate process, as a user would start it); yields its port."""
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        port = probe.getsockname()[1]
+    service = subprocess.Popen([sys.executable, "-m", "apache_beam.runners.portability.local_job_service_main",
+                                "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                socket.create_connection(("localhost", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.2)
+        yield port
+    finally:
+        service.terminate()
+        service.wait(timeout=30)
+
+
+@pytest.mark.parametrize("mode", ["in-process", "two workers", "portable"])
+def test_a_job_prints_only_balancebeam_lines_in_every_runner_mode(mode, coco_mini_shards, tmp_path, request):
+    runner_args = {"in-process": [], "two workers": TWO_WORKERS}.get(mode)
+    if mode == "portable":
+        port = request.getfixturevalue("job_service")
+        runner_args = ["--runner=PortableRunner", f"--job_endpoint=localhost:{port}", "--environment_type=LOOPBACK"]
+    result = _balancebeam("annotate", "--input", coco_mini_shards.glob, "--output", str(tmp_path / "out"),
+                          *runner_args)
+    assert result.returncode == 0, result.stderr
+    lines = (result.stdout + result.stderr).splitlines()
+    assert any("annotate: read 159 records" in line for line in lines), lines
+    assert [line for line in lines if not OURS.match(line)] == []
+    assert [line for line in lines if any(noise in line for noise in KNOWN_NOISE)] == []
+    assert not any(PROGRESS_LINE.search(line) for line in lines)  # not a terminal, not asked: no progress
+
+
+def test_quiet_leaves_only_problems_and_contradicting_flags_are_refused(coco_mini_shards, tmp_path):
+    quiet = _balancebeam("--quiet", "annotate", "--input", coco_mini_shards.glob, "--output",
+                         str(tmp_path / "out"), *TWO_WORKERS)
+    assert quiet.returncode == 0, quiet.stderr
+    assert quiet.stdout == "" and quiet.stderr == ""
+    assert (tmp_path / "out" / annotate.COUNTS_FILE).exists()
+    both = _balancebeam("annotate", "--quiet", "--progress")
+    assert both.returncode == 2 and both.stderr.count("\n") == 1 and "--quiet" in both.stderr
+
+
+def test_progress_lines_count_finished_input_files_with_two_workers(coco_mini_shards, tmp_path, monkeypatch, caplog):
+    """Workers (other processes) mark each range they finished; the driver's lines count whole files
+    and their records, end at every file and record, and the marker folder goes with the job."""
+    monkeypatch.setattr(progress, "LOG_EVERY_SECONDS", 0.0)
+    monkeypatch.setattr(progress, "POLL_SECONDS", 0.05)
+    monkeypatch.setenv(progress_policy.ENV, "1")
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    caplog.set_level(logging.INFO, logger="pipeline.progress")
+    annotate.run(["--input", coco_mini_shards.glob, "--output", str(tmp_path / "out"), *TWO_WORKERS])
+    seen = [PROGRESS_LINE.search(record.getMessage()) for record in caplog.records if record.name == progress.__name__]
+    assert seen and all(seen)
+    states = [(int(m[1]), int(m[2]), int(m[3].replace(",", ""))) for m in seen]
+    per_file = {}
+    for record in coco_mini_shards.records:
+        per_file[record["shard"]] = per_file.get(record["shard"], 0) + 1
+    files = len(coco_mini_shards.paths)
+    assert len(set(per_file.values())) == 1  # equal shards: records read = files read x shard size
+    shard_size = per_file[str(coco_mini_shards.paths[0])]
+    for done, total, records in states:
+        assert total == files and records == done * shard_size
+    assert [s[0] for s in states] == sorted(s[0] for s in states)
+    assert states[-1] == (files, files, len(coco_mini_shards.records))
+    assert [p for p in scratch.iterdir() if "progress" in p.name] == []  # the markers went with the job
+
+
+def test_progress_is_off_for_remote_runners_and_without_inputs(monkeypatch):
+    from pipeline.options import pipeline_options
+
+    monkeypatch.setenv(progress_policy.ENV, "1")
+    assert progress.InputProgress("annotate", ["x*"], pipeline_options([])).active
+    assert not progress.InputProgress("resample", [], pipeline_options([])).active  # subset: nothing read
+    dataflow = pipeline_options(["--runner=DataflowRunner"])
+    assert not progress.InputProgress("annotate", ["gs://b/x*"], dataflow).active
+    loopback = pipeline_options(["--runner=PortableRunner", "--environment_type=LOOPBACK"])
+    assert progress.InputProgress("annotate", ["x*"], loopback).active
+
+
+def test_progress_policy_terminal_environment_and_flag(monkeypatch):
+    monkeypatch.delenv(progress_policy.ENV, raising=False)
+    monkeypatch.setattr(sys, "stderr", open(os.devnull, "w"))
+    assert progress_policy.enabled() is False  # not a terminal
+    monkeypatch.setenv(progress_policy.ENV, "1")
+    assert progress_policy.enabled() is True and progress_policy.enabled(False) is False
+    monkeypatch.setenv(progress_policy.ENV, "0")
+    assert progress_policy.enabled() is False and progress_policy.enabled(True) is True
+    assert progress_policy.bar(False, 10, "x") is None
