@@ -334,9 +334,24 @@ def solve_table(table: SignatureTable, config: BalanceConfig):
         "price_of_balance": price_of_balance(projected, config),
         "config": dataclasses.asdict(config),
     }
-    for entry in solution.statistics["dropped_concepts"]:
-        log.warning("the plan drops a concept: %s", entry["reason"])
+    log_dropped_concepts(solution.statistics["dropped_concepts"])
     return solution, projected
+
+
+# More dropped concepts than this are one warning line (names only): at web scale dozens of rare
+# concepts show one value only, and a line each would bury the rest of the output.
+DROPPED_CONCEPTS_LISTED = 3
+
+
+def log_dropped_concepts(entries: list[dict]) -> None:
+    if len(entries) <= DROPPED_CONCEPTS_LISTED:
+        for entry in entries:
+            log.warning("the plan drops a concept: %s", entry["reason"])
+        return
+    names = ", ".join(f"'{entry['concept']}'" for entry in entries[:10])
+    more = f" and {len(entries) - 10} more" if len(entries) > 10 else ""
+    log.warning("the plan drops %d concepts (%s%s): their annotated rows show one value only, or the plan "
+                "keeps none of them; solution.json and the report give each one's reason", len(entries), names, more)
 
 
 def dropped_concepts(problem, solution, after) -> list[dict]:
