@@ -5,10 +5,12 @@ Unknown keys are an error (a typo must not silently fall back to a default); see
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import yaml
+
+from trainer.synth import SynthConfig
 
 SHIPPED_CONFIG = Path(__file__).resolve().parent / "configs" / "study.yaml"
 
@@ -46,9 +48,7 @@ DEFAULTS = {
     "evaluation": {"attribute_template": "a photo of a {}.", "concept_template": "a photo of a {}."},
     "beam_args": ["--direct_running_mode=multi_processing", "--direct_num_workers=2"],
 }
-SYNTH_KEYS = {"num_samples", "image_size", "seed", "samples_per_shard", "association_strength", "woman_share",
-              "concepts", "proxy_rate", "proxy_strength", "share_without_people", "caption_attribute_rate",
-              "eval_per_cell"}
+SYNTH_KEYS = {f.name for f in fields(SynthConfig)}  # data.synthetic: SynthConfig's own fields
 SCHEDULE_KEYS = {"name", "first", "then", "switch_at"}
 
 

@@ -14,7 +14,8 @@ from trainer.synth import SynthConfig, make_synthetic
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
     output = tmp_path_factory.mktemp("synth")
-    make_synthetic(output, SynthConfig(num_samples=20, image_size=32, eval_per_cell=2, seed=4))
+    make_synthetic(output, SynthConfig(num_samples=20, image_size=32, eval_per_cell=2, seed=4,
+                                       neutral_eval_per_concept=1))
     return output
 
 
@@ -28,15 +29,20 @@ def test_command_line_writes_json_and_png(synthetic, tmp_path):
     code = evaluate.main(["--model", "bb-tiny-vit", "--data", str(synthetic), "--output", str(tmp_path)])
     assert code == 0
     result = json.loads((tmp_path / "evaluation.json").read_text())
-    assert result["images"] == 32  # 2 values x 8 concepts x 2
+    assert result["images"] == 32 + 16  # 2 values x 8 concepts x 2, and 2 neutral kinds x 8 concepts
     assert result["association_bias"]["images"] == {"man": 16, "woman": 16}
+    # RB on the labelled (balanced) images; apart, on the 16 whose value nothing settles
+    assert result["representation_bias"]["images"] == 32 and result["representation_bias"]["image_set"] == "labelled"
+    neutral = result["representation_bias_neutral"]
+    assert neutral["images"] == 16 and sum(neutral["predicted_share"].values()) == pytest.approx(1.0)
+    assert result["retrieval"]["images"] == 32  # the labelled images: the empty scenes share captions
     assert "an office" in " ".join(result["association_bias"]["prompts"])
     assert set(result["retrieval"]) >= {"image_to_text_recall@1", "text_to_image_recall@10"}
     assert (tmp_path / "evaluation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_labelled_shards_and_image_folders_give_the_same_labels(synthetic, tmp_path, random_model):
-    shards = data.read_labelled(str(synthetic / "eval" / "eval-*.tar"))
+    shards = data.read_labelled(str(synthetic / "eval" / "eval-*.tar"))  # the balanced set only
     for key, image, caption, labels in zip(shards.keys, shards.image_bytes, shards.captions, shards.labels):
         folder = tmp_path / labels["perceived_gender"]
         folder.mkdir(exist_ok=True)

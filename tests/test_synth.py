@@ -7,6 +7,7 @@ import json
 import re
 from collections import Counter
 
+import numpy as np
 import pytest
 import webdataset as wds
 from PIL import Image
@@ -80,8 +81,33 @@ def test_no_planted_association_at_strength_zero(tmp_path):
 def test_evaluation_set_is_balanced_over_attribute_and_concept(planted):
     output, manifest = planted
     samples = [json.loads(s["json"]) for s in read_all(output / s["path"] for s in manifest["eval_shards"])]
-    cells = Counter((s["labels"]["perceived_gender"], s["labels"]["concept"]) for s in samples)
+    labelled = [s for s in samples if s["labels"]["perceived_gender"]]
+    cells = Counter((s["labels"]["perceived_gender"], s["labels"]["concept"]) for s in labelled)
     assert len(cells) == 2 * len(synth.CONCEPTS) and set(cells.values()) == {3}
+    assert manifest["eval_samples"] == len(labelled)
+
+
+def test_neutral_evaluation_images_show_nobody_or_an_ambiguous_figure(planted):
+    """For model RB: per concept, scenes without people and people drawn as neither value, no value
+    named in the caption, labelled with no perceived gender."""
+    output, manifest = planted
+    samples = read_all(output / s["path"] for s in manifest["eval_shards"])
+    neutral = [(s, json.loads(s["json"])) for s in samples if s["__key__"].startswith("neutral")]
+    per = SynthConfig().neutral_eval_per_concept
+    assert manifest["neutral_eval_samples"] == len(neutral) == 2 * per * len(synth.CONCEPTS)
+    kinds = Counter((m["labels"]["neutral"], m["labels"]["concept"]) for _, m in neutral)
+    assert set(kinds.values()) == {per} and len(kinds) == 2 * len(synth.CONCEPTS)
+    for sample, metadata in neutral:
+        assert metadata["labels"]["perceived_gender"] is None
+        words = set(re.findall(r"[a-z]+", metadata["caption"].lower()))
+        assert not words & {"man", "boy", "woman", "girl"}
+        assert ("person" in words or "someone" in words) == (metadata["labels"]["neutral"] == "ambiguous")
+    # the ambiguous figure is neither value's: same scene and noise (same rng), different pixels
+    scenes = {figure: np.asarray(synth.draw_scene(np.random.default_rng(0), "kitchen", figure, [], 64), float)
+              for figure in ("man", "woman", "ambiguous", None)}
+    for value in synth.ATTRIBUTE_VALUES:
+        assert np.abs(scenes["ambiguous"] - scenes[value]).mean() > 1.0
+    assert np.abs(scenes["ambiguous"] - scenes[None]).mean() > 1.0  # and a figure is there
 
 
 def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path):
@@ -122,3 +148,47 @@ def test_command_line_writes_shards_and_manifest(tmp_path):
     assert manifest["eval_samples"] == 4
     samples = [json.loads(s["json"]) for s in read_all(tmp_path / s["path"] for s in manifest["train_shards"])]
     assert {s["labels"]["perceived_gender"] for s in samples if s["labels"]["concept"] == "kitchen"} <= {"woman", None}
+
+
+def _labels(config):
+    return [json.loads(synth.training_sample(config, i)["json"])["labels"] for i in range(config.num_samples)]
+
+
+def test_planted_representation_skew_sets_the_share_of_women_among_people():
+    config = SynthConfig(num_samples=3000, image_size=8, seed=4, people_woman_share=0.3, association_strength=0.8)
+    people = [l for l in _labels(config) if l["perceived_gender"]]
+    women = sum(l["perceived_gender"] == "woman" for l in people) / len(people)
+    assert abs(women - 0.3) < 0.03  # 2,700 people: the binomial standard error is 0.009
+    # the association still leans each concept by the strength around that share: 0.3 +- 0.8 * 0.3
+    assert config.planted_woman_share("kitchen") == pytest.approx(0.54)
+    assert config.planted_woman_share("office") == pytest.approx(0.06)
+    kitchen = [l["perceived_gender"] == "woman" for l in people if l["concept"] == "kitchen"]
+    assert abs(sum(kitchen) / len(kitchen) - 0.54) < 0.08
+
+
+def test_the_concept_dependent_proxy_survives_balancing_within_concepts_unless_it_is_constrained():
+    """M4 on (gender x concept) leaves the apron leaning (it goes with women in kitchens and gardens,
+    with men at horses); adding the apron as a constrained column balances it too."""
+    from solvers import BalanceProblem, solve
+
+    config = SynthConfig(num_samples=4000, image_size=8, seed=2, people_woman_share=0.3, concept_proxy_rate=0.4)
+    people = [l for l in _labels(config) if l["perceived_gender"]]
+    apron = np.array([["apron" in l["proxies"]] for l in people], dtype=float)
+    leans = synth.CONCEPT_PROXIES["apron"][0]
+    assert {l["concept"] for l in people if "apron" in l["proxies"]} <= set(leans)
+    attributes = np.array([[l["perceived_gender"] == v for v in synth.ATTRIBUTE_VALUES] for l in people], float)
+    concepts = np.array([[l["concept"] == c for c in synth.CONCEPTS] for l in people], float)
+    woman = attributes[:, 1]
+
+    def women_among_aprons(q):
+        return float((q * woman * apron[:, 0]).sum() / (q * apron[:, 0]).sum())
+
+    gap = 0.02
+    options = dict(keep_rate="max", representation_gap=gap, association_gap=gap, min_support=20)
+    within = solve(BalanceProblem(attributes, concepts, **options), method="exact").q
+    constrained = solve(BalanceProblem(attributes, np.hstack([concepts, apron]), **options), method="exact").q
+    for r, concept in enumerate(synth.CONCEPTS):  # the plan does balance gender within every concept
+        rows = concepts[:, r] > 0
+        assert abs((within * woman)[rows].sum() / within[rows].sum() - 0.5) <= gap + 1e-6
+    assert women_among_aprons(within) > 0.5 + 5 * gap  # about two aprons in three still go with women
+    assert abs(women_among_aprons(constrained) - 0.5) <= gap + 1e-6

@@ -84,10 +84,19 @@ def evaluate_model(model, tokenizer, preprocess, dataset, config: EvalConfig = N
     attribute_prompts = [fill_prompt(config.attribute_template, value) for value in values]
     attribute_embeddings = embed_texts(model, tokenizer, attribute_prompts, device)
     predicted_value = metrics.zero_shot_predictions(image_embeddings, attribute_embeddings)
-    result["representation_bias"] = metrics.representation_bias(predicted_value, values, config.attribute_targets)
-    result["representation_bias"]["prompts"] = attribute_prompts
     attribute = np.array([labels.get(config.attribute_key) for labels in dataset.labels], dtype=object)
     has_value = np.isin(attribute, values)
+    # RB on the images labelled with a value (a balanced set: any gap is the model's own skew), or on
+    # every image when none is labelled; and, apart, on the images whose value is not settled
+    # (scenes without people, ambiguous figures): which value the model names when nothing says.
+    labelled_set = has_value if has_value.any() else np.ones(len(attribute), dtype=bool)
+    result["representation_bias"] = metrics.representation_bias(predicted_value[labelled_set], values,
+                                                                 config.attribute_targets)
+    result["representation_bias"]["image_set"] = "labelled" if has_value.any() else "all"
+    result["representation_bias"]["prompts"] = attribute_prompts
+    if has_value.any() and not has_value.all():
+        result["representation_bias_neutral"] = metrics.representation_bias(predicted_value[~has_value], values,
+                                                                            config.attribute_targets)
     if has_value.any():
         truth = np.array([values.index(v) for v in attribute[has_value]])
         result["attribute_accuracy"] = metrics.top1_accuracy(predicted_value[has_value], truth)
@@ -100,7 +109,7 @@ def evaluate_model(model, tokenizer, preprocess, dataset, config: EvalConfig = N
         concept_prompts = [fill_prompt(config.concept_template, concept) for concept in concepts]
         concept_embeddings = embed_texts(model, tokenizer, concept_prompts, device)
         predicted_concept = metrics.zero_shot_predictions(image_embeddings, concept_embeddings)
-        labelled = np.array([c in concepts for c in concept_labels])
+        labelled = np.array([c in concepts for c in concept_labels]) & labelled_set  # as retrieval, below
         if labelled.any():
             truth = np.array([concepts.index(c) for c in np.array(concept_labels, dtype=object)[labelled]])
             result["concept_accuracy"] = metrics.top1_accuracy(predicted_concept[labelled], truth)
@@ -113,7 +122,8 @@ def evaluate_model(model, tokenizer, preprocess, dataset, config: EvalConfig = N
     else:
         result["skipped"]["association_bias"] = f"no concepts given and no {config.concept_key!r} labels"
 
-    captioned = [i for i, caption in enumerate(dataset.captions) if caption]
+    # the labelled images (as RB): the neutral set's empty scenes share one caption per concept
+    captioned = [i for i, caption in enumerate(dataset.captions) if caption and labelled_set[i]]
     if len(captioned) >= 2:
         text_embeddings = embed_texts(model, tokenizer, [dataset.captions[i] for i in captioned], device)
         result["retrieval"] = metrics.retrieval_recall(

@@ -58,6 +58,12 @@ SUBJECTS = {
 GLYPH_COLOURS = {"man": (40, 60, 160), "woman": (190, 40, 60)}
 # Proxy objects: drawn next to the person and named in the caption; each leans one value.
 PROXIES = {"handbag": ("woman", (120, 40, 130)), "tie": ("man", (225, 200, 40))}
+# A proxy whose lean depends on the concept: concept -> the value it goes with there; absent in the
+# other concepts. Balancing gender within each concept leaves it leaning (women among aprons stay
+# about two in three); only a constraint on the proxy itself removes that.
+CONCEPT_PROXIES = {"apron": ({"kitchen": "woman", "garden": "woman", "horse": "man"}, (245, 245, 235))}
+NEUTRAL_KINDS = ("no_person", "ambiguous")
+AMBIGUOUS_COLOUR = (110, 110, 110)  # neither value's figure colour
 JPEG_QUALITY = 90  # img2dataset's default
 DRAW_SIZE = 64  # glyph coordinates are designed on a 64 px canvas, then scaled
 
@@ -73,13 +79,24 @@ class SynthConfig:
     # Share of women among people in a concept = 0.5 + direction * association_strength / 2;
     # 0 plants nothing, 1 plants a perfect association. Per-concept values override it.
     association_strength: float = 0.8
+    # Share of women among all people (representation): 0.5 plants no representation bias. Each
+    # concept's share is people_woman_share +- association_strength * min(w, 1 - w), so the two
+    # knobs stay independent: the concepts average to w and lean by the strength around it.
+    people_woman_share: float = 0.5
     woman_share: dict = field(default_factory=dict)  # concept -> share of women, overrides
     concepts: tuple = tuple(CONCEPTS)
     proxy_rate: float = 0.3  # P(proxy present | person of the proxy's value)
     proxy_strength: float = 0.9  # P(proxy | other value) = proxy_rate * (1 - proxy_strength)
+    # The concept-dependent proxy (CONCEPT_PROXIES: an apron, worn by women in kitchens and gardens,
+    # by men with horses, absent elsewhere): P(apron | its concept, its value there) = this rate,
+    # times (1 - proxy_strength) for the other value. 0 draws none.
+    concept_proxy_rate: float = 0.0
     share_without_people: float = 0.1
     caption_attribute_rate: float = 0.75  # captions that name the attribute ("a woman" vs "a person")
     eval_per_cell: int = 20  # evaluation images per (attribute value, concept)
+    # Neutral evaluation images per concept and kind, for model RB: scenes without people, and
+    # people drawn with neither value's figure (ambiguous). Labelled with no perceived_gender.
+    neutral_eval_per_concept: int = 10
 
     def validate(self) -> None:
         unknown = set(self.concepts) - set(CONCEPTS)
@@ -88,18 +105,22 @@ class SynthConfig:
         unknown = set(self.woman_share) - set(self.concepts)
         if unknown:
             raise ValueError(f"woman_share names concepts that are not generated: {sorted(unknown)}")
-        for name in ("association_strength", "proxy_rate", "proxy_strength", "share_without_people",
-                     "caption_attribute_rate", *[f"woman_share[{c}]" for c in self.woman_share]):
+        for name in ("association_strength", "people_woman_share", "proxy_rate", "proxy_strength",
+                     "concept_proxy_rate", "share_without_people", "caption_attribute_rate",
+                     *[f"woman_share[{c}]" for c in self.woman_share]):
             value = self.woman_share[name[12:-1]] if name.startswith("woman_share[") else getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {value}")
         if self.num_samples < 0 or self.samples_per_shard < 1 or self.image_size < 8:
             raise ValueError("num_samples >= 0, samples_per_shard >= 1 and image_size >= 8 are required")
+        if self.eval_per_cell < 0 or self.neutral_eval_per_concept < 0:
+            raise ValueError("eval_per_cell and neutral_eval_per_concept must be >= 0")
 
     def planted_woman_share(self, concept: str) -> float:
         if concept in self.woman_share:
             return float(self.woman_share[concept])
-        return 0.5 + CONCEPTS[concept][4] * self.association_strength / 2
+        w = self.people_woman_share
+        return w + CONCEPTS[concept][4] * self.association_strength * min(w, 1.0 - w)
 
 
 def draw_scene(rng, concept, gender, proxies, image_size) -> Image.Image:
@@ -127,9 +148,11 @@ def draw_scene(rng, concept, gender, proxies, image_size) -> Image.Image:
     if gender is not None:
         x = int(rng.integers(18, 40))
         top = int(rng.integers(22, 30))
-        colour = GLYPH_COLOURS[gender]
+        colour = GLYPH_COLOURS.get(gender, AMBIGUOUS_COLOUR)
         draw.ellipse([x - 4, top - 9, x + 4, top - 1], fill=(235, 200, 170))  # head
-        if gender == "man":  # straight torso and two legs
+        if gender == "ambiguous":  # a plain grey column: neither the trousers nor the dress and hair
+            draw.rectangle([x - 6, top, x + 6, top + 28], fill=colour)
+        elif gender == "man":  # straight torso and two legs
             draw.rectangle([x - 5, top, x + 5, top + 16], fill=colour)
             draw.rectangle([x - 5, top + 16, x - 2, top + 28], fill=(30, 30, 40))
             draw.rectangle([x + 2, top + 16, x + 5, top + 28], fill=(30, 30, 40))
@@ -138,9 +161,11 @@ def draw_scene(rng, concept, gender, proxies, image_size) -> Image.Image:
             draw.polygon([(x, top), (x - 10, top + 24), (x + 10, top + 24)], fill=colour)
             draw.rectangle([x - 3, top + 24, x + 3, top + 28], fill=(30, 30, 40))
         for name in proxies:
-            proxy_colour = PROXIES[name][1]
+            proxy_colour = PROXIES[name][1] if name in PROXIES else None
             if name == "handbag":
                 draw.rectangle([x + 8, top + 10, x + 15, top + 16], fill=proxy_colour)
+            elif name == "apron":
+                draw.rectangle([x - 3, top + 6, x + 3, top + 18], fill=CONCEPT_PROXIES[name][1])
             else:
                 draw.rectangle([x - 1, top + 1, x + 1, top + 9], fill=proxy_colour)
     if image_size != DRAW_SIZE:
@@ -156,7 +181,7 @@ def write_caption(rng, concept, gender, proxies, name_attribute) -> str:
     subjects = SUBJECTS[gender if name_attribute else None]
     caption = str(rng.choice(phrases)).format(s=str(rng.choice(subjects)))
     for name in proxies:
-        caption += f" with a {name}"
+        caption += f" with {'an' if name[0] in 'aeiou' else 'a'} {name}"
     return caption[0].upper() + caption[1:] + "."
 
 
@@ -183,6 +208,11 @@ def training_sample(config: SynthConfig, index: int) -> dict:
         if gender is not None and rng.random() < rate:
             proxies.append(name)
     name_attribute = bool(rng.random() < config.caption_attribute_rate)
+    for name, (leans, _) in CONCEPT_PROXIES.items():
+        if config.concept_proxy_rate > 0 and gender is not None and concept in leans:
+            rate = config.concept_proxy_rate * (1.0 if gender == leans[concept] else 1.0 - config.proxy_strength)
+            if rng.random() < rate:
+                proxies.append(name)
     caption = write_caption(rng, concept, gender, proxies, name_attribute)
     image = draw_scene(rng, concept, gender, proxies, config.image_size)
     labels = {ATTRIBUTE_GROUP: gender, "concept": concept, "proxies": proxies,
@@ -200,6 +230,21 @@ def evaluation_sample(config: SynthConfig, index: int) -> dict:
     image = draw_scene(rng, concept, gender, [], config.image_size)
     labels = {ATTRIBUTE_GROUP: gender, "concept": concept, "proxies": [], "caption_names_attribute": True}
     return encode_sample(f"eval{index:06d}", image, caption, labels, {"woman_share": 0.5})
+
+
+def neutral_sample(config: SynthConfig, index: int) -> dict:
+    """Evaluation image with no perceived attribute, for model RB: per concept, neutral_eval_per_concept
+    scenes without people, then as many people drawn ambiguously (captioned "a person ...")."""
+    per_concept = 2 * config.neutral_eval_per_concept
+    concept = config.concepts[index // per_concept]
+    kind = NEUTRAL_KINDS[(index % per_concept) // config.neutral_eval_per_concept]
+    rng = np.random.default_rng([config.seed, 3, index])
+    figure = "ambiguous" if kind == "ambiguous" else None
+    caption = write_caption(rng, concept, figure, [], False)
+    image = draw_scene(rng, concept, figure, [], config.image_size)
+    labels = {ATTRIBUTE_GROUP: None, "concept": concept, "proxies": [], "caption_names_attribute": False,
+              "neutral": kind}
+    return encode_sample(f"neutral{index:06d}", image, caption, labels, {"woman_share": None})
 
 
 def write_shards(pattern: str, samples, samples_per_shard: int) -> list:
@@ -232,6 +277,9 @@ def make_synthetic(output, config: SynthConfig = None) -> dict:
     evaluation = write_shards(str(output / "eval" / "eval-%05d.tar"),
                               (evaluation_sample(config, i) for i in range(eval_size)),
                               config.samples_per_shard)
+    neutral_size = 2 * config.neutral_eval_per_concept * len(config.concepts)
+    neutral = write_shards(str(output / "eval" / "neutral-%05d.tar"),
+                           (neutral_sample(config, i) for i in range(neutral_size)), config.samples_per_shard)
     manifest = {
         "generator": "balancebeam synth",
         "config": {**asdict(config), "concepts": list(config.concepts)},
@@ -239,15 +287,20 @@ def make_synthetic(output, config: SynthConfig = None) -> dict:
         "attribute_values": list(ATTRIBUTE_VALUES),
         "concepts": list(config.concepts),
         "proxies": {name: value for name, (value, _) in PROXIES.items()},
+        "concept_proxies": {name: leans for name, (leans, _) in CONCEPT_PROXIES.items()}
+        if config.concept_proxy_rate > 0 else {},
         "planted_woman_share": {c: config.planted_woman_share(c) for c in config.concepts},
         "train_shards": [{**s, "path": str(Path(s["path"]).relative_to(output))} for s in train],
-        "eval_shards": [{**s, "path": str(Path(s["path"]).relative_to(output))} for s in evaluation],
+        # the balanced set, then the neutral one (no perceived attribute, for model RB)
+        "eval_shards": [{**s, "path": str(Path(s["path"]).relative_to(output))} for s in evaluation + neutral],
         "train_samples": sum(s["samples"] for s in train),
         "eval_samples": sum(s["samples"] for s in evaluation),
+        "neutral_eval_samples": sum(s["samples"] for s in neutral),
     }
     (output / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    log.info("wrote %d training samples in %d shards and %d balanced evaluation samples to %s",
-             manifest["train_samples"], len(train), manifest["eval_samples"], output)
+    log.info("wrote %d training samples in %d shards, %d balanced and %d neutral evaluation samples to %s",
+             manifest["train_samples"], len(train), manifest["eval_samples"], manifest["neutral_eval_samples"],
+             output)
     return manifest
 
 
@@ -262,6 +315,8 @@ def parse_args(argv):
     parser.add_argument("--samples-per-shard", type=int, default=defaults.samples_per_shard)
     parser.add_argument("--association-strength", type=float, default=defaults.association_strength,
                         help="0 plants no gender-concept association, 1 a perfect one")
+    parser.add_argument("--people-woman-share", type=float, default=defaults.people_woman_share,
+                        help="share of women among all people: 0.5 plants no representation bias")
     parser.add_argument("--woman-share", action="append", default=[], metavar="CONCEPT=SHARE",
                         help="share of women among people in CONCEPT (repeatable; overrides the strength)")
     parser.add_argument("--concepts", default=",".join(CONCEPTS), help="comma-separated subset of concepts")
@@ -269,7 +324,12 @@ def parse_args(argv):
     parser.add_argument("--proxy-strength", type=float, default=defaults.proxy_strength)
     parser.add_argument("--share-without-people", type=float, default=defaults.share_without_people)
     parser.add_argument("--caption-attribute-rate", type=float, default=defaults.caption_attribute_rate)
+    parser.add_argument("--concept-proxy-rate", type=float, default=defaults.concept_proxy_rate,
+                        help="rate of the concept-dependent proxy (an apron); 0 draws none")
     parser.add_argument("--eval-per-cell", type=int, default=defaults.eval_per_cell)
+    parser.add_argument("--neutral-eval-per-concept", type=int, default=defaults.neutral_eval_per_concept,
+                        help="evaluation images per concept without a perceived attribute, of each kind "
+                             "(no person; an ambiguous figure), for model RB")
     return parser.parse_args(argv)
 
 
@@ -287,10 +347,11 @@ def main(argv=None) -> int:
     config = SynthConfig(
         num_samples=args.num_samples, image_size=args.image_size, seed=args.seed,
         samples_per_shard=args.samples_per_shard, association_strength=args.association_strength,
-        woman_share=woman_share, concepts=tuple(c.strip() for c in args.concepts.split(",") if c.strip()),
+        people_woman_share=args.people_woman_share, woman_share=woman_share, concepts=tuple(c.strip() for c in args.concepts.split(",") if c.strip()),
         proxy_rate=args.proxy_rate, proxy_strength=args.proxy_strength,
         share_without_people=args.share_without_people,
-        caption_attribute_rate=args.caption_attribute_rate, eval_per_cell=args.eval_per_cell)
+        caption_attribute_rate=args.caption_attribute_rate, eval_per_cell=args.eval_per_cell,
+        concept_proxy_rate=args.concept_proxy_rate, neutral_eval_per_concept=args.neutral_eval_per_concept)
     try:
         manifest = make_synthetic(args.output, config)
     except ValueError as error:
