@@ -6,6 +6,10 @@ import dataclasses
 import json
 import os
 import pathlib
+import socket
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -137,3 +141,25 @@ def tiny_clip(tmp_path_factory):
     checkpoint_path = directory / "tiny-vit-seed0.pt"
     torch.save({"state_dict": model.state_dict()}, checkpoint_path)
     return TinyClip(architecture, config_path, checkpoint_path)
+
+
+@pytest.fixture
+def job_service():
+    """A local portable job service, a separate process as a user would start it; yields its port."""
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        port = probe.getsockname()[1]
+    service = subprocess.Popen([sys.executable, "-m", "apache_beam.runners.portability.local_job_service_main",
+                                "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:  # until it accepts connections
+            try:
+                socket.create_connection(("localhost", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.2)
+        yield port
+    finally:
+        service.terminate()
+        service.wait(timeout=30)

@@ -4,10 +4,6 @@ portable runner against a local job service, on real COCO data and on deliberate
 import io
 import json
 import re
-import socket
-import subprocess
-import sys
-import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -77,31 +73,10 @@ def test_coco_mini_annotations_agree_with_coco_instance_labels(coco_mini_job, sh
     assert len(hits) >= 100 and sum(hits) / len(hits) >= 0.9
 
 
-def _free_port():
-    with socket.socket() as probe:
-        probe.bind(("localhost", 0))
-        return probe.getsockname()[1]
-
-
 def test_portable_runner_on_a_local_job_service_gives_the_same_annotations(
-        coco_mini_job, coco_mini_shards, tmp_path):
-    port = _free_port()
-    service = subprocess.Popen(
-        [sys.executable, "-m", "apache_beam.runners.portability.local_job_service_main",
-         "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 60
-        while time.time() < deadline:  # wait until the job service accepts connections
-            try:
-                socket.create_connection(("localhost", port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.2)
-        table, counts = _run_job([coco_mini_shards.glob], tmp_path / "out", "--runner=PortableRunner",
-                                 f"--job_endpoint=localhost:{port}", "--environment_type=LOOPBACK")
-    finally:
-        service.terminate()
-        service.wait(timeout=30)
+        coco_mini_job, coco_mini_shards, tmp_path, job_service):
+    table, counts = _run_job([coco_mini_shards.glob], tmp_path / "out", "--runner=PortableRunner",
+                             f"--job_endpoint=localhost:{job_service}", "--environment_type=LOOPBACK")
     _, direct_table, direct_counts = coco_mini_job
     assert counts == direct_counts
     assert table.equals(direct_table)

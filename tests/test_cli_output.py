@@ -3,11 +3,9 @@ noise, in any runner mode), progress lines when asked for, and nothing but probl
 import logging
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 
 import pytest
 
@@ -31,28 +29,6 @@ def _environment(**extra):
 def _balancebeam(*argv, **extra_env):
     return subprocess.run([sys.executable, "-m", "pipeline.cli", *argv], capture_output=True, text=True,
                           env=_environment(**extra_env), timeout=300)
-
-
-@pytest.fixture
-def job_service():
-    """A local portable job service (a separate process, as a user would start it); yields its port."""
-    with socket.socket() as probe:
-        probe.bind(("localhost", 0))
-        port = probe.getsockname()[1]
-    service = subprocess.Popen([sys.executable, "-m", "apache_beam.runners.portability.local_job_service_main",
-                                "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                socket.create_connection(("localhost", port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.2)
-        yield port
-    finally:
-        service.terminate()
-        service.wait(timeout=30)
 
 
 @pytest.mark.parametrize("mode", ["in-process", "two workers", "portable"])

@@ -6,10 +6,6 @@ workers (multi-process DirectRunner) and on the portable runner against a local 
 import hashlib
 import io
 import json
-import socket
-import subprocess
-import sys
-import time
 from collections import Counter
 
 import numpy as np
@@ -271,22 +267,6 @@ def test_release_counts_reconcile_and_follow_q(two_worker_release, balanced_coco
     assert checked >= len(rows) - 2
 
 
-def _start_job_service():
-    with socket.socket() as probe:
-        probe.bind(("localhost", 0))
-        port = probe.getsockname()[1]
-    service = subprocess.Popen([sys.executable, "-m", "apache_beam.runners.portability.local_job_service_main",
-                                "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("localhost", port), timeout=1).close()
-            break
-        except OSError:
-            time.sleep(0.2)
-    return service, port
-
-
 def test_exact_mode_keeps_the_k_smallest_draws_of_each_signature(shared_data, tmp_path):
     """The default mode: of each constrained signature, exactly balance's k_s rows, those whose keyed
     hash is smallest; counted here from the shards and the annotations alone."""
@@ -323,16 +303,11 @@ def test_exact_mode_keeps_the_k_smallest_draws_of_each_signature(shared_data, tm
 
 
 def test_same_release_with_one_or_two_workers_and_on_the_portable_runner(
-        two_worker_release, balanced_coco_mini, tmp_path):
+        two_worker_release, balanced_coco_mini, tmp_path, job_service):
     _, two = two_worker_release
     one = _resample(balanced_coco_mini, tmp_path / "one", *ONE_WORKER, mode="bernoulli")
-    service, port = _start_job_service()
-    try:
-        portable = _resample(balanced_coco_mini, tmp_path / "portable", "--runner=PortableRunner",
-                             f"--job_endpoint=localhost:{port}", "--environment_type=LOOPBACK", mode="bernoulli")
-    finally:
-        service.terminate()
-        service.wait(timeout=30)
+    portable = _resample(balanced_coco_mini, tmp_path / "portable", "--runner=PortableRunner",
+                         f"--job_endpoint=localhost:{job_service}", "--environment_type=LOOPBACK", mode="bernoulli")
     assert len(two["shards"]) >= 3
     assert one["shards"] == two["shards"] == portable["shards"]  # names, sizes and sha256 of every shard
     assert one["counts"] == two["counts"] == portable["counts"]
