@@ -18,10 +18,15 @@ RESULTS_MD = "results.md"
 PLOT_FILE = "progress.png"
 # (key in a summarized evaluation, column title); for the first four, nearer 0 is better. "AB along data"
 # is metrics.association_bias_along: mean AB_r signed by the original data's direction per concept.
-METRICS = (("rb", "RB"), ("ab_mean", "AB mean"), ("ab_max", "AB max"), ("ab_aligned", "AB along data"),
-           ("concept_accuracy", "zero-shot acc"), ("attribute_accuracy", "attribute acc"),
-           ("image_to_text_recall@5", "I->T R@5"), ("text_to_image_recall@5", "T->I R@5"))
-BIAS_METRICS = ("rb", "ab_mean", "ab_max", "ab_aligned")
+# "RB neutral" is RB on the evaluation images no value is labelled on (empty scenes, ambiguous
+# figures): which value the model names when the image does not say; n/a without such images.
+METRICS = (("rb", "RB"), ("rb_neutral", "RB neutral"), ("ab_mean", "AB mean"), ("ab_max", "AB max"),
+           ("ab_aligned", "AB along data"), ("concept_accuracy", "zero-shot acc"),
+           ("attribute_accuracy", "attribute acc"), ("image_to_text_recall@5", "I->T R@5"),
+           ("text_to_image_recall@5", "T->I R@5"))
+BIAS_METRICS = ("rb", "rb_neutral", "ab_mean", "ab_max", "ab_aligned")
+# How fast a fine-tuning schedule moves each bias: steps after the switch to half the final change.
+RECOVERY_METRICS = (("rb", "RB"), ("ab_mean", "AB mean"))
 VARIANT_KEYS = ("keep_rate", "rows", "data_bias", "labelled_data_bias", "proxies")  # kept in results.json
 # The paper reports differences as significant at p < 0.05 (paired over seeds).
 SIGNIFICANCE_LEVEL = 0.05
@@ -30,6 +35,7 @@ SIGNIFICANCE_LEVEL = 0.05
 def summarize_evaluation(result: dict) -> dict:
     """The numbers the study keeps from one trainer.evaluate result."""
     summary = {"rb": result["representation_bias"]["rb"],
+               "rb_neutral": (result.get("representation_bias_neutral") or {}).get("rb"),
                "attribute_accuracy": result.get("attribute_accuracy"),
                "concept_accuracy": result.get("concept_accuracy")}
     association = result.get("association_bias")
@@ -75,6 +81,25 @@ def default_comparisons(arms) -> list:
     return pairs
 
 
+def half_change_steps(curve: dict, switch: int, key: str):
+    """(change, steps): a schedule's change of `key` from the switch to its final checkpoint, and the
+    steps after the switch until the metric first got half of that change; steps None when the
+    change is 0 or the metric is missing. curve: {step: summary}, the first variant's run up to the
+    switch, then the fine-tune."""
+    after = sorted(step for step in curve if step > switch)
+    start = curve.get(switch, {}).get(key)
+    if not after or start is None or curve[after[-1]].get(key) is None:
+        return None, None
+    change = curve[after[-1]][key] - start
+    if change == 0:
+        return 0.0, None
+    for step in after:
+        value = curve[step].get(key)
+        if value is not None and (value - start) / change >= 0.5:
+            return float(change), step - switch
+    return float(change), after[-1] - switch
+
+
 def with_aligned_bias(evaluations: dict, directions: dict) -> dict:
     """{step: summary} with ab_aligned added (None without directions or per-concept AB)."""
     return {int(step): {**value, "ab_aligned": association_bias_along(value.get("ab_per_concept") or {}, directions)}
@@ -114,6 +139,15 @@ def collect(config: dict, variants: dict, runs: dict, directions: dict | None = 
             curves.append(curve)
         progress = sorted(set.intersection(*[set(c) for c in curves]))
         arm["final"] = {key: _spread([f.get(key) for f in finals]) for key, _ in METRICS}
+        if arm["kind"] == "schedule":
+            switch = round(arm["switch_at"] * steps)
+            arm["recovery"], half_steps = {}, {}
+            for key, _ in RECOVERY_METRICS:
+                measured = [half_change_steps(curve, switch, key) for curve in curves]  # one per seed
+                half_steps[key] = [m[1] for m in measured]
+                arm["recovery"][key] = {"change": _spread([m[0] for m in measured]),
+                                        "half_change_steps": _spread(half_steps[key])}
+            arm["recovery"]["rb_vs_ab_steps"] = paired_test(half_steps["rb"], half_steps["ab_mean"])
         arm["progress"] = {"fraction": [s / steps for s in progress]}
         for key in BIAS_METRICS + ("concept_accuracy",):
             points = [_spread([c[s].get(key) for c in curves]) for s in progress]
@@ -158,6 +192,22 @@ def markdown_table(results: dict) -> str:
                      f"{_number(after.get('association_bias_max'))} | {_number(after.get('association_bias_mean'))} | "
                      f"{_number(labelled.get('association_bias_max'))} | "
                      f"{_number(labelled.get('association_bias_mean'))} |")
+    schedules = {name: arm for name, arm in results["arms"].items() if arm.get("recovery")}
+    if schedules:
+        lines += ["", "Fine-tuning schedules: each bias's change from the switch to the end, and the steps after "
+                  "the switch until it first had half of that change (mean ± standard deviation over seeds); "
+                  "the last column pairs RB's steps with AB's by seed (negative: RB moves first).", "",
+                  "| schedule | " + " | ".join(f"{title} change | {title} steps to half" for _, title in RECOVERY_METRICS)
+                  + " | RB - AB steps |", "|---" * (2 * len(RECOVERY_METRICS) + 2) + "|"]
+        for name, arm in schedules.items():
+            cells = []
+            for key, _ in RECOVERY_METRICS:
+                change, half = arm["recovery"][key]["change"], arm["recovery"][key]["half_change_steps"]
+                cells += [f"{_number(change['mean'])} ± {_number(change['std'])}",
+                          f"{_number(half['mean'], 0)} ± {_number(half['std'], 0)}"]
+            test = arm["recovery"]["rb_vs_ab_steps"]
+            cells.append(f"{_number(test['mean_difference'], 0)} (p={_number(test['p_value'])})")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", f"Paired t-tests over seeds (scipy.stats.ttest_rel): mean difference (arm - baseline), p-value; "
               f"* marks p < {SIGNIFICANCE_LEVEL}.", "",
               "| arm vs baseline | " + " | ".join(title for _, title in METRICS) + " |",
@@ -189,7 +239,7 @@ def plot_progress(results: dict, path: Path) -> None:
     if schedules:
         ends = {arms[name][key] for name in schedules for key in ("first", "then")}
         rows.append([name for name in rows[0] if name in ends] + schedules)
-    panels = (("rb", "model RB"), ("ab_mean", "model AB (mean |AB_r|)"),
+    panels = (("rb", "model RB"), ("rb_neutral", "model RB on neutral images"), ("ab_mean", "model AB (mean |AB_r|)"),
               ("ab_aligned", "model AB along the data's direction"), ("concept_accuracy", "zero-shot accuracy"))
     figure, axes = plt.subplots(len(rows), len(panels), figsize=(4.5 * len(panels), 4 * len(rows)), squeeze=False)
     colours = {name: f"C{i % 10}" for i, name in enumerate(arms)}

@@ -26,7 +26,7 @@ TINY = {
     "train": {"steps": STEPS, "warmup_steps": 4, "batch_size": 32, "checkpoints": CHECKPOINTS, "threads": 1},
     "schedules": [{"first": "original", "then": "balanced", "switch_at": 0.5}],
 }
-METRIC_KEYS = {"rb", "ab_mean", "ab_max", "ab_aligned", "concept_accuracy", "attribute_accuracy", "image_to_text_recall@5",
+METRIC_KEYS = {"rb", "rb_neutral", "ab_mean", "ab_max", "ab_aligned", "concept_accuracy", "attribute_accuracy", "image_to_text_recall@5",
                "text_to_image_recall@5"}
 
 
@@ -218,11 +218,18 @@ def test_shipped_config_is_valid():
     config = study_config.load(study_config.SHIPPED_CONFIG)
     assert config["variants"] == VARIANTS
     assert [s.switch_at for s in config["schedules"]] == [0.1, 0.9, 0.1, 0.9]
-    # the README's ablation: the same data except that every caption names the person
+    synthetic = config["data"]["synthetic"]
+    # it plants every bias the paper studied: representation, association, both kinds of proxy
+    assert synthetic["people_woman_share"] < 0.5 and synthetic["association_strength"] > 0
+    assert synthetic["proxy_rate"] > 0 and synthetic["concept_proxy_rate"] > 0
+    assert synthetic["neutral_eval_per_concept"] > 0 and len(config["seeds"]) >= 5
+    # the README's ablations build on the association-only benchmark: the same data except that
+    # every caption names the person
+    config = study_config.load(study_config.SHIPPED_CONFIG.with_name("study-association-only.yaml"))
     ablation = study_config.load(study_config.SHIPPED_CONFIG.with_name("study-every-caption-names.yaml"))
     assert ablation["data"]["synthetic"] == {**config["data"]["synthetic"], "caption_attribute_rate": 1.0}
     assert ablation["train"] == config["train"] and ablation["seeds"] == config["seeds"]
-    # the second stage annotates images with the shipped study's own original model
+    # the second stage annotates images with the association-only study's own original model
     stage = study_config.load(study_config.SHIPPED_CONFIG.with_name("study-image-annotator.yaml"))
     assert stage["data"]["synthetic"] == config["data"]["synthetic"] and stage["train"] == config["train"]
     extra = stage["balance"]["extra_args"]
@@ -257,3 +264,26 @@ def test_partial_synthetic_settings_keep_the_other_defaults(tmp_path):
     assert config["data"]["synthetic"] == {"num_samples": 10, "image_size": 32, "seed": 0}
     with pytest.raises(ValueError, match="unknown keys"):
         study_config.load(write_config(tmp_path, {"data": {"synthetic": {"num_sample": 10}}}))
+
+
+def test_half_change_steps_against_hand_counts():
+    """Switch at step 100; RB goes 0.30 -> 0.10 (half reached at step 130), AB 0.20 -> 0.10 (half at 190)."""
+    curve = {0: {"rb": 0.5, "ab_mean": 0.3}, 100: {"rb": 0.30, "ab_mean": 0.20}, 130: {"rb": 0.19, "ab_mean": 0.19},
+             160: {"rb": 0.12, "ab_mean": 0.16}, 190: {"rb": 0.11, "ab_mean": 0.15}, 220: {"rb": 0.10, "ab_mean": 0.10}}
+    assert study_results.half_change_steps(curve, 100, "rb") == (pytest.approx(-0.2), 30)
+    assert study_results.half_change_steps(curve, 100, "ab_mean") == (pytest.approx(-0.1), 90)
+    flat = {100: {"rb": 0.2}, 200: {"rb": 0.2}}
+    assert study_results.half_change_steps(flat, 100, "rb") == (0.0, None)  # no change: no step to name
+    assert study_results.half_change_steps({100: {"rb": None}, 200: {"rb": 0.1}}, 100, "rb") == (None, None)
+
+
+@pytest.mark.slow
+def test_schedules_report_how_fast_each_bias_moves(finished_study):
+    results = json.loads((finished_study["output"] / study_results.RESULTS_JSON).read_text())
+    recovery = results["arms"][SCHEDULE]["recovery"]
+    switch = round(0.5 * STEPS)
+    for key in ("rb", "ab_mean"):
+        steps = recovery[key]["half_change_steps"]["values"]
+        assert all(0 < s <= STEPS - switch for s in steps)
+    table = (finished_study["output"] / study_results.RESULTS_MD).read_text()
+    assert f"| {SCHEDULE} |" in table and "RB steps to half" in table
