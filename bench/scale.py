@@ -23,7 +23,6 @@ import json
 import os
 import pathlib
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -214,22 +213,10 @@ def balance_args():
 @contextlib.contextmanager
 def job_service():
     """A local Beam job service (the portable runner's endpoint) in its own process."""
-    with socket.socket() as probe:
-        probe.bind(("localhost", 0))
-        port = probe.getsockname()[1]
-    service = subprocess.Popen([sys.executable, "-m", "apache_beam.runners.portability.local_job_service_main",
-                                "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            with contextlib.suppress(OSError):
-                socket.create_connection(("localhost", port), timeout=1).close()
-                break
-            time.sleep(0.2)
-        yield ["--runner=PortableRunner", f"--job_endpoint=localhost:{port}", "--environment_type=LOOPBACK"]
-    finally:
-        service.terminate()
-        service.wait(timeout=60)
+    from pipeline.job_service import local_job_service, portable_args
+
+    with local_job_service() as port:
+        yield portable_args(port)
 
 
 @contextlib.contextmanager

@@ -22,18 +22,19 @@ from apache_beam.metrics import Metrics
 from pipeline.errors import DataError, ReconciliationError, UsageError
 from pipeline.files import read_text, write_text_atomically
 from pipeline.options import pipeline_options
+from pipeline.quarantine import METRICS_NAMESPACE
 from pipeline.signatures import SignatureTable, row_signature
 from solvers import progress as progress_policy
+from solvers.api import METHODS as SOLVER_METHODS
 from solvers.problem import DEFAULT_KEEP_RATE, DEFAULT_MIN_SUPPORT
 
 log = logging.getLogger(__name__)
 
-METRICS_NAMESPACE = "balancebeam"
 ANNOTATIONS_GLOB = "annotations-*.parquet"
 SIGNATURES_FILE = "signatures.jsonl"
 # The solvers balance offers. It solves on counted signatures, which fit in memory whatever N is, so
 # the dual solver is exact there and the streaming solver (for rows that do not fit) has no place.
-METHODS = ("dual", "exact")
+METHODS = tuple(method for method in SOLVER_METHODS if method != "streaming")
 STREAMING_REFUSED = (
     "--method streaming is not offered by balance: balance solves on counted signatures, which fit in "
     "memory whatever the number of rows, so 'dual' reaches the exact optimum, faster; the streaming "

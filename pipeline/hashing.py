@@ -36,14 +36,3 @@ def keyed_uniform(seed: int, key: str, purpose: str = KEEP) -> float:
 def keep_bernoulli(keep_probability: float, draw: float) -> bool:
     """Keep iff h < q: P(keep) = q exactly when h is uniform, and q = 1 always keeps, q = 0 never."""
     return draw < keep_probability
-
-
-def systematic_copies(start: float, end: float, offset: float) -> int:
-    """Copies of one example under systematic sampling along a fixed order.
-
-    [start, end) is the example's stretch of the running sum S of c*q in that order (the next
-    example's start is this end, the same float) and U = offset in [0, 1) is fixed per release:
-    the example gets floor(U + end) - floor(U + start) copies, floor(c q) or one more, and the
-    total is floor(U + S_N): the requested size (S_N equals it up to float rounding).
-    """
-    return int((offset + end) // 1) - int((offset + start) // 1)

@@ -20,12 +20,11 @@ from pipeline import release
 from pipeline.decide import counts_output, merge_batches
 from pipeline.errors import DataError
 from pipeline.progress import mark_range_read
-from pipeline.quarantine import QUARANTINE_TAG, quarantine_record
+from pipeline.quarantine import METRICS_NAMESPACE, QUARANTINE_TAG, quarantine_record
 from pipeline.splits import iter_range_records
 
 log = logging.getLogger(__name__)
 
-METRICS_NAMESPACE = "balancebeam"
 STAGE_RESAMPLE = "resample"
 NOT_ANNOTATED = "not_annotated"  # read now, but annotate wrote no row for it (quarantined there, or new)
 INPUT_CHANGED = "input_changed"  # the record at this place has another key than when it was annotated

@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 
+from solvers.max_rate import FEASIBILITY_SLACK
 from solvers.problem import SHARE_TOLERANCE, BalanceProblem
 from solvers.solution import BalanceSolution
 
@@ -17,9 +18,6 @@ METHODS = ("dual", "exact", "streaming")
 # "Certificates"), or the moment form's own units (the solvers' tolerance there).
 CERTIFIED_TOLERANCE = {"share": SHARE_TOLERANCE, "moment": 1e-6}
 DEFAULT_METHOD = "dual"
-# A requested rate this far above the LP's maximum is still solved (HiGHS's primal tolerance is
-# 1e-7 in counts; the solvers meet the rate to 1e-9), anything beyond it is infeasible.
-FEASIBILITY_SLACK = 1e-7
 # keep_rate="max" solves this far below the LP's rate. At the LP's rate itself the feasible set is a
 # point and the dual's multipliers grow without bound: 1e-7 below it the dual solver ran 20,000
 # iterations on a 34-signature problem without closing a 2.6e-6 relative gap; 1e-5 below it,

@@ -12,6 +12,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from solvers import progress as progress_bars
+from solvers.max_rate import FEASIBILITY_SLACK
 from solvers.problem import SHARE_TOLERANCE, BalanceProblem
 from solvers.solution import BalanceSolution
 
@@ -33,8 +34,6 @@ NEWTON_REGULARISATION = 1e-12
 # An infeasible problem has an unbounded dual: when the violation has not halved over this many
 # iterations, the max-rate LP decides (once) whether the keep rate is out of reach.
 STALL_CHECK_EVERY = 200
-# Keep rates this close above the LP's maximum count as feasible (the LP's own accuracy).
-FEASIBILITY_SLACK = 1e-7
 
 
 def solve_rate_multiplier(shift: np.ndarray, weights: np.ndarray, target_sum: float, start: float = 0.0):

@@ -12,6 +12,9 @@ import scipy.sparse as sp
 
 from solvers.problem import BalanceProblem
 
+# A requested rate this far above the LP's maximum is still solved (HiGHS's primal tolerance is
+# 1e-7 in counts; the solvers meet the rate to 1e-9), anything beyond it is infeasible.
+FEASIBILITY_SLACK = 1e-7
 # A constraint row whose LP multiplier (per unit of rate) is above this is reported as binding:
 # HiGHS's dual feasibility tolerance is 1e-7, so smaller multipliers are rounding noise.
 BINDING_MULTIPLIER = 1e-7

@@ -143,15 +143,6 @@ class ConstraintSpec:
             bounds = np.concatenate([gaps, gaps])
         return matrix, bounds
 
-    def describe_unit(self, unit: int) -> str:
-        """Readable name of a unit: "share of 'woman' among annotated 'kitchen' rows"."""
-        value = self.attribute_names[self.unit_values[unit]]
-        concept = self.unit_concepts[unit]
-        group = self.group_names[self.value_group()[self.unit_values[unit]]]
-        if concept == REPRESENTATION:
-            return f"share of '{value}' among {group}-annotated rows"
-        return f"share of '{value}' among {group}-annotated '{self.concept_names[concept]}' rows"
-
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

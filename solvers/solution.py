@@ -19,9 +19,10 @@ SOLUTION_FORMAT_VERSION = 1
 class BalanceSolution:
     """q_i = clip(t_i - (C lambda)_i - nu, 0, 1), with t_i = eta + tau (u_i - mean u).
 
-    `duals` holds lambda (one non-negative number per constraint row of `spec`, upper rows then
-    lower rows) and nu (the rate multiplier). `q` is the keep probability of the rows the problem
-    was solved on (None after `from_json`: the solution applies to any rows through `q_for`).
+    `constraint_duals` holds lambda (one non-negative number per constraint row of `spec`, upper
+    rows then lower rows) and `rate_dual` nu (the rate multiplier). `q` is the keep probability of
+    the rows the problem was solved on (None after `from_json`: the solution applies to any rows
+    through `q_for`).
     """
 
     spec: ConstraintSpec
@@ -40,11 +41,6 @@ class BalanceSolution:
     # Exact-count sampling: signature text -> [rows n_s, rows to keep k_s] (solvers/rounding.py),
     # filled in by the caller that knows the signature texts; None when not computed.
     exact_counts: dict[str, list[int]] | None = None
-
-    @property
-    def duals(self) -> dict[str, Any]:
-        """lambda per constraint row and nu, with readable names for the rows."""
-        return {"lambda": self.constraint_duals, "nu": self.rate_dual}
 
     @property
     def certified_violation(self) -> float | None:
@@ -74,19 +70,6 @@ class BalanceSolution:
                 raise ValueError("this solution was tilted toward utility; pass the rows' utility")
             targets = targets + self.utility_tilt * (np.asarray(utility, dtype=np.float64) - self.utility_mean)
         return np.clip(targets - matrix @ self.constraint_duals - self.rate_dual, 0.0, 1.0)
-
-    def constraint_report(self) -> list[dict[str, Any]]:
-        """One entry per constraint unit: what it says in words and its multipliers."""
-        units = self.spec.num_units
-        report = []
-        for u in range(units):
-            report.append({
-                "constraint": self.spec.describe_unit(u),
-                "gap": self.spec.unit_gaps[u],
-                "upper_dual": float(self.constraint_duals[u]),
-                "lower_dual": float(self.constraint_duals[units + u]),
-            })
-        return report
 
     def to_json(self) -> str:
         payload = {

@@ -6,10 +6,6 @@ import dataclasses
 import json
 import os
 import pathlib
-import socket
-import subprocess
-import sys
-import time
 
 import pytest
 
@@ -143,23 +139,11 @@ def tiny_clip(tmp_path_factory):
     return TinyClip(architecture, config_path, checkpoint_path)
 
 
+
 @pytest.fixture
 def job_service():
     """A local portable job service, a separate process as a user would start it; yields its port."""
-    with socket.socket() as probe:
-        probe.bind(("localhost", 0))
-        port = probe.getsockname()[1]
-    service = subprocess.Popen([sys.executable, "-m", "apache_beam.runners.portability.local_job_service_main",
-                                "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 60
-        while time.time() < deadline:  # until it accepts connections
-            try:
-                socket.create_connection(("localhost", port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.2)
+    from pipeline.job_service import local_job_service
+
+    with local_job_service() as port:
         yield port
-    finally:
-        service.terminate()
-        service.wait(timeout=30)
