@@ -4,6 +4,7 @@ Writes are atomic (temporary name, then rename) so a reader never sees half a fi
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
 import uuid
@@ -24,9 +25,24 @@ def write_text_atomically(path: str, text: str) -> None:
 
 def write_bytes_atomically(path: str, data: bytes) -> None:
     """Write under a temporary name, then rename: a reader never sees half a file."""
-    temporary = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    with FileSystems.create(temporary) as handle:
+    with atomic_create(path) as handle:
         handle.write(data)
+
+
+@contextlib.contextmanager
+def atomic_create(path: str):
+    """A handle to write `path` through (any FileSystems path), streamed: the bytes go to a temporary
+    name (`PATH.tmp-*`) renamed into place when the block ends without error, so a reader never
+    sees half a file and a crash leaves at worst a *.tmp-* file. On an error the temporary file is
+    removed and `path` keeps what it had."""
+    temporary = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        with FileSystems.create(temporary) as handle:
+            yield handle
+    except BaseException:
+        if FileSystems.exists(temporary):
+            FileSystems.delete([temporary])
+        raise
     if FileSystems.exists(path):
         FileSystems.delete([path])
     FileSystems.rename([temporary], [path])

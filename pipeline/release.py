@@ -9,7 +9,6 @@ import io
 import json
 import re
 import tarfile
-import uuid
 import zlib
 
 import numpy as np
@@ -17,6 +16,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from pipeline import hashing
 from pipeline.errors import DataError, UsageError
+from pipeline.files import atomic_create
 from pipeline.signatures import encode, parse_signature, row_signature
 from solvers.solution import BalanceSolution
 
@@ -415,18 +415,9 @@ def write_shard(path: str, samples) -> dict:
             counted[0] += 1
             yield item
 
-    temporary = f"{path}.tmp-{uuid.uuid4().hex}"
-    try:
-        with FileSystems.create(temporary) as raw:
-            writer = _HashingWriter(raw)
-            _write_tar(writer, counting(samples))
-    except BaseException:
-        if FileSystems.exists(temporary):
-            FileSystems.delete([temporary])
-        raise
-    if FileSystems.exists(path):
-        FileSystems.delete([path])
-    FileSystems.rename([temporary], [path])
+    with atomic_create(path) as raw:
+        writer = _HashingWriter(raw)
+        _write_tar(writer, counting(samples))
     return {"name": path.rsplit("/", 1)[-1], "samples": counted[0], "bytes": writer.size,
             "sha256": writer.digest.hexdigest()}
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import hashing, study_config, study_results
+from pipeline.files import write_text_atomically
 from pipeline.study_config import BALANCED, BALANCED_PROXIES, M4_VARIANTS, ORIGINAL, RANDOM
 from solvers import progress as progress_policy
 
@@ -30,9 +30,7 @@ DATA_BIAS_KEYS = ("representation_bias", "association_bias_max", "association_bi
 
 def write_json_atomically(path: Path, payload) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
+    write_text_atomically(str(path), json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
 def finished(directory: Path, what: str):

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 
+from pipeline.files import atomic_create, write_text_atomically
 from trainer.metrics import association_bias_along
 
 RESULTS_JSON = "results.json"
@@ -259,16 +259,13 @@ def plot_progress(results: dict, path: Path) -> None:
         row[0].legend(fontsize=7)
     figure.suptitle(f"mean ± standard deviation over seeds {results['seeds']}")
     figure.tight_layout()
-    temporary = path.with_name(path.stem + ".tmp.png")
-    figure.savefig(temporary, dpi=100)
+    with atomic_create(str(path)) as handle:
+        figure.savefig(handle, format="png", dpi=100)
     plt.close(figure)
-    os.replace(temporary, path)
 
 
 def write_outputs(results: dict, output: Path) -> None:
     for name, text in ((RESULTS_JSON, json.dumps(results, indent=2, sort_keys=True) + "\n"),
                        (RESULTS_MD, markdown_table(results))):
-        temporary = output / (name + ".tmp")
-        temporary.write_text(text, encoding="utf-8")
-        os.replace(temporary, output / name)
+        write_text_atomically(str(output / name), text)
     plot_progress(results, output / PLOT_FILE)

@@ -26,7 +26,7 @@ import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline.decide import COUNTS_TAG, counts_output
-from pipeline.files import delete_matching, write_bytes_atomically
+from pipeline.files import atomic_create, delete_matching, write_bytes_atomically
 from pipeline.publish import SUBSET_FILES
 
 SUBSET_FILE, KEEP_DIR = SUBSET_FILES
@@ -159,7 +159,6 @@ def assemble_subset(buckets_written: list[dict], work_dir: str, output_dir: str)
     np.lib.format.write_array_header_1_0(header, {"descr": np.lib.format.dtype_to_descr(UID_DTYPE),
                                                   "fortran_order": False, "shape": (total,)})
     path = FileSystems.join(output_dir, SUBSET_FILE)
-    temporary = path + ".tmp-assemble"
     digest, size = hashlib.sha256(), 0
 
     def chunks():
@@ -167,14 +166,11 @@ def assemble_subset(buckets_written: list[dict], work_dir: str, output_dir: str)
         for entry in sorted(buckets_written, key=lambda e: e["bucket"]):
             yield _read(FileSystems.join(work_dir, f"uids-{entry['bucket']:05d}.bin"))
 
-    with FileSystems.create(temporary) as handle:
+    with atomic_create(path) as handle:
         for chunk in chunks():
             handle.write(chunk)
             digest.update(chunk)
             size += len(chunk)
-    if FileSystems.exists(path):
-        FileSystems.delete([path])
-    FileSystems.rename([temporary], [path])
     return {"rows": total, "bytes": size, "sha256": digest.hexdigest()}
 
 

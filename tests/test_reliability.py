@@ -385,3 +385,22 @@ def test_the_trainer_decodes_only_allowed_formats_within_the_pixel_limit():
     with pytest.raises(images.ImageRejected, match="pixels"):
         images.decode_image(big.getvalue(), max_pixels=1_000_000)
     assert np.asarray(images.decode_image(big.getvalue())).shape == (3000, 3000, 3)
+
+
+def test_atomic_create_publishes_whole_files_or_nothing(tmp_path):
+    """The one way balancebeam writes a file (shards, subset.npy, manifests, study results): a
+    failure while writing leaves the old file and no temporary; success replaces it whole."""
+    from pipeline.files import atomic_create
+
+    path = tmp_path / "data.bin"
+    path.write_bytes(b"old")
+    with pytest.raises(RuntimeError):
+        with atomic_create(str(path)) as handle:
+            handle.write(b"half of the new")
+            raise RuntimeError("the writer died")
+    assert path.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["data.bin"]
+    with atomic_create(str(path)) as handle:
+        handle.write(b"new ")
+        assert path.read_bytes() == b"old"  # nothing under the final name until the block ends
+        handle.write(b"content")
+    assert path.read_bytes() == b"new content" and sorted(p.name for p in tmp_path.iterdir()) == ["data.bin"]
