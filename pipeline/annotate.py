@@ -226,9 +226,10 @@ def run(argv=None, save_main_session=False):
     parser = build_parser()
     args, beam_args = parser.parse_known_args(argv)
     check_arguments(args)
-    first_files = []
+    first_files, input_files = [], 0
     for pattern in args.input:
         matched = FileSystems.match([pattern])[0].metadata_list
+        input_files += len(matched)
         if not matched:
             raise FileNotFoundError(f"no input files match {pattern!r}")
         first_files.append(min(m.path for m in matched))
@@ -242,7 +243,7 @@ def run(argv=None, save_main_session=False):
     output = args.output.rstrip("/")
     _prepare_output(output)
     log.info("annotating %s into %s", ", ".join(args.input), output)
-    with InputProgress("annotate", args.input, options) as progress, beam.Pipeline(options=options) as pipeline:
+    with InputProgress("annotate", input_files, options) as progress, beam.Pipeline(options=options) as pipeline:
         args.progress_dir = progress.marker_dir
         annotate_pipeline(pipeline, args)
     pending = FileSystems.join(output, PENDING_COUNTS_FILE)

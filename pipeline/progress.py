@@ -13,6 +13,7 @@ their own job pages. Shown when solvers.progress says so (a terminal, unless --q
 """
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import logging
@@ -22,7 +23,6 @@ import tempfile
 import threading
 import time
 
-from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PortableOptions, StandardOptions
 
 from pipeline.options import LOCAL_RUNNERS
@@ -61,19 +61,19 @@ class InputProgress:
     `marker_dir` is None when progress is off; hand it to the readers either way.
     """
 
-    def __init__(self, job: str, globs, options, show: bool | None = None):
-        self.job, self.globs = job, list(globs)
-        self.active = bool(self.globs) and progress_policy.enabled(show) and is_local(options)
+    def __init__(self, job: str, input_files: int, options, show: bool | None = None):
+        """input_files: how many files the job's globs matched (the job has matched them already)."""
+        self.job, self._total_files = job, input_files
+        self.active = input_files > 0 and progress_policy.enabled(show) and is_local(options)
         self.marker_dir = None
         self._stop = threading.Event()
         self._thread = None
-        self._total_files = 0
         self._last_logged = None
+        self._markers = {}  # marker file name -> (file digest, ranges in the file, records): read once
 
     def __enter__(self):
         if not self.active:
             return self
-        self._total_files = sum(len(result.metadata_list) for result in FileSystems.match(self.globs))
         self.marker_dir = tempfile.mkdtemp(prefix=f"balancebeam-{self.job}-progress-")
         self._thread = threading.Thread(target=self._watch, name=f"{self.job}-progress", daemon=True)
         self._thread.start()
@@ -91,22 +91,26 @@ class InputProgress:
         return False
 
     def state(self) -> tuple[int, int, int]:
-        """(files read whole, files matched, records read) from the markers present now."""
-        ranges_done, ranges_of, records = {}, {}, 0
+        """(files read whole, files matched, records read) from the markers present now.
+
+        A marker never changes once written (a retried range writes the same one again), so each
+        is read once; a poll only lists the folder and reads the new ones."""
         for name in os.listdir(self.marker_dir):
-            if not name.endswith(".json"):
+            if not name.endswith(".json") or name in self._markers:
                 continue
             digest, _, rest = name[:-len(".json")].partition("-")
             _, _, of = rest.partition("-of-")
             try:
                 with open(os.path.join(self.marker_dir, name)) as handle:
-                    records += int(json.load(handle)["records"])
+                    self._markers[name] = (digest, int(of or 1), int(json.load(handle)["records"]))
             except (OSError, ValueError, KeyError):
                 continue
-            ranges_done[digest] = ranges_done.get(digest, 0) + 1
-            ranges_of[digest] = int(of or 1)
+        ranges_done, ranges_of = collections.Counter(), {}
+        for digest, of, _ in self._markers.values():
+            ranges_done[digest] += 1
+            ranges_of[digest] = of
         files_done = sum(1 for digest, done in ranges_done.items() if done >= ranges_of[digest])
-        return files_done, self._total_files, records
+        return files_done, self._total_files, sum(records for _, _, records in self._markers.values())
 
     def _watch(self) -> None:
         logged_at = time.monotonic()

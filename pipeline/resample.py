@@ -146,9 +146,10 @@ def resample(input_glob, annotations_dir, solution_path, output_dir, *, seed=rel
     if not globs and not subset:
         raise UsageError("--input is needed to write WebDataset shards (only --output-format subset reads none)")
     options = pipeline_options(pipeline_args, "balancebeam resample")
-    input_bytes = 0
+    input_bytes = input_files = 0
     for pattern in [] if subset else globs:
         matched = FileSystems.match([pattern])[0].metadata_list
+        input_files += len(matched)
         if not matched:
             raise FileNotFoundError(f"no input files match {pattern!r}")
         input_bytes += sum(m.size_in_bytes for m in matched)
@@ -173,7 +174,7 @@ def resample(input_glob, annotations_dir, solution_path, output_dir, *, seed=rel
     buckets = rank_buckets(expected_copies, input_bytes * expected_copies // max(rows_written, 1))
     results = ("counts.json", "written.json") if subset else ("counts.json", "shards.json")
     try:
-        with InputProgress("resample", globs, options) as progress, beam.Pipeline(options=options) as pipeline:
+        with InputProgress("resample", input_files, options) as progress, beam.Pipeline(options=options) as pipeline:
             if subset:
                 subset_release.prepare_keep_dir(output_dir)
                 build_subset_pipeline(pipeline, annotations_dir=annotations_dir, solution_text=solution_text,

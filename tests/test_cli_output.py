@@ -88,12 +88,12 @@ def test_progress_is_off_for_remote_runners_and_without_inputs(monkeypatch):
     from pipeline.options import pipeline_options
 
     monkeypatch.setenv(progress_policy.ENV, "1")
-    assert progress.InputProgress("annotate", ["x*"], pipeline_options([])).active
-    assert not progress.InputProgress("resample", [], pipeline_options([])).active  # subset: nothing read
+    assert progress.InputProgress("annotate", 3, pipeline_options([])).active
+    assert not progress.InputProgress("resample", 0, pipeline_options([])).active  # subset: nothing read
     dataflow = pipeline_options(["--runner=DataflowRunner"])
-    assert not progress.InputProgress("annotate", ["gs://b/x*"], dataflow).active
+    assert not progress.InputProgress("annotate", 3, dataflow).active
     loopback = pipeline_options(["--runner=PortableRunner", "--environment_type=LOOPBACK"])
-    assert progress.InputProgress("annotate", ["x*"], loopback).active
+    assert progress.InputProgress("annotate", 3, loopback).active
 
 
 def test_progress_policy_terminal_environment_and_flag(monkeypatch):
