@@ -361,6 +361,7 @@ def _header_template() -> bytes:
 
 
 _HEADER_TEMPLATE = _header_template()
+_TEMPLATE_SUM = sum(_HEADER_TEMPLATE) - sum(_HEADER_TEMPLATE[124:136])  # without its (zero) size field
 _USTAR_NAME_BYTES = 100
 _USTAR_SIZE_LIMIT = 8 ** 11  # 11 octal digits: larger members need a pax size record
 
@@ -373,11 +374,12 @@ def member_header(name: str, size: int) -> bytes:
     times more. Anything else goes through tarfile. Tests check both give the same bytes.
     """
     if name.isascii() and len(name) <= _USTAR_NAME_BYTES and 0 <= size < _USTAR_SIZE_LIMIT:
-        header = bytearray(_HEADER_TEMPLATE)
-        header[:len(name)] = name.encode("ascii")
-        header[124:136] = b"%011o\0" % size
-        header[148:155] = b"%06o\0" % sum(header)  # checksum over the header with the field blank
-        return bytes(header)
+        raw_name, size_field = name.encode("ascii"), b"%011o\0" % size
+        # The checksum is the byte sum of the header with the checksum field blank: the template's,
+        # with the name (zeros there) and the size field replaced.
+        checksum = _TEMPLATE_SUM + sum(raw_name) + sum(size_field)
+        return b"".join((raw_name, _HEADER_TEMPLATE[len(raw_name):124], size_field, _HEADER_TEMPLATE[136:148],
+                         b"%06o\0" % checksum, _HEADER_TEMPLATE[155:]))
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode = size, _TAR_MTIME, _TAR_MODE
     info.uid = info.gid = 0
@@ -385,21 +387,28 @@ def member_header(name: str, size: int) -> bytes:
     return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
 
 
+# Small members are gathered and written in pieces of about this size: a caption sample is three
+# writes of a few hundred bytes each, and per-write costs (hashing, the file object) dominate them.
+_WRITE_BYTES = 1 << 20
+
+
 def _write_tar(raw, samples) -> None:
     """The bytes tarfile.open(mode="w|", format=PAX_FORMAT) writes for these members, faster."""
-    written = 0
+    written, pending, pending_bytes = 0, [], 0
     for key, members in samples:
         for extension, data in members:
             header = member_header(f"{key}.{extension}", len(data))
             padding = -len(data) % _TAR_BLOCK
-            raw.write(header)
-            raw.write(data)
-            if padding:
-                raw.write(_ZERO_BLOCK[:padding])
-            written += len(header) + len(data) + padding
+            pending += (header, data, _ZERO_BLOCK[:padding]) if padding else (header, data)
+            pending_bytes += len(header) + len(data) + padding
+            if pending_bytes >= _WRITE_BYTES:
+                raw.write(b"".join(pending))
+                written += pending_bytes
+                pending, pending_bytes = [], 0
     end = 2 * _TAR_BLOCK  # end-of-archive marker, then zeros up to a whole record, as tarfile does
-    end += -(written + end) % tarfile.RECORDSIZE
-    raw.write(bytes(end))
+    end += -(written + pending_bytes + end) % tarfile.RECORDSIZE
+    pending.append(bytes(end))
+    raw.write(b"".join(pending))
 
 
 def write_shard(path: str, samples) -> dict:

@@ -29,7 +29,8 @@ from pipeline.options import pipeline_options
 from pipeline import publish
 from pipeline.publish import KEPT_SIGNATURES_FILE, MANIFEST_FILE, SIZES_FILE, prepare_release_dir, reconcile
 from pipeline.quarantine import QUARANTINE_TAG, WriteQuarantine
-from pipeline.shards import BUCKET_SIZES_TAG, MISSING_FROM_INPUT, ResampleRange, WriteShard, rank_buckets, sort_and_rank
+from pipeline.shards import (BUCKET_SIZES_TAG, MISSING_FROM_INPUT, PARTIAL_SHARDS_TAG, ResampleRange, WriteShard,
+                            WriteWholeShards, rank_buckets, sort_and_rank)
 from pipeline.sources import FORMATS
 from pipeline.progress import InputProgress
 from pipeline.splits import PlanRanges
@@ -89,11 +90,19 @@ def build_pipeline(pipeline, *, input_glob, annotations_dir, solution_text, outp
                | "BucketSizes" >> beam.CombinePerKey(sum)
                | "AllSizes" >> beam.combiners.ToList()
                | "Offsets" >> beam.Map(bucket_offsets))
-    _ = (per_file.kept
-         | "GroupOrderBucket" >> beam.GroupByKey()
-         | "SortAndRank" >> beam.FlatMap(sort_and_rank, beam.pvalue.AsSingleton(offsets), samples_per_shard)
-         | "GroupByShard" >> beam.GroupByKey()
-         | "WriteShard" >> beam.ParDo(WriteShard(output_dir, prefix))
+    # A bucket writes the shards it holds whole; only the pieces of shards that straddle two buckets
+    # are grouped again, so most copies cross one shuffle, not two.
+    ranked = (per_file.kept
+              | "GroupOrderBucket" >> beam.GroupByKey()
+              | "SortAndRank" >> beam.FlatMap(sort_and_rank, beam.pvalue.AsSingleton(offsets), samples_per_shard)
+              | "WriteWholeShards" >> beam.ParDo(WriteWholeShards(output_dir, prefix, samples_per_shard),
+                                                 beam.pvalue.AsSingleton(offsets)).with_outputs(
+                                                     PARTIAL_SHARDS_TAG, main="written"))
+    joined = (ranked[PARTIAL_SHARDS_TAG]
+              | "GroupByShard" >> beam.GroupByKey()
+              | "WriteShard" >> beam.ParDo(WriteShard(output_dir, prefix)))
+    _ = ((ranked.written, joined)
+         | "ShardLists" >> beam.Flatten()
          | "AllShards" >> beam.combiners.ToList()
          | "WriteShardList" >> beam.Map(_write_json_to, FileSystems.join(work_dir, "shards.json")))
     _write_counts((decision_counts, per_file[COUNTS_TAG]), work_dir)

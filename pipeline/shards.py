@@ -204,11 +204,53 @@ class InputTars:
         self._open.clear()
 
 
-class WriteShard(beam.DoFn):
-    """(shard index, [[(rank, key, source tar, members)]]) -> one tar in rank order; yields its manifest entry.
+def write_ranked_shard(output_dir: str, prefix: str, index: int, ordered) -> dict:
+    """Shard `index` from its copies in rank order [(rank, key, source tar, members)]: its manifest entry.
 
     Large members are read here from the input tars, once, at the place ResampleRange noted.
     """
+    path = FileSystems.join(output_dir, release.shard_name(prefix, index))
+    inputs = InputTars()
+
+    def released(rank_key_source_members):
+        _, key, source, located = rank_key_source_members
+        members = release.read_members(located, lambda offset, size: inputs.read_at(source, offset, size),
+                                       where=f"{source} ({key})")
+        return key, list(members.items())
+
+    try:
+        info = release.write_shard(path, map(released, ordered))
+    finally:
+        inputs.close()
+    return dict(info, index=index, first_rank=ordered[0][0] if ordered else None)
+
+
+PARTIAL_SHARDS_TAG = "partial"
+
+
+class WriteWholeShards(beam.DoFn):
+    """(shard index, its copies from one order bucket) -> the shard written here when the bucket holds
+    all of it (most shards: a bucket holds many), else the piece, tagged, for WriteShard to join.
+
+    So only the copies of the shards that straddle two buckets cross a second shuffle.
+    """
+
+    def __init__(self, output_dir: str, prefix: str, samples_per_shard: int):
+        self.output_dir, self.prefix, self.samples_per_shard = output_dir, prefix, samples_per_shard
+        self.shards = Metrics.counter(METRICS_NAMESPACE, "shards_written")
+
+    def process(self, shard_and_group, offsets):
+        index, group = shard_and_group
+        whole = min(self.samples_per_shard, offsets["total"] - index * self.samples_per_shard)
+        if len(group) != whole:
+            yield beam.pvalue.TaggedOutput(PARTIAL_SHARDS_TAG, shard_and_group)
+            return
+        self.shards.inc()
+        yield write_ranked_shard(self.output_dir, self.prefix, index, group)
+
+
+class WriteShard(beam.DoFn):
+    """(shard index, [[(rank, key, source tar, members)]]) -> one tar in rank order; yields its manifest entry."""
 
     def __init__(self, output_dir: str, prefix: str):
         self.output_dir, self.prefix = output_dir, prefix
@@ -217,18 +259,5 @@ class WriteShard(beam.DoFn):
     def process(self, shard):
         index, groups = shard
         ordered = sorted((item for group in groups for item in group), key=lambda item: item[0])
-        path = FileSystems.join(self.output_dir, release.shard_name(self.prefix, index))
-        inputs = InputTars()
-
-        def released(rank_key_source_members):
-            _, key, source, located = rank_key_source_members
-            members = release.read_members(located, lambda offset, size: inputs.read_at(source, offset, size),
-                                           where=f"{source} ({key})")
-            return key, list(members.items())
-
-        try:
-            info = release.write_shard(path, map(released, ordered))
-        finally:
-            inputs.close()
         self.shards.inc()
-        yield dict(info, index=index, first_rank=ordered[0][0] if ordered else None)
+        yield write_ranked_shard(self.output_dir, self.prefix, index, ordered)
