@@ -115,8 +115,8 @@ class AnnotateBatch(beam.DoFn):
                 check_image(image, self.validate_images, self.max_image_pixels)
             except ImageRejected as rejected:
                 return q.sample_quarantined(sample, q.STAGE_DECODE, rejected.reason, rejected)
-        attributes, concepts, evidence = self.annotator(caption)
-        row = annotation_row(sample, attributes, concepts, evidence,
+        attributes, concepts, evidence, evidence_json = self.annotator.labels(caption)
+        row = annotation_row(sample, attributes, concepts, evidence_json,
                              utility_of(sample.get("meta") or {}, self.utility_field))
         if not self.pass_images:
             return row
@@ -126,7 +126,7 @@ class AnnotateBatch(beam.DoFn):
             member = (sample.get("members") or {}).get(self.embedding_field)
             if member is not None:
                 embedding = _load_npy(member)
-        return {"row": row, "image": image, "embedding": embedding,
+        return {"row": row, "image": image, "embedding": embedding, "text_evidence": evidence,
                 "person_visible": person_visible(sample.get("meta") or {}, self.faces_column)}
 
 
@@ -134,7 +134,7 @@ def rows_table(rows):
     """Annotation rows as one pyarrow Table: what crosses a stage boundary (no per-row encoding)."""
     import pyarrow as pa
 
-    return pa.Table.from_pylist(rows, schema=ANNOTATION_SCHEMA)
+    return pa.table({name: [row[name] for row in rows] for name in ANNOTATION_SCHEMA.names}, schema=ANNOTATION_SCHEMA)
 
 
 class AnnotateImages(beam.DoFn):
@@ -188,11 +188,13 @@ class AnnotateImages(beam.DoFn):
             self.images_scored.inc(len(with_image))
             scored.extend(zip(with_image, results))
         rows.extend(e["row"] for e in batch if e["embedding"] is None and e["image"] is None)
-        rows.extend(self._combined(element["row"], image_attributes, image_concepts, scores)
+        rows.extend(self._combined(element, image_attributes, image_concepts, scores)
                     for element, (image_attributes, image_concepts, scores) in scored)
 
-    def _combined(self, row, image_attributes, image_concepts, scores):
-        evidence = json.loads(row["evidence"])
+    def _combined(self, element, image_attributes, image_concepts, scores):
+        row = element["row"]
+        # The text annotator's evidence (shared between rows with the same hits: copied before it changes).
+        evidence = dict(element["text_evidence"]) if "text_evidence" in element else json.loads(row["evidence"])
         attributes, concepts, sources = combine.combine_annotations(
             row["attributes"], row["concepts"], image_attributes, image_concepts, self.policies)
         if scores:
@@ -209,23 +211,38 @@ def _dedup_bucket(key: str) -> int:
 
 
 def _keys_by_bucket(table):
-    buckets = collections.defaultdict(list)
-    for key, shard, position in zip(*(table.column(name).to_pylist() for name in ("key", "shard", "position"))):
-        buckets[_dedup_bucket(key)].append((key, shard, position))
-    yield from buckets.items()
+    """A row table -> (bucket, table of its rows' key, shard, position) for each bucket it touches."""
+    import numpy as np
+
+    keys = table.column("key").to_pylist()
+    buckets = np.fromiter(map(_dedup_bucket, keys), dtype=np.int64, count=len(keys))
+    places = table.select(["key", "shard", "position"])
+    order = np.argsort(buckets, kind="stable")
+    for part in np.split(order, np.flatnonzero(np.diff(buckets[order])) + 1):
+        if len(part):
+            yield int(buckets[part[0]]), places.take(part)
 
 
-def _duplicates_in_bucket(bucket_and_lists):
-    """Of the places sharing a key, the first (smallest file, then place) stays; the others go."""
-    _, lists = bucket_and_lists
+def _duplicates_in_bucket(bucket_and_tables):
+    """Of the places sharing a key, the first (smallest file, then place) stays; the others go.
+
+    Arrow counts the keys; only the rows of a key seen more than once come to Python.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    _, tables = bucket_and_tables
+    table = pa.concat_tables(list(tables))
+    counts = table.group_by("key").aggregate([("key", "count")])
+    repeated = counts.filter(pc.greater(counts["key_count"], 1)).column("key")
+    if not len(repeated):
+        return
     places = collections.defaultdict(list)
-    for entries in lists:
-        for key, shard, position in entries:
-            places[key].append((shard, position))
-    for key, found in places.items():
-        if len(found) < 2:
-            continue
-        found.sort()
+    table = table.filter(pc.is_in(table["key"], value_set=repeated.combine_chunks()))
+    for key, shard, position in zip(*(table.column(name).to_pylist() for name in ("key", "shard", "position"))):
+        places[key].append((shard, position))
+    for key in sorted(places):
+        found = sorted(places[key])
         first_shard, first_position = found[0]
         for shard, position in found[1:]:
             yield beam.pvalue.TaggedOutput(q.QUARANTINE_TAG, q.quarantine_record(

@@ -22,7 +22,8 @@ ANNOTATION_SCHEMA = pa.schema([
 
 
 def annotation_row(sample, attributes, concepts, evidence, utility=None):
-    """One annotations row (a dict in ANNOTATION_SCHEMA's column order) for a source sample."""
+    """One annotations row (a dict in ANNOTATION_SCHEMA's column order) for a source sample; evidence is
+    a dict, or already its JSON (sorted keys, as written here)."""
     return {
         "key": sample["key"],
         "shard": sample["shard"],
@@ -32,5 +33,6 @@ def annotation_row(sample, attributes, concepts, evidence, utility=None):
         "attributes": sorted(attributes),
         "concepts": sorted(concepts),
         "utility": None if utility is None else float(utility),
-        "evidence": json.dumps(evidence, sort_keys=True, ensure_ascii=False),
+        "evidence": evidence if isinstance(evidence, str) else json.dumps(evidence, sort_keys=True,
+                                                                          ensure_ascii=False),
     }

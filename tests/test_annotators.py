@@ -255,3 +255,68 @@ def test_zero_shot_on_precomputed_embeddings_matches_images(zero_shot, coco_mini
     assert annotator.annotate_embeddings(embeddings * 3.0) == annotator.annotate_images(images)
     with pytest.raises(ValueError, match="shape"):
         annotator.annotate_embeddings(np.ones((2, 7)))
+
+
+def _reference_scores(state, groups, concepts, config, embeddings, person_visible):
+    """The zero-shot rule row by row, written from its definition (docs/annotate.md), to check the
+    batched annotator against."""
+    def softmax(values):
+        values = np.asarray(values, dtype=np.float32)
+        exp = np.exp(values - values.max())
+        return exp / exp.sum()
+
+    results = []
+    for row, vector in enumerate(np.asarray(embeddings, dtype=np.float32)):
+        vector = vector / np.linalg.norm(vector)
+        no_person = max(float(np.dot(vector, p)) for p in state["no_person"])
+        attributes, scores = [], {}
+        for group, values in groups.items():
+            similarity = state["groups"][group] @ vector
+            probability = softmax(state["logit_scale"] * np.append(similarity, np.float32(no_person)))
+            visible = person_visible[row]
+            if visible is None:
+                visible = similarity.max() - no_person >= config.person_margin
+            for index, value in enumerate(values):
+                if visible and similarity.max() - similarity[index] <= config.overlap_margin:
+                    attributes.append(f"{group}:{value}")
+                    scores[f"{group}:{value}"] = round(float(probability[index]), 4)
+        probability = softmax(state["logit_scale"] * (state["concepts"] @ vector))
+        ranked = sorted(range(len(concepts)), key=lambda i: (-probability[i], i))[:config.concept_top_k]
+        results.append((attributes, [concepts[i] for i in ranked if probability[i] >= config.concept_min_probability],
+                        scores))
+    return results
+
+
+@pytest.mark.parametrize("floor", [0.0, 0.1, 0.5])
+def test_batched_zero_shot_scores_match_the_row_by_row_rule(tmp_path, floor):
+    """Planted near-ties (two values within the overlap margin), stated and unstated person
+    visibility, and concept floors that keep none, some or all of the top k."""
+    from pipeline.annotators.image import ZeroShotConfig, ZeroShotImageAnnotator
+
+    rng = np.random.default_rng(7)
+    dim, groups, concepts = 16, {"perceived_gender": ("man", "woman"), "perceived_age": ("young", "old")}, \
+        tuple(f"c{i}" for i in range(30))
+    unit = lambda a: a / np.linalg.norm(a, axis=-1, keepdims=True)  # noqa: E731
+    arrays = {"logit_scale": np.float32(30.0), "no_person": unit(rng.standard_normal((3, dim))).astype(np.float32),
+              "group_names": np.array(list(groups)), "concept_names": np.array(concepts),
+              "concepts": unit(rng.standard_normal((30, dim))).astype(np.float32)}
+    for i, (group, values) in enumerate(groups.items()):
+        arrays[f"group_{i}"] = unit(rng.standard_normal((len(values), dim))).astype(np.float32)
+        arrays[f"group_{i}_values"] = np.array(values)
+    np.savez(tmp_path / "prompts.npz", **arrays)
+    embeddings = rng.standard_normal((400, dim)).astype(np.float32)
+    embeddings[:40] = arrays["group_0"][0] + arrays["group_0"][1]  # man and woman tie
+    embeddings[40:80] = 3 * arrays["concepts"][5] + rng.standard_normal((40, dim)) * 0.1  # a clear concept
+    visible = [None] * 100 + [True] * 100 + [False] * 100 + [None] * 100
+    config = ZeroShotConfig(architecture="unused", prompt_embeddings=str(tmp_path / "prompts.npz"),
+                            concept_min_probability=floor, person_margin=-0.1)
+    annotator = ZeroShotImageAnnotator(config, groups, concepts)
+    state = annotator._loaded()
+    batched = annotator.annotate_embeddings(embeddings, visible)
+    expected = _reference_scores(state, groups, concepts, config, embeddings, visible)
+    assert [(a, c, sorted(s)) for a, c, s in batched] == [(a, c, sorted(s)) for a, c, s in expected]
+    for (_, _, scores), (_, _, reference) in zip(batched, expected):  # float32 sums in another order
+        assert all(abs(scores[label] - reference[label]) <= 2e-4 for label in scores)
+    assert any(len(a) == 2 for a, _, _ in batched[:40]), "the planted tie gives both values"
+    assert all(c[0] == "c5" for _, c, _ in batched[40:80]), "the planted concept comes first"
+    assert any(len(c) < 3 for _, c, _ in batched) == (floor > 0), "a floor leaves some rows fewer than k"

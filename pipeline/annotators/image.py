@@ -194,28 +194,32 @@ class ZeroShotImageAnnotator:
         embeddings = embeddings / np.where(norms > 0, norms, 1.0)
         no_person = (embeddings @ state["no_person"].T).max(axis=1)
         results = [([], [], {}) for _ in range(len(embeddings))]
+        stated = None
+        if person_visible is not None:
+            person_visible = list(person_visible)
+            stated = np.array([visible is not None for visible in person_visible], dtype=bool)
+            said = np.array([bool(visible) for visible in person_visible], dtype=bool)
+        # Whole-batch array work; Python touches only the labels given (most rows get one or none).
         for group, values in self.groups.items():
             similarity = embeddings @ state["groups"][group].T
             logits = state["logit_scale"] * np.concatenate([similarity, no_person[:, None]], axis=1)
             probability = _softmax(logits)
-            for row, (attributes, _, scores) in enumerate(results):
-                best = int(similarity[row].argmax())
-                visible = None if person_visible is None else person_visible[row]
-                if visible is None:
-                    visible = similarity[row, best] - no_person[row] >= self.config.person_margin  # margin rule
-                if not visible:
-                    continue  # nobody is shown
-                for index, value in enumerate(values):
-                    if similarity[row, best] - similarity[row, index] <= self.config.overlap_margin:
-                        label = f"{group}:{value}"
-                        attributes.append(label)
-                        scores[label] = round(float(probability[row, index]), 4)
+            best = similarity.max(axis=1)
+            visible = best - no_person >= self.config.person_margin  # the margin rule
+            if stated is not None:
+                visible = np.where(stated, said, visible)
+            chosen = (best[:, None] - similarity <= self.config.overlap_margin) & visible[:, None]
+            labels = [f"{group}:{value}" for value in values]
+            rows, indices = np.nonzero(chosen)  # row by row, values in order
+            for row, index, score in zip(rows.tolist(), indices.tolist(), probability[rows, indices].tolist()):
+                attributes, _, scores = results[row]
+                attributes.append(labels[index])
+                scores[labels[index]] = round(score, 4)
         if state["concepts"] is not None and self.config.concept_top_k > 0:
             probability = _softmax(state["logit_scale"] * (embeddings @ state["concepts"].T))
-            top = np.argsort(-probability, axis=1, kind="stable")[:, :self.config.concept_top_k]
-            for row, (_, concepts, _) in enumerate(results):
-                concepts.extend(self.concepts[i] for i in top[row]
-                                if probability[row, i] >= self.config.concept_min_probability)
+            for row, index in _top_concepts(probability, self.config.concept_top_k,
+                                            self.config.concept_min_probability):
+                results[row][1].append(self.concepts[index])
         return results
 
     def annotate_images(self, images_bytes):
@@ -236,6 +240,27 @@ def load_prompt_embeddings(path: str, groups: dict, concepts: tuple) -> dict:
     return {"logit_scale": float(arrays["logit_scale"]), "no_person": arrays["no_person"].astype(np.float32),
             "groups": {group: arrays[f"group_{i}"].astype(np.float32) for i, group in enumerate(found_groups)},
             "concepts": arrays["concepts"].astype(np.float32) if len(found_concepts) else None}
+
+
+def _top_concepts(probability, k, floor):
+    """(row, concept index) of each row's k most probable concepts with probability >= floor, in
+    decreasing probability (ties: lower index first), as a stable argsort of -probability gives them.
+
+    With floor > 0 only the concepts at or above it are sorted: they are a prefix of that order.
+    """
+    if floor <= 0:
+        top = np.argsort(-probability, axis=1, kind="stable")[:, :k]
+        return [(row, int(index)) for row in range(len(top)) for index in top[row]
+                if probability[row, index] >= floor]
+    rows, indices = np.nonzero(probability >= floor)
+    order = np.lexsort((indices, -probability[rows, indices], rows))
+    found, taken, previous = [], 0, -1
+    for row, index in zip(rows[order].tolist(), indices[order].tolist()):
+        taken = taken + 1 if row == previous else 1
+        previous = row
+        if taken <= k:
+            found.append((row, index))
+    return found
 
 
 def _softmax(logits):

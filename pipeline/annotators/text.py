@@ -2,6 +2,7 @@
 
 One Aho-Corasick automaton (pyahocorasick) over every term, matched on whole words in one pass.
 """
+import json
 import re
 
 import ahocorasick
@@ -13,6 +14,8 @@ from pipeline.annotators.lexicon import Lexicon
 # Terms are stored padded with spaces too, so a hit is always a whole word or word sequence:
 # "woman's" -> " woman s " (possessive), "police-officer" -> " police officer ".
 _NON_WORD = re.compile(r"[\W_]+")
+# Distinct sets of hits remembered per annotator (cleared when full; a few MB).
+_MEMO_SIZE = 50_000
 
 
 def normalise_caption(text):
@@ -29,9 +32,10 @@ class TextAnnotator:
     def __init__(self, lexicon=None):
         self.lexicon = lexicon if lexicon is not None else Lexicon.load()
         self._automaton = None
+        self._memo = {}
 
     def __getstate__(self):
-        return {"lexicon": self.lexicon, "_automaton": None}
+        return {"lexicon": self.lexicon, "_automaton": None, "_memo": {}}
 
     def _build(self):
         labels_by_term = {}
@@ -48,22 +52,44 @@ class TextAnnotator:
         return automaton
 
     def __call__(self, text):
+        """(attributes, concepts, evidence) of one caption; shared with other captions of the same hits,
+        so callers read them and do not modify them."""
+        return self.labels(text)[:3]
+
+    def labels(self, text):
+        """(attributes, concepts, evidence, evidence as JSON) of one caption.
+
+        Captions that hit the same terms get the same answer, so it is built once per set of hits
+        (web captions hit a few thousand distinct sets, mostly none or one term) and kept in a
+        bounded memo keyed by the hits, never by the caption.
+        """
         if self._automaton is None:
             self._automaton = self._build()
-        attribute_words, concepts = {}, {}
-        for term, attributes, term_concepts in _longest_hits(self._automaton, text):
-            for label in attributes:
-                words = attribute_words.setdefault(label, [])
-                if term not in words:
-                    words.append(term)
-            for concept in term_concepts:
-                concepts[concept] = "text"
-        evidence = {}
-        if attribute_words:
-            evidence["text"] = {label: attribute_words[label] for label in sorted(attribute_words)}
-        if concepts:
-            evidence["concepts"] = {concept: "text" for concept in sorted(concepts)}
-        return sorted(attribute_words), sorted(concepts), evidence
+        hits = tuple(_longest_hits(self._automaton, text))
+        found = self._memo.get(hits)
+        if found is None:
+            if len(self._memo) >= _MEMO_SIZE:
+                self._memo.clear()
+            found = self._memo[hits] = _labels_of(hits)
+        return found
+
+
+def _labels_of(hits):
+    attribute_words, concepts = {}, {}
+    for term, attributes, term_concepts in hits:
+        for label in attributes:
+            words = attribute_words.setdefault(label, [])
+            if term not in words:
+                words.append(term)
+        for concept in term_concepts:
+            concepts[concept] = "text"
+    evidence = {}
+    if attribute_words:
+        evidence["text"] = {label: attribute_words[label] for label in sorted(attribute_words)}
+    if concepts:
+        evidence["concepts"] = {concept: "text" for concept in sorted(concepts)}
+    return (sorted(attribute_words), sorted(concepts), evidence,
+            json.dumps(evidence, sort_keys=True, ensure_ascii=False))
 
 
 def _longest_hits(automaton, text):
