@@ -17,7 +17,7 @@ from pipeline.counts import add_counts
 from pipeline.errors import ReconciliationError, UsageError
 from pipeline.files import count_lines, read_text, write_text_atomically
 from pipeline.labelling import COUNTS_TAG, AnnotateBatch, AnnotateImages, DropDuplicates, FindDuplicateKeys
-from pipeline.options import pipeline_options
+from pipeline.options import local_worker_threads, pipeline_options
 from pipeline.progress import InputProgress
 from pipeline.records import ANNOTATION_SCHEMA
 from pipeline.sources import CAPTION_COLUMNS, FORMATS, KEY_COLUMNS, resolve_columns
@@ -91,7 +91,13 @@ def build_parser():
     return parser
 
 
-def _image_annotator(args, lexicon):
+def _used_columns(args) -> list[str]:
+    """The table columns annotate reads (a DataComp pool's url, sha256, sizes and scores are not read)."""
+    return [name for name in ("image_id", args.utility_field, args.faces_column, args.image_embedding_field)
+            if name]
+
+
+def _image_annotator(args, lexicon, threads=None):
     from pipeline.annotators import image as zero_shot
 
     overrides = {name: value for name, value in (
@@ -100,7 +106,8 @@ def _image_annotator(args, lexicon):
     config = zero_shot.ZeroShotConfig(
         architecture=args.image_model, checkpoint=args.image_checkpoint,
         model_config=args.image_model_config, batch_size=args.image_batch_size,
-        max_image_pixels=args.max_image_pixels, prompt_embeddings=args.prompt_embeddings, **overrides)
+        max_image_pixels=args.max_image_pixels, prompt_embeddings=args.prompt_embeddings,
+        torch_threads=threads or 0, **overrides)
     return zero_shot.ZeroShotImageAnnotator(config, lexicon.groups, lexicon.concepts)
 
 
@@ -125,7 +132,7 @@ class Annotate(beam.PTransform):
                 | "PlanRanges" >> PlanRanges(args.input, args.input_format)
                 | "ReadRanges" >> beam.ParDo(ReadRangeBatches(
                     args.key_column, args.caption_column, args.image_embedding_field if use_images else None,
-                    getattr(args, "progress_dir", None))).with_outputs(
+                    getattr(args, "progress_dir", None), _used_columns(args))).with_outputs(
                     q.QUARANTINE_TAG, COUNTS_TAG, main="batches"))
         labelled = read.batches | "AnnotateText" >> beam.ParDo(AnnotateBatch(
             lexicon, args.utility_field, args.max_image_pixels, use_images,
@@ -135,9 +142,10 @@ class Annotate(beam.PTransform):
         counts = [read[COUNTS_TAG]]
         rows = labelled.rows
         if use_images:
+            threads = local_worker_threads(pbegin.pipeline.options)
             images = rows | "AnnotateImages" >> beam.ParDo(AnnotateImages(
-                _image_annotator(args, lexicon), combine.parse_policies(args.combine, args.combine_group),
-                args.image_batch_size)).with_outputs(q.QUARANTINE_TAG, main="rows")
+                _image_annotator(args, lexicon, threads), combine.parse_policies(args.combine, args.combine_group),
+                args.image_batch_size, threads)).with_outputs(q.QUARANTINE_TAG, main="rows")
             rows = images.rows
             quarantined.append(images[q.QUARANTINE_TAG])
         duplicates = rows | "FindDuplicateKeys" >> FindDuplicateKeys()

@@ -143,19 +143,31 @@ class AnnotateImages(beam.DoFn):
     The model sees `batch_size` images (or precomputed embeddings) at a time.
     """
 
-    def __init__(self, image_annotator, policies, batch_size):
+    def __init__(self, image_annotator, policies, batch_size, threads=None):
         self.image_annotator = image_annotator
         self.policies = policies
         self.batch_size = batch_size
+        self.threads = threads  # pipeline.options.local_worker_threads
+        self._combinations: dict[tuple, tuple] = {}
         self.images_scored = Metrics.counter(q.METRICS_NAMESPACE, "images_scored")
 
     def setup(self):
+        if self.threads:
+            import threadpoolctl
+
+            self._thread_limit = threadpoolctl.threadpool_limits(self.threads)
         self.image_annotator._loaded()
 
     def process(self, elements):
         rows, entries = [], []
-        for start in range(0, len(elements), self.batch_size):
-            self._score(elements[start:start + self.batch_size], rows, entries)
+        # Stored embeddings are scored a whole element at a time (matrix products, no model); images
+        # go through the model `batch_size` at a time.
+        with_embedding = [e for e in elements if e["embedding"] is not None]
+        if with_embedding:
+            self._score(with_embedding, rows, entries)
+        others = [e for e in elements if e["embedding"] is None]
+        for start in range(0, len(others), self.batch_size):
+            self._score(others[start:start + self.batch_size], rows, entries)
         yield from entries
         if rows:
             yield rows_table(rows)
@@ -195,14 +207,19 @@ class AnnotateImages(beam.DoFn):
         row = element["row"]
         # The text annotator's evidence (shared between rows with the same hits: copied before it changes).
         evidence = dict(element["text_evidence"]) if "text_evidence" in element else json.loads(row["evidence"])
-        attributes, concepts, sources = combine.combine_annotations(
-            row["attributes"], row["concepts"], image_attributes, image_concepts, self.policies)
+        labels = (tuple(row["attributes"]), tuple(row["concepts"]), tuple(image_attributes), tuple(image_concepts))
+        combined = self._combinations.get(labels)
+        if combined is None:  # a few thousand distinct label sets: combined once each (bounded memo)
+            if len(self._combinations) >= 100_000:
+                self._combinations.clear()
+            combined = self._combinations[labels] = combine.combine_annotations(*labels, self.policies)
+        attributes, concepts, sources = combined
         if scores:
             evidence["image"] = scores
         evidence.pop("concepts", None)
         if sources:
             evidence["concepts"] = sources
-        return dict(row, attributes=attributes, concepts=concepts,
+        return dict(row, attributes=list(attributes), concepts=list(concepts),
                     evidence=json.dumps(evidence, sort_keys=True, ensure_ascii=False))
 
 

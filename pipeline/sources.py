@@ -221,7 +221,7 @@ def _row_sample(row, shard, position, key_column, caption_column, has_key_column
 
 
 def iter_parquet_samples(raw_file, shard, key_column, caption_column, row_groups=None, first_position=0,
-                         embeddings_field=None):
+                         embeddings_field=None, columns=None):
     """Rows of a Parquet table (of the given row groups only, numbered from first_position).
 
     embeddings_field: each sample also carries `embedding`, its row of that column or, when the table
@@ -245,7 +245,10 @@ def iter_parquet_samples(raw_file, shard, key_column, caption_column, row_groups
                     position += 1
             return
     position = first_position
-    for batch in parquet.iter_batches(batch_size=TABLE_BATCH_ROWS, row_groups=row_groups):
+    if columns is not None:  # only these (and the key, caption and embedding) become the sample's meta
+        wanted = {*columns, key_column, caption_column, embeddings_field}
+        columns = [name for name in parquet.schema_arrow.names if name in wanted]
+    for batch in parquet.iter_batches(batch_size=TABLE_BATCH_ROWS, row_groups=row_groups, columns=columns):
         for row in batch.to_pylist():
             sample = _row_sample(row, shard, position, key_column, caption_column, has_key_column)
             if embeddings_field and not isinstance(sample, beam.pvalue.TaggedOutput):
@@ -456,8 +459,11 @@ def normalize_path(path: str) -> str:
 
 
 def iter_file_records(path, input_format=FORMAT_AUTO, key_column="key", caption_column="caption",
-                      embeddings_field=None):
-    """Samples of one input file, and TaggedOutput quarantine entries for what cannot be read."""
+                      embeddings_field=None, columns=None):
+    """Samples of one input file, and TaggedOutput quarantine entries for what cannot be read.
+
+    columns: of a Parquet table, read only these (besides key, caption and embedding); None: all.
+    """
     file_format = detect_format(path) if input_format == FORMAT_AUTO else input_format
     if file_format is None:
         yield q.quarantined(q.STAGE_READ, q.UNREADABLE_FILE, None, path, None,
@@ -469,7 +475,7 @@ def iter_file_records(path, input_format=FORMAT_AUTO, key_column="key", caption_
                 yield from iter_tar_samples(raw_file, path, caption_column)
             elif file_format == FORMAT_PARQUET:
                 yield from iter_parquet_samples(raw_file, path, key_column, caption_column,
-                                                embeddings_field=embeddings_field)
+                                                embeddings_field=embeddings_field, columns=columns)
             elif file_format == FORMAT_JSONL:
                 yield from iter_jsonl_samples(raw_file, path, key_column, caption_column)
             elif file_format == FORMAT_CSV:

@@ -101,22 +101,24 @@ def _parquet_ranges(path: str) -> list[dict]:
     return ranges
 
 
-def iter_range_records(file_range: dict, key_column="key", caption_column="caption", embeddings_field=None):
+def iter_range_records(file_range: dict, key_column="key", caption_column="caption", embeddings_field=None,
+                       columns=None):
     """Samples of one range (and TaggedOutput quarantine entries), positions counted from the file's start.
 
     embeddings_field: Parquet rows also carry their image embedding from the .npz beside the file.
+    columns: of a Parquet table, read only these (besides key, caption and embedding); None: all.
     """
     path = file_range["path"]
     if file_range["start"] is None:
         yield from iter_file_records(path, file_range["format"] or FORMAT_AUTO, key_column, caption_column,
-                                     embeddings_field)
+                                     embeddings_field, columns)
         return
     try:
         with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
             if file_range["format"] == FORMAT_PARQUET:
                 yield from iter_parquet_samples(handle, path, key_column, caption_column,
                                                 list(range(file_range["start"], file_range["end"])),
-                                                file_range["first_position"], embeddings_field)
+                                                file_range["first_position"], embeddings_field, columns)
                 return
             handle.seek(file_range["start"])
             data = handle.read(file_range["end"] - file_range["start"])
@@ -162,9 +164,11 @@ class PlanRanges(beam.PTransform):
 class ReadRangeBatches(beam.DoFn):
     """A range -> batches of its samples (main output), quarantine entries, and one count dict."""
 
-    def __init__(self, key_column="key", caption_column="caption", embeddings_field=None, progress_dir=None):
+    def __init__(self, key_column="key", caption_column="caption", embeddings_field=None, progress_dir=None,
+                 columns=None):
         self.key_column, self.caption_column = key_column, caption_column
         self.embeddings_field = embeddings_field
+        self.columns = columns  # of Parquet tables, the ones the job uses (None: all)
         self.progress_dir = progress_dir  # pipeline.progress: a marker per range read
         self.records_read = Metrics.counter(q.METRICS_NAMESPACE, "records_read")
 
@@ -173,7 +177,7 @@ class ReadRangeBatches(beam.DoFn):
 
         def samples():
             for output in iter_range_records(file_range, self.key_column, self.caption_column,
-                                             self.embeddings_field):
+                                             self.embeddings_field, self.columns):
                 counted["read"] += 1
                 if isinstance(output, beam.pvalue.TaggedOutput):
                     counted["quarantined"] += 1
