@@ -125,3 +125,19 @@ def test_many_dropped_concepts_are_one_warning_not_a_line_each(caplog):
     (line,) = [r.getMessage() for r in caplog.records]
     assert line.startswith("the plan drops 12 concepts ('c0', 'c1',") and "'c9' and 2 more)" in line
     assert "'c10'" not in line
+
+
+def test_local_workers_share_the_cores_for_their_numeric_threads(monkeypatch):
+    """Two local worker processes on two cores get one BLAS thread each; one process, or a cluster's
+    workers, keep their libraries' defaults."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from pipeline.options import local_worker_threads
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    threads = lambda *flags: local_worker_threads(PipelineOptions(list(flags)))  # noqa: E731
+    assert threads("--direct_running_mode=multi_processing", "--direct_num_workers=2") == 4
+    assert threads("--direct_running_mode=multi_processing", "--direct_num_workers=16") == 1
+    assert threads("--direct_running_mode=multi_processing", "--direct_num_workers=0") == 1
+    assert threads("--direct_running_mode=in_memory") is None
+    assert threads("--runner=DataflowRunner", "--direct_running_mode=multi_processing") is None
