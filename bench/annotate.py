@@ -48,6 +48,9 @@ def plain_loop(glob):
     from pipeline.labelling import image_member
     from pipeline.sources import iter_tar_samples
 
+    from pipeline.worker_tuning import relax_gc
+
+    relax_gc()  # the job's workers run with it: the loop gets the same process settings
     annotator = TextAnnotator()
     annotated = 0
     for path in sorted(globbing.glob(glob)):

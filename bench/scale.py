@@ -135,8 +135,10 @@ def plain_loop(pattern: str, output: pathlib.Path, samples_per_shard: int, seed:
     from pipeline.shards import InputTars, tar_offsets
     from pipeline.signatures import SignatureTable, row_signature
     from pipeline.sources import iter_file_records
+    from pipeline.worker_tuning import relax_gc
     from trainer.images import decode_image
 
+    relax_gc()  # the job's workers run with it: the loop gets the same process settings
     paths = [os.path.abspath(path) for path in sorted(glob.glob(pattern))]
     annotator = TextAnnotator()
     labels = {}  # key -> (attributes, concepts)

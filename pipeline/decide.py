@@ -16,6 +16,7 @@ import apache_beam as beam
 
 from pipeline import hashing, release
 from pipeline.sources import normalize_path
+from pipeline.worker_tuning import relax_gc
 from solvers.solution import BalanceSolution
 
 COUNTS_TAG = "counts"
@@ -34,6 +35,9 @@ class _SolutionUser(beam.DoFn):
         self.seed, self.mode = seed, mode
         self._rule, self._text = None, None
         self._paths: dict[str, str] = {}
+
+    def setup(self):
+        relax_gc()
 
     def rule(self, solution_text: str) -> release.KeepRule:
         if self._rule is None or not (self._text is solution_text or self._text == solution_text):

@@ -22,6 +22,7 @@ from pipeline.errors import DataError
 from pipeline.progress import mark_range_read
 from pipeline.quarantine import METRICS_NAMESPACE, QUARANTINE_TAG, quarantine_record
 from pipeline.splits import iter_range_records
+from pipeline.worker_tuning import relax_gc
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,9 @@ class ResampleRange(beam.DoFn):
         self.progress_dir = progress_dir  # pipeline.progress: a marker per range read
         self.kept_counter = Metrics.counter(METRICS_NAMESPACE, "records_kept")
         self.read_counter = Metrics.counter(METRICS_NAMESPACE, "records_read")
+
+    def setup(self):
+        relax_gc()
 
     def process(self, element):
         (path, _), groups = element

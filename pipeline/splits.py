@@ -15,6 +15,7 @@ from apache_beam.metrics import Metrics
 
 from pipeline import quarantine as q
 from pipeline.progress import mark_range_read
+from pipeline.worker_tuning import relax_gc
 from pipeline.sources import (FORMAT_AUTO, FORMAT_JSONL, FORMAT_PARQUET, MatchInputFiles, detect_format,
                               iter_file_records, iter_parquet_samples, jsonl_record)
 
@@ -171,6 +172,9 @@ class ReadRangeBatches(beam.DoFn):
         self.columns = columns  # of Parquet tables, the ones the job uses (None: all)
         self.progress_dir = progress_dir  # pipeline.progress: a marker per range read
         self.records_read = Metrics.counter(q.METRICS_NAMESPACE, "records_read")
+
+    def setup(self):
+        relax_gc()
 
     def process(self, file_range):
         counted = {"read": 0, "quarantined": 0}
