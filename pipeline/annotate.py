@@ -15,8 +15,9 @@ from pipeline.annotators import combine
 from pipeline.annotators.lexicon import Lexicon
 from pipeline.counts import add_counts
 from pipeline.errors import ReconciliationError, UsageError
-from pipeline.files import count_lines, read_text, write_text_atomically
-from pipeline.labelling import COUNTS_TAG, AnnotateBatch, AnnotateImages, DropDuplicates, FindDuplicateKeys
+from pipeline.files import count_lines, delete_matching, read_text, write_text_atomically
+from pipeline.labelling import (COUNTS_TAG, AnnotateBatch, AnnotateImages, DropDuplicates, FindDuplicateKeys,
+                                SpillRows)
 from pipeline.options import local_worker_threads, pipeline_options
 from pipeline.progress import InputProgress
 from pipeline.records import ANNOTATION_SCHEMA
@@ -150,7 +151,8 @@ class Annotate(beam.PTransform):
             quarantined.append(images[q.QUARANTINE_TAG])
         duplicates = rows | "FindDuplicateKeys" >> FindDuplicateKeys()
         quarantined.append(duplicates[q.QUARANTINE_TAG])
-        unique = rows | "DropDuplicates" >> beam.ParDo(
+        spilled = rows | "SpillRows" >> beam.ParDo(SpillRows(FileSystems.join(output, SPILL_DIR)))
+        unique = spilled | "DropDuplicates" >> beam.ParDo(
             DropDuplicates(args.utility_field),
             beam.pvalue.AsSingleton(duplicates.places | "DuplicatePlaces" >> beam.combiners.ToSet())).with_outputs(
                 COUNTS_TAG, main="tables")
@@ -177,12 +179,27 @@ def annotate_pipeline(pipeline, args):
     return pipeline | "Annotate" >> Annotate(args)
 
 
+# Annotation rows wait here, as files, for the duplicate keys (labelling.SpillRows); removed at the end.
+SPILL_DIR = ".spill"
+
+
+def _remove_spill(output):
+    spill = FileSystems.join(output, SPILL_DIR)
+    delete_matching(FileSystems.join(spill, "*"))
+    if FileSystems.exists(spill):
+        FileSystems.delete([spill])
+
+
 def _prepare_output(output):
-    """Creates the output directory and removes this job's files from an earlier run there."""
+    """Creates the output directory (and its spill folder) and removes this job's files from an
+    earlier run there."""
     try:
         FileSystems.mkdirs(output)
     except Exception:  # exists already (local) or directories are implicit (object stores)
         pass
+    _remove_spill(output)
+    if FileSystems.get_scheme(output) is None:  # object stores have no folders
+        FileSystems.mkdirs(FileSystems.join(output, SPILL_DIR))
     stale = [m.path for pattern in (ANNOTATIONS_GLOB, QUARANTINE_PREFIX + "-*.jsonl", COUNTS_FILE, PENDING_COUNTS_FILE,
                                     LABEL_SETS_FILE)
              for m in FileSystems.match([FileSystems.join(output, pattern)])[0].metadata_list]
@@ -251,9 +268,12 @@ def run(argv=None, save_main_session=False):
     output = args.output.rstrip("/")
     _prepare_output(output)
     log.info("annotating %s into %s", ", ".join(args.input), output)
-    with InputProgress("annotate", input_files, options) as progress, beam.Pipeline(options=options) as pipeline:
-        args.progress_dir = progress.marker_dir
-        annotate_pipeline(pipeline, args)
+    try:
+        with InputProgress("annotate", input_files, options) as progress, beam.Pipeline(options=options) as pipeline:
+            args.progress_dir = progress.marker_dir
+            annotate_pipeline(pipeline, args)
+    finally:
+        _remove_spill(output)
     pending = FileSystems.join(output, PENDING_COUNTS_FILE)
     counted = json.loads(read_text(pending))
     counts = {"records_read": counted.get("records_read", 0), "annotated": counted.get("annotated", 0),
