@@ -398,3 +398,40 @@ def test_ranking_buckets_bound_bytes_and_do_not_change_the_release(two_worker_re
                       mode="bernoulli")
     assert chosen[0] > 10
     assert small["shards"] == reference["shards"] and small["counts"] == reference["counts"]
+
+
+def test_exact_thresholds_from_windows_equal_the_k_smallest_of_all_draws():
+    """RankCandidates sends only the draws near each signature's k/n and counts the rest; the merged
+    threshold is still the k-th smallest (draw, key) of all the signature's rows, sorted here."""
+    import pyarrow as pa
+
+    from pipeline import decide
+    from pipeline.errors import DataError
+
+    keys = [f"u{i:06d}" for i in range(200_000)]
+    signature_of = ["a" if i % 4 else "b" for i in range(len(keys))]
+    rows = Counter(signature_of)
+    keep = {"a": int(rows["a"] * 0.9), "b": int(rows["b"] * 0.3)}
+
+    class Rule:  # the solution's part RankCandidates uses: a signature per row, its (n_s, k_s)
+        def signatures_and_probabilities(self, labelled):
+            return [(concepts[0], 0.5) for _, concepts, _ in labelled]
+
+        def exact_signature(self, signature):
+            return rows[signature], keep[signature]
+
+    ranker = decide.RankCandidates(5, "exact")
+    ranker.rule = lambda _: Rule()
+    parts = []
+    for start in range(0, len(keys), 7000):
+        chunk = slice(start, start + 7000)
+        table = pa.table({"key": keys[chunk], "attributes": [[] for _ in keys[chunk]],
+                          "concepts": [[s] for s in signature_of[chunk]], "utility": [None for _ in keys[chunk]]})
+        parts += [value for _, value in ranker.process(table, "solution text")]
+    thresholds = dict(decide._thresholds((0, parts)))
+    for signature in ("a", "b"):
+        draws = sorted((hashing.keyed_uniform(5, key), key) for key, s in zip(keys, signature_of) if s == signature)
+        assert tuple(thresholds[signature]) == draws[keep[signature] - 1]
+    assert sum(len(window) for _, _, _, window in parts) < len(keys) / 20, "most draws are only counted"
+    with pytest.raises(DataError, match="outside its window"):
+        list(decide._thresholds((0, [("a", 10, 10, [(0.5, "k")])])))
