@@ -143,7 +143,8 @@ def rows_table(rows):
 class AnnotateImages(beam.DoFn):
     """A batch from AnnotateBatch -> a table of rows, the zero-shot image answer combined with the text's.
 
-    The model sees `batch_size` images (or precomputed embeddings) at a time.
+    The model sees `batch_size` images at a time; precomputed embeddings are scored a whole batch
+    of records at a time (matrix products, no model).
     """
 
     def __init__(self, image_annotator, policies, batch_size, threads=None):
@@ -163,8 +164,6 @@ class AnnotateImages(beam.DoFn):
 
     def process(self, elements):
         rows, entries = [], []
-        # Stored embeddings are scored a whole element at a time (matrix products, no model); images
-        # go through the model `batch_size` at a time.
         with_embedding = [e for e in elements if e["embedding"] is not None]
         if with_embedding:
             self._score(with_embedding, rows, entries)
