@@ -320,3 +320,14 @@ def test_batched_zero_shot_scores_match_the_row_by_row_rule(tmp_path, floor):
     assert any(len(a) == 2 for a, _, _ in batched[:40]), "the planted tie gives both values"
     assert all(c[0] == "c5" for _, c, _ in batched[40:80]), "the planted concept comes first"
     assert any(len(c) < 3 for _, c, _ in batched) == (floor > 0), "a floor leaves some rows fewer than k"
+
+
+def test_annotate_caption_returns_copies_that_do_not_change_later_answers():
+    """The annotator shares one answer among captions with the same hits; the public entry point
+    hands out copies, so a caller editing them cannot change another caption's labels."""
+    attributes, concepts, evidence = annotate_caption("A man riding a horse.")
+    attributes.append("perceived_gender:woman")
+    concepts.clear()
+    evidence["text"].clear()
+    again = annotate_caption("The man rides a horse!")
+    assert again[0] == [MAN] and "horse" in again[1] and again[2]["text"] == {MAN: ["man"]}

@@ -111,12 +111,18 @@ _DEFAULT_ANNOTATOR = None
 
 
 def annotate_caption(text, lexicon=None):
-    """Pure-Python entry point: (attributes, concepts, evidence) of one caption, no Beam needed."""
+    """Pure-Python entry point: (attributes, concepts, evidence) of one caption, no Beam needed.
+
+    The caller's own copies: changing them changes no later answer (the annotator's are shared).
+    """
     global _DEFAULT_ANNOTATOR
     if lexicon is None:
         if _DEFAULT_ANNOTATOR is None:
             _DEFAULT_ANNOTATOR = TextAnnotator()
-        return _DEFAULT_ANNOTATOR(text)
-    if isinstance(lexicon, TextAnnotator):
-        return lexicon(text)
-    return TextAnnotator(lexicon)(text)
+        annotator = _DEFAULT_ANNOTATOR
+    elif isinstance(lexicon, TextAnnotator):
+        annotator = lexicon
+    else:
+        annotator = TextAnnotator(lexicon)
+    attributes, concepts, _, evidence_json = annotator.labels(text)
+    return list(attributes), list(concepts), json.loads(evidence_json)
