@@ -208,7 +208,7 @@ class AnnotateImages(beam.DoFn):
     def _combined(self, element, image_attributes, image_concepts, scores):
         row = element["row"]
         # The text annotator's evidence (shared between rows with the same hits: copied before it changes).
-        evidence = dict(element["text_evidence"]) if "text_evidence" in element else json.loads(row["evidence"])
+        evidence = dict(element["text_evidence"])
         labels = (tuple(row["attributes"]), tuple(row["concepts"]), tuple(image_attributes), tuple(image_concepts))
         combined = self._combinations.get(labels)
         if combined is None:  # a few thousand distinct label sets: combined once each (bounded memo)

@@ -2,8 +2,6 @@
 
 Downstream jobs (balance, resample, report) read annotations through this schema.
 """
-import json
-
 import pyarrow as pa
 
 # Columns of annotations-*.parquet (DESIGN.md, "Files"). `position` is the record's index within
@@ -21,9 +19,9 @@ ANNOTATION_SCHEMA = pa.schema([
 ])
 
 
-def annotation_row(sample, attributes, concepts, evidence, utility=None):
-    """One annotations row (a dict in ANNOTATION_SCHEMA's column order) for a source sample; evidence is
-    a dict, or already its JSON (sorted keys, as written here)."""
+def annotation_row(sample, attributes, concepts, evidence_json, utility=None):
+    """One annotations row (a dict in ANNOTATION_SCHEMA's column order) for a source sample; the
+    evidence comes as its JSON (the text annotator encodes it once per set of hits)."""
     return {
         "key": sample["key"],
         "shard": sample["shard"],
@@ -33,6 +31,5 @@ def annotation_row(sample, attributes, concepts, evidence, utility=None):
         "attributes": sorted(attributes),
         "concepts": sorted(concepts),
         "utility": None if utility is None else float(utility),
-        "evidence": evidence if isinstance(evidence, str) else json.dumps(evidence, sort_keys=True,
-                                                                          ensure_ascii=False),
+        "evidence": evidence_json,
     }
