@@ -13,7 +13,7 @@ from apache_beam.options.pipeline_options import SetupOptions
 from pipeline import quarantine as q
 from pipeline.annotators import combine
 from pipeline.annotators.lexicon import Lexicon
-from pipeline.counts import add_counts
+from pipeline.counts import AddCounts
 from pipeline.errors import ReconciliationError, UsageError
 from pipeline.files import count_lines, delete_matching, read_text, write_text_atomically
 from pipeline.labelling import (COUNTS_TAG, AnnotateBatch, AnnotateImages, DropDuplicates, FindDuplicateKeys,
@@ -149,9 +149,10 @@ class Annotate(beam.PTransform):
                 args.image_batch_size, threads)).with_outputs(q.QUARANTINE_TAG, main="rows")
             rows = images.rows
             quarantined.append(images[q.QUARANTINE_TAG])
-        duplicates = rows | "FindDuplicateKeys" >> FindDuplicateKeys()
+        spill_dir = FileSystems.join(output, SPILL_DIR)
+        duplicates = rows | "FindDuplicateKeys" >> FindDuplicateKeys(spill_dir)
         quarantined.append(duplicates[q.QUARANTINE_TAG])
-        spilled = rows | "SpillRows" >> beam.ParDo(SpillRows(FileSystems.join(output, SPILL_DIR)))
+        spilled = rows | "SpillRows" >> beam.ParDo(SpillRows(spill_dir))
         unique = spilled | "DropDuplicates" >> beam.ParDo(
             DropDuplicates(args.utility_field),
             beam.pvalue.AsSingleton(duplicates.places | "DuplicatePlaces" >> beam.combiners.ToSet())).with_outputs(
@@ -164,8 +165,7 @@ class Annotate(beam.PTransform):
         counts.append(all_quarantined | "CountQuarantined" >> beam.Map(
             lambda entry: {"quarantined": 1, "quarantined_by_reason": {entry["reason"]: 1}}))
         return (tuple(counts)
-                | "AllCounts" >> beam.Flatten()
-                | "AddCounts" >> beam.CombineGlobally(add_counts)
+                | "AddCounts" >> AddCounts()
                 | "WriteCounts" >> beam.Map(_write_pending_counts, FileSystems.join(output, PENDING_COUNTS_FILE)))
 
 

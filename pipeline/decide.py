@@ -11,7 +11,6 @@ import bisect
 import collections
 import heapq
 import math
-import zlib
 
 import apache_beam as beam
 
@@ -22,8 +21,6 @@ from pipeline.worker_tuning import relax_gc
 from solvers.solution import BalanceSolution
 
 COUNTS_TAG = "counts"
-# Ranked signatures are merged in this many groups to find each one's exact-count threshold.
-THRESHOLD_BUCKETS = 64
 
 
 def counts_output(counts: dict):
@@ -104,8 +101,8 @@ def threshold_window(rows: int, keep: int) -> tuple[float, float]:
 
 class RankCandidates(_SolutionUser):
     """Exact mode: a table of annotation rows -> per ranked signature in it, how many of its draws lie
-    below the signature's threshold window and the (draw, key) of those inside it (sorted), keyed by
-    a bucket of signatures for the merge."""
+    below the signature's threshold window and the (draw, key) of those inside it, keyed by the
+    signature for the merge."""
 
     def process(self, table, solution_text):
         rule = self.rule(solution_text)
@@ -126,30 +123,49 @@ class RankCandidates(_SolutionUser):
             elif draw <= window[1]:
                 inside[signature].append((draw, key))
         for signature in sorted(set(below) | set(inside)):
-            yield _signature_bucket(signature), (signature, rule.exact_signature(signature)[1], below[signature],
-                                                 sorted(inside[signature]))
+            yield signature, (rule.exact_signature(signature)[1], below[signature], inside[signature])
 
 
-def _signature_bucket(signature: str) -> int:
-    return zlib.crc32(signature.encode("utf-8")) % THRESHOLD_BUCKETS
+class MergeWindows(beam.CombineFn):
+    """A ranked signature's (k_s, draws below its window, draws inside it) from every table, merged.
+
+    A combiner, so each worker merges its own tables' parts before the shuffle: one element per
+    signature and bundle crosses the runner, not one per table.
+    """
+
+    def create_accumulator(self):
+        return [None, 0, []]
+
+    def add_input(self, merged, part):
+        keep, below, window = part
+        merged[0] = keep
+        merged[1] += below
+        merged[2].extend(window)
+        return merged
+
+    def merge_accumulators(self, accumulators):
+        accumulators = iter(accumulators)
+        merged = next(accumulators)
+        for keep, below, window in accumulators:
+            merged[0] = keep if keep is not None else merged[0]
+            merged[1] += below
+            merged[2].extend(window)
+        return merged
+
+    def extract_output(self, merged):
+        return tuple(merged)
 
 
-def _thresholds(bucket_and_parts):
-    """The k_s-th smallest (draw, key) of each signature: rows at or below it are the k_s kept."""
-    _, parts = bucket_and_parts
-    inside, keep, below = collections.defaultdict(list), {}, collections.Counter()
-    for signature, count, under, window in parts:
-        inside[signature].extend(window)
-        keep[signature] = count
-        below[signature] += under
-    for signature, count in keep.items():
-        rank = count - below[signature]  # the k_s-th smallest is this one (1-based) of the window's
-        if not 1 <= rank <= len(inside[signature]):
-            raise DataError(f"exact-count sampling: the {count}-th smallest draw of signature {signature} lies "
-                            f"outside its window ({below[signature]} draws below it, {len(inside[signature])} "
-                            "inside), which happens with probability below 1e-13; re-run resample with "
-                            "another --seed")
-        yield signature, heapq.nsmallest(rank, inside[signature])[-1]
+def threshold(signature: str, merged) -> tuple:
+    """The k_s-th smallest (draw, key) of a signature's rows (rows at or below it are the k_s kept),
+    from its merged window."""
+    count, below, inside = merged
+    rank = count - below  # the k_s-th smallest is this one (1-based) of the window's
+    if not 1 <= rank <= len(inside):
+        raise DataError(f"exact-count sampling: the {count}-th smallest draw of signature {signature} lies "
+                        f"outside its window ({below} draws below it, {len(inside)} inside), which happens with "
+                        "probability below 1e-13; re-run resample with another --seed")
+    return signature, heapq.nsmallest(rank, inside)[-1]
 
 
 class ExactThresholds(beam.PTransform):
@@ -165,8 +181,8 @@ class ExactThresholds(beam.PTransform):
         return (tables
                 | "RankCandidates" >> beam.ParDo(RankCandidates(self.seed, self.mode),
                                                  beam.pvalue.AsSingleton(self.solution))
-                | "BySignatureBucket" >> beam.GroupByKey()
-                | "Thresholds" >> beam.FlatMap(_thresholds)
+                | "MergeWindows" >> beam.CombinePerKey(MergeWindows())
+                | "Thresholds" >> beam.MapTuple(threshold)
                 | "AsDict" >> beam.combiners.ToDict())
 
 

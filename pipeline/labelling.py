@@ -20,6 +20,7 @@ from pipeline import quarantine as q
 from pipeline.annotators import combine
 from pipeline.annotators.text import TextAnnotator
 from pipeline.errors import DataError
+from pipeline.file_shuffle import GroupTablesByFile
 from pipeline.records import ANNOTATION_SCHEMA, annotation_row
 from pipeline.signatures import row_signature
 from pipeline.sources import IMAGE_EXTENSIONS
@@ -27,7 +28,7 @@ from trainer.images import DEFAULT_MAX_IMAGE_PIXELS, ImageRejected, check_image
 
 COUNTS_TAG = "counts"
 # Keys are spread over this many buckets to find duplicates; only (key, file, place) travels.
-DEDUP_BUCKETS = 16
+DEDUP_BUCKETS = 64
 
 
 def image_member(members):
@@ -242,7 +243,7 @@ def _keys_by_bucket(table):
             yield int(buckets[part[0]]), places.take(part)
 
 
-def _duplicates_in_bucket(bucket_and_tables):
+def _duplicates_in_bucket(bucket_and_table):
     """Of the places sharing a key, the first (smallest file, then place) stays; the others go.
 
     Arrow counts the keys; only the rows of a key seen more than once come to Python.
@@ -250,8 +251,7 @@ def _duplicates_in_bucket(bucket_and_tables):
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    _, tables = bucket_and_tables
-    table = pa.concat_tables(list(tables))
+    _, table = bucket_and_table
     counts = table.group_by("key").aggregate([("key", "count")])
     repeated = counts.filter(pc.greater(counts["key_count"], 1)).column("key")
     if not len(repeated):
@@ -273,13 +273,18 @@ def _duplicates_in_bucket(bucket_and_tables):
 class FindDuplicateKeys(beam.PTransform):
     """Row tables -> the places of rows whose key an earlier row has (main) and their quarantine entries.
 
-    Only (key, file, place) crosses the shuffle; which copy survives does not depend on order.
+    Only (key, file, place) is grouped, through files in `spill_dir` (file_shuffle), so the runner
+    carries references rather than a row per record; which copy survives does not depend on order.
     """
+
+    def __init__(self, spill_dir: str):
+        super().__init__()
+        self.spill_dir = spill_dir
 
     def expand(self, row_batches):
         return (row_batches
                 | "KeysByBucket" >> beam.FlatMap(_keys_by_bucket)
-                | "GroupBucket" >> beam.GroupByKey()
+                | "GroupBucket" >> GroupTablesByFile(self.spill_dir)
                 | "Duplicates" >> beam.FlatMap(_duplicates_in_bucket).with_outputs(q.QUARANTINE_TAG, main="places"))
 
 

@@ -21,7 +21,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from pipeline import hashing, release
 from pipeline.annotate import ANNOTATIONS_GLOB, annotation_rows, parquet_rows, read_counts
-from pipeline.counts import add_counts
+from pipeline.counts import AddCounts
 from pipeline.decide import COUNTS_TAG, Decide, ExactThresholds, RepeatCopies, bucket_offsets, route_to_ranges
 from pipeline.errors import DataError, UsageError
 from pipeline.files import count_lines, delete_matching, read_text, write_text_atomically
@@ -68,8 +68,7 @@ def _decisions(pipeline, *, annotations_dir, solution_text, seed, mode, buckets,
 
 def _write_counts(counts, work_dir):
     _ = (tuple(counts)
-         | "AllCounts" >> beam.Flatten()
-         | "AddCounts" >> beam.CombineGlobally(add_counts)
+         | "AddCounts" >> AddCounts()
          | "WriteCounts" >> beam.Map(_write_json_to, FileSystems.join(work_dir, "counts.json")))
 
 

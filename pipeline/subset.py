@@ -26,6 +26,7 @@ import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline.decide import COUNTS_TAG, counts_output
+from pipeline.file_shuffle import GroupTablesByFile
 from pipeline.files import atomic_create, delete_matching, write_bytes_atomically
 from pipeline.publish import SUBSET_FILES
 
@@ -69,8 +70,13 @@ def _keep_schema():
                       pa.field("copies", pa.int64()), pa.field("weight", pa.float64())])
 
 
+_KEEP_COLUMNS = (("key", "keys"), ("q", "q"), ("copies", "copies"), ("weight", "weights"))
+
+
 def keep_parts(shard_and_batch, buckets: int):
     """A batch of decisions -> (bucket, its rows) per bucket it touches, and what it kept as counts."""
+    import pyarrow as pa
+
     _, batch = shard_and_batch
     copies = batch["copies"]
     kept_signatures = collections.Counter()
@@ -82,12 +88,12 @@ def keep_parts(shard_and_batch, buckets: int):
     yield counts_output({"decided": len(copies), "kept": kept, "dropped": len(copies) - kept,
                          "output_samples": sum(copies), "kept_signatures": dict(kept_signatures),
                          "kept_not_uid": kept_not_uid})
-    rows = collections.defaultdict(list)
-    for i, key in enumerate(batch["keys"]):
-        rows[key_bucket(key, buckets)].append(i)
-    for bucket, indices in rows.items():
-        yield bucket, {name: [batch[column][i] for i in indices]
-                       for name, column in (("key", "keys"), ("q", "q"), ("copies", "copies"), ("weight", "weights"))}
+    table = pa.Table.from_pydict({name: batch[column] for name, column in _KEEP_COLUMNS}, schema=_keep_schema())
+    of_row = np.fromiter((key_bucket(key, buckets) for key in batch["keys"]), dtype=np.int64, count=len(copies))
+    order = np.argsort(of_row, kind="stable")
+    for part in np.split(order, np.flatnonzero(np.diff(of_row[order])) + 1):
+        if len(part):
+            yield int(of_row[part[0]]), table.take(part)
 
 
 def part_name(bucket: int, buckets: int) -> str:
@@ -95,22 +101,17 @@ def part_name(bucket: int, buckets: int) -> str:
 
 
 class WriteBucket(beam.DoFn):
-    """(bucket, parts) -> its keep.parquet part file (sorted by key) and its sorted uids (a file in the
-    work folder); yields what it wrote."""
+    """(bucket, its rows as one table) -> its keep.parquet part file (sorted by key) and its sorted
+    uids (a file in the work folder); yields what it wrote."""
 
     def __init__(self, output_dir: str, work_dir: str, buckets: int):
         self.output_dir, self.work_dir, self.buckets = output_dir, work_dir, buckets
 
-    def process(self, bucket_and_parts):
-        import pyarrow as pa
+    def process(self, bucket_and_table):
         import pyarrow.parquet as pq
 
-        bucket, parts = bucket_and_parts
-        columns = collections.defaultdict(list)
-        for part in parts:
-            for name, values in part.items():
-                columns[name].extend(values)
-        table = pa.Table.from_pydict(dict(columns), schema=_keep_schema()).sort_by([("key", "ascending")])
+        bucket, table = bucket_and_table
+        table = table.sort_by([("key", "ascending")])
         path = FileSystems.join(self.output_dir, KEEP_DIR, part_name(bucket, self.buckets))
         sink = io.BytesIO()
         pq.write_table(table, sink)
@@ -138,7 +139,7 @@ class SubsetRelease(beam.PTransform):
         parts = decisions | "KeepParts" >> beam.FlatMap(keep_parts, self.buckets).with_outputs(
             COUNTS_TAG, main="parts")
         written = (parts.parts
-                   | "GroupKeyBucket" >> beam.GroupByKey()
+                   | "GroupKeyBucket" >> GroupTablesByFile(self.work_dir)
                    | "WriteBucket" >> beam.ParDo(WriteBucket(self.output_dir, self.work_dir, self.buckets))
                    | "AllBuckets" >> beam.combiners.ToList())
         return {"counts": parts[COUNTS_TAG], "written": written}

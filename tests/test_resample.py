@@ -427,11 +427,23 @@ def test_exact_thresholds_from_windows_equal_the_k_smallest_of_all_draws():
         chunk = slice(start, start + 7000)
         table = pa.table({"key": keys[chunk], "attributes": [[] for _ in keys[chunk]],
                           "concepts": [[s] for s in signature_of[chunk]], "utility": [None for _ in keys[chunk]]})
-        parts += [value for _, value in ranker.process(table, "solution text")]
-    thresholds = dict(decide._thresholds((0, parts)))
+        parts += list(ranker.process(table, "solution text"))
+    # merged the way the runner may: each worker its own bundles, then the workers' accumulators
+    merge = decide.MergeWindows()
+    accumulators = [merge.create_accumulator(), merge.create_accumulator()]
+    for i, (signature, part) in enumerate(parts):
+        if signature == "a":
+            accumulators[i % 2] = merge.add_input(accumulators[i % 2], part)
+    by_signature = {"a": merge.extract_output(merge.merge_accumulators(accumulators))}
+    b = merge.create_accumulator()
+    for signature, part in parts:
+        if signature == "b":
+            b = merge.add_input(b, part)
+    by_signature["b"] = merge.extract_output(b)
+    thresholds = dict(decide.threshold(signature, merged) for signature, merged in by_signature.items())
     for signature in ("a", "b"):
         draws = sorted((hashing.keyed_uniform(5, key), key) for key, s in zip(keys, signature_of) if s == signature)
         assert tuple(thresholds[signature]) == draws[keep[signature] - 1]
-    assert sum(len(window) for _, _, _, window in parts) < len(keys) / 20, "most draws are only counted"
+    assert sum(len(window) for _, (_, _, window) in parts) < len(keys) / 20, "most draws are only counted"
     with pytest.raises(DataError, match="outside its window"):
-        list(decide._thresholds((0, [("a", 10, 10, [(0.5, "k")])])))
+        decide.threshold("a", (10, 10, [(0.5, "k")]))
