@@ -116,7 +116,7 @@ class Annotate(beam.PTransform):
     """Input globs -> annotation rows in Parquet, quarantine entries in JSONL, counts as data.
 
     Reads the inputs in ranges (several workers share a big file), labels records in batches, drops
-    duplicate keys (only keys cross that shuffle) and writes what is left; every step reports its
+    duplicate keys (only keys are grouped, through files) and writes what is left; every step reports its
     counts, so the job can reconcile them with the files written.
     """
 
