@@ -39,7 +39,6 @@ Usage: python bench/trainer.py [--device cpu|cuda] [--samples 4000] [--steps 40]
        [--repeats 1] [--skip-training] [--skip-open-clip]
 """
 import argparse
-import gc
 import json
 import os
 import shutil

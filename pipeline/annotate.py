@@ -10,7 +10,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import SetupOptions
 
-from pipeline import quarantine as q
+from pipeline import quarantine
 from pipeline.annotators import combine
 from pipeline.annotators.lexicon import Lexicon
 from pipeline.counts import AddCounts
@@ -134,24 +134,24 @@ class Annotate(beam.PTransform):
                 | "ReadRanges" >> beam.ParDo(ReadRangeBatches(
                     args.key_column, args.caption_column, args.image_embedding_field if use_images else None,
                     getattr(args, "progress_dir", None), _used_columns(args))).with_outputs(
-                    q.QUARANTINE_TAG, COUNTS_TAG, main="batches"))
+                    quarantine.QUARANTINE_TAG, COUNTS_TAG, main="batches"))
         labelled = read.batches | "AnnotateText" >> beam.ParDo(AnnotateBatch(
             lexicon, args.utility_field, args.max_image_pixels, use_images,
             args.image_embedding_field, args.faces_column, args.validate_images)).with_outputs(
-                q.QUARANTINE_TAG, main="rows")
-        quarantined = [read[q.QUARANTINE_TAG], labelled[q.QUARANTINE_TAG]]
+                quarantine.QUARANTINE_TAG, main="rows")
+        quarantined = [read[quarantine.QUARANTINE_TAG], labelled[quarantine.QUARANTINE_TAG]]
         counts = [read[COUNTS_TAG]]
         rows = labelled.rows
         if use_images:
             threads = local_worker_threads(pbegin.pipeline.options)
             images = rows | "AnnotateImages" >> beam.ParDo(AnnotateImages(
                 _image_annotator(args, lexicon, threads), combine.parse_policies(args.combine, args.combine_group),
-                args.image_batch_size, threads)).with_outputs(q.QUARANTINE_TAG, main="rows")
+                args.image_batch_size, threads)).with_outputs(quarantine.QUARANTINE_TAG, main="rows")
             rows = images.rows
-            quarantined.append(images[q.QUARANTINE_TAG])
+            quarantined.append(images[quarantine.QUARANTINE_TAG])
         spill_dir = FileSystems.join(output, SPILL_DIR)
         duplicates = rows | "FindDuplicateKeys" >> FindDuplicateKeys(spill_dir)
-        quarantined.append(duplicates[q.QUARANTINE_TAG])
+        quarantined.append(duplicates[quarantine.QUARANTINE_TAG])
         spilled = rows | "SpillRows" >> beam.ParDo(SpillRows(spill_dir))
         unique = spilled | "DropDuplicates" >> beam.ParDo(
             DropDuplicates(args.utility_field),
@@ -161,7 +161,7 @@ class Annotate(beam.PTransform):
         _ = unique.tables | "WriteAnnotations" >> beam.io.WriteToParquetBatched(
             FileSystems.join(output, ANNOTATIONS_PREFIX), ANNOTATION_SCHEMA, file_name_suffix=".parquet")
         all_quarantined = tuple(quarantined) | "FlattenQuarantine" >> beam.Flatten()
-        _ = all_quarantined | "WriteQuarantine" >> q.WriteQuarantine(FileSystems.join(output, QUARANTINE_PREFIX))
+        _ = all_quarantined | "WriteQuarantine" >> quarantine.WriteQuarantine(FileSystems.join(output, QUARANTINE_PREFIX))
         counts.append(all_quarantined | "CountQuarantined" >> beam.Map(
             lambda entry: {"quarantined": 1, "quarantined_by_reason": {entry["reason"]: 1}}))
         return (tuple(counts)

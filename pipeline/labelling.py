@@ -16,7 +16,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from pipeline import quarantine as q
+from pipeline import quarantine
 from pipeline.annotators import combine
 from pipeline.annotators.text import TextAnnotator
 from pipeline.errors import DataError
@@ -91,7 +91,7 @@ class AnnotateBatch(beam.DoFn):
         self.pass_images = pass_images
         self.embedding_field = embedding_field
         self.faces_column = faces_column
-        self.annotated = Metrics.counter(q.METRICS_NAMESPACE, "annotated_text")
+        self.annotated = Metrics.counter(quarantine.METRICS_NAMESPACE, "annotated_text")
 
     def process(self, samples):
         rows, entries = [], []
@@ -106,19 +106,19 @@ class AnnotateBatch(beam.DoFn):
     def _annotate(self, sample):
         caption = sample.get("caption")
         if caption is None:
-            return q.sample_quarantined(sample, q.STAGE_ANNOTATE, q.MISSING_CAPTION, "no caption")
+            return quarantine.sample_quarantined(sample, quarantine.STAGE_ANNOTATE, quarantine.MISSING_CAPTION, "no caption")
         if not caption.strip():
-            return q.sample_quarantined(sample, q.STAGE_ANNOTATE, q.EMPTY_CAPTION, "blank caption")
+            return quarantine.sample_quarantined(sample, quarantine.STAGE_ANNOTATE, quarantine.EMPTY_CAPTION, "blank caption")
         image = None
         if sample.get("members"):  # WebDataset samples must carry an image that decodes
             image = image_member(sample["members"])
             if image is None:
-                return q.sample_quarantined(sample, q.STAGE_DECODE, q.MISSING_IMAGE,
+                return quarantine.sample_quarantined(sample, quarantine.STAGE_DECODE, quarantine.MISSING_IMAGE,
                                             f"members: {sorted(sample['members'])}")
             try:
                 check_image(image, self.validate_images, self.max_image_pixels)
             except ImageRejected as rejected:
-                return q.sample_quarantined(sample, q.STAGE_DECODE, rejected.reason, rejected)
+                return quarantine.sample_quarantined(sample, quarantine.STAGE_DECODE, rejected.reason, rejected)
         attributes, concepts, evidence, evidence_json = self.annotator.labels(caption)
         row = annotation_row(sample, attributes, concepts, evidence_json,
                              utility_of(sample.get("meta") or {}, self.utility_field))
@@ -154,7 +154,7 @@ class AnnotateImages(beam.DoFn):
         self.batch_size = batch_size
         self.threads = threads  # pipeline.options.local_worker_threads
         self._combinations: dict[tuple, tuple] = {}
-        self.images_scored = Metrics.counter(q.METRICS_NAMESPACE, "images_scored")
+        self.images_scored = Metrics.counter(quarantine.METRICS_NAMESPACE, "images_scored")
 
     def setup(self):
         if self.threads:
@@ -188,7 +188,7 @@ class AnnotateImages(beam.DoFn):
                 vector = np.asarray(element["embedding"], dtype=np.float32).ravel()
                 if vector.shape != (dim,) or not np.isfinite(vector).all():
                     row = element["row"]
-                    entries.append(q.quarantined(q.STAGE_ANNOTATE, q.BAD_EMBEDDING, row["key"], row["shard"],
+                    entries.append(quarantine.quarantined(quarantine.STAGE_ANNOTATE, quarantine.BAD_EMBEDDING, row["key"], row["shard"],
                                                  row["position"], f"shape {vector.shape}, model wants ({dim},)"))
                 else:
                     good.append((element, vector))
@@ -248,7 +248,6 @@ def _duplicates_in_bucket(bucket_and_table):
 
     Arrow counts the keys; only the rows of a key seen more than once come to Python.
     """
-    import pyarrow as pa
     import pyarrow.compute as pc
 
     _, table = bucket_and_table
@@ -264,8 +263,8 @@ def _duplicates_in_bucket(bucket_and_table):
         found = sorted(places[key])
         first_shard, first_position = found[0]
         for shard, position in found[1:]:
-            yield beam.pvalue.TaggedOutput(q.QUARANTINE_TAG, q.quarantine_record(
-                q.STAGE_DEDUPLICATE, q.DUPLICATE_KEY, key, shard, position,
+            yield beam.pvalue.TaggedOutput(quarantine.QUARANTINE_TAG, quarantine.quarantine_record(
+                quarantine.STAGE_DEDUPLICATE, quarantine.DUPLICATE_KEY, key, shard, position,
                 f"kept the copy at {first_shard} position {first_position}"))
             yield shard, position
 
@@ -285,7 +284,7 @@ class FindDuplicateKeys(beam.PTransform):
         return (row_batches
                 | "KeysByBucket" >> beam.FlatMap(_keys_by_bucket)
                 | "GroupBucket" >> GroupTablesByFile(self.spill_dir)
-                | "Duplicates" >> beam.FlatMap(_duplicates_in_bucket).with_outputs(q.QUARANTINE_TAG, main="places"))
+                | "Duplicates" >> beam.FlatMap(_duplicates_in_bucket).with_outputs(quarantine.QUARANTINE_TAG, main="places"))
 
 
 def label_set(attributes, concepts, utility) -> str:
@@ -338,7 +337,7 @@ class DropDuplicates(beam.DoFn):
 
     def __init__(self, utility_field=None):
         self.utility_field = utility_field
-        self.annotated = Metrics.counter(q.METRICS_NAMESPACE, "annotated")
+        self.annotated = Metrics.counter(quarantine.METRICS_NAMESPACE, "annotated")
         self._label_sets: dict[tuple, str] = {}  # rows repeat a few thousand label sets
 
     def _label_set(self, attributes, concepts, utility) -> str:

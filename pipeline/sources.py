@@ -15,7 +15,7 @@ import apache_beam as beam
 from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
 
-from pipeline import quarantine as q
+from pipeline import quarantine
 from pipeline.keys import safe_key
 
 FORMAT_AUTO = "auto"
@@ -102,7 +102,7 @@ def iter_tar_samples(raw_file, shard, caption_field="caption"):
         with tarfile.open(fileobj=reader, mode="r|", ignore_zeros=True) as archive:
             for member in archive:
                 if member.offset != expected_offset:
-                    yield q.quarantined(q.STAGE_READ, q.CORRUPT_TAR, None, shard, None,
+                    yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.CORRUPT_TAR, None, shard, None,
                                         f"{member.offset - expected_offset} bytes of damaged tar "
                                         f"headers skipped before member {member.name!r}")
                 expected_offset = member.offset_data + -(-member.size // TAR_BLOCK) * TAR_BLOCK
@@ -111,19 +111,19 @@ def iter_tar_samples(raw_file, shard, caption_field="caption"):
                     continue
                 name = member.name
                 if _is_unsafe_member_name(name):
-                    yield q.quarantined(q.STAGE_READ, q.UNSAFE_MEMBER_NAME, None, shard, None, name)
+                    yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.UNSAFE_MEMBER_NAME, None, shard, None, name)
                     continue
                 if not member.isfile():
-                    yield q.quarantined(q.STAGE_READ, q.NON_REGULAR_MEMBER, None, shard, None, name)
+                    yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.NON_REGULAR_MEMBER, None, shard, None, name)
                     continue
                 match = _KEY_AND_EXTENSION.match(name)
                 if match is None:
-                    yield q.quarantined(q.STAGE_READ, q.BAD_ROW, None, shard, None,
+                    yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.BAD_ROW, None, shard, None,
                                         f"member {name!r} has no KEY.EXT name")
                     continue
                 key, extension = match.groups()
                 if member.size > MAX_MEMBER_BYTES:
-                    yield q.quarantined(q.STAGE_READ, q.BAD_ROW, key, shard, None,
+                    yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.BAD_ROW, key, shard, None,
                                         f"member {name!r} has {member.size} bytes (limit {MAX_MEMBER_BYTES})")
                     continue
                 # Same rule as webdataset's group_by_keys: a new key, or an extension seen again,
@@ -137,24 +137,24 @@ def iter_tar_samples(raw_file, shard, caption_field="caption"):
         reader.drain()
     except (tarfile.TarError, EOFError, OSError) as error:
         key = pending[0] if pending else None
-        reason = q.TRUNCATED_TAR if members_seen else q.UNREADABLE_FILE
+        reason = quarantine.TRUNCATED_TAR if members_seen else quarantine.UNREADABLE_FILE
         if reader.bytes_read == 0:
-            reason = q.EMPTY_SHARD
-        yield q.quarantined(q.STAGE_READ, reason, key, shard, pending[2] if pending else None,
+            reason = quarantine.EMPTY_SHARD
+        yield quarantine.quarantined(quarantine.STAGE_READ, reason, key, shard, pending[2] if pending else None,
                             f"tar stopped after {reader.bytes_read} bytes: {error}")
         return
     if not reader.ends_with_marker():
-        reason = q.TRUNCATED_TAR if members_seen else q.UNREADABLE_FILE
+        reason = quarantine.TRUNCATED_TAR if members_seen else quarantine.UNREADABLE_FILE
         if reader.bytes_read == 0:
-            reason = q.EMPTY_SHARD
-        yield q.quarantined(q.STAGE_READ, reason, pending[0] if pending else None, shard,
+            reason = quarantine.EMPTY_SHARD
+        yield quarantine.quarantined(quarantine.STAGE_READ, reason, pending[0] if pending else None, shard,
                             pending[2] if pending else None,
                             f"no end-of-archive marker after {reader.bytes_read} bytes")
         return
     if pending is not None:
         yield from _finish_tar_sample(pending, shard, caption_field)
     elif not members_seen:
-        yield q.quarantined(q.STAGE_READ, q.EMPTY_SHARD, None, shard, None, "tar has no members")
+        yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.EMPTY_SHARD, None, shard, None, "tar has no members")
 
 
 def _member(members, extension):
@@ -178,16 +178,16 @@ def _finish_tar_sample(pending, shard, caption_field):
         if text_bytes is not None:
             caption = text_bytes.decode("utf-8")
     except UnicodeDecodeError as error:
-        yield q.quarantined(q.STAGE_READ, q.NON_UTF8_TEXT, key, shard, position, error)
+        yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.NON_UTF8_TEXT, key, shard, position, error)
         return
     except ValueError as error:
-        yield q.quarantined(q.STAGE_READ, q.BAD_JSON, key, shard, position, error)
+        yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.BAD_JSON, key, shard, position, error)
         return
     if caption is None and isinstance(meta.get(caption_field), str):
         caption = meta[caption_field]
     dotted = sorted(name for name in members if "." in name)
     if caption is None and dotted:
-        yield q.quarantined(q.STAGE_READ, q.INVALID_KEY, key, shard, position,
+        yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.INVALID_KEY, key, shard, position,
                             f"members {', '.join(f'{key}.{name}' for name in dotted)}: WebDataset reads "
                             f"{key!r} as the key and {dotted[0]!r} as the extension; a key must not contain '.'")
         return
@@ -201,7 +201,7 @@ def _row_sample(row, shard, position, key_column, caption_column, has_key_column
     if has_key_column:
         key = row.get(key_column)
         if key is None or str(key) == "":
-            return q.quarantined(q.STAGE_READ, q.MISSING_KEY, None, shard, position,
+            return quarantine.quarantined(quarantine.STAGE_READ, quarantine.MISSING_KEY, None, shard, position,
                                  f"row {position} has no {key_column!r}")
     else:
         key = f"{posixpath.basename(shard)}#{position}"
@@ -211,7 +211,7 @@ def _row_sample(row, shard, position, key_column, caption_column, has_key_column
         try:
             caption = caption.decode("utf-8")
         except UnicodeDecodeError as error:
-            return q.quarantined(q.STAGE_READ, q.NON_UTF8_TEXT, str(key), shard, position, error)
+            return quarantine.quarantined(quarantine.STAGE_READ, quarantine.NON_UTF8_TEXT, str(key), shard, position, error)
     if caption is not None and not isinstance(caption, str):
         caption = str(caption)
     image_id = row.get("image_id")
@@ -232,7 +232,7 @@ def iter_parquet_samples(raw_file, shard, key_column, caption_column, row_groups
     parquet = pq.ParquetFile(raw_file)
     has_key_column = key_column in parquet.schema_arrow.names
     if parquet.metadata.num_rows == 0:
-        yield q.quarantined(q.STAGE_READ, q.EMPTY_SHARD, None, shard, None, "table has no rows")
+        yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.EMPTY_SHARD, None, shard, None, "table has no rows")
         return
     embeddings = None
     if embeddings_field and embeddings_field not in parquet.schema_arrow.names:
@@ -241,7 +241,7 @@ def iter_parquet_samples(raw_file, shard, key_column, caption_column, row_groups
             position = first_position
             for batch in parquet.iter_batches(batch_size=TABLE_BATCH_ROWS, row_groups=row_groups, columns=[]):
                 for _ in range(batch.num_rows):
-                    yield q.quarantined(q.STAGE_READ, q.BAD_EMBEDDING, None, shard, position, embeddings)
+                    yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.BAD_EMBEDDING, None, shard, position, embeddings)
                     position += 1
             return
     position = first_position
@@ -291,9 +291,9 @@ def jsonl_record(line: bytes, shard, position, key_column, caption_column):
         if not isinstance(row, dict):
             raise ValueError(f"line is a {type(row).__name__}, not an object")
     except UnicodeDecodeError as error:
-        return q.quarantined(q.STAGE_READ, q.NON_UTF8_TEXT, None, shard, position, error)
+        return quarantine.quarantined(quarantine.STAGE_READ, quarantine.NON_UTF8_TEXT, None, shard, position, error)
     except ValueError as error:
-        return q.quarantined(q.STAGE_READ, q.BAD_JSON, None, shard, position, error)
+        return quarantine.quarantined(quarantine.STAGE_READ, quarantine.BAD_JSON, None, shard, position, error)
     return _row_sample(row, shard, position, key_column, caption_column, True)
 
 
@@ -302,7 +302,7 @@ def iter_jsonl_samples(raw_file, shard, key_column, caption_column):
     for position, line in enumerate(raw_file):
         yield jsonl_record(line, shard, position, key_column, caption_column)
     if position < 0:
-        yield q.quarantined(q.STAGE_READ, q.EMPTY_SHARD, None, shard, None, "file has no lines")
+        yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.EMPTY_SHARD, None, shard, None, "file has no lines")
 
 
 def iter_csv_samples(raw_file, shard, key_column, caption_column):
@@ -316,10 +316,10 @@ def iter_csv_samples(raw_file, shard, key_column, caption_column):
     try:
         header = next(reader, None)
     except csv.Error as error:
-        yield q.quarantined(q.STAGE_READ, q.BAD_ROW, None, shard, None, f"header line: {error}")
+        yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.BAD_ROW, None, shard, None, f"header line: {error}")
         return
     if header is None:
-        yield q.quarantined(q.STAGE_READ, q.EMPTY_SHARD, None, shard, None, "file has no header")
+        yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.EMPTY_SHARD, None, shard, None, "file has no header")
         return
     position = 0
     while True:
@@ -333,25 +333,25 @@ def iter_csv_samples(raw_file, shard, key_column, caption_column):
             if "unexpected end of data" in str(error):
                 detail = (f"a quote opened on line {first_line} is never closed: lines {first_line}-"
                           f"{reader.line_num} (the rest of the file) could not be read as rows")
-            yield q.quarantined(q.STAGE_READ, q.BAD_ROW, None, shard, position, detail)
+            yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.BAD_ROW, None, shard, position, detail)
             position += 1
             continue
         if len(fields) != len(header):
             spanned = "" if reader.line_num == first_line else \
                 f" (lines {first_line}-{reader.line_num}: a quoted field spans lines)"
-            yield q.quarantined(q.STAGE_READ, q.BAD_ROW, None, shard, position,
+            yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.BAD_ROW, None, shard, position,
                                 f"{len(fields)} fields, header has {len(header)}{spanned}")
         else:
             try:
                 "".join(fields).encode("utf-8")
             except UnicodeEncodeError as error:
-                yield q.quarantined(q.STAGE_READ, q.NON_UTF8_TEXT, None, shard, position, error)
+                yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.NON_UTF8_TEXT, None, shard, position, error)
             else:
                 yield _row_sample(dict(zip(header, fields)), shard, position, key_column, caption_column,
                                   key_column in header)
         position += 1
     if position == 0:
-        yield q.quarantined(q.STAGE_READ, q.EMPTY_SHARD, None, shard, None, "table has no rows")
+        yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.EMPTY_SHARD, None, shard, None, "table has no rows")
 
 
 def _raise_csv_field_limit():
@@ -368,20 +368,20 @@ def iter_coco_samples(raw_file, shard):
         if not isinstance(annotations, list):
             raise ValueError("'annotations' is not a list")
     except UnicodeDecodeError as error:
-        yield q.quarantined(q.STAGE_READ, q.NON_UTF8_TEXT, None, shard, None, error)
+        yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.NON_UTF8_TEXT, None, shard, None, error)
         return
     except (ValueError, KeyError, TypeError) as error:
-        yield q.quarantined(q.STAGE_READ, q.BAD_JSON, None, shard, None,
+        yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.BAD_JSON, None, shard, None,
                             f"not a COCO caption file: {error!r}")
         return
     if not annotations:
-        yield q.quarantined(q.STAGE_READ, q.EMPTY_SHARD, None, shard, None, "no annotations")
+        yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.EMPTY_SHARD, None, shard, None, "no annotations")
         return
     file_names = {image.get("id"): image.get("file_name") for image in document.get("images", [])
                   if isinstance(image, dict)}
     for position, annotation in enumerate(annotations):
         if not isinstance(annotation, dict) or annotation.get("id") is None:
-            yield q.quarantined(q.STAGE_READ, q.MISSING_KEY, None, shard, position,
+            yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.MISSING_KEY, None, shard, position,
                                 "annotation without an id")
             continue
         image_id = annotation.get("image_id")
@@ -466,7 +466,7 @@ def iter_file_records(path, input_format=FORMAT_AUTO, key_column="key", caption_
     """
     file_format = detect_format(path) if input_format == FORMAT_AUTO else input_format
     if file_format is None:
-        yield q.quarantined(q.STAGE_READ, q.UNREADABLE_FILE, None, path, None,
+        yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.UNREADABLE_FILE, None, path, None,
                             "unknown file type; pass --input-format")
         return
     try:
@@ -483,7 +483,7 @@ def iter_file_records(path, input_format=FORMAT_AUTO, key_column="key", caption_
             else:
                 yield from iter_coco_samples(raw_file, path)
     except Exception as error:  # a file we cannot open or parse at all: quarantine, go on
-        yield q.quarantined(q.STAGE_READ, q.UNREADABLE_FILE, None, path, None,
+        yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.UNREADABLE_FILE, None, path, None,
                             f"{type(error).__name__}: {error}")
 
 

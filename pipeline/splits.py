@@ -13,7 +13,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from pipeline import quarantine as q
+from pipeline import quarantine
 from pipeline.progress import mark_range_read
 from pipeline.worker_tuning import relax_gc
 from pipeline.sources import (FORMAT_AUTO, FORMAT_JSONL, FORMAT_PARQUET, MatchInputFiles, detect_format,
@@ -124,7 +124,7 @@ def iter_range_records(file_range: dict, key_column="key", caption_column="capti
             handle.seek(file_range["start"])
             data = handle.read(file_range["end"] - file_range["start"])
     except Exception as error:  # the file changed or vanished since it was planned
-        yield q.quarantined(q.STAGE_READ, q.UNREADABLE_FILE, None, path, file_range["first_position"],
+        yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.UNREADABLE_FILE, None, path, file_range["first_position"],
                             f"range {file_range['index']}: {type(error).__name__}: {error}")
         return
     lines = data.split(b"\n")
@@ -171,7 +171,7 @@ class ReadRangeBatches(beam.DoFn):
         self.embeddings_field = embeddings_field
         self.columns = columns  # of Parquet tables, the ones the job uses (None: all)
         self.progress_dir = progress_dir  # pipeline.progress: a marker per range read
-        self.records_read = Metrics.counter(q.METRICS_NAMESPACE, "records_read")
+        self.records_read = Metrics.counter(quarantine.METRICS_NAMESPACE, "records_read")
 
     def setup(self):
         relax_gc()
@@ -185,16 +185,16 @@ class ReadRangeBatches(beam.DoFn):
                 counted["read"] += 1
                 if isinstance(output, beam.pvalue.TaggedOutput):
                     counted["quarantined"] += 1
-                    quarantine.append(output)
+                    held.append(output)
                 else:
                     yield output
 
-        quarantine = []
+        held = []
         for batch in batches_of(samples()):  # streamed: a tar's images are not all held at once
-            yield from quarantine
-            quarantine.clear()
+            yield from held
+            held.clear()
             yield batch
-        yield from quarantine
+        yield from held
         read, quarantined = counted["read"], counted["quarantined"]
         self.records_read.inc(read)
         mark_range_read(self.progress_dir, file_range, read)

@@ -38,9 +38,9 @@ class CompressedRows:
         return q_signatures[self.inverse]
 
 
-def compress(attributes, concepts, utility=None, weights=None, utility_decimals: int | None = None) -> CompressedRows:
-    """Group rows by signature. Exact when utility is None or taken as is; `utility_decimals`
-    rounds utility into buckets first (then q is exact for the rounded utility)."""
+def compress(attributes, concepts, utility=None, weights=None) -> CompressedRows:
+    """Group rows by signature, the utility (when given) part of it: exact, so q is the full
+    problem's. A caller wanting fewer signatures rounds its utility first."""
     attributes = _as_indicator(attributes, "attributes")
     rows = attributes.shape[0]
     concepts = _as_indicator(concepts, "concepts", rows)
@@ -49,8 +49,6 @@ def compress(attributes, concepts, utility=None, weights=None, utility_decimals:
     parts = [np.packbits(attributes != 0, axis=1), np.packbits(concepts != 0, axis=1)]
     if utility is not None:
         utility = _as_vector(utility, "utility", rows)
-        if utility_decimals is not None:
-            utility = np.round(utility, utility_decimals)
         utility = utility + 0.0  # -0.0 and 0.0 are the same utility
         parts.append(utility.astype(np.float64).reshape(rows, 1).view(np.uint8))
     packed = np.ascontiguousarray(np.hstack(parts))

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from pipeline import annotate, cli
-from pipeline import quarantine as q
+from pipeline import quarantine
 from pipeline.annotators.text import annotate_caption
 
 TWO_WORKERS = ["--direct_running_mode=multi_processing", "--direct_num_workers=2"]
@@ -158,9 +158,9 @@ def broken_inputs(coco_mini_shards, webdataset_writer, tmp_path_factory):
     pq.write_table(pa.table({"key": ["p1", "p2"], "caption": ["A boy and his bicycle", "A pizza"],
                              "score": [0.1, None]}), folder / "j-table.parquet")
     expected_reasons = {
-        q.DUPLICATE_KEY: 2, q.UNDECODABLE_IMAGE: 1, q.EMPTY_CAPTION: 1, q.MISSING_CAPTION: 2,
-        q.NON_UTF8_TEXT: 1, q.MISSING_IMAGE: 1, q.IMAGE_TOO_LARGE: 1, q.TRUNCATED_TAR: 1,
-        q.EMPTY_SHARD: 1, q.UNREADABLE_FILE: 1, q.UNSAFE_MEMBER_NAME: 1, q.BAD_JSON: 1}
+        quarantine.DUPLICATE_KEY: 2, quarantine.UNDECODABLE_IMAGE: 1, quarantine.EMPTY_CAPTION: 1, quarantine.MISSING_CAPTION: 2,
+        quarantine.NON_UTF8_TEXT: 1, quarantine.MISSING_IMAGE: 1, quarantine.IMAGE_TOO_LARGE: 1, quarantine.TRUNCATED_TAR: 1,
+        quarantine.EMPTY_SHARD: 1, quarantine.UNREADABLE_FILE: 1, quarantine.UNSAFE_MEMBER_NAME: 1, quarantine.BAD_JSON: 1}
     expected_keys = {x["key"] for x in r[0:5] + r[11:12] + r[12:14] + r[15:16]} | {
         "j1", "j2", "c1", "c2", "p1", "p2"}
     return folder, expected_reasons, expected_keys
@@ -185,7 +185,7 @@ def test_broken_input_is_quarantined_with_reasons_and_nothing_valid_is_lost(brok
     assert counts["records_read"] == counts["annotated"] + counts["quarantined"]
     entries = _quarantine_entries(output)
     assert len(entries) == counts["quarantined"]
-    assert all(e["stage"] in (q.STAGE_READ, q.STAGE_DECODE, q.STAGE_ANNOTATE, q.STAGE_DEDUPLICATE)
+    assert all(e["stage"] in (quarantine.STAGE_READ, quarantine.STAGE_DECODE, quarantine.STAGE_ANNOTATE, quarantine.STAGE_DEDUPLICATE)
                for e in entries)
 
 
@@ -198,7 +198,7 @@ def test_duplicate_keys_keep_the_copy_from_the_smallest_shard_and_position(
     assert rows[r[0]["key"]]["position"] == 0
     assert rows[r[1]["key"]]["shard"].endswith("a-good-00000.tar")
     duplicates = sorted((e["key"], e["shard"].rsplit("/", 1)[1], e["position"])
-                        for e in _quarantine_entries(output) if e["reason"] == q.DUPLICATE_KEY)
+                        for e in _quarantine_entries(output) if e["reason"] == quarantine.DUPLICATE_KEY)
     assert duplicates == sorted([(r[0]["key"], "a-good-00000.tar", 5),
                                  (r[1]["key"], "g-duplicate-00000.tar", 0)])
 
@@ -246,7 +246,7 @@ def test_zero_shot_job_with_a_tiny_model_and_precomputed_embeddings(
     table, counts = _run_job([coco_mini_shards.glob, table_path], tmp_path / "out",
                              *image_flags, *TWO_WORKERS)
     assert counts["annotated"] == 159 + 3
-    assert counts["quarantined_by_reason"] == {q.BAD_EMBEDDING: 1}
+    assert counts["quarantined_by_reason"] == {quarantine.BAD_EMBEDDING: 1}
     rows = {row["key"]: row for row in table.to_pylist()}
     config = ZeroShotConfig(tiny_clip.architecture, str(tiny_clip.checkpoint_path),
                             str(tiny_clip.config_path), person_margin=-10.0, concept_top_k=2,

@@ -40,14 +40,14 @@ def test_compress_finds_unique_signatures_and_expands_back():
         rows.expand(np.zeros(rows.num_signatures + 1))
 
 
-def test_utility_is_part_of_the_signature_unless_bucketed():
+def test_utility_is_part_of_the_signature():
     attributes, concepts, _ = signature_table(rows=50)
     attributes, concepts = np.repeat(attributes[:1], 4, axis=0), np.repeat(concepts[:1], 4, axis=0)
     utility = np.array([0.101, 0.102, 0.2, -0.0])
     assert compress(attributes, concepts).num_signatures == 1
     assert compress(attributes, concepts, utility).num_signatures == 4
-    bucketed = compress(attributes, concepts, utility, utility_decimals=1)
-    assert bucketed.num_signatures == 3 and sorted(bucketed.utility.tolist()) == [0.0, 0.1, 0.2]
+    rounded = compress(attributes, concepts, np.round(utility, 1))  # -0.0 and 0.0 are one utility
+    assert rounded.num_signatures == 3 and sorted(rounded.utility.tolist()) == [0.0, 0.1, 0.2]
     assert compress(attributes, np.hstack([concepts, np.eye(4)[:, :1]]), np.zeros(4)).num_signatures == 2
 
 

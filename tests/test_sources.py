@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from apache_beam.pvalue import TaggedOutput
 
-from pipeline import quarantine as q
+from pipeline import quarantine
 from pipeline import sources
 
 
@@ -32,7 +32,7 @@ def _read(iterator):
     samples, entries = [], []
     for output in iterator:
         if isinstance(output, TaggedOutput):
-            assert output.tag == q.QUARANTINE_TAG
+            assert output.tag == quarantine.QUARANTINE_TAG
             entries.append(output.value)
         else:
             samples.append(output)
@@ -66,8 +66,8 @@ def test_caption_and_image_id_come_from_json_when_there_is_no_txt():
 
 
 @pytest.mark.parametrize("damage, reason", [
-    (lambda data: data[:512 * 4 + 100], q.TRUNCATED_TAR),     # cut inside a member's data
-    (lambda data: data[:data.index(b"k2.txt") // 512 * 512], q.TRUNCATED_TAR),  # at a header
+    (lambda data: data[:512 * 4 + 100], quarantine.TRUNCATED_TAR),     # cut inside a member's data
+    (lambda data: data[:data.index(b"k2.txt") // 512 * 512], quarantine.TRUNCATED_TAR),  # at a header
 ])
 def test_truncated_tar_keeps_complete_samples_and_quarantines_the_rest(damage, reason):
     data = _tar_bytes(_three_samples())
@@ -82,7 +82,7 @@ def test_damaged_header_is_quarantined_and_later_members_are_recovered():
     header_k1_jpg = data.index(b"k1.jpg") // 512 * 512
     data[header_k1_jpg + 148] ^= 0x55  # break the header checksum
     samples, entries = _read_tar(bytes(data))
-    assert [e["reason"] for e in entries] == [q.CORRUPT_TAR]
+    assert [e["reason"] for e in entries] == [quarantine.CORRUPT_TAR]
     assert [s["key"] for s in samples] == ["k0", "k1", "k2"]
     assert "jpg" not in samples[1]["members"]  # k1 lost its image; the annotator quarantines it
 
@@ -94,7 +94,7 @@ def test_member_names_cannot_escape_and_links_are_not_followed():
                (link, None)]
     samples, entries = _read_tar(_tar_bytes(members))
     assert sorted(e["reason"] for e in entries) == [
-        q.NON_REGULAR_MEMBER, q.UNSAFE_MEMBER_NAME, q.UNSAFE_MEMBER_NAME]
+        quarantine.NON_REGULAR_MEMBER, quarantine.UNSAFE_MEMBER_NAME, quarantine.UNSAFE_MEMBER_NAME]
     assert [s["key"] for s in samples] == ["k0"]
 
 
@@ -102,14 +102,14 @@ def test_bad_text_and_json_members_are_quarantined():
     members = [("a.jpg", b"j"), ("a.txt", b"caf\xe9"), ("b.jpg", b"j"), ("b.json", b"{not json"),
                ("c.jpg", b"j"), ("c.txt", "café".encode())]
     samples, entries = _read_tar(_tar_bytes(members))
-    assert [(e["key"], e["reason"]) for e in entries] == [("a", q.NON_UTF8_TEXT), ("b", q.BAD_JSON)]
+    assert [(e["key"], e["reason"]) for e in entries] == [("a", quarantine.NON_UTF8_TEXT), ("b", quarantine.BAD_JSON)]
     assert [s["caption"] for s in samples] == ["café"]
 
 
 @pytest.mark.parametrize("data, reason", [
-    (b"", q.EMPTY_SHARD),
-    (_tar_bytes([]), q.EMPTY_SHARD),
-    (b"this is not a tar file" * 40, q.UNREADABLE_FILE),
+    (b"", quarantine.EMPTY_SHARD),
+    (_tar_bytes([]), quarantine.EMPTY_SHARD),
+    (b"this is not a tar file" * 40, quarantine.UNREADABLE_FILE),
 ])
 def test_empty_and_unreadable_shards(data, reason):
     samples, entries = _read_tar(data)
@@ -124,13 +124,13 @@ def test_jsonl_csv_and_parquet_tables(tmp_path):
             b'{"key": "c", "caption": "caf\xe9"}\n[1]\n{"caption": "no key"}\n'
     samples, entries = _read(sources.iter_jsonl_samples(io.BytesIO(jsonl), "t.jsonl", "key", "caption"))
     assert [(s["key"], s["caption"]) for s in samples] == [("a", "A man"), ("b", None)]
-    assert [e["reason"] for e in entries] == [q.BAD_JSON, q.NON_UTF8_TEXT, q.BAD_JSON, q.MISSING_KEY]
+    assert [e["reason"] for e in entries] == [quarantine.BAD_JSON, quarantine.NON_UTF8_TEXT, quarantine.BAD_JSON, quarantine.MISSING_KEY]
 
     csv = b'id,text,score\nx,"A woman, smiling",0.5\ny,caf\xe9,1\nz,too,many,fields\n'
     samples, entries = _read(sources.iter_csv_samples(io.BytesIO(csv), "t.csv", "id", "text"))
     assert [(s["key"], s["caption"], s["meta"]["score"]) for s in samples] == [
         ("x", "A woman, smiling", "0.5")]
-    assert [e["reason"] for e in entries] == [q.NON_UTF8_TEXT, q.BAD_ROW]
+    assert [e["reason"] for e in entries] == [quarantine.NON_UTF8_TEXT, quarantine.BAD_ROW]
 
     path = tmp_path / "t.parquet"
     pq.write_table(pa.table({"caption": ["A dog", None], "image_id": [1, 2]}), path)
@@ -150,7 +150,7 @@ def test_coco_caption_json(shared_data):
     assert (samples[0]["key"], samples[0]["caption"], samples[0]["image_id"]) == (
         str(first["id"]), first["caption"], str(first["image_id"]))
     _, entries = _read(sources.iter_coco_samples(io.BytesIO(b'{"images": []}'), "x.json"))
-    assert [e["reason"] for e in entries] == [q.BAD_JSON]
+    assert [e["reason"] for e in entries] == [quarantine.BAD_JSON]
 
 
 def test_detect_format():

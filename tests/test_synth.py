@@ -113,7 +113,7 @@ def test_neutral_evaluation_images_show_nobody_or_an_ambiguous_figure(planted):
 def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path):
     config = dict(SMALL, num_samples=300)
     first = make_synthetic(tmp_path / "a", SynthConfig(seed=5, **config))
-    again = make_synthetic(tmp_path / "b", SynthConfig(seed=5, **config))
+    make_synthetic(tmp_path / "b", SynthConfig(seed=5, **config))
     other = make_synthetic(tmp_path / "c", SynthConfig(seed=6, **config))
     path = first["train_shards"][0]["path"]
     assert (tmp_path / "a" / path).read_bytes() == (tmp_path / "b" / path).read_bytes()
