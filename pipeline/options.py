@@ -12,6 +12,9 @@ warnings per worker, each echoed a second time by the job service:
 - "No semi_persistent_directory found": a local worker has no staging directory, by design.
 Both are silenced in the workers only, by raising those two loggers to ERROR through Beam's
 `--sdk_harness_log_level_overrides`; errors still show, and the driver's logging is untouched.
+
+Local jobs (no `--runner`, or `--runner DirectRunner`) run on `LocalRunner`: the DirectRunner's
+FnApiRunner, without the DirectRunner's first try on Prism (below).
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import logging
 import os
 
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions, _BeamArgumentParser
+from apache_beam.runners.direct.direct_runner import DirectRunner
 
 from pipeline.errors import UsageError
 
@@ -33,7 +37,30 @@ LOCAL_WORKER_LOG_RELAY = "apache_beam.runners.portability.local_job_service"
 WORKER_OVERRIDES_FLAG = "--sdk_harness_log_level_overrides"
 # The worker module runs as __main__ (`python -m apache_beam.runners.worker.sdk_worker_main`).
 LOCAL_WORKER_LOG_OVERRIDES = {"apache_beam.options.pipeline_options": "ERROR", "__main__": "ERROR"}
-LOCAL_RUNNERS = (None, "DirectRunner", "direct", "BundleBasedDirectRunner", "SwitchingDirectRunner")
+LOCAL_RUNNER = "pipeline.options.LocalRunner"
+LOCAL_RUNNERS = (None, "DirectRunner", "direct", "BundleBasedDirectRunner", "SwitchingDirectRunner", LOCAL_RUNNER)
+
+
+class LocalRunner(DirectRunner):
+    """Beam's DirectRunner as balancebeam tests it: the FnApiRunner (in one process, or with
+    `--direct_running_mode=multi_processing` in several), never Prism.
+
+    Since Beam 2.6x the DirectRunner first hands any pipeline Prism supports to the Prism runner,
+    downloading its binary from GitHub on a machine with internet, and falls back to the FnApiRunner
+    when that fails (as it does offline). The local promises (reconciled counts, byte-identical
+    releases whatever the workers, the workarounds in docs/beam-data-loss.md, each worker's thread
+    share) are tested on the FnApiRunner, so a local job runs there, online or not, with the same
+    provision info the DirectRunner gives it. `--runner PrismRunner` chooses Prism explicitly.
+    """
+
+    def run_pipeline(self, pipeline, options):
+        from apache_beam.portability.api import beam_provision_api_pb2
+        from apache_beam.runners.portability.fn_api_runner import fn_runner
+        from apache_beam.runners.portability.portable_runner import JobServiceHandle
+
+        encoded = JobServiceHandle.encode_pipeline_options(options.get_all_options())
+        provision = fn_runner.ExtendedProvisionInfo(beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded))
+        return fn_runner.FnApiRunner(provision_info=provision).run_pipeline(pipeline, options)
 
 
 @functools.lru_cache(maxsize=1)
@@ -76,6 +103,8 @@ def pipeline_options(beam_args, command: str = "balancebeam") -> PipelineOptions
     check_pipeline_args(args, command)
     given = PipelineOptions(args)
     runner = given.view_as(StandardOptions).runner
+    if runner in (None, "DirectRunner", "direct"):
+        args = _without_flag(args, "--runner") + [f"--runner={LOCAL_RUNNER}"]
     if runner in LOCAL_RUNNERS:
         if not _given(args, WORKER_LOG_FLAG):
             args.append(f"{WORKER_LOG_FLAG}={LOCAL_WORKER_LOG_LEVEL}")
@@ -86,6 +115,19 @@ def pipeline_options(beam_args, command: str = "balancebeam") -> PipelineOptions
         if not _given(args, WORKER_OVERRIDES_FLAG):
             args.append(f"{WORKER_OVERRIDES_FLAG}={json.dumps(LOCAL_WORKER_LOG_OVERRIDES)}")
     return PipelineOptions(args)
+
+
+def _without_flag(args, flag: str) -> list[str]:
+    """args without `flag=value` or `flag value`."""
+    kept, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg == flag:
+            skip = True
+        elif not arg.startswith(flag + "="):
+            kept.append(arg)
+    return kept
 
 
 def _given(args, flag: str) -> bool:

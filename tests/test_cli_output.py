@@ -141,3 +141,30 @@ def test_local_workers_share_the_cores_for_their_numeric_threads(monkeypatch):
     assert threads("--direct_running_mode=multi_processing", "--direct_num_workers=0") == 1
     assert threads("--direct_running_mode=in_memory") is None
     assert threads("--runner=DataflowRunner", "--direct_running_mode=multi_processing") is None
+
+
+@pytest.mark.parametrize("flags", [[], ["--runner=DirectRunner"], ["--runner", "DirectRunner"]])
+def test_local_jobs_run_on_the_fnapi_runner_never_prism(monkeypatch, flags):
+    """Beam's DirectRunner first tries Prism (downloading it from GitHub where it can); local jobs
+    run on the FnApiRunner the promises are tested on, whether or not Prism could start."""
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import StandardOptions
+    from apache_beam.runners.portability import prism_runner
+
+    from pipeline.options import LOCAL_RUNNER, pipeline_options
+
+    tried = []
+
+    def prism_run(self, pipeline, options):
+        tried.append(True)
+        raise RuntimeError("no Prism here")  # the DirectRunner then falls back
+
+    monkeypatch.setattr(prism_runner.PrismRunner, "run_pipeline", prism_run)
+    options = pipeline_options([*flags, "--direct_running_mode=in_memory"])
+    assert options.view_as(StandardOptions).runner == LOCAL_RUNNER
+    with beam.Pipeline(options=options) as pipeline:
+        _ = pipeline | beam.Create([1, 2]) | beam.Map(lambda x: x)
+    assert tried == []
+    with beam.Pipeline() as pipeline:  # Beam's own DirectRunner: tries Prism first
+        _ = pipeline | beam.Create([1, 2]) | beam.Map(lambda x: x)
+    assert tried == [True]
