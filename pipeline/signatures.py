@@ -18,10 +18,18 @@ UTILITY_DECIMALS = 2
 DEFAULT_GROUP = "attribute"
 
 
+def split_label(label: str) -> tuple[str, str]:
+    """'perceived_gender:woman' -> ('perceived_gender', 'woman'); 'woman' -> (DEFAULT_GROUP, 'woman').
+
+    The one parse of an attribute label: the lexicon, the combination policies and the signatures
+    all call it."""
+    group, separator, value = label.partition(":")
+    return (group, value) if separator else (DEFAULT_GROUP, label)
+
+
 def group_of(label: str) -> str:
     """'perceived_gender:woman' -> 'perceived_gender'."""
-    group, separator, _ = label.partition(":")
-    return group if separator else DEFAULT_GROUP
+    return split_label(label)[0]
 
 
 def row_signature(attributes: Iterable[str], concepts: Iterable[str], utility=None, *,

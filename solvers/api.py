@@ -10,7 +10,7 @@ import time
 import numpy as np
 
 from solvers.max_rate import FEASIBILITY_SLACK
-from solvers.problem import SHARE_TOLERANCE, BalanceProblem
+from solvers.problem import SHARE_TOLERANCE, BalanceProblem, check_keep_rate
 from solvers.solution import BalanceSolution
 
 METHODS = ("dual", "exact", "streaming")
@@ -43,9 +43,7 @@ def solve(problem: BalanceProblem, method: str = DEFAULT_METHOD, *, keep_rate=No
         from solvers.compress import compress_problem
 
         target, inverse = compress_problem(problem)
-    requested = problem.keep_rate if keep_rate is None else keep_rate
-    if requested != "max" and (isinstance(requested, str) or not 0 < float(requested) <= 1):
-        raise ValueError(f"keep_rate must be a number in (0, 1] or 'max', got {requested!r}")
+    requested = check_keep_rate(problem.keep_rate if keep_rate is None else keep_rate)
     statistics = {"keep_rate_requested": requested}
     if requested == "max" or check_feasibility:
         from solvers.max_rate import max_keep_rate

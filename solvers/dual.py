@@ -13,7 +13,7 @@ import scipy.sparse as sp
 
 from solvers import progress as progress_bars
 from solvers.max_rate import FEASIBILITY_SLACK
-from solvers.problem import SHARE_TOLERANCE, BalanceProblem
+from solvers.problem import SHARE_TOLERANCE, BalanceProblem, resolve_keep_rate
 from solvers.solution import BalanceSolution
 
 # The issue asks for max violation <= 1e-6 (problem units) and objective within 1e-4 of the exact
@@ -183,7 +183,7 @@ def solve_dual(problem: BalanceProblem, keep_rate=None, tolerance: float = DEFAU
     <= tolerance; the solution carries lambda and nu so `q_for` applies it to unseen rows.
     """
     started = time.perf_counter()
-    keep_rate = _resolve_keep_rate(problem, keep_rate)
+    keep_rate = resolve_keep_rate(problem, keep_rate)
     matrix, bounds = problem.constraint_matrix()
     oracle = DualOracle(matrix, bounds, problem.weights, problem.keep_targets(keep_rate), keep_rate)
     step_scale = oracle.diagonal_majoriser()  # diagonal metric: step_j = 1 / step_scale_j
@@ -285,18 +285,6 @@ def _violation_tolerance(problem: BalanceProblem, oracle: DualOracle, point: dic
     if not present.size:
         return tolerance
     return min(tolerance, SHARE_TOLERANCE * float(present.min()) / problem.total_weight)
-
-
-def _resolve_keep_rate(problem: BalanceProblem, keep_rate) -> float:
-    keep_rate = problem.keep_rate if keep_rate is None else keep_rate
-    if keep_rate == "max":
-        from solvers.max_rate import max_keep_rate  # noqa: PLC0415 (LP solver only when asked)
-
-        return float(max_keep_rate(problem))
-    keep_rate = float(keep_rate)
-    if not 0 < keep_rate <= 1:
-        raise ValueError(f"keep_rate must be in (0, 1], got {keep_rate}")
-    return keep_rate
 
 
 def _raise_if_infeasible(problem: BalanceProblem, keep_rate: float) -> None:

@@ -9,7 +9,7 @@ import time
 import cvxpy as cp
 import numpy as np
 
-from solvers.problem import SHARE_TOLERANCE, BalanceProblem
+from solvers.problem import SHARE_TOLERANCE, BalanceProblem, resolve_keep_rate
 from solvers.solution import BalanceSolution
 
 DEFAULT_SOLVER = "CLARABEL"
@@ -28,7 +28,7 @@ def solve_exact(problem: BalanceProblem, keep_rate=None, solver: str = DEFAULT_S
     The returned duals satisfy q = clip(t - C lambda - nu, 0, 1) at the optimum, so the solution
     applies to rows it has never seen (`BalanceSolution.q_for`).
     """
-    eta = _resolve_keep_rate(problem, keep_rate)
+    eta = resolve_keep_rate(problem, keep_rate)
     solver = solver.upper()
     if solver not in cp.installed_solvers():
         raise ValueError(f"solver {solver!r} is not installed; installed: {', '.join(cp.installed_solvers())}")
@@ -136,16 +136,3 @@ def dual_objective(problem: BalanceProblem, keep_rate: float, constraint_duals: 
     shift = C @ lam
     q = np.clip(t - shift - rate_dual, 0.0, 1.0)
     return float(0.5 * w @ (q - t) ** 2 + w @ (q * shift) - W * lam @ b + rate_dual * (w @ q - keep_rate * W))
-
-
-def _resolve_keep_rate(problem: BalanceProblem, keep_rate) -> float:
-    keep_rate = problem.keep_rate if keep_rate is None else keep_rate
-    if isinstance(keep_rate, str):
-        if keep_rate != "max":
-            raise ValueError(f"keep_rate must be a number in (0, 1] or 'max', got {keep_rate!r}")
-        from solvers.max_rate import max_keep_rate
-        return max_keep_rate(problem)
-    keep_rate = float(keep_rate)
-    if not 0 < keep_rate <= 1:
-        raise ValueError(f"keep_rate must be in (0, 1], got {keep_rate}")
-    return keep_rate

@@ -151,6 +151,34 @@ class ConstraintSpec:
         return cls(**data)
 
 
+def check_keep_rate(keep_rate):
+    """A keep rate as given: "max", or a number in (0, 1] as a float; anything else raises ValueError.
+
+    The one check: the problem, solve() and every solver call it."""
+    if isinstance(keep_rate, str):
+        if keep_rate != "max":
+            raise ValueError(f"keep_rate must be a number in (0, 1] or 'max', got {keep_rate!r}")
+        return keep_rate
+    try:
+        value = float(keep_rate)
+    except (TypeError, ValueError):
+        raise ValueError(f"keep_rate must be a number in (0, 1] or 'max', got {keep_rate!r}") from None
+    if not 0 < value <= 1:  # NaN fails here too
+        raise ValueError(f"keep_rate must be in (0, 1], got {keep_rate}")
+    return value
+
+
+def resolve_keep_rate(problem: BalanceProblem, keep_rate=None) -> float:
+    """The rate a solver aims for: the call's keep_rate, else the problem's; "max" is the highest
+    feasible rate, from the max-rate LP."""
+    keep_rate = check_keep_rate(problem.keep_rate if keep_rate is None else keep_rate)
+    if keep_rate == "max":
+        from solvers.max_rate import max_keep_rate  # noqa: PLC0415 (LP solver only when asked)
+
+        return float(max_keep_rate(problem))
+    return keep_rate
+
+
 class BalanceProblem:
     """An M4 problem: which rows show which attribute values and concepts, and what to reach.
 
@@ -200,12 +228,7 @@ class BalanceProblem:
         self.utility_mean = 0.0 if self.utility is None else float(np.average(self.utility, weights=self.weights))
         if constraint_form not in CONSTRAINT_FORMS:
             raise ValueError(f"constraint_form must be one of {CONSTRAINT_FORMS}, got {constraint_form!r}")
-        if isinstance(keep_rate, str):
-            if keep_rate != "max":
-                raise ValueError(f"keep_rate must be a number in (0, 1] or 'max', got {keep_rate!r}")
-        elif not 0 < float(keep_rate) <= 1:
-            raise ValueError(f"keep_rate must be in (0, 1], got {keep_rate}")
-        self.keep_rate = keep_rate if isinstance(keep_rate, str) else float(keep_rate)
+        self.keep_rate = check_keep_rate(keep_rate)
         self.min_support = float(min_support)
 
         groups = [list(range(num_values))] if groups is None else [list(map(int, g)) for g in groups]

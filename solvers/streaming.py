@@ -10,7 +10,8 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from solvers import progress as progress_bars
-from solvers.problem import DEFAULT_MIN_SUPPORT, REPRESENTATION, BalanceProblem, ConstraintSpec
+from solvers.problem import (DEFAULT_MIN_SUPPORT, REPRESENTATION, BalanceProblem, ConstraintSpec,
+                             check_keep_rate, resolve_keep_rate)
 from solvers.solution import BalanceSolution
 
 # One batch: (attributes (n, m) 0/1, concepts (n, c) 0/1, weights (n,) or None, utility (n,) or None).
@@ -35,7 +36,7 @@ def solve_streaming(problem: BalanceProblem, keep_rate=None, batch_size: int = D
 
     Same seed, same result. The returned solution carries q for the problem's rows.
     """
-    keep_rate = _resolve_keep_rate(problem, keep_rate)
+    keep_rate = resolve_keep_rate(problem, keep_rate)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     rng = np.random.default_rng(seed)
@@ -68,9 +69,9 @@ def solve_stream(spec: ConstraintSpec, batches_factory: BatchesFactory, keep_rat
     nu so the rate is met and measure the certificates. Memory: one batch plus O(d).
     """
     started = time.perf_counter()
-    keep_rate = float(keep_rate)
-    if not 0 < keep_rate <= 1:
-        raise ValueError(f"keep_rate must be in (0, 1], got {keep_rate}")
+    keep_rate = check_keep_rate(keep_rate)
+    if keep_rate == "max":
+        raise ValueError("solve_stream needs a number for keep_rate; solve_streaming resolves 'max' from a problem")
     if epochs < 1 or rate_passes < 1:
         raise ValueError("epochs and rate_passes must be >= 1")
     totals = _stream_totals(spec, batches_factory)
@@ -270,12 +271,3 @@ def _unpack(batch):
         if utility.shape != (rows,) or not np.isfinite(utility).all():
             raise ValueError(f"batch utility must be {rows} finite numbers")
     return attributes, concepts, weights, utility
-
-
-def _resolve_keep_rate(problem: BalanceProblem, keep_rate) -> float:
-    keep_rate = problem.keep_rate if keep_rate is None else keep_rate
-    if keep_rate == "max":
-        from solvers.max_rate import max_keep_rate  # noqa: PLC0415 (LP solver only when asked)
-
-        return float(max_keep_rate(problem))
-    return float(keep_rate)

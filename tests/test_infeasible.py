@@ -94,7 +94,21 @@ def test_contradictory_targets_are_refused_before_solving():
         BalanceProblem(attributes, concepts, targets=[0.2, 0.5])
 
 
-@pytest.mark.parametrize("keep_rate", [1.5, 0.0, "most"])
-def test_keep_rate_outside_the_unit_interval_is_a_plain_error(keep_rate):
-    with pytest.raises(ValueError, match="keep_rate must be"):
-        solve(representation_only(), method="exact", keep_rate=keep_rate)
+@pytest.mark.parametrize("keep_rate", [1.5, 0.0, -0.2, float("nan"), "most", None])
+def test_keep_rate_outside_the_unit_interval_is_a_plain_error_everywhere(keep_rate):
+    """The problem, solve() with each method and each solver called directly refuse the same rates
+    with the same message (the streaming solver once accepted any number)."""
+    from solvers.dual import solve_dual
+    from solvers.streaming import solve_streaming
+
+    problem = representation_only()
+    calls = [lambda: BalanceProblem(problem.attributes, problem.concepts, keep_rate=keep_rate)]
+    if keep_rate is not None:  # None means "the problem's own rate" to the solvers
+        calls += [lambda m=method: solve(problem, method=m, keep_rate=keep_rate)
+                  for method in ("exact", "dual", "streaming")]
+        calls += [lambda f=solver: f(problem, keep_rate=keep_rate)
+                  for solver in (solve_exact, solve_dual, solve_streaming)]
+    for call in calls:
+        with pytest.raises(ValueError, match=r"keep_rate must be (a number )?in \(0, 1\]"):
+            call()
+    assert solve_streaming(problem, keep_rate=0.8).keep_rate == pytest.approx(0.8, abs=1e-3)

@@ -2,6 +2,8 @@
 
 Policies: union (default), text (text only), image (image only), agreement (both must say it).
 """
+from pipeline.signatures import group_of
+
 POLICY_UNION = "union"
 POLICY_TEXT = "text"
 POLICY_IMAGE = "image"
@@ -37,21 +39,17 @@ def parse_policies(default_policy=POLICY_UNION, overrides=()):
     return policies
 
 
-def _group_of(label):
-    return label.split(":", 1)[0]
-
-
 def combine_annotations(text_attributes, text_concepts, image_attributes, image_concepts, policies):
     """(attributes, concepts, concept_sources) after applying each group's policy.
 
     concept_sources says for every kept concept who found it: "text", "image" or "text+image".
     """
-    groups = {_group_of(label) for label in [*text_attributes, *image_attributes]}
+    groups = {group_of(label) for label in [*text_attributes, *image_attributes]}
     attributes = set()
     for group in groups:
         policy = policies.get(group, policies["*"])
-        attributes |= combine_sets([a for a in text_attributes if _group_of(a) == group],
-                                   [a for a in image_attributes if _group_of(a) == group], policy)
+        attributes |= combine_sets([a for a in text_attributes if group_of(a) == group],
+                                   [a for a in image_attributes if group_of(a) == group], policy)
     concepts = combine_sets(text_concepts, image_concepts,
                             policies.get(CONCEPTS_GROUP, policies["*"]))
     text_concepts, image_concepts = set(text_concepts), set(image_concepts)

@@ -6,6 +6,8 @@ import dataclasses
 import pathlib
 import re
 
+from pipeline.signatures import split_label
+
 # The lexicons shipped in the package; users pass their own directory or files instead.
 DEFAULT_LEXICON_DIR = pathlib.Path(__file__).resolve().parents[1] / "lexicons"
 DEFAULT_LEXICON_FILES = ("perceived_gender.txt", "occupations.txt", "concepts.txt")
@@ -55,7 +57,7 @@ class Lexicon:
         """Attribute group -> its values, in file order."""
         groups = {}
         for label in self.attribute_terms:
-            group, value = label.split(":", 1)
+            group, value = split_label(label)
             groups.setdefault(group, []).append(value)
         return {group: tuple(values) for group, values in groups.items()}
 
