@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from pipeline import annotate, balance, resample  # noqa: E402
+from pipeline import annotate, balance, plan, resample  # noqa: E402
 from pipeline.records import ANNOTATION_SCHEMA  # noqa: E402
 
 WORKERS = {1: ["--direct_running_mode=multi_processing", "--direct_num_workers=1"],
@@ -77,7 +77,7 @@ def main(argv=None):
     if not (work / "annotations").exists():
         annotate.run(["--input", str(work / "data" / "train" / "*.tar"), "--output", str(work / "annotations"),
                       *WORKERS[2]])
-    config = balance.BalanceConfig(keep_rate="max", min_support=20, method="dual")
+    config = plan.BalanceConfig(keep_rate="max", min_support=20, method="dual")
     if not (work / "solution.json").exists():
         balance.balance(str(work / "annotations"), str(work / "solution.json"), config, WORKERS[2])
 

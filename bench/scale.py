@@ -129,7 +129,7 @@ def plain_loop(pattern: str, output: pathlib.Path, samples_per_shard: int, seed:
 
     from apache_beam.pvalue import TaggedOutput
 
-    from pipeline import balance, hashing, release
+    from pipeline import balance, hashing, plan, release
     from pipeline.annotators.text import TextAnnotator
     from pipeline.labelling import image_member
     from pipeline.shards import InputTars, tar_offsets
@@ -155,7 +155,7 @@ def plain_loop(pattern: str, output: pathlib.Path, samples_per_shard: int, seed:
             labels[sample["key"]] = (attributes, concepts)
     counts = collections.Counter(row_signature(a, c) for a, c in labels.values())
     config = balance.config_from_args(balance_args())
-    solution, _ = balance.solve_table(SignatureTable.from_counts(counts.items()), config)
+    solution, _ = plan.solve_table(SignatureTable.from_counts(counts.items()), config)
     rule = release.KeepRule(solution, seed, "exact")
     decided = dict(zip(labels, rule.signatures_and_probabilities((a, c, None) for a, c in labels.values())))
     draws = collections.defaultdict(list)

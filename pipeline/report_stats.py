@@ -13,7 +13,7 @@ import posixpath
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
-from pipeline.balance import concept_shares
+from pipeline.plan import concept_shares
 from pipeline.files import read_text
 from pipeline.publish import KEPT_SIGNATURES_FILE
 from pipeline.signatures import SignatureTable, encode

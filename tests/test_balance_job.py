@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import annotate, balance
+from pipeline import annotate, balance, plan
 from pipeline.records import ANNOTATION_SCHEMA
 from pipeline.signatures import SignatureTable, row_signature
 
@@ -51,28 +51,28 @@ def _synthetic_table():
 
 def test_proxy_discovery_ranks_common_skewed_concepts_beyond_the_labels_of_interest():
     table = _synthetic_table()
-    proxies = balance.discover_proxies(table, interest=["dog"], k=2, min_support=10)
+    proxies = plan.discover_proxies(table, interest=["dog"], k=2, min_support=10)
     assert [p["concept"] for p in proxies] == ["tie", "cup"]
     assert proxies[0]["shares"][MAN] == pytest.approx(0.9)
-    assert balance.discover_proxies(table, interest=["tie"], k=5, min_support=10)[0]["concept"] == "cup"
-    config = balance.BalanceConfig(concepts=["dog", "unknown"], proxies=1, min_support=10)
-    concepts, chosen, not_seen = balance.choose_concepts(table, config)
+    assert plan.discover_proxies(table, interest=["tie"], k=5, min_support=10)[0]["concept"] == "cup"
+    config = plan.BalanceConfig(concepts=["dog", "unknown"], proxies=1, min_support=10)
+    concepts, chosen, not_seen = plan.choose_concepts(table, config)
     assert concepts == ["dog", "tie"] and not_seen == ["unknown"]
 
 
 def test_targets_parse_names_short_names_and_lists():
     names = [MAN, WOMAN]
-    assert balance.parse_targets("uniform", names) == "uniform"
-    assert balance.parse_targets("woman=0.6,man=0.4", names).tolist() == [0.4, 0.6]
-    assert balance.parse_targets("0.3,0.7", names).tolist() == [0.3, 0.7]
+    assert plan.parse_targets("uniform", names) == "uniform"
+    assert plan.parse_targets("woman=0.6,man=0.4", names).tolist() == [0.4, 0.6]
+    assert plan.parse_targets("0.3,0.7", names).tolist() == [0.3, 0.7]
     with pytest.raises(ValueError, match="no share for perceived_gender:man"):
-        balance.parse_targets("woman=0.5", names)
+        plan.parse_targets("woman=0.5", names)
 
 
 def test_solve_table_meets_the_gap_and_reports_exclusions_and_bias():
     table = _synthetic_table()
-    config = balance.BalanceConfig(keep_rate=0.5, association_gap=0.02, min_support=10, method="exact")
-    solution, projected = balance.solve_table(table, config)
+    config = plan.BalanceConfig(keep_rate=0.5, association_gap=0.02, min_support=10, method="exact")
+    solution, projected = plan.solve_table(table, config)
     stats = solution.statistics
     assert stats["excluded_low_support"] == {"perceived_gender": ["rare"]}
     before = stats["data_bias_before"]["summary"]["association_bias_max"]
@@ -91,7 +91,7 @@ def coco_mini_annotations(coco_mini_shards, tmp_path_factory):
 
 def test_beam_signature_counts_match_a_direct_count_of_the_annotations(coco_mini_annotations, tmp_path):
     table = balance.count_signatures(str(coco_mini_annotations), str(tmp_path / "counts"), TWO_WORKERS,
-                                     balance.BalanceConfig())
+                                     plan.BalanceConfig())
     rows = annotate.read_annotations(coco_mini_annotations).to_pylist()
     expected = collections.Counter(row_signature(r["attributes"], r["concepts"]) for r in rows)
     got = {row_signature(r["attributes"], r["concepts"]): r["count"] for r in table.to_records()}
@@ -106,10 +106,10 @@ def test_solution_depends_on_signatures_not_on_the_number_of_rows(coco_mini_anno
               for i in range(10)]
     (tmp_path / "ten").mkdir()
     pq.write_table(pa.concat_tables(copies).cast(ANNOTATION_SCHEMA), tmp_path / "ten" / "annotations-00000.parquet")
-    config = balance.BalanceConfig(keep_rate=0.7, min_support=2, method="exact")
+    config = plan.BalanceConfig(keep_rate=0.7, min_support=2, method="exact")
     once = balance.balance(str(coco_mini_annotations), str(tmp_path / "once" / "solution.json"), config, TWO_WORKERS)
     ten = balance.balance(str(tmp_path / "ten"), str(tmp_path / "ten-solution" / "solution.json"),
-                          balance.BalanceConfig(keep_rate=0.7, min_support=20, method="exact"), TWO_WORKERS)
+                          plan.BalanceConfig(keep_rate=0.7, min_support=20, method="exact"), TWO_WORKERS)
     assert ten.statistics["signatures_counted"] == once.statistics["signatures_counted"]
     assert ten.statistics["rows"] == 10 * once.statistics["rows"]
     np.testing.assert_allclose(ten.q, once.q, atol=1e-6)
@@ -141,7 +141,7 @@ def test_coco_val_captions_balanced_at_the_max_keep_rate_within_the_gap(coco_val
     concept with at least 50 annotated captions. Over every concept of the vocabulary 0.9 is just
     out of reach (the max-rate LP says 0.8987: 'truck' is 93% men), so this asks for the maximum."""
     solution = balance.balance(str(coco_val_annotations), str(tmp_path / "solution.json"),
-                               balance.BalanceConfig(keep_rate="max", association_gap=0.02, min_support=50,
+                               plan.BalanceConfig(keep_rate="max", association_gap=0.02, min_support=50,
                                                      method="dual"), TWO_WORKERS)
     stats = solution.statistics
     assert stats["rows"] == 25014 and 0.85 <= solution.keep_rate < 0.9

@@ -110,18 +110,18 @@ def test_progress_policy_terminal_environment_and_flag(monkeypatch):
 def test_many_dropped_concepts_are_one_warning_not_a_line_each(caplog):
     """At web scale dozens of rare concepts show one value only; the plan drops each, and the
     terminal gets one line naming them (solution.json keeps every reason)."""
-    from pipeline import balance
+    from pipeline import plan
 
     def entries(n):
         return [{"concept": f"c{i}", "reason": f"'c{i}': all 5 annotated rows are 'man'"} for i in range(n)]
 
     caplog.set_level(logging.WARNING, logger="pipeline.balance")
-    balance.log_dropped_concepts(entries(2))
+    plan.log_dropped_concepts(entries(2))
     assert [r.getMessage() for r in caplog.records] == [
         "the plan drops a concept: 'c0': all 5 annotated rows are 'man'",
         "the plan drops a concept: 'c1': all 5 annotated rows are 'man'"]
     caplog.clear()
-    balance.log_dropped_concepts(entries(12))
+    plan.log_dropped_concepts(entries(12))
     (line,) = [r.getMessage() for r in caplog.records]
     assert line.startswith("the plan drops 12 concepts ('c0', 'c1',") and "'c9' and 2 more)" in line
     assert "'c10'" not in line

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from pipeline import balance, cli
+from pipeline import cli, plan
 from pipeline.signatures import SignatureTable
 from solvers import max_keep_rate
 from solvers.problem import BalanceProblem
@@ -27,7 +27,7 @@ def _table():
 
 
 def test_a_concept_the_plan_drops_is_named_with_its_support_and_reason():
-    solution, _ = balance.solve_table(_table(), balance.BalanceConfig(keep_rate=0.8, association_gap=0.05))
+    solution, _ = plan.solve_table(_table(), plan.BalanceConfig(keep_rate=0.8, association_gap=0.05))
     [dropped] = solution.statistics["dropped_concepts"]
     assert dropped["concept"] == BEARD and dropped["support"] == 66
     assert dropped["reason"] == ("'beard': all 66 annotated rows are 'man'; balancing it to 50% ± 5% is only "
@@ -39,8 +39,8 @@ def test_a_concept_the_plan_drops_is_named_with_its_support_and_reason():
 
 
 def test_an_exempted_concept_is_not_constrained_and_is_listed(tmp_path):
-    config = balance.BalanceConfig(keep_rate=0.8, association_gap=0.05, unconstrained=[BEARD, "bride"])
-    solution, projected = balance.solve_table(_table(), config)
+    config = plan.BalanceConfig(keep_rate=0.8, association_gap=0.05, unconstrained=[BEARD, "bride"])
+    solution, projected = plan.solve_table(_table(), config)
     assert BEARD not in solution.spec.concept_names and solution.statistics["dropped_concepts"] == []
     listed = {entry["concept"]: entry for entry in solution.statistics["unconstrained_concepts"]}
     assert listed[BEARD]["support"] == 66 and listed[BEARD]["shares"]["perceived_gender:man"] == 1.0
@@ -53,9 +53,9 @@ def test_an_exempted_concept_is_not_constrained_and_is_listed(tmp_path):
 
 def test_the_price_of_balance_is_the_lp_maximum_at_each_gap():
     table = _table()
-    config = balance.BalanceConfig(representation_gap=0.05)
-    curve = balance.price_of_balance(balance.build_problem(table, config)[1], config)
-    assert [point["association_gap"] for point in curve] == list(balance.PRICE_OF_BALANCE_GAPS)
+    config = plan.BalanceConfig(representation_gap=0.05)
+    curve = plan.price_of_balance(plan.build_problem(table, config)[1], config)
+    assert [point["association_gap"] for point in curve] == list(plan.PRICE_OF_BALANCE_GAPS)
     rates = [point["max_keep_rate"] for point in curve]
     assert all(a <= b + 1e-9 for a, b in zip(rates, rates[1:])) and rates[0] < rates[-1]
     for point in curve:  # the same LP, on a problem built here from the table directly

@@ -329,7 +329,7 @@ def test_an_output_that_cannot_be_a_directory_is_refused(tmp_path, capsys):
 
 
 def test_a_wide_gap_is_allowed_with_a_warning(caplog):
-    from pipeline.balance import BalanceConfig
+    from pipeline.plan import BalanceConfig
 
     BalanceConfig(association_gap=0.6)
     assert "constrains nothing" in caplog.text

@@ -9,7 +9,7 @@ import re
 import pytest
 from report_checks import check_page_against_stats, shown_stats
 
-from pipeline import balance, report, report_stats
+from pipeline import plan, report, report_stats
 from pipeline.signatures import SignatureTable
 
 MAN, WOMAN = "perceived_gender:man", "perceived_gender:woman"
@@ -25,7 +25,7 @@ def _records(scale=1):
 def solved():
     records = _records()
     table = SignatureTable.from_records(records)
-    solution, _ = balance.solve_table(table, balance.BalanceConfig(keep_rate=0.6, min_support=10, method="exact"))
+    solution, _ = plan.solve_table(table, plan.BalanceConfig(keep_rate=0.6, min_support=10, method="exact"))
     return solution, table.to_records()
 
 
@@ -71,8 +71,8 @@ def test_annotation_coverage_before_planned_and_realized(solved):
     assert coverage["realized"] == {"perceived_gender": pytest.approx(60 / 96)}
     # The plan's own keep probabilities: Clarabel's primal q on the solved rows (the report applies
     # the duals with q_for; the two agree only if both are right).
-    planned, projected = balance.solve_table(SignatureTable.from_records(records),
-                                             balance.BalanceConfig(keep_rate=0.6, min_support=10, method="exact"))
+    planned, projected = plan.solve_table(SignatureTable.from_records(records),
+                                             plan.BalanceConfig(keep_rate=0.6, min_support=10, method="exact"))
     kept_weight = projected.weights * planned.q
     annotated = projected.attributes.max(axis=1) > 0
     expected = kept_weight[annotated].sum() / kept_weight.sum()
@@ -154,9 +154,9 @@ def _mixed_records():
 @pytest.fixture(scope="module")
 def mixed():
     records = _mixed_records()
-    config = balance.BalanceConfig(keep_rate=0.8, association_gap=0.05, min_support=10, method="exact",
+    config = plan.BalanceConfig(keep_rate=0.8, association_gap=0.05, min_support=10, method="exact",
                                    concepts=["kitchen", "beard", "tiara"], proxies=1, unconstrained=["bride"])
-    solution, _ = balance.solve_table(SignatureTable.from_records(records), config)
+    solution, _ = plan.solve_table(SignatureTable.from_records(records), config)
     # What a release of that plan could hold (its signatures know the solution's concepts only).
     kept = [{"attributes": a, "concepts": c, "utility": None, "count": n} for a, c, n in (
         ([MAN], ["kitchen"], 60), ([WOMAN], ["kitchen"], 66), ([MAN], ["office"], 40), ([WOMAN], ["office"], 40),
@@ -221,8 +221,8 @@ def test_names_from_the_data_are_escaped_in_the_page(mixed):
     _, records, kept, _ = mixed
     name = "<img src=x onerror=alert(1)> & \"quotes\" 'too'"
     records = [{**r, "concepts": [name if c == "kitchen" else c for c in r["concepts"]]} for r in records]
-    config = balance.BalanceConfig(keep_rate=0.8, association_gap=0.05, min_support=10, method="exact")
-    solution, _ = balance.solve_table(SignatureTable.from_records(records), config)
+    config = plan.BalanceConfig(keep_rate=0.8, association_gap=0.05, min_support=10, method="exact")
+    solution, _ = plan.solve_table(SignatureTable.from_records(records), config)
     stats = report.build_statistics(solution, records, kept, _manifest(sum(r["count"] for r in kept)))
     page = report.render_html(stats)
     assert "<img src=x" not in page

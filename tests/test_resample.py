@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import webdataset
 
-from pipeline import annotate, balance, hashing, release, resample
+from pipeline import annotate, balance, hashing, plan, release, resample
 from pipeline.signatures import SignatureTable, row_signature
 from solvers.solution import BalanceSolution
 
@@ -214,7 +214,7 @@ def balanced_coco_mini(coco_mini_shards, tmp_path_factory):
     """coco_mini annotated (2 workers) and balanced: (input glob, annotations dir, solution path)."""
     work = tmp_path_factory.mktemp("resample_coco_mini")
     annotate.run(["--input", coco_mini_shards.glob, "--output", str(work / "annotations"), *TWO_WORKERS])
-    config = balance.BalanceConfig(keep_rate=0.7, min_support=2, method="exact")
+    config = plan.BalanceConfig(keep_rate=0.7, min_support=2, method="exact")
     balance.balance(str(work / "annotations"), str(work / "solution.json"), config, TWO_WORKERS)
     return coco_mini_shards.glob, str(work / "annotations"), str(work / "solution.json")
 
@@ -244,20 +244,20 @@ def test_release_counts_reconcile_and_follow_q(two_worker_release, balanced_coco
     rows = {r["key"]: r for r in annotate.read_annotations(balanced_coco_mini[1]).to_pylist()}
     table = SignatureTable.from_counts(Counter(
         row_signature(r["attributes"], r["concepts"]) for r in rows.values()).items())
-    planned, projected = balance.solve_table(table, balance.BalanceConfig(keep_rate=0.7, min_support=2,
-                                                                          method="exact"))
-    plan = {}
+    planned, projected = plan.solve_table(table, plan.BalanceConfig(keep_rate=0.7, min_support=2,
+                                                                       method="exact"))
+    q_of = {}
     for i in range(len(projected.weights)):
         attributes = frozenset(projected.attribute_names[k] for k in np.flatnonzero(projected.attributes[i]))
         concepts = frozenset(projected.concept_names[r] for r in np.flatnonzero(projected.concepts[i]))
-        plan[attributes, concepts] = planned.q[i]
+        q_of[attributes, concepts] = planned.q[i]
     kept = {s["__key__"]: json.loads(s["json"]) for s in webdataset.WebDataset(
         sorted(str(p) for p in output.glob("*.tar")), shardshuffle=False)}
     checked = 0
     for key, row in rows.items():
         attributes = frozenset(row["attributes"]) & set(projected.attribute_names)
         concepts = frozenset(row["concepts"]) & set(projected.concept_names) if attributes else frozenset()
-        q = plan[attributes, concepts]
+        q = q_of[attributes, concepts]
         draw = hashing.keyed_uniform(11, key)
         if abs(draw - q) > 1e-6:  # the duals reproduce the primal q to ~1e-7
             assert (key in kept) == (draw < q), key

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from pipeline import balance
+from pipeline import plan
 from pipeline.annotators.text import annotate_caption
 from pipeline.signatures import SignatureTable, row_signature
 from solvers.rounding import allocate
@@ -45,20 +45,20 @@ def _coco_table(shared_data):
 @pytest.mark.parametrize("gap", [0.05, 0.02])
 def test_exact_counts_meet_the_gap_on_coco_captions_where_rounding_alone_does_not(shared_data, gap):
     table = _coco_table(shared_data)
-    config = balance.BalanceConfig(keep_rate="max", association_gap=gap, representation_gap=gap)
-    solution, projected = balance.solve_table(table, config)
-    problem, *_ = balance.build_problem(table, config)
+    config = plan.BalanceConfig(keep_rate="max", association_gap=gap, representation_gap=gap)
+    solution, projected = plan.solve_table(table, config)
+    problem, *_ = plan.build_problem(table, config)
     assert np.allclose(problem.weights, projected.weights)
     allocation = allocate(problem, solution.q)
     counts = allocation.counts
     assert counts.dtype.kind == "i" and (counts >= 0).all() and (counts <= projected.weights).all()
     targets = np.asarray(solution.spec.targets)
     assert _shares_within(projected, counts, gap, targets, config.min_support) <= 1e-9
-    plan = projected.weights * solution.q
-    assert np.abs(counts - plan).max() <= 3  # whole rows near the plan, signature by signature
-    assert counts.sum() >= 0.995 * plan.sum()
+    planned = projected.weights * solution.q
+    assert np.abs(counts - planned).max() <= 3  # whole rows near the plan, signature by signature
+    assert counts.sum() >= 0.995 * planned.sum()
     # Rounding each signature on its own is not enough: it crosses the gap somewhere.
-    rounded = np.round(plan)
+    rounded = np.round(planned)
     assert _shares_within(projected, rounded, gap, targets, config.min_support) > 1e-9
 
 
@@ -68,7 +68,7 @@ def test_nothing_to_round_when_no_signature_is_constrained():
         {"attributes": ["g:b"], "concepts": [], "utility": None, "count": 10},
         {"attributes": [], "concepts": [], "utility": None, "count": 33},
     ])
-    problem, *_ = balance.build_problem(table, balance.BalanceConfig(keep_rate=0.5, representation_gap=1.0,
+    problem, *_ = plan.build_problem(table, plan.BalanceConfig(keep_rate=0.5, representation_gap=1.0,
                                                                      min_support=1))
     q = np.full(len(table.weights), 0.5)
     allocation = allocate(problem, q)
@@ -79,7 +79,7 @@ def test_weights_must_be_row_counts():
     table = SignatureTable.from_records([
         {"attributes": ["g:a"], "concepts": [], "utility": None, "count": 10},
         {"attributes": ["g:b"], "concepts": [], "utility": None, "count": 10}])
-    problem, *_ = balance.build_problem(table, balance.BalanceConfig(keep_rate=0.5, min_support=1))
+    problem, *_ = plan.build_problem(table, plan.BalanceConfig(keep_rate=0.5, min_support=1))
     problem.weights = problem.weights + 0.5
     with pytest.raises(ValueError, match="whole row counts"):
         allocate(problem, np.full(2, 0.5))
