@@ -110,6 +110,32 @@ def test_neutral_evaluation_images_show_nobody_or_an_ambiguous_figure(planted):
     assert np.abs(scenes["ambiguous"] - scenes[None]).mean() > 1.0  # and a figure is there
 
 
+def test_ambiguous_figures_hide_the_value_for_the_requested_share_of_people_only():
+    """The image shows the ambiguous figure for about that share of the people; the caption and the
+    label are the ones the person would have had, and a rate of 0 changes no sample's bytes."""
+    base = dict(seed=4, image_size=32, people_woman_share=0.3)
+    plain, hidden = SynthConfig(**base), SynthConfig(**base, ambiguous_figure_rate=0.4)
+    people = ambiguous = 0
+    for index in range(600):
+        before, after = synth.training_sample(plain, index), synth.training_sample(hidden, index)
+        assert before == synth.training_sample(SynthConfig(**base, ambiguous_figure_rate=0.0), index)
+        labels, labels_after = json.loads(before["json"])["labels"], json.loads(after["json"])["labels"]
+        assert after["txt"] == before["txt"]
+        assert {k: v for k, v in labels_after.items() if k != "ambiguous_figure"} == labels
+        if labels["perceived_gender"] is None:
+            assert "ambiguous_figure" not in labels_after and after["jpg"] == before["jpg"]
+            continue
+        people += 1
+        if labels_after.get("ambiguous_figure"):
+            ambiguous += 1
+            assert after["jpg"] != before["jpg"]
+        else:
+            assert after["jpg"] == before["jpg"]
+    assert abs(ambiguous / people - 0.4) < 4 * (0.4 * 0.6 / people) ** 0.5
+    with pytest.raises(ValueError, match="ambiguous_figure_rate"):
+        SynthConfig(ambiguous_figure_rate=1.5).validate()
+
+
 def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path):
     config = dict(SMALL, num_samples=300)
     first = make_synthetic(tmp_path / "a", SynthConfig(seed=5, **config))

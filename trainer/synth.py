@@ -93,6 +93,10 @@ class SynthConfig:
     concept_proxy_rate: float = 0.0
     share_without_people: float = 0.1
     caption_attribute_rate: float = 0.75  # captions that name the attribute ("a woman" vs "a person")
+    # P(a training person is drawn with the ambiguous figure, neither value's): the caption still
+    # names the value it names, so a model can only learn these people's value from the data's
+    # shares, a prior that shows as model RB on ambiguous evaluation figures. 0 draws none.
+    ambiguous_figure_rate: float = 0.0
     eval_per_cell: int = 20  # evaluation images per (attribute value, concept)
     # Neutral evaluation images per concept and kind, for model RB: scenes without people, and
     # people drawn with neither value's figure (ambiguous). Labelled with no perceived_gender.
@@ -106,7 +110,7 @@ class SynthConfig:
         if unknown:
             raise ValueError(f"woman_share names concepts that are not generated: {sorted(unknown)}")
         for name in ("association_strength", "people_woman_share", "proxy_rate", "proxy_strength",
-                     "concept_proxy_rate", "share_without_people", "caption_attribute_rate",
+                     "concept_proxy_rate", "share_without_people", "caption_attribute_rate", "ambiguous_figure_rate",
                      *[f"woman_share[{c}]" for c in self.woman_share]):
             value = self.woman_share[name[12:-1]] if name.startswith("woman_share[") else getattr(self, name)
             if not 0.0 <= value <= 1.0:
@@ -214,9 +218,14 @@ def training_sample(config: SynthConfig, index: int) -> dict:
             if rng.random() < rate:
                 proxies.append(name)
     caption = write_caption(rng, concept, gender, proxies, name_attribute)
-    image = draw_scene(rng, concept, gender, proxies, config.image_size)
+    # from a stream of its own, so every other sample (and every sample at rate 0) keeps its bytes
+    ambiguous = (gender is not None and config.ambiguous_figure_rate > 0
+                 and np.random.default_rng([config.seed, 4, index]).random() < config.ambiguous_figure_rate)
+    image = draw_scene(rng, concept, "ambiguous" if ambiguous else gender, proxies, config.image_size)
     labels = {ATTRIBUTE_GROUP: gender, "concept": concept, "proxies": proxies,
               "caption_names_attribute": name_attribute and gender is not None}
+    if ambiguous:
+        labels["ambiguous_figure"] = True
     return encode_sample(f"{index:09d}", image, caption, labels, {"woman_share": share})
 
 
@@ -326,6 +335,9 @@ def parse_args(argv):
     parser.add_argument("--caption-attribute-rate", type=float, default=defaults.caption_attribute_rate)
     parser.add_argument("--concept-proxy-rate", type=float, default=defaults.concept_proxy_rate,
                         help="rate of the concept-dependent proxy (an apron); 0 draws none")
+    parser.add_argument("--ambiguous-figure-rate", type=float, default=defaults.ambiguous_figure_rate,
+                        help="share of training people drawn with the ambiguous figure (their caption "
+                             "still names them): plants a prior that shows as model RB; 0 draws none")
     parser.add_argument("--eval-per-cell", type=int, default=defaults.eval_per_cell)
     parser.add_argument("--neutral-eval-per-concept", type=int, default=defaults.neutral_eval_per_concept,
                         help="evaluation images per concept without a perceived attribute, of each kind "
@@ -351,7 +363,8 @@ def main(argv=None) -> int:
         proxy_rate=args.proxy_rate, proxy_strength=args.proxy_strength,
         share_without_people=args.share_without_people,
         caption_attribute_rate=args.caption_attribute_rate, eval_per_cell=args.eval_per_cell,
-        concept_proxy_rate=args.concept_proxy_rate, neutral_eval_per_concept=args.neutral_eval_per_concept)
+        concept_proxy_rate=args.concept_proxy_rate, neutral_eval_per_concept=args.neutral_eval_per_concept,
+        ambiguous_figure_rate=args.ambiguous_figure_rate)
     try:
         manifest = make_synthetic(args.output, config)
     except ValueError as error:
