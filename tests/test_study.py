@@ -223,6 +223,11 @@ def test_shipped_config_is_valid():
     assert synthetic["people_woman_share"] < 0.5 and synthetic["association_strength"] > 0
     assert synthetic["proxy_rate"] > 0 and synthetic["concept_proxy_rate"] > 0
     assert synthetic["neutral_eval_per_concept"] > 0 and len(config["seeds"]) >= 5
+    # docs/study.md's ambiguous-figures run is the shipped config plus that one knob
+    ambiguous = study_config.load(study_config.SHIPPED_CONFIG.with_name("study-ambiguous-figures.yaml"))
+    assert ambiguous["data"]["synthetic"] == {**synthetic, "ambiguous_figure_rate": 0.3}
+    assert {k: v for k, v in ambiguous.items() if k not in ("data", "output")} == {
+        k: v for k, v in config.items() if k not in ("data", "output")}
     # the README's ablations build on the association-only benchmark: the same data except that
     # every caption names the person
     config = study_config.load(study_config.SHIPPED_CONFIG.with_name("study-association-only.yaml"))
