@@ -129,7 +129,7 @@ def plain_loop(pattern: str, output: pathlib.Path, samples_per_shard: int, seed:
 
     from apache_beam.pvalue import TaggedOutput
 
-    from pipeline import balance, hashing, plan, release
+    from pipeline import balance, hashing, plan, release, tars
     from pipeline.annotators.text import TextAnnotator
     from pipeline.labelling import image_member
     from pipeline.shards import InputTars, tar_offsets
@@ -190,14 +190,14 @@ def plain_loop(pattern: str, output: pathlib.Path, samples_per_shard: int, seed:
                 index = tar_offsets(path) or {}
             members = release.release_members(sample, {"q": kept[sample["key"]][1], "weight": 1.0})
             items.append((release.order_uniform(seed, sample["key"]), sample["key"], path,
-                          release.locate_members(sample["key"], dict(members), index)))
+                          tars.locate_members(sample["key"], dict(members), index)))
     items.sort(key=lambda item: (item[0], item[1]))
     output.mkdir(parents=True, exist_ok=True)
     written, inputs = 0, InputTars()
     for shard, start in enumerate(range(0, len(items), samples_per_shard)):
-        rows = [(key, list(release.read_members(located, lambda o, n, p=path: inputs.read_at(p, o, n)).items()))
+        rows = [(key, list(tars.read_members(located, lambda o, n, p=path: inputs.read_at(p, o, n)).items()))
                 for _, key, path, located in items[start:start + samples_per_shard]]
-        written += release.write_shard(str(output / release.shard_name("plain", shard)), rows)["samples"]
+        written += tars.write_shard(str(output / tars.shard_name("plain", shard)), rows)["samples"]
     inputs.close()
     return {"records": len(labels), "kept": written}
 

@@ -19,7 +19,7 @@ import uuid
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from pipeline import hashing, release
+from pipeline import hashing, release, tars
 from pipeline.annotate import ANNOTATIONS_GLOB, annotation_rows, parquet_rows, read_counts
 from pipeline.counts import AddCounts
 from pipeline.decide import COUNTS_TAG, Decide, ExactThresholds, RepeatCopies, bucket_offsets, route_to_ranges
@@ -152,7 +152,7 @@ def resample(input_glob, annotations_dir, solution_path, output_dir, *, seed=rel
     check_release_options(mode, samples_per_shard, output_size, seed)
     if output_format not in OUTPUT_FORMATS:
         raise UsageError(f"--output-format must be one of {', '.join(OUTPUT_FORMATS)}, got {output_format!r}")
-    release.check_prefix(prefix)
+    tars.check_prefix(prefix)
     subset = output_format == FORMAT_SUBSET
     globs = [] if input_glob is None else [input_glob] if isinstance(input_glob, str) else list(input_glob)
     if not globs and not subset:

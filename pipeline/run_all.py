@@ -9,7 +9,7 @@ import logging
 
 from apache_beam.io.filesystems import FileSystems
 
-from pipeline import annotate, balance, release, report, resample
+from pipeline import annotate, balance, report, resample, tars
 from pipeline.errors import UsageError
 from pipeline.files import ensure_writable_directory
 from pipeline.options import check_pipeline_args
@@ -74,7 +74,7 @@ def run_all(inputs, output, args, annotate_args=(), beam_args=()) -> dict:
     annotate.check_arguments(annotate.build_parser().parse_args(annotate_argv))
     config = balance.config_from_args(args)
     resample.check_release_options(args.mode, args.samples_per_shard, args.output_size, args.seed)
-    release.check_prefix(args.prefix)
+    tars.check_prefix(args.prefix)
     check_pipeline_args(beam_args, "balancebeam run")
     try:
         ensure_writable_directory(output)

@@ -16,7 +16,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from pipeline import release
+from pipeline import release, tars
 from pipeline.decide import counts_output, merge_batches
 from pipeline.errors import DataError
 from pipeline.progress import mark_range_read
@@ -57,7 +57,7 @@ def tar_offsets(path):
         return None
     try:
         with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as raw_file:
-            return release.tar_member_offsets(raw_file)
+            return tars.tar_member_offsets(raw_file)
     except (OSError, ValueError) as error:
         log.warning("cannot index %s (%s): its members travel inline", path, error)
         return None
@@ -138,7 +138,7 @@ class ResampleRange(beam.DoFn):
                     if self.mode == "repeat":
                         balance["copy"] = copy
                     # The released members, json with `balance` included; images as their place in the tar.
-                    members = release.locate_members(sample["key"], dict(release.release_members(sample, balance)),
+                    members = tars.locate_members(sample["key"], dict(release.release_members(sample, balance)),
                                                      tar_index)
                     order = release.order_uniform(self.seed, sample["key"], copy)
                     bucket = min(int(order * self.buckets), self.buckets - 1)
@@ -213,17 +213,17 @@ def write_ranked_shard(output_dir: str, prefix: str, index: int, ordered) -> dic
 
     Large members are read here from the input tars, once, at the place ResampleRange noted.
     """
-    path = FileSystems.join(output_dir, release.shard_name(prefix, index))
+    path = FileSystems.join(output_dir, tars.shard_name(prefix, index))
     inputs = InputTars()
 
     def released(rank_key_source_members):
         _, key, source, located = rank_key_source_members
-        members = release.read_members(located, lambda offset, size: inputs.read_at(source, offset, size),
+        members = tars.read_members(located, lambda offset, size: inputs.read_at(source, offset, size),
                                        where=f"{source} ({key})")
         return key, list(members.items())
 
     try:
-        info = release.write_shard(path, map(released, ordered))
+        info = tars.write_shard(path, map(released, ordered))
     finally:
         inputs.close()
     return dict(info, index=index, first_rank=ordered[0][0] if ordered else None)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import webdataset
 
-from pipeline import annotate, cli, release, resample, sources
+from pipeline import annotate, cli, release, resample, sources, tars
 from pipeline import quarantine as quarantine_module
 from pipeline.errors import ReconciliationError
 from pipeline.keys import safe_key
@@ -213,8 +213,8 @@ def _resample_again(small_run, release_dir, *args):
 def test_a_job_that_loses_records_fails_and_publishes_nothing(small_run, tmp_path, monkeypatch, capsys, fault):
     """The in-process runner runs DoFns in this process, so a fault injected here happens inside the job."""
     if fault == "shard_loses_a_sample":
-        write_shard = release.write_shard
-        monkeypatch.setattr(release, "write_shard", lambda path, samples: write_shard(path, list(samples)[1:]))
+        write_shard = tars.write_shard
+        monkeypatch.setattr(tars, "write_shard", lambda path, samples: write_shard(path, list(samples)[1:]))
     elif fault == "bucket_loses_a_copy":
         sort_and_rank = resample.sort_and_rank
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import webdataset
 
-from pipeline import annotate, balance, hashing, plan, release, resample
+from pipeline import annotate, balance, hashing, plan, release, resample, tars
 from pipeline.signatures import SignatureTable, row_signature
 from solvers.solution import BalanceSolution
 
@@ -104,11 +104,11 @@ def test_release_members_keep_bytes_and_add_balance_to_json():
 
 def test_write_shard_is_atomic_deterministic_and_readable(tmp_path):
     samples = [(f"{i:04d}", [("txt", f"caption {i}".encode()), ("json", b"{}")]) for i in range(5)]
-    info = release.write_shard(str(tmp_path / "x-00000.tar"), samples)
+    info = tars.write_shard(str(tmp_path / "x-00000.tar"), samples)
     data = (tmp_path / "x-00000.tar").read_bytes()
     assert info == {"name": "x-00000.tar", "samples": 5, "bytes": len(data),
                     "sha256": hashlib.sha256(data).hexdigest()}
-    assert data == release.tar_bytes(samples)
+    assert data == tars.tar_bytes(samples)
     assert [p.name for p in tmp_path.iterdir()] == ["x-00000.tar"]
     read = list(webdataset.WebDataset(str(tmp_path / "x-00000.tar"), shardshuffle=False))
     assert [s["__key__"] for s in read] == [key for key, _ in samples]
@@ -116,7 +116,7 @@ def test_write_shard_is_atomic_deterministic_and_readable(tmp_path):
 
 
 def _tarfile_shard(samples) -> bytes:
-    """The shard tarfile itself writes (PAX format, fixed headers): what release.tar_bytes must equal."""
+    """The shard tarfile itself writes (PAX format, fixed headers): what tars.tar_bytes must equal."""
     import io
     import tarfile
 
@@ -140,7 +140,7 @@ def test_shard_bytes_are_the_ones_tarfile_writes_for_plain_long_and_non_ascii_na
                                               dtype=np.uint8).tobytes())
                      for extension in ("jpg", "txt", "json")[:rng.integers(1, 4)]])
                    for i in range(int(rng.integers(0, 12)))]
-        assert release.tar_bytes(samples) == _tarfile_shard(samples), trial
+        assert tars.tar_bytes(samples) == _tarfile_shard(samples), trial
 
 
 def test_member_offsets_agree_with_tarfile_and_leave_out_what_they_cannot_be_sure_of(tmp_path):
@@ -149,9 +149,9 @@ def test_member_offsets_agree_with_tarfile_and_leave_out_what_they_cannot_be_sur
     samples = [(f"k{i}", [("jpg", bytes([i]) * (700 * i)), ("txt", b"caption")]) for i in range(6)]
     samples.append(("p" * 120, [("jpg", b"long name, written with a pax record" * 200)]))
     path = tmp_path / "x.tar"
-    path.write_bytes(release.tar_bytes(samples))
+    path.write_bytes(tars.tar_bytes(samples))
     with open(path, "rb") as raw:
-        offsets = release.tar_member_offsets(raw)
+        offsets = tars.tar_member_offsets(raw)
     with tarfile.open(path) as archive:
         truth = {m.name: (m.offset_data, m.size) for m in archive.getmembers()}
     # the long name, written with a pax record, is found by that record
@@ -160,16 +160,16 @@ def test_member_offsets_agree_with_tarfile_and_leave_out_what_they_cannot_be_sur
     with open(path, "rb") as raw:
         data = raw.read()
     for key, members in samples[:6]:
-        located = release.locate_members(key, dict(members), offsets)
+        located = tars.locate_members(key, dict(members), offsets)
         kinds = {extension: type(value) for extension, value in located}
-        assert kinds == {"jpg": tuple if len(dict(members)["jpg"]) > release.INLINE_MEMBER_BYTES else bytes,
+        assert kinds == {"jpg": tuple if len(dict(members)["jpg"]) > tars.INLINE_MEMBER_BYTES else bytes,
                          "txt": bytes}
-        back = release.read_members(located, lambda offset, size: data[offset:offset + size])
+        back = tars.read_members(located, lambda offset, size: data[offset:offset + size])
         assert back == dict(members)
     # A name seen twice, or a size that differs from what the reader saw, is not trusted: inline.
-    big = b"j" * (release.INLINE_MEMBER_BYTES + 1)
-    assert release.locate_members("k", {"jpg": big}, {"k.jpg": [(512, len(big)), (9000, len(big))]}) == [("jpg", big)]
-    assert release.locate_members("k", {"jpg": big}, {"k.jpg": [(512, len(big) + 1)]}) == [("jpg", big)]
+    big = b"j" * (tars.INLINE_MEMBER_BYTES + 1)
+    assert tars.locate_members("k", {"jpg": big}, {"k.jpg": [(512, len(big)), (9000, len(big))]}) == [("jpg", big)]
+    assert tars.locate_members("k", {"jpg": big}, {"k.jpg": [(512, len(big) + 1)]}) == [("jpg", big)]
 
 
 def test_member_offsets_of_webdataset_and_gnu_tars(tmp_path):
@@ -187,7 +187,7 @@ def test_member_offsets_of_webdataset_and_gnu_tars(tmp_path):
         truth = {m.name: (m.offset_data, m.size) for m in archive.getmembers()}
         assert archive.pax_headers == {} and any(m.pax_headers for m in archive.getmembers())
     with open(path, "rb") as raw:
-        assert release.tar_member_offsets(raw) == {name: [where] for name, where in truth.items()}
+        assert tars.tar_member_offsets(raw) == {name: [where] for name, where in truth.items()}
     gnu = tmp_path / "gnu.tar"
     with tarfile.open(gnu, "w", format=tarfile.GNU_FORMAT) as archive:
         for name in ("short.jpg", "l" * 130 + ".jpg"):
@@ -195,16 +195,16 @@ def test_member_offsets_of_webdataset_and_gnu_tars(tmp_path):
             info.size = 600
             archive.addfile(info, io.BytesIO(b"x" * 600))
     with open(gnu, "rb") as raw:
-        assert set(release.tar_member_offsets(raw)) == {"short.jpg"}
+        assert set(tars.tar_member_offsets(raw)) == {"short.jpg"}
 
 
 def test_a_member_that_changed_after_it_was_read_stops_the_write():
-    big = b"j" * (release.INLINE_MEMBER_BYTES + 1)
-    located = release.locate_members("k", {"jpg": big}, {"k.jpg": [(0, len(big))]})
+    big = b"j" * (tars.INLINE_MEMBER_BYTES + 1)
+    located = tars.locate_members("k", {"jpg": big}, {"k.jpg": [(0, len(big))]})
     assert isinstance(located[0][1], tuple)
     changed = b"J" + big[1:]
     with pytest.raises(IOError, match="changed since it was read"):
-        release.read_members(located, lambda offset, size: changed[offset:offset + size])
+        tars.read_members(located, lambda offset, size: changed[offset:offset + size])
 
 
 # --- the Beam job on real shards ----------------------------------------------------------------
