@@ -134,7 +134,7 @@ def plain_loop(pattern: str, output: pathlib.Path, samples_per_shard: int, seed:
     from pipeline.labelling import image_member
     from pipeline.shards import InputTars, tar_offsets
     from pipeline.signatures import SignatureTable, row_signature
-    from pipeline.sources import iter_file_records
+    from pipeline.inputs import iter_file_records
     from pipeline.worker_tuning import relax_gc
     from trainer.images import decode_image
 
@@ -142,7 +142,7 @@ def plain_loop(pattern: str, output: pathlib.Path, samples_per_shard: int, seed:
     paths = [os.path.abspath(path) for path in sorted(glob.glob(pattern))]
     annotator = TextAnnotator()
     labels = {}  # key -> (attributes, concepts)
-    from pipeline.sources import resolve_columns
+    from pipeline.inputs import resolve_columns
 
     key_column, caption_column = resolve_columns(paths[:1])
     for path in paths:  # pass 1: annotate

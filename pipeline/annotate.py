@@ -21,7 +21,8 @@ from pipeline.labelling import (COUNTS_TAG, AnnotateBatch, AnnotateImages, DropD
 from pipeline.options import local_worker_threads, pipeline_options
 from pipeline.progress import InputProgress
 from pipeline.records import ANNOTATION_SCHEMA
-from pipeline.sources import CAPTION_COLUMNS, FORMATS, KEY_COLUMNS, resolve_columns
+from pipeline.inputs import CAPTION_COLUMNS, KEY_COLUMNS, resolve_columns
+from pipeline.sources import FORMATS
 from pipeline.splits import PlanRanges, ReadRangeBatches
 from trainer.images import DEFAULT_MAX_IMAGE_PIXELS, VALIDATION_LEVELS
 
@@ -161,7 +162,8 @@ class Annotate(beam.PTransform):
         _ = unique.tables | "WriteAnnotations" >> beam.io.WriteToParquetBatched(
             FileSystems.join(output, ANNOTATIONS_PREFIX), ANNOTATION_SCHEMA, file_name_suffix=".parquet")
         all_quarantined = tuple(quarantined) | "FlattenQuarantine" >> beam.Flatten()
-        _ = all_quarantined | "WriteQuarantine" >> quarantine.WriteQuarantine(FileSystems.join(output, QUARANTINE_PREFIX))
+        _ = all_quarantined | "WriteQuarantine" >> quarantine.WriteQuarantine(FileSystems.join(output,
+                                                                                               QUARANTINE_PREFIX))
         counts.append(all_quarantined | "CountQuarantined" >> beam.Map(
             lambda entry: {"quarantined": 1, "quarantined_by_reason": {entry["reason"]: 1}}))
         return (tuple(counts)

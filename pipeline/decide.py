@@ -16,7 +16,7 @@ import apache_beam as beam
 
 from pipeline import hashing, release
 from pipeline.errors import DataError
-from pipeline.sources import normalize_path
+from pipeline.inputs import normalize_path
 from pipeline.worker_tuning import relax_gc
 from solvers.solution import BalanceSolution
 

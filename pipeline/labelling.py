@@ -106,15 +106,17 @@ class AnnotateBatch(beam.DoFn):
     def _annotate(self, sample):
         caption = sample.get("caption")
         if caption is None:
-            return quarantine.sample_quarantined(sample, quarantine.STAGE_ANNOTATE, quarantine.MISSING_CAPTION, "no caption")
+            return quarantine.sample_quarantined(sample, quarantine.STAGE_ANNOTATE, quarantine.MISSING_CAPTION,
+                                                 "no caption")
         if not caption.strip():
-            return quarantine.sample_quarantined(sample, quarantine.STAGE_ANNOTATE, quarantine.EMPTY_CAPTION, "blank caption")
+            return quarantine.sample_quarantined(sample, quarantine.STAGE_ANNOTATE, quarantine.EMPTY_CAPTION,
+                                                 "blank caption")
         image = None
         if sample.get("members"):  # WebDataset samples must carry an image that decodes
             image = image_member(sample["members"])
             if image is None:
                 return quarantine.sample_quarantined(sample, quarantine.STAGE_DECODE, quarantine.MISSING_IMAGE,
-                                            f"members: {sorted(sample['members'])}")
+                                                     f"members: {sorted(sample['members'])}")
             try:
                 check_image(image, self.validate_images, self.max_image_pixels)
             except ImageRejected as rejected:
@@ -188,8 +190,9 @@ class AnnotateImages(beam.DoFn):
                 vector = np.asarray(element["embedding"], dtype=np.float32).ravel()
                 if vector.shape != (dim,) or not np.isfinite(vector).all():
                     row = element["row"]
-                    entries.append(quarantine.quarantined(quarantine.STAGE_ANNOTATE, quarantine.BAD_EMBEDDING, row["key"], row["shard"],
-                                                 row["position"], f"shape {vector.shape}, model wants ({dim},)"))
+                    entries.append(quarantine.quarantined(quarantine.STAGE_ANNOTATE, quarantine.BAD_EMBEDDING,
+                                                          row["key"], row["shard"], row["position"],
+                                                          f"shape {vector.shape}, model wants ({dim},)"))
                 else:
                     good.append((element, vector))
             if good:
@@ -284,7 +287,8 @@ class FindDuplicateKeys(beam.PTransform):
         return (row_batches
                 | "KeysByBucket" >> beam.FlatMap(_keys_by_bucket)
                 | "GroupBucket" >> GroupTablesByFile(self.spill_dir)
-                | "Duplicates" >> beam.FlatMap(_duplicates_in_bucket).with_outputs(quarantine.QUARANTINE_TAG, main="places"))
+                | "Duplicates" >> beam.FlatMap(_duplicates_in_bucket).with_outputs(quarantine.QUARANTINE_TAG,
+                                                                                   main="places"))
 
 
 def label_set(attributes, concepts, utility) -> str:

@@ -1,18 +1,17 @@
 """Reading image-text samples for the Beam jobs: WebDataset tars, caption tables, COCO caption JSON.
 
 Plain iterators, one per format, that yield samples and TaggedOutput quarantine entries for what
-cannot be read; pipeline/splits.py cuts files into ranges and runs them in Beam.
+cannot be read; pipeline/inputs.py picks a file's reader (and a table's columns), and
+pipeline/splits.py cuts files into ranges and runs them in Beam.
 """
 import csv
 import json
-import os
 import pathlib
 import posixpath
 import re
 import tarfile
 
 import apache_beam as beam
-from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline import quarantine
@@ -103,28 +102,30 @@ def iter_tar_samples(raw_file, shard, caption_field="caption"):
             for member in archive:
                 if member.offset != expected_offset:
                     yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.CORRUPT_TAR, None, shard, None,
-                                        f"{member.offset - expected_offset} bytes of damaged tar "
-                                        f"headers skipped before member {member.name!r}")
+                                                 f"{member.offset - expected_offset} bytes of damaged tar "
+                                                 f"headers skipped before member {member.name!r}")
                 expected_offset = member.offset_data + -(-member.size // TAR_BLOCK) * TAR_BLOCK
                 members_seen += 1
                 if member.isdir():
                     continue
                 name = member.name
                 if _is_unsafe_member_name(name):
-                    yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.UNSAFE_MEMBER_NAME, None, shard, None, name)
+                    yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.UNSAFE_MEMBER_NAME, None, shard,
+                                                 None, name)
                     continue
                 if not member.isfile():
-                    yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.NON_REGULAR_MEMBER, None, shard, None, name)
+                    yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.NON_REGULAR_MEMBER, None, shard,
+                                                 None, name)
                     continue
                 match = _KEY_AND_EXTENSION.match(name)
                 if match is None:
                     yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.BAD_ROW, None, shard, None,
-                                        f"member {name!r} has no KEY.EXT name")
+                                                 f"member {name!r} has no KEY.EXT name")
                     continue
                 key, extension = match.groups()
                 if member.size > MAX_MEMBER_BYTES:
                     yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.BAD_ROW, key, shard, None,
-                                        f"member {name!r} has {member.size} bytes (limit {MAX_MEMBER_BYTES})")
+                                                 f"member {name!r} has {member.size} bytes (limit {MAX_MEMBER_BYTES})")
                     continue
                 # Same rule as webdataset's group_by_keys: a new key, or an extension seen again,
                 # starts a new sample; the finished one goes out before this member is read.
@@ -141,20 +142,21 @@ def iter_tar_samples(raw_file, shard, caption_field="caption"):
         if reader.bytes_read == 0:
             reason = quarantine.EMPTY_SHARD
         yield quarantine.quarantined(quarantine.STAGE_READ, reason, key, shard, pending[2] if pending else None,
-                            f"tar stopped after {reader.bytes_read} bytes: {error}")
+                                     f"tar stopped after {reader.bytes_read} bytes: {error}")
         return
     if not reader.ends_with_marker():
         reason = quarantine.TRUNCATED_TAR if members_seen else quarantine.UNREADABLE_FILE
         if reader.bytes_read == 0:
             reason = quarantine.EMPTY_SHARD
         yield quarantine.quarantined(quarantine.STAGE_READ, reason, pending[0] if pending else None, shard,
-                            pending[2] if pending else None,
-                            f"no end-of-archive marker after {reader.bytes_read} bytes")
+                                     pending[2] if pending else None,
+                                     f"no end-of-archive marker after {reader.bytes_read} bytes")
         return
     if pending is not None:
         yield from _finish_tar_sample(pending, shard, caption_field)
     elif not members_seen:
-        yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.EMPTY_SHARD, None, shard, None, "tar has no members")
+        yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.EMPTY_SHARD, None, shard, None,
+                                     "tar has no members")
 
 
 def _member(members, extension):
@@ -188,8 +190,9 @@ def _finish_tar_sample(pending, shard, caption_field):
     dotted = sorted(name for name in members if "." in name)
     if caption is None and dotted:
         yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.INVALID_KEY, key, shard, position,
-                            f"members {', '.join(f'{key}.{name}' for name in dotted)}: WebDataset reads "
-                            f"{key!r} as the key and {dotted[0]!r} as the extension; a key must not contain '.'")
+                                     f"members {', '.join(f'{key}.{name}' for name in dotted)}: WebDataset reads "
+                                     f"{key!r} as the key and {dotted[0]!r} as the extension; a key must not "
+                                     "contain '.'")
         return
     image_id = meta.get("image_id")
     yield _sample(key, shard, position, caption, members, meta,
@@ -202,7 +205,7 @@ def _row_sample(row, shard, position, key_column, caption_column, has_key_column
         key = row.get(key_column)
         if key is None or str(key) == "":
             return quarantine.quarantined(quarantine.STAGE_READ, quarantine.MISSING_KEY, None, shard, position,
-                                 f"row {position} has no {key_column!r}")
+                                          f"row {position} has no {key_column!r}")
     else:
         key = f"{posixpath.basename(shard)}#{position}"
     key = safe_key(str(key))  # the original stays in the row's json (its key column), see keys.py
@@ -211,7 +214,8 @@ def _row_sample(row, shard, position, key_column, caption_column, has_key_column
         try:
             caption = caption.decode("utf-8")
         except UnicodeDecodeError as error:
-            return quarantine.quarantined(quarantine.STAGE_READ, quarantine.NON_UTF8_TEXT, str(key), shard, position, error)
+            return quarantine.quarantined(quarantine.STAGE_READ, quarantine.NON_UTF8_TEXT, str(key), shard, position,
+                                          error)
     if caption is not None and not isinstance(caption, str):
         caption = str(caption)
     image_id = row.get("image_id")
@@ -232,7 +236,8 @@ def iter_parquet_samples(raw_file, shard, key_column, caption_column, row_groups
     parquet = pq.ParquetFile(raw_file)
     has_key_column = key_column in parquet.schema_arrow.names
     if parquet.metadata.num_rows == 0:
-        yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.EMPTY_SHARD, None, shard, None, "table has no rows")
+        yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.EMPTY_SHARD, None, shard, None,
+                                     "table has no rows")
         return
     embeddings = None
     if embeddings_field and embeddings_field not in parquet.schema_arrow.names:
@@ -241,7 +246,8 @@ def iter_parquet_samples(raw_file, shard, key_column, caption_column, row_groups
             position = first_position
             for batch in parquet.iter_batches(batch_size=TABLE_BATCH_ROWS, row_groups=row_groups, columns=[]):
                 for _ in range(batch.num_rows):
-                    yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.BAD_EMBEDDING, None, shard, position, embeddings)
+                    yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.BAD_EMBEDDING, None, shard,
+                                                 position, embeddings)
                     position += 1
             return
     position = first_position
@@ -302,7 +308,8 @@ def iter_jsonl_samples(raw_file, shard, key_column, caption_column):
     for position, line in enumerate(raw_file):
         yield jsonl_record(line, shard, position, key_column, caption_column)
     if position < 0:
-        yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.EMPTY_SHARD, None, shard, None, "file has no lines")
+        yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.EMPTY_SHARD, None, shard, None,
+                                     "file has no lines")
 
 
 def iter_csv_samples(raw_file, shard, key_column, caption_column):
@@ -316,10 +323,12 @@ def iter_csv_samples(raw_file, shard, key_column, caption_column):
     try:
         header = next(reader, None)
     except csv.Error as error:
-        yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.BAD_ROW, None, shard, None, f"header line: {error}")
+        yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.BAD_ROW, None, shard, None,
+                                     f"header line: {error}")
         return
     if header is None:
-        yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.EMPTY_SHARD, None, shard, None, "file has no header")
+        yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.EMPTY_SHARD, None, shard, None,
+                                     "file has no header")
         return
     position = 0
     while True:
@@ -340,18 +349,20 @@ def iter_csv_samples(raw_file, shard, key_column, caption_column):
             spanned = "" if reader.line_num == first_line else \
                 f" (lines {first_line}-{reader.line_num}: a quoted field spans lines)"
             yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.BAD_ROW, None, shard, position,
-                                f"{len(fields)} fields, header has {len(header)}{spanned}")
+                                         f"{len(fields)} fields, header has {len(header)}{spanned}")
         else:
             try:
                 "".join(fields).encode("utf-8")
             except UnicodeEncodeError as error:
-                yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.NON_UTF8_TEXT, None, shard, position, error)
+                yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.NON_UTF8_TEXT, None, shard, position,
+                                             error)
             else:
                 yield _row_sample(dict(zip(header, fields)), shard, position, key_column, caption_column,
                                   key_column in header)
         position += 1
     if position == 0:
-        yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.EMPTY_SHARD, None, shard, None, "table has no rows")
+        yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.EMPTY_SHARD, None, shard, None,
+                                     "table has no rows")
 
 
 def _raise_csv_field_limit():
@@ -372,7 +383,7 @@ def iter_coco_samples(raw_file, shard):
         return
     except (ValueError, KeyError, TypeError) as error:
         yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.BAD_JSON, None, shard, None,
-                            f"not a COCO caption file: {error!r}")
+                                     f"not a COCO caption file: {error!r}")
         return
     if not annotations:
         yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.EMPTY_SHARD, None, shard, None, "no annotations")
@@ -382,7 +393,7 @@ def iter_coco_samples(raw_file, shard):
     for position, annotation in enumerate(annotations):
         if not isinstance(annotation, dict) or annotation.get("id") is None:
             yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.MISSING_KEY, None, shard, position,
-                                "annotation without an id")
+                                         "annotation without an id")
             continue
         image_id = annotation.get("image_id")
         meta = dict(annotation, file_name=file_names.get(image_id))
@@ -394,110 +405,3 @@ def iter_coco_samples(raw_file, shard):
 
 # Column names tried in order when --caption-column / --key-column are not given: balancebeam's
 # own, then DataComp's and img2dataset's metadata (`text` and `uid` in DataComp's Parquet).
-CAPTION_COLUMNS = ("caption", "text")
-KEY_COLUMNS = ("key", "uid")
-_TABLE_FORMATS = (FORMAT_PARQUET, FORMAT_JSONL, FORMAT_CSV)
-
-
-def table_columns(path: str, input_format: str = FORMAT_AUTO):
-    """The column names of a caption table (Parquet schema, a JSONL file's first object, a CSV header),
-    or None for the other formats and for a file whose first record cannot be read (its reader will
-    quarantine it with the reason)."""
-    file_format = detect_format(path) if input_format == FORMAT_AUTO else input_format
-    if file_format not in _TABLE_FORMATS:
-        return None
-    try:
-        with FileSystems.open(path) as raw_file:
-            if file_format == FORMAT_PARQUET:
-                import pyarrow.parquet as pq
-
-                return list(pq.ParquetFile(raw_file).schema_arrow.names)
-            first = raw_file.readline()
-            if file_format == FORMAT_JSONL:
-                row = json.loads(first.decode("utf-8"))
-                return list(row) if isinstance(row, dict) else None
-            return next(csv.reader([first.decode("utf-8")]), None)
-    except Exception:  # unreadable here: the job's reader quarantines it with the reason
-        return None
-
-
-def resolve_columns(paths, input_format=FORMAT_AUTO, key_column=None, caption_column=None):
-    """(key column, caption column) for reading `paths`: the ones given, or the first of KEY_COLUMNS /
-    CAPTION_COLUMNS each table has. Raises ValueError, naming the columns found, when a table lacks the
-    caption column or a key column that was asked for by name (a table with no key column at all is
-    keyed FILE#ROW), and when two tables would be read by different columns."""
-    resolved = {}
-    for path in paths:
-        columns = table_columns(path, input_format)
-        if columns is None:
-            continue
-        caption = caption_column or next((c for c in CAPTION_COLUMNS if c in columns), None)
-        key = key_column or next((c for c in KEY_COLUMNS if c in columns), KEY_COLUMNS[0])
-        found = ", ".join(map(repr, columns[:30])) + (", ..." if len(columns) > 30 else "")
-        if caption is None or caption not in columns:
-            asked = f"--caption-column {caption!r}" if caption else f"caption column ({' or '.join(CAPTION_COLUMNS)})"
-            raise ValueError(f"{path} has no {asked}; its columns are {found}: pass --caption-column NAME")
-        if key_column and key_column not in columns:
-            raise ValueError(f"{path} has no --key-column {key_column!r}; its columns are {found}")
-        resolved[path] = (key, caption)
-    if not resolved:
-        return key_column or KEY_COLUMNS[0], caption_column or CAPTION_COLUMNS[0]
-    (first_path, first), *others = resolved.items()
-    for path, pair in others:
-        if pair != first:
-            raise ValueError(f"{first_path} would be read by key and caption columns {first} but {path} by "
-                             f"{pair}: pass --key-column and --caption-column")
-    return first
-
-
-def normalize_path(path: str) -> str:
-    """A local path made absolute (object-store URLs as they are): annotate records where each
-    record came from, and resample finds it again by that name whatever the working directory."""
-    if FileSystems.get_scheme(path) is None:
-        return os.path.abspath(path)
-    return path
-
-
-def iter_file_records(path, input_format=FORMAT_AUTO, key_column="key", caption_column="caption",
-                      embeddings_field=None, columns=None):
-    """Samples of one input file, and TaggedOutput quarantine entries for what cannot be read.
-
-    columns: of a Parquet table, read only these (besides key, caption and embedding); None: all.
-    """
-    file_format = detect_format(path) if input_format == FORMAT_AUTO else input_format
-    if file_format is None:
-        yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.UNREADABLE_FILE, None, path, None,
-                            "unknown file type; pass --input-format")
-        return
-    try:
-        with FileSystems.open(path) as raw_file:
-            if file_format == FORMAT_WEBDATASET:
-                yield from iter_tar_samples(raw_file, path, caption_column)
-            elif file_format == FORMAT_PARQUET:
-                yield from iter_parquet_samples(raw_file, path, key_column, caption_column,
-                                                embeddings_field=embeddings_field, columns=columns)
-            elif file_format == FORMAT_JSONL:
-                yield from iter_jsonl_samples(raw_file, path, key_column, caption_column)
-            elif file_format == FORMAT_CSV:
-                yield from iter_csv_samples(raw_file, path, key_column, caption_column)
-            else:
-                yield from iter_coco_samples(raw_file, path)
-    except Exception as error:  # a file we cannot open or parse at all: quarantine, go on
-        yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.UNREADABLE_FILE, None, path, None,
-                            f"{type(error).__name__}: {error}")
-
-
-class MatchInputFiles(beam.PTransform):
-    """Globs -> the distinct (normalised) paths they match, spread over the workers."""
-
-    def __init__(self, globs):
-        super().__init__()
-        self.globs = [globs] if isinstance(globs, str) else list(globs)
-
-    def expand(self, pbegin):
-        return (pbegin
-                | "Globs" >> beam.Create(self.globs)
-                | "MatchFiles" >> fileio.MatchAll()
-                | "Paths" >> beam.Map(lambda metadata: normalize_path(metadata.path))
-                # Distinct groups by path, which also spreads the files over the workers.
-                | "SpreadFiles" >> beam.Distinct())

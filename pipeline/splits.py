@@ -16,8 +16,9 @@ from apache_beam.metrics import Metrics
 from pipeline import quarantine
 from pipeline.progress import mark_range_read
 from pipeline.worker_tuning import relax_gc
-from pipeline.sources import (FORMAT_AUTO, FORMAT_JSONL, FORMAT_PARQUET, MatchInputFiles, detect_format,
-                              iter_file_records, iter_parquet_samples, jsonl_record)
+from pipeline.inputs import MatchInputFiles, iter_file_records
+from pipeline.sources import (FORMAT_AUTO, FORMAT_JSONL, FORMAT_PARQUET, detect_format, iter_parquet_samples,
+                              jsonl_record)
 
 # About 40k caption rows of JSONL: big enough that a range's fixed cost is small, small enough
 # that a 200k-row file already keeps two workers busy to the end (16 MiB left one waiting).
@@ -124,8 +125,9 @@ def iter_range_records(file_range: dict, key_column="key", caption_column="capti
             handle.seek(file_range["start"])
             data = handle.read(file_range["end"] - file_range["start"])
     except Exception as error:  # the file changed or vanished since it was planned
-        yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.UNREADABLE_FILE, None, path, file_range["first_position"],
-                            f"range {file_range['index']}: {type(error).__name__}: {error}")
+        yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.UNREADABLE_FILE, None, path,
+                                     file_range["first_position"],
+                                     f"range {file_range['index']}: {type(error).__name__}: {error}")
         return
     lines = data.split(b"\n")
     if lines and not lines[-1]:

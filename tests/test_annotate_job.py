@@ -158,9 +158,10 @@ def broken_inputs(coco_mini_shards, webdataset_writer, tmp_path_factory):
     pq.write_table(pa.table({"key": ["p1", "p2"], "caption": ["A boy and his bicycle", "A pizza"],
                              "score": [0.1, None]}), folder / "j-table.parquet")
     expected_reasons = {
-        quarantine.DUPLICATE_KEY: 2, quarantine.UNDECODABLE_IMAGE: 1, quarantine.EMPTY_CAPTION: 1, quarantine.MISSING_CAPTION: 2,
-        quarantine.NON_UTF8_TEXT: 1, quarantine.MISSING_IMAGE: 1, quarantine.IMAGE_TOO_LARGE: 1, quarantine.TRUNCATED_TAR: 1,
-        quarantine.EMPTY_SHARD: 1, quarantine.UNREADABLE_FILE: 1, quarantine.UNSAFE_MEMBER_NAME: 1, quarantine.BAD_JSON: 1}
+        quarantine.DUPLICATE_KEY: 2, quarantine.UNDECODABLE_IMAGE: 1, quarantine.EMPTY_CAPTION: 1,
+        quarantine.MISSING_CAPTION: 2, quarantine.NON_UTF8_TEXT: 1, quarantine.MISSING_IMAGE: 1,
+        quarantine.IMAGE_TOO_LARGE: 1, quarantine.TRUNCATED_TAR: 1, quarantine.EMPTY_SHARD: 1,
+        quarantine.UNREADABLE_FILE: 1, quarantine.UNSAFE_MEMBER_NAME: 1, quarantine.BAD_JSON: 1}
     expected_keys = {x["key"] for x in r[0:5] + r[11:12] + r[12:14] + r[15:16]} | {
         "j1", "j2", "c1", "c2", "p1", "p2"}
     return folder, expected_reasons, expected_keys
@@ -185,7 +186,8 @@ def test_broken_input_is_quarantined_with_reasons_and_nothing_valid_is_lost(brok
     assert counts["records_read"] == counts["annotated"] + counts["quarantined"]
     entries = _quarantine_entries(output)
     assert len(entries) == counts["quarantined"]
-    assert all(e["stage"] in (quarantine.STAGE_READ, quarantine.STAGE_DECODE, quarantine.STAGE_ANNOTATE, quarantine.STAGE_DEDUPLICATE)
+    assert all(e["stage"] in (quarantine.STAGE_READ, quarantine.STAGE_DECODE, quarantine.STAGE_ANNOTATE,
+                              quarantine.STAGE_DEDUPLICATE)
                for e in entries)
 
 

@@ -13,7 +13,7 @@ import pytest
 from apache_beam.pvalue import TaggedOutput
 
 from pipeline import quarantine
-from pipeline import sources
+from pipeline import inputs, sources
 
 
 def _tar_bytes(members):
@@ -124,7 +124,8 @@ def test_jsonl_csv_and_parquet_tables(tmp_path):
             b'{"key": "c", "caption": "caf\xe9"}\n[1]\n{"caption": "no key"}\n'
     samples, entries = _read(sources.iter_jsonl_samples(io.BytesIO(jsonl), "t.jsonl", "key", "caption"))
     assert [(s["key"], s["caption"]) for s in samples] == [("a", "A man"), ("b", None)]
-    assert [e["reason"] for e in entries] == [quarantine.BAD_JSON, quarantine.NON_UTF8_TEXT, quarantine.BAD_JSON, quarantine.MISSING_KEY]
+    assert [e["reason"] for e in entries] == [quarantine.BAD_JSON, quarantine.NON_UTF8_TEXT, quarantine.BAD_JSON,
+                                              quarantine.MISSING_KEY]
 
     csv = b'id,text,score\nx,"A woman, smiling",0.5\ny,caf\xe9,1\nz,too,many,fields\n'
     samples, entries = _read(sources.iter_csv_samples(io.BytesIO(csv), "t.csv", "id", "text"))
@@ -211,7 +212,7 @@ def test_a_jsonl_file_cut_in_ranges_reads_like_the_whole_file(tmp_path, monkeypa
         return [(r.value["position"], r.value["reason"]) if hasattr(r, "tag") else (r["position"], r["key"])
                 for r in records]
 
-    whole = flat(sources.iter_file_records(str(path)))
+    whole = flat(inputs.iter_file_records(str(path)))
     monkeypatch.setattr(splits, "RANGE_BYTES", range_bytes)
     ranges = splits.plan_ranges(str(path))
     assert len(ranges) > 1
