@@ -15,9 +15,25 @@ from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline import quarantine
-from pipeline.sources import (FORMAT_AUTO, FORMAT_CSV, FORMAT_JSONL, FORMAT_PARQUET, FORMAT_WEBDATASET,
-                              detect_format, iter_coco_samples, iter_csv_samples, iter_jsonl_samples,
+from pipeline.sources import (FORMAT_AUTO, FORMAT_COCO, FORMAT_CSV, FORMAT_JSONL, FORMAT_PARQUET,
+                              FORMAT_WEBDATASET, iter_coco_samples, iter_csv_samples, iter_jsonl_samples,
                               iter_parquet_samples, iter_tar_samples)
+
+_FORMAT_BY_SUFFIX = {".tar": FORMAT_WEBDATASET, ".parquet": FORMAT_PARQUET, ".jsonl": FORMAT_JSONL,
+                     ".ndjson": FORMAT_JSONL, ".csv": FORMAT_CSV, ".json": FORMAT_COCO}
+_COMPRESSION_SUFFIXES = (".gz", ".bz2", ".zst", ".deflate", ".lzma")
+
+
+def detect_format(path):
+    """Input format of one file from its name: .tar, .parquet, .jsonl/.ndjson, .csv, .json (COCO)."""
+    name = path.lower()
+    for suffix in _COMPRESSION_SUFFIXES:
+        if name.endswith(suffix):
+            name = name[:-len(suffix)]
+    for suffix, file_format in _FORMAT_BY_SUFFIX.items():
+        if name.endswith(suffix):
+            return file_format
+    return None
 
 CAPTION_COLUMNS = ("caption", "text")
 KEY_COLUMNS = ("key", "uid")

@@ -24,9 +24,6 @@ FORMAT_JSONL = "jsonl"
 FORMAT_CSV = "csv"
 FORMAT_COCO = "coco"
 FORMATS = (FORMAT_AUTO, FORMAT_WEBDATASET, FORMAT_PARQUET, FORMAT_JSONL, FORMAT_CSV, FORMAT_COCO)
-_FORMAT_BY_SUFFIX = {".tar": FORMAT_WEBDATASET, ".parquet": FORMAT_PARQUET, ".jsonl": FORMAT_JSONL,
-                     ".ndjson": FORMAT_JSONL, ".csv": FORMAT_CSV, ".json": FORMAT_COCO}
-_COMPRESSION_SUFFIXES = (".gz", ".bz2", ".zst", ".deflate", ".lzma")
 
 # img2dataset names a sample's members KEY.EXT; webdataset splits them with this pattern
 # (webdataset/tariterators.py, base_plus_ext): the key is everything up to the basename's first dot.
@@ -43,18 +40,6 @@ MAX_MEMBER_BYTES = 256 * 1024 * 1024
 TABLE_BATCH_ROWS = 1024
 # Largest CSV cell read (csv's own default is 128 KiB); a larger one makes its row a bad_row.
 MAX_CSV_FIELD = 16 * 1024 * 1024
-
-
-def detect_format(path):
-    """Input format of one file from its name: .tar, .parquet, .jsonl/.ndjson, .csv, .json (COCO)."""
-    name = path.lower()
-    for suffix in _COMPRESSION_SUFFIXES:
-        if name.endswith(suffix):
-            name = name[:-len(suffix)]
-    for suffix, file_format in _FORMAT_BY_SUFFIX.items():
-        if name.endswith(suffix):
-            return file_format
-    return None
 
 
 def _sample(key, shard, position, caption=None, members=None, meta=None, image_id=None):

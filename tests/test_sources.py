@@ -155,11 +155,11 @@ def test_coco_caption_json(shared_data):
 
 
 def test_detect_format():
-    assert sources.detect_format("gs://b/x-00001.tar") == sources.FORMAT_WEBDATASET
-    assert sources.detect_format("/d/x.tar.gz") == sources.FORMAT_WEBDATASET
-    assert sources.detect_format("x.JSONL") == sources.FORMAT_JSONL
-    assert sources.detect_format("captions.json") == sources.FORMAT_COCO
-    assert sources.detect_format("x.txt") is None
+    assert inputs.detect_format("gs://b/x-00001.tar") == sources.FORMAT_WEBDATASET
+    assert inputs.detect_format("/d/x.tar.gz") == sources.FORMAT_WEBDATASET
+    assert inputs.detect_format("x.JSONL") == sources.FORMAT_JSONL
+    assert inputs.detect_format("captions.json") == sources.FORMAT_COCO
+    assert inputs.detect_format("x.txt") is None
 
 
 def test_planned_ranges_read_in_another_pipeline_are_byte_exact(coco_mini_shards, tmp_path):
