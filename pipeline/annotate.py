@@ -162,8 +162,8 @@ class Annotate(beam.PTransform):
         _ = unique.tables | "WriteAnnotations" >> beam.io.WriteToParquetBatched(
             FileSystems.join(output, ANNOTATIONS_PREFIX), ANNOTATION_SCHEMA, file_name_suffix=".parquet")
         all_quarantined = tuple(quarantined) | "FlattenQuarantine" >> beam.Flatten()
-        _ = all_quarantined | "WriteQuarantine" >> quarantine.WriteQuarantine(FileSystems.join(output,
-                                                                                               QUARANTINE_PREFIX))
+        quarantine_prefix = FileSystems.join(output, QUARANTINE_PREFIX)
+        _ = all_quarantined | "WriteQuarantine" >> quarantine.WriteQuarantine(quarantine_prefix)
         counts.append(all_quarantined | "CountQuarantined" >> beam.Map(
             lambda entry: {"quarantined": 1, "quarantined_by_reason": {entry["reason"]: 1}}))
         return (tuple(counts)

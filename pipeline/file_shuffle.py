@@ -30,6 +30,18 @@ FLUSH_ROWS = 262_144
 SPILL_FILE_PREFIX = "parts-"
 
 
+def parts_by_bucket(table, buckets):
+    """(bucket, rows of `table` in that bucket) for each bucket present, rows in table order;
+    `buckets` holds each row's bucket (ints). The parts GroupTablesByFile takes."""
+    import numpy as np
+
+    buckets = np.asarray(buckets, dtype=np.int64)
+    order = np.argsort(buckets, kind="stable")
+    for part in np.split(order, np.flatnonzero(np.diff(buckets[order])) + 1):
+        if len(part):
+            yield int(buckets[part[0]]), table.take(part)
+
+
 class _SpillParts(beam.DoFn):
     """(bucket, table) parts -> (bucket, (path, first batch, batch count, rows)) per file written."""
 

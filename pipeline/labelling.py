@@ -20,7 +20,7 @@ from pipeline import quarantine
 from pipeline.annotators import combine
 from pipeline.annotators.text import TextAnnotator
 from pipeline.errors import DataError
-from pipeline.file_shuffle import GroupTablesByFile
+from pipeline.file_shuffle import GroupTablesByFile, parts_by_bucket
 from pipeline.records import ANNOTATION_SCHEMA, annotation_row
 from pipeline.signatures import row_signature
 from pipeline.sources import IMAGE_EXTENSIONS
@@ -235,15 +235,8 @@ def _dedup_bucket(key: str) -> int:
 
 def _keys_by_bucket(table):
     """A row table -> (bucket, table of its rows' key, shard, position) for each bucket it touches."""
-    import numpy as np
-
-    keys = table.column("key").to_pylist()
-    buckets = np.fromiter(map(_dedup_bucket, keys), dtype=np.int64, count=len(keys))
-    places = table.select(["key", "shard", "position"])
-    order = np.argsort(buckets, kind="stable")
-    for part in np.split(order, np.flatnonzero(np.diff(buckets[order])) + 1):
-        if len(part):
-            yield int(buckets[part[0]]), places.take(part)
+    buckets = [_dedup_bucket(key) for key in table.column("key").to_pylist()]
+    return parts_by_bucket(table.select(["key", "shard", "position"]), buckets)
 
 
 def _duplicates_in_bucket(bucket_and_table):

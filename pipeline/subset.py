@@ -26,7 +26,7 @@ import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline.decide import COUNTS_TAG, counts_output
-from pipeline.file_shuffle import GroupTablesByFile
+from pipeline.file_shuffle import GroupTablesByFile, parts_by_bucket
 from pipeline.files import atomic_create, delete_matching, write_bytes_atomically
 from pipeline.publish import SUBSET_FILES
 
@@ -89,11 +89,7 @@ def keep_parts(shard_and_batch, buckets: int):
                          "output_samples": sum(copies), "kept_signatures": dict(kept_signatures),
                          "kept_not_uid": kept_not_uid})
     table = pa.Table.from_pydict({name: batch[column] for name, column in _KEEP_COLUMNS}, schema=_keep_schema())
-    of_row = np.fromiter((key_bucket(key, buckets) for key in batch["keys"]), dtype=np.int64, count=len(copies))
-    order = np.argsort(of_row, kind="stable")
-    for part in np.split(order, np.flatnonzero(np.diff(of_row[order])) + 1):
-        if len(part):
-            yield int(of_row[part[0]]), table.take(part)
+    yield from parts_by_bucket(table, [key_bucket(key, buckets) for key in batch["keys"]])
 
 
 def part_name(bucket: int, buckets: int) -> str:

@@ -62,3 +62,13 @@ def test_a_spill_file_that_changed_under_the_job_stops_it(tmp_path):
     pathlib.Path(path).write_bytes(b"not arrow")
     with pytest.raises(pa.ArrowInvalid):
         file_shuffle.read_bucket((bucket, [reference]))
+
+
+def test_parts_by_bucket_keeps_every_row_once_in_table_order():
+    table = pa.table({"value": list(range(50))})
+    buckets = [(i * 7) % 5 for i in range(50)]
+    parts = list(file_shuffle.parts_by_bucket(table, buckets))
+    assert [bucket for bucket, _ in parts] == sorted(set(buckets))
+    for bucket, part in parts:
+        assert part.column("value").to_pylist() == [i for i in range(50) if buckets[i] == bucket]
+    assert list(file_shuffle.parts_by_bucket(table.slice(0, 0), [])) == []
