@@ -13,6 +13,9 @@ import heapq
 import math
 
 import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline import hashing, release
 from pipeline.errors import DataError
@@ -62,7 +65,8 @@ def _add_decision(batches: dict, shard: str, position, key, q, weight, copies, s
 class Decide(_SolutionUser):
     """A table of annotation rows -> (input file, batch of decisions): q, copies, weight, signature.
 
-    copies is None in repeat mode (decided later along the global order, see RepeatCopies).
+    copies is None in repeat mode (decided later along the global order, see RepeatCopies). Only the
+    rows whose copies hang on their keyed draw are hashed, one at a time; the rest is per signature.
     """
 
     def _path(self, shard: str) -> str:
@@ -73,16 +77,41 @@ class Decide(_SolutionUser):
 
     def process(self, table, solution_text, thresholds):
         rule = self.rule(solution_text)
-        columns = table.to_pydict()
-        batches: dict[str, dict] = {}
-        decided = rule.signatures_and_probabilities(zip(columns["attributes"], columns["concepts"],
-                                                        columns["utility"]))
-        for key, shard, position, (signature, q) in zip(columns["key"], columns["shard"], columns["position"],
-                                                       decided):
-            copies = None if self.mode == "repeat" else rule.copies(key, q, signature, thresholds.get(signature))
-            _add_decision(batches, self._path(shard), position, key, q, rule.weight(q), copies, signature)
-        yield from batches.items()
+        of_row, signatures, q_of = rule.table_signatures(table)
+        keys = table.column("key").to_pylist()
+        if self.mode == "repeat":
+            copies = [None] * len(keys)
+        else:
+            fixed = np.array([-1 if found is None else found for found in map(
+                rule.fixed_copies, q_of.tolist(), signatures)], dtype=np.int64)
+            row_copies = fixed[of_row] if len(signatures) else np.zeros(len(keys), dtype=np.int64)
+            for i in np.flatnonzero(row_copies < 0).tolist():
+                signature = signatures[of_row[i]]
+                row_copies[i] = rule.copies(keys[i], q_of[of_row[i]], signature, thresholds.get(signature))
+            copies = row_copies.tolist()
+        weights = np.array([rule.weight(q) for q in q_of.tolist()], dtype=float)
+        columns = {"positions": table.column("position").to_pylist(), "keys": keys, "q": q_of[of_row],
+                   "weights": weights[of_row], "copies": copies,
+                   "signatures": np.array(signatures, dtype=object)[of_row]}
+        shards = pc.dictionary_encode(table.column("shard").combine_chunks()) if table.num_rows else None
+        paths = [self._path(shard) for shard in shards.dictionary.to_pylist()] if shards is not None else []
+        if len(paths) == 1:
+            yield paths[0], {name: _as_list(values) for name, values in columns.items()}
+        elif paths:
+            of_shard = shards.indices.to_numpy(zero_copy_only=False)
+            for code in np.argsort(paths, kind="stable").tolist():  # one batch per input file, in path order
+                rows = np.flatnonzero(of_shard == code)
+                yield paths[code], {name: _as_list(values, rows) for name, values in columns.items()}
         yield counts_output({"decisions_read": table.num_rows})
+
+
+def _as_list(values, rows=None) -> list:
+    """A batch column as a plain list (rows: those of one input file), the way Beam's coder is fast on."""
+    if rows is None:
+        return values if isinstance(values, list) else values.tolist()
+    if isinstance(values, list):
+        return [values[i] for i in rows.tolist()]
+    return values[rows].tolist()
 
 
 # Exact mode finds each ranked signature's k-th smallest draw among its n rows by looking only at
@@ -106,24 +135,25 @@ class RankCandidates(_SolutionUser):
 
     def process(self, table, solution_text):
         rule = self.rule(solution_text)
-        columns = table.to_pydict()
-        decided = rule.signatures_and_probabilities(zip(columns["attributes"], columns["concepts"],
-                                                        columns["utility"]))
-        below, inside, windows = collections.Counter(), collections.defaultdict(list), {}
-        for key, (signature, _) in zip(columns["key"], decided):
-            window = windows.get(signature)
-            if window is None:
-                counts = rule.exact_signature(signature)
-                window = windows[signature] = threshold_window(*counts) if counts else ()
-            if not window:
-                continue
+        of_row, signatures, _ = rule.table_signatures(table)
+        windows = [() if counts is None else threshold_window(*counts)
+                   for counts in map(rule.exact_signature, signatures)]
+        ranked = np.array([bool(window) for window in windows], dtype=bool)
+        rows = np.flatnonzero(ranked[of_row]) if len(signatures) else np.zeros(0, dtype=np.int64)
+        if not len(rows):
+            return
+        keys = table.column("key").take(pa.array(rows)).to_pylist()
+        below, inside = collections.Counter(), collections.defaultdict(list)
+        for key, code in zip(keys, of_row[rows].tolist()):
+            window = windows[code]
             draw = hashing.keyed_uniform(self.seed, key)
             if draw < window[0]:
-                below[signature] += 1
+                below[code] += 1
             elif draw <= window[1]:
-                inside[signature].append((draw, key))
-        for signature in sorted(set(below) | set(inside)):
-            yield signature, (rule.exact_signature(signature)[1], below[signature], inside[signature])
+                inside[code].append((draw, key))
+        for code in sorted(set(below) | set(inside), key=signatures.__getitem__):
+            signature = signatures[code]
+            yield signature, (rule.exact_signature(signature)[1], below[code], inside[code])
 
 
 class MergeWindows(beam.CombineFn):

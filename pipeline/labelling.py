@@ -21,7 +21,7 @@ from pipeline.annotators import combine
 from pipeline.annotators.text import TextAnnotator
 from pipeline.errors import DataError
 from pipeline.file_shuffle import GroupTablesByFile, parts_by_bucket
-from pipeline.records import ANNOTATION_SCHEMA, annotation_row
+from pipeline.records import ANNOTATION_SCHEMA, annotation_row, distinct_label_sets
 from pipeline.signatures import row_signature
 from pipeline.sources import IMAGE_EXTENSIONS
 from trainer.images import DEFAULT_MAX_IMAGE_PIXELS, ImageRejected, check_image
@@ -325,8 +325,14 @@ def read_spilled(path_and_rows):
     return table
 
 
+# Rows per table DropDuplicates hands to the Parquet writer: each table is one row group of
+# annotations-*.parquet, and every later job reads (and the runner ships) one table per row group.
+ANNOTATION_ROW_GROUP_ROWS = 65_536
+
+
 class DropDuplicates(beam.DoFn):
-    """A spilled table of rows -> the table without its duplicates, and the counts of what it keeps.
+    """Spilled tables of rows -> the rows without their duplicates, in tables of about
+    ANNOTATION_ROW_GROUP_ROWS rows, and per spilled table the counts of what it keeps.
 
     The counts: rows kept (`annotated`), rows without a usable utility, and rows per label set (what
     balance counts signatures from, without reading the annotations again).
@@ -338,13 +344,31 @@ class DropDuplicates(beam.DoFn):
         self._label_sets: dict[tuple, str] = {}  # rows repeat a few thousand label sets
 
     def _label_set(self, attributes, concepts, utility) -> str:
-        labels = (tuple(attributes), tuple(concepts), utility)
+        labels = (tuple(attributes or ()), tuple(concepts or ()), utility)
         text = self._label_sets.get(labels)
         if text is None:
             if len(self._label_sets) >= 100_000:  # utilities can make every row distinct
                 self._label_sets.clear()
             text = self._label_sets[labels] = label_set(attributes, concepts, utility)
         return text
+
+    def _count_label_sets(self, table) -> collections.Counter:
+        import numpy as np
+        import pyarrow.compute as pc
+
+        distinct = None if pc.any(pc.is_valid(table.column("utility"))).as_py() else distinct_label_sets(table)
+        if distinct is None:  # utilities are part of a label set: row by row
+            return collections.Counter(map(self._label_set, table.column("attributes").to_pylist(),
+                                           table.column("concepts").to_pylist(),
+                                           table.column("utility").to_pylist()))
+        codes, label_sets = distinct
+        counts = collections.Counter()
+        for (attributes, concepts), rows in zip(label_sets, np.bincount(codes, minlength=len(label_sets)).tolist()):
+            counts[self._label_set(attributes, concepts, None)] += rows
+        return counts
+
+    def start_bundle(self):
+        self._pending, self._pending_rows = [], 0
 
     def process(self, spilled, duplicate_places):
         import pyarrow as pa
@@ -354,11 +378,24 @@ class DropDuplicates(beam.DoFn):
             places = zip(table.column("shard").to_pylist(), table.column("position").to_pylist())
             table = table.filter(pa.array([place not in duplicate_places for place in places], type=pa.bool_()))
         self.annotated.inc(table.num_rows)
-        utilities = table.column("utility").to_pylist()
-        label_sets = collections.Counter(map(self._label_set, table.column("attributes").to_pylist(),
-                                             table.column("concepts").to_pylist(), utilities))
-        missing = sum(utility is None for utility in utilities) if self.utility_field else 0
+        missing = table.column("utility").null_count if self.utility_field else 0
         yield beam.pvalue.TaggedOutput(COUNTS_TAG, {"annotated": table.num_rows, "utility_missing": missing,
-                                                    "label_sets": dict(label_sets)})
+                                                    "label_sets": dict(self._count_label_sets(table))})
         if table.num_rows:
-            yield table
+            self._pending.append(table)
+            self._pending_rows += table.num_rows
+            if self._pending_rows >= ANNOTATION_ROW_GROUP_ROWS:
+                yield self._flush()
+
+    def finish_bundle(self):
+        if self._pending:
+            from apache_beam.transforms.window import GlobalWindows
+
+            yield GlobalWindows.windowed_value(self._flush())
+
+    def _flush(self):
+        import pyarrow as pa
+
+        table = pa.concat_tables(self._pending)
+        self._pending, self._pending_rows = [], 0
+        return table

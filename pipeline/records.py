@@ -2,7 +2,9 @@
 
 Downstream jobs (balance, resample, report) read annotations through this schema.
 """
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 # Columns of annotations-*.parquet (DESIGN.md, "Files"). `position` is the record's index within
 # its source file, so a reader can tell two samples with the same key in one shard apart.
@@ -33,3 +35,38 @@ def annotation_row(sample, attributes, concepts, evidence_json, utility=None):
         "utility": None if utility is None else float(utility),
         "evidence": evidence_json,
     }
+
+
+# A table's label sets are told apart in Arrow as "a<US>b<RS>c<US>d" (attributes, concepts): control
+# characters no label holds (distinct_label_sets declines a table whose labels do).
+_LABEL_SEPARATOR, _LIST_SEPARATOR = "\x1f", "\x1e"
+
+
+def distinct_label_sets(table: pa.Table):
+    """(per row the index of its label set, the distinct (attributes, concepts) pairs) of a table of
+    annotation rows, found in Arrow: no Python per row. Null lists are empty ones; labels keep their
+    order. None when a label holds a separator character (then the caller goes row by row)."""
+    attributes, concepts = table.column("attributes"), table.column("concepts")
+    if _holds_separators(attributes) or _holds_separators(concepts):
+        return None
+    if not table.num_rows:
+        return np.zeros(0, dtype=np.int64), []
+    joined = pc.binary_join_element_wise(_joined_labels(attributes), _joined_labels(concepts), _LIST_SEPARATOR)
+    encoded = pc.dictionary_encode(joined.combine_chunks() if isinstance(joined, pa.ChunkedArray) else joined)
+    label_sets = []
+    for text in encoded.dictionary.to_pylist():
+        labels, more = text.split(_LIST_SEPARATOR)
+        label_sets.append(([a for a in labels.split(_LABEL_SEPARATOR) if a],
+                           [c for c in more.split(_LABEL_SEPARATOR) if c]))
+    return encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64), label_sets
+
+
+def _joined_labels(column):
+    """Each row's labels as one string, in their order ("" for none or null)."""
+    return pc.fill_null(pc.binary_join(column, _LABEL_SEPARATOR), "")
+
+
+def _holds_separators(column) -> bool:
+    values = pc.list_flatten(column)
+    return bool(len(values)) and any(pc.any(pc.match_substring(values, separator)).as_py()
+                                     for separator in (_LABEL_SEPARATOR, _LIST_SEPARATOR))

@@ -9,10 +9,12 @@ import hashlib
 import json
 
 import numpy as np
+import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline import hashing
 from pipeline.errors import DataError
+from pipeline.records import distinct_label_sets
 from pipeline.signatures import encode, parse_signature, row_signature
 from solvers.solution import BalanceSolution
 
@@ -32,7 +34,6 @@ REPEAT_MASS_UNITS = 1 << 32
 # Distinct label sets a KeepRule remembers before it starts again (bounds a worker's memory when
 # utilities make rows distinct; without utility tilt a release has a few hundred label sets).
 _ROW_MEMO_LIMIT = 100_000
-
 
 class KeepRule:
     """Keep probability and copies of a record from its features, the solution and the seed.
@@ -101,6 +102,29 @@ class KeepRule:
             self._memo.update(zip(unseen, q.tolist()))
         return [(text, self._memo[text]) for text in texts]
 
+    def table_signatures(self, table: pa.Table) -> tuple[np.ndarray, list[str], np.ndarray]:
+        """(per row the index of its signature, the signatures, their q) of an annotation table.
+
+        The table's distinct (attributes, concepts) pairs are found in Arrow and each gets its
+        signature once, so a table costs no Python per row. With utility tilt (each row's utility
+        is part of its signature), or labels holding the separator characters, it goes row by row.
+        """
+        distinct = None if self.solution.utility_tilt else distinct_label_sets(table)
+        if distinct is None:
+            decided = self.signatures_and_probabilities(zip(
+                table.column("attributes").to_pylist(), table.column("concepts").to_pylist(),
+                table.column("utility").to_pylist()))
+            of_label_set = None
+        else:
+            of_label_set, label_sets = distinct
+            decided = self.signatures_and_probabilities((a, c, None) for a, c in label_sets)
+        signatures = sorted({signature for signature, _ in decided})
+        index = {signature: i for i, signature in enumerate(signatures)}
+        q = dict(decided)
+        codes = np.array([index[signature] for signature, _ in decided], dtype=np.int64)
+        return (codes if of_label_set is None else codes[of_label_set], signatures,
+                np.array([q[signature] for signature in signatures], dtype=float))
+
     def exact_signature(self, signature: str):
         """(n_s, k_s) when exact mode keeps exactly k_s of the n_s rows of this signature by rank, else None.
 
@@ -112,18 +136,13 @@ class KeepRule:
             return None
         return entry[0], entry[1]
 
-    def copies(self, key: str, keep_probability: float, signature: str | None = None, threshold=None) -> int:
-        """1 or 0 for one record (repeat mode needs the global order: see repeat_copies).
-
-        exact: for a ranked signature, 1 iff (h(seed, key), key) is at most the signature's threshold
-        (the k_s-th smallest); all rows of a signature with k_s = n_s, none with k_s = 0; otherwise
-        as bernoulli. bernoulli: 1 iff h(seed, key) < q. weights: 1 iff q > 0.
-        """
+    def fixed_copies(self, keep_probability: float, signature: str | None = None):
+        """1 or 0 when a row's copies need no draw (its signature kept whole or not at all, q of 1 or
+        0, weights mode), else None: the row's keyed draw decides (see copies)."""
         if self.mode == "weights":
             return int(keep_probability > 0)
         if self.mode == "repeat":
             raise ValueError("repeat mode decides copies along the global order (see repeat_copies)")
-        draw = hashing.keyed_uniform(self.seed, key)
         if self.mode == "exact" and signature is not None:
             entry = (self.solution.exact_counts or {}).get(signature)
             if entry is not None and entry[2]:
@@ -131,8 +150,24 @@ class KeepRule:
                     return 1
                 if entry[1] <= 0:
                     return 0
-                if threshold is not None:
-                    return int((draw, key) <= tuple(threshold))
+                return None  # ranked: its threshold decides, whatever q's rounding says
+        if keep_probability >= 1 or keep_probability <= 0:  # a draw in [0, 1) cannot change these
+            return int(keep_probability >= 1)
+        return None
+
+    def copies(self, key: str, keep_probability: float, signature: str | None = None, threshold=None) -> int:
+        """1 or 0 for one record (repeat mode needs the global order: see repeat_copies).
+
+        exact: for a ranked signature, 1 iff (h(seed, key), key) is at most the signature's threshold
+        (the k_s-th smallest); all rows of a signature with k_s = n_s, none with k_s = 0; otherwise
+        as bernoulli. bernoulli: 1 iff h(seed, key) < q. weights: 1 iff q > 0.
+        """
+        fixed = self.fixed_copies(keep_probability, signature)
+        if fixed is not None:
+            return fixed
+        draw = hashing.keyed_uniform(self.seed, key)
+        if threshold is not None and self.exact_signature(signature) is not None:
+            return int((draw, key) <= tuple(threshold))
         return int(hashing.keep_bernoulli(keep_probability, draw))
 
     def weight(self, keep_probability: float) -> float:

@@ -90,6 +90,53 @@ def test_keep_rule_applies_the_solution_and_ignores_labels_it_does_not_know():
     assert release.KeepRule(solution, mode="weights").weight(0.4) == pytest.approx(0.4 / solution.keep_rate)
 
 
+def test_table_signatures_are_the_row_by_row_ones_and_copies_skip_only_draws_that_cannot_matter():
+    """KeepRule.table_signatures finds a table's label sets in Arrow; each row must get the signature
+    and q the row-by-row path gives it (label order, nulls, labels the solution does not know, and a
+    label holding the separator, which sends the table row by row). fixed_copies answers without a
+    draw only where the keyed draw cannot change the answer."""
+    import pyarrow as pa
+
+    solution = BalanceSolution.from_json(_tiny_solution().to_json())
+    rule = release.KeepRule(solution, seed=3)
+    man, woman = "perceived_gender:man", "perceived_gender:woman"
+    label_sets = [([man], ["kitchen"]), ([woman], ["unseen", "kitchen"]), ([woman], ["kitchen", "unseen"]),
+                  (None, ["kitchen"]), ([], None), ([man, woman], []), (["other:x"], ["kitchen"]),
+                  ([woman], ["kitchen\x1fodd"])]
+    for rows in (label_sets[:-1], label_sets):
+        rows = rows * 3
+        table = pa.table({"key": [f"k{i}" for i in range(len(rows))],
+                          "attributes": pa.array([a for a, _ in rows], pa.list_(pa.string())),
+                          "concepts": pa.array([c for _, c in rows], pa.list_(pa.string())),
+                          "utility": pa.array([None] * len(rows), pa.float64())})
+        of_row, signatures, q_of = rule.table_signatures(table)
+        expected = release.KeepRule(solution, seed=3).signatures_and_probabilities(
+            (a, c, None) for a, c in rows)
+        assert [(signatures[i], q_of[i]) for i in of_row] == expected
+        assert len(signatures) == len(set(signatures))
+    assert rule.table_signatures(table.slice(0, 0))[1] == []
+    # No draw is skipped that could matter: over many keys, copies equals the rule written out here.
+    # exact counts as balance writes them: kept whole, none kept, ranked, and unconstrained
+    solution.exact_counts = {signatures[0]: [300, 300, 1], signatures[1]: [100, 0, 1],
+                             signatures[2]: [300, 120, 1], signatures[3]: [400, 400, 0]}
+    exact = release.KeepRule(solution, seed=3, mode="exact")
+    for signature, (rows, keep, constrained) in solution.exact_counts.items():
+        for q in (0.0, 0.3, 1.0):
+            fixed = exact.fixed_copies(q, signature)
+            draws = [exact.copies(f"key{i}", q, signature) for i in range(200)]
+            if constrained and keep >= rows:
+                assert fixed == 1 and set(draws) == {1}
+            elif constrained and keep <= 0:
+                assert fixed == 0 and set(draws) == {0}
+            elif constrained:
+                assert fixed is None
+            elif q in (0.0, 1.0):
+                assert fixed == int(q) and set(draws) == {int(q)}
+            else:
+                assert fixed is None
+                assert draws == [int(hashing.keyed_uniform(3, f"key{i}") < q) for i in range(200)]
+
+
 def test_release_members_keep_bytes_and_add_balance_to_json():
     sample = {"key": "k1", "members": {"jpg": b"\xff\xd8jpeg", "txt": b"a man", "json": b'{"a": 1, "key": "k1"}'},
               "meta": {"a": 1, "key": "k1"}, "caption": "a man"}
@@ -414,8 +461,11 @@ def test_exact_thresholds_from_windows_equal_the_k_smallest_of_all_draws():
     keep = {"a": int(rows["a"] * 0.9), "b": int(rows["b"] * 0.3)}
 
     class Rule:  # the solution's part RankCandidates uses: a signature per row, its (n_s, k_s)
-        def signatures_and_probabilities(self, labelled):
-            return [(concepts[0], 0.5) for _, concepts, _ in labelled]
+        def table_signatures(self, table):
+            per_row = [concepts[0] for concepts in table.column("concepts").to_pylist()]
+            signatures = sorted(set(per_row))
+            return (np.array([signatures.index(s) for s in per_row]), signatures,
+                    np.full(len(signatures), 0.5))
 
         def exact_signature(self, signature):
             return rows[signature], keep[signature]
