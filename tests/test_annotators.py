@@ -38,6 +38,9 @@ def test_perceived_gender_terms_match_whole_words_plurals_and_possessives(captio
     ("Fresh strawberries in a bowl", "strawberry"),             # plural with -ies
     ("A TELEVISION on the wall", "tv"),                          # synonym, upper case
     ("Knives on a cutting board", "knife"),                      # irregular plural
+    ("Two postmen deliver the letters", "mail carrier"),         # compound in -man (inflect)
+    ("Businesspeople around a table", "businessperson"),         # compound in -person
+    ("A rack of woollen scarves", "scarf"),                      # -f -> -ves
 ])
 def test_concepts_match_synonyms_plurals_and_multi_word_terms(caption, concept):
     assert concept in annotate_caption(caption)[1]
@@ -78,6 +81,8 @@ def test_user_lexicon_format(tmp_path):
     assert attributes == ["perceived_age:adult", "perceived_age:child"]
     assert concepts == ["box", "ferry"]
     assert plural_of("police officer") == "police officers"
+    assert [plural_of(t) for t in ("postman", "businesswoman", "potato", "sheep")] == [
+        "postmen", "businesswomen", "potatoes", "sheep"]
 
 
 def test_lexicon_without_kind_is_a_clear_error(tmp_path):

@@ -3,6 +3,7 @@
 Parses the documented text format of `pipeline/lexicons/` (see its README.md) into plain dicts.
 """
 import dataclasses
+import functools
 import pathlib
 import re
 
@@ -15,29 +16,35 @@ DEFAULT_LEXICON_FILES = ("perceived_gender.txt", "occupations.txt", "concepts.tx
 KIND_ATTRIBUTE = "attribute"
 KIND_CONCEPT = "concept"
 
-# English words whose plural adds "es" rather than "s" (sibilant endings), and a few irregulars.
-_ES_ENDINGS = ("s", "x", "z", "ch", "sh")
-_IRREGULAR_PLURALS = {"child": "children", "person": "people", "foot": "feet", "tooth": "teeth",
-                      "knife": "knives", "leaf": "leaves", "shelf": "shelves", "wolf": "wolves",
-                      "man": "men", "woman": "women", "mouse": "mice", "goose": "geese"}
-
 
 class LexiconError(ValueError):
     """A lexicon file does not follow the format in pipeline/lexicons/README.md."""
 
 
+@functools.cache
+def _inflect_engine():
+    """inflect's engine, imported without typeguard's run-time checks.
+
+    inflect wraps its methods in typeguard's @typechecked, which re-parses and recompiles inflect's
+    source when it is imported: 1.6 s here, paid by every job that reads a lexicon (typeguard skips
+    the same work under `python -O`). The decorator is the identity while inflect is imported; the
+    answers are the same, only the checks of argument types are gone.
+    """
+    import typeguard
+
+    checked = typeguard.typechecked
+    typeguard.typechecked = lambda target=None, **_: target if target is not None else (lambda fn: fn)
+    try:
+        import inflect
+    finally:
+        typeguard.typechecked = checked
+    return inflect.engine()
+
+
 def plural_of(term):
-    """Regular English plural of the last word of `term` ("police officer" -> "police officers")."""
-    head, _, last = term.rpartition(" ")
-    if last in _IRREGULAR_PLURALS:
-        plural = _IRREGULAR_PLURALS[last]
-    elif last.endswith(_ES_ENDINGS):
-        plural = last + "es"
-    elif len(last) > 1 and last.endswith("y") and last[-2] not in "aeiou":
-        plural = last[:-1] + "ies"
-    else:
-        plural = last + "s"
-    return f"{head} {plural}" if head else plural
+    """English plural of a term, by inflect: "police officer" -> "police officers", "postman" ->
+    "postmen", "businessperson" -> "businesspeople", "potato" -> "potatoes"."""
+    return _inflect_engine().plural_noun(term)
 
 
 def normalise_term(term):
