@@ -18,6 +18,7 @@ import numpy as np
 
 from pipeline.errors import DataError, UsageError
 from pipeline.signatures import SignatureTable, split_label
+from solvers import data_bias
 from solvers import progress as progress_policy
 from solvers.api import METHODS as SOLVER_METHODS
 from solvers.problem import DEFAULT_KEEP_RATE, DEFAULT_MIN_SUPPORT, check_keep_rate
@@ -84,18 +85,17 @@ def concept_shares(table: SignatureTable, q: np.ndarray | None = None):
     """Per group g: overall share of each value, and per concept r its support and value shares.
 
     Returns {group: (columns, overall_share (m_g,), support (c,), share (m_g, c))} among
-    group-annotated rows, weighted by count * q.
+    group-annotated rows, weighted by count * q: the shares solvers.bias.data_bias measures (0 where
+    no row is annotated), so the plan, the report and the release's statistics share one definition.
     """
-    weights = table.weights if q is None else table.weights * q
-    result = {}
-    for group, columns in zip(table.group_names, table.groups):
-        annotated = table.attributes[:, columns].max(axis=1) * weights  # (S,)
-        values = table.attributes[:, columns] * weights[:, None]  # (S, m_g)
-        total = max(annotated.sum(), 1e-12)
-        support = annotated @ table.concepts  # (c,)
-        share = (values.T @ table.concepts) / np.maximum(support, 1e-12)
-        result[group] = (columns, values.sum(axis=0) / total, support, share)
-    return result
+    if not table.groups:
+        return {}
+    bias = data_bias(table.attributes, table.concepts, q=q, weights=table.weights, groups=table.groups,
+                     attribute_names=table.attribute_names, concept_names=table.concept_names,
+                     group_names=table.group_names)
+    return {group: (columns, np.nan_to_num(bias.value_share[columns]), bias.kept_support[columns[0]],
+                    np.nan_to_num(bias.concept_share[columns]))
+            for group, columns in zip(table.group_names, table.groups)}
 
 
 def discover_proxies(table: SignatureTable, interest: Sequence[str], k: int, min_support: float) -> list[dict]:
@@ -192,7 +192,7 @@ def problem_on(projected: SignatureTable, config: BalanceConfig):
 
 def solve_table(table: SignatureTable, config: BalanceConfig):
     """Solve M4 on counted signatures; return the solution with readable statistics attached."""
-    from solvers import data_bias, solve
+    from solvers import solve
 
     if not table.attribute_names:
         raise DataError("no annotated row shows any attribute value: nothing to balance")

@@ -150,3 +150,41 @@ def test_coco_val_captions_balanced_at_the_max_keep_rate_within_the_gap(coco_val
     assert stats["data_bias_after"]["summary"]["representation_bias"] <= 0.02 + 1e-4
     assert len(stats["concepts_of_interest"]) >= 20
     assert stats["signatures_counted"] < 0.5 * stats["rows"]
+
+
+def test_concept_shares_are_the_weighted_shares_counted_row_by_row():
+    """plan.concept_shares (the plan's, the report's and proxy discovery's shares) against a count by
+    hand: per group, among the rows annotated in that group, weighted by count * q."""
+    records = [
+        {"attributes": ["perceived_gender:man"], "concepts": ["kitchen", "dog"], "count": 30},
+        {"attributes": ["perceived_gender:woman", "perceived_age:adult"], "concepts": ["kitchen"], "count": 10},
+        {"attributes": ["perceived_age:child"], "concepts": ["dog"], "count": 7},
+        {"attributes": ["perceived_age:adult"], "concepts": ["dog"], "count": 5},
+        {"attributes": [], "concepts": ["kitchen", "boat"], "count": 40},
+        {"attributes": ["perceived_gender:woman"], "concepts": [], "count": 12},
+    ]
+    table = SignatureTable.from_records([{**r, "utility": None} for r in records])
+    q = np.linspace(0.3, 1.0, len(table.weights))
+    for keep in (None, q):
+        shares = plan.concept_shares(table, keep)
+        assert set(shares) == {"perceived_gender", "perceived_age"}
+        for group, (columns, overall, support, share) in shares.items():
+            values = [table.attribute_names[k] for k in columns]
+            rows = []  # (labels, concepts, weight) of the signature rows, read back from the table
+            for i in range(len(table.weights)):
+                labels = {table.attribute_names[k] for k in np.flatnonzero(table.attributes[i])}
+                concepts = {table.concept_names[r] for r in np.flatnonzero(table.concepts[i])}
+                rows.append((labels, concepts, table.weights[i] * (1.0 if keep is None else keep[i])))
+            in_group = [(labels, concepts, w) for labels, concepts, w in rows if labels & set(values)]
+            total = sum(w for _, _, w in in_group)
+            assert overall == pytest.approx([sum(w for labels, _, w in in_group if v in labels) / total
+                                             for v in values])
+            for r, concept in enumerate(table.concept_names):
+                with_concept = [(labels, w) for labels, concepts, w in in_group if concept in concepts]
+                expected_support = sum(w for _, w in with_concept)
+                assert support[r] == pytest.approx(expected_support)
+                expected = [sum(w for labels, w in with_concept if v in labels) / expected_support
+                            if expected_support else 0.0 for v in values]
+                assert share[:, r] == pytest.approx(expected)
+    assert plan.concept_shares(SignatureTable.from_records(
+        [{"attributes": [], "concepts": ["dog"], "utility": None, "count": 3}])) == {}
