@@ -15,7 +15,7 @@ from pipeline.annotators import combine
 from pipeline.annotators.lexicon import Lexicon
 from pipeline.counts import AddCounts
 from pipeline.errors import ReconciliationError, UsageError
-from pipeline.files import count_lines, delete_matching, read_text, write_text_atomically
+from pipeline.files import count_lines, delete_matching, read_text, write_json_atomically, write_text_atomically
 from pipeline.labelling import (COUNTS_TAG, AnnotateBatch, AnnotateImages, DropDuplicates, FindDuplicateKeys,
                                 SpillRows)
 from pipeline.options import local_worker_threads, pipeline_options
@@ -172,7 +172,7 @@ class Annotate(beam.PTransform):
 
 
 def _write_pending_counts(counts, path):
-    write_text_atomically(path, json.dumps(counts, sort_keys=True))
+    write_json_atomically(path, counts, sort_keys=True)
     return counts
 
 
@@ -289,7 +289,7 @@ def run(argv=None, save_main_session=False):
                               "caption_column": args.caption_column}
     write_text_atomically(FileSystems.join(output, LABEL_SETS_FILE), "".join(
         json.dumps({"label_set": json.loads(text), "count": n}) + "\n" for text, n in sorted(label_sets.items())))
-    write_text_atomically(FileSystems.join(output, COUNTS_FILE), json.dumps(counts, indent=2, sort_keys=True))
+    write_json_atomically(FileSystems.join(output, COUNTS_FILE), counts, indent=2, sort_keys=True)
     FileSystems.delete([pending])
     reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(counts["quarantined_by_reason"].items()))
     log.info("read %d records: %d annotated, %d quarantined%s; annotations in %s (every record accounted for)",

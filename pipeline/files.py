@@ -5,6 +5,7 @@ Writes are atomic (temporary name, then rename) so a reader never sees half a fi
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import posixpath
 import uuid
@@ -21,6 +22,13 @@ def read_text(path: str) -> str:
 def write_text_atomically(path: str, text: str) -> None:
     """Write under a temporary name, then rename: a reader never sees half a file."""
     write_bytes_atomically(path, text.encode("utf-8"))
+
+
+def write_json_atomically(path, payload, *, indent: int | None = None, sort_keys: bool = False) -> None:
+    """`payload` as JSON, written atomically (`path`: a str or a local path); indented JSON ends
+    with a newline."""
+    text = json.dumps(payload, indent=indent, sort_keys=sort_keys)
+    write_text_atomically(os.fspath(path), text + "\n" if indent is not None else text)
 
 
 def write_bytes_atomically(path: str, data: bytes) -> None:

@@ -15,7 +15,7 @@ import sys
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline.balance import SIGNATURES_FILE
-from pipeline.files import read_text, write_text_atomically
+from pipeline.files import read_text, write_json_atomically, write_text_atomically
 from pipeline.publish import MANIFEST_FILE
 from pipeline.report_card import code, dataset_card, markdown_text  # noqa: F401  (the report's API)
 from pipeline.report_page import render_html
@@ -54,7 +54,7 @@ def report(solution_path: str, signatures_path: str, release_dir: str, annotatio
                       **quarantine}
     stats = build_statistics(solution, read_jsonl(signatures_path), kept_records(release_dir), manifest,
                              annotate_counts, quarantine)
-    write_text_atomically(FileSystems.join(output_dir, STATS_FILE), json.dumps(stats, indent=1) + "\n")
+    write_json_atomically(FileSystems.join(output_dir, STATS_FILE), stats, indent=1)
     write_text_atomically(FileSystems.join(output_dir, REPORT_FILE), render_html(stats))
     write_text_atomically(FileSystems.join(output_dir, CARD_FILE), dataset_card(stats, manifest, solution))
     for warning in coverage_warnings(stats):

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import hashing, study_config, study_results
-from pipeline.files import write_text_atomically
+from pipeline.files import write_json_atomically
 from pipeline.study_config import BALANCED, BALANCED_PROXIES, M4_VARIANTS, ORIGINAL, RANDOM
 from solvers import progress as progress_policy
 
@@ -26,11 +26,6 @@ RANDOM_PURPOSE = "study-random"  # keyed-hash purpose: independent of the balanc
 FINAL_CHECKPOINT = "final.pt"
 # what the study keeps of a solvers.data_bias summary
 DATA_BIAS_KEYS = ("representation_bias", "association_bias_max", "association_bias_mean")
-
-
-def write_json_atomically(path: Path, payload) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomically(str(path), json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
 def finished(directory: Path, what: str):
@@ -64,7 +59,7 @@ def prepare_data(config: dict, output: Path) -> dict:
         done = {"train": str(directory / "train" / "*.tar"), "eval": str(directory),
                 "concepts": manifest["concepts"], "train_samples": manifest["train_samples"],
                 "planted_woman_share": manifest["planted_woman_share"]}
-        write_json_atomically(directory / DONE_FILE, done)
+        write_json_atomically(directory / DONE_FILE, done, indent=2, sort_keys=True)
     return done
 
 
@@ -100,7 +95,7 @@ def balance_variant(name: str, config: dict, data: dict, output: Path) -> dict:
                                                for p in stats.get("proxies", [])],
             "data_bias": {"before": head["before"], "after": head["realized"], "planned": head["planned"]},
             "stats": str(Path(paths["release"]) / "stats.json")}
-    write_json_atomically(directory / DONE_FILE, done)
+    write_json_atomically(directory / DONE_FILE, done, indent=2, sort_keys=True)
     return done
 
 
@@ -229,7 +224,7 @@ def random_variant(config: dict, data: dict, balanced: dict, output: Path) -> di
     done = {"shards": str(shard_dir / "*.tar"), "keep_rate": keep_rate,
             "rows": {"samples_read": read, "kept": kept, "rate_kept": kept / read},
             "data_bias": {"after": subset_data_bias(balanced["run"], kept_keys)}}
-    write_json_atomically(directory / DONE_FILE, done)
+    write_json_atomically(directory / DONE_FILE, done, indent=2, sort_keys=True)
     return done
 
 
@@ -262,7 +257,7 @@ def evaluate_checkpoints(run_dir: Path, eval_dir: Path, evaluation_set, eval_con
         if not target.exists():
             model, tokenizer, preprocess, _ = models.load_checkpoint(path)
             result = evaluate.evaluate_model(model, tokenizer, preprocess, evaluation_set, eval_config)
-            write_json_atomically(target, study_results.summarize_evaluation(result))
+            write_json_atomically(target, study_results.summarize_evaluation(result), indent=2, sort_keys=True)
     for target in sorted(eval_dir.glob("step-*.json")):  # also those of checkpoints pruned after evaluation
         results[int(target.stem.split("-")[1])] = json.loads(target.read_text(encoding="utf-8"))
     return results
@@ -306,7 +301,7 @@ def train_run(name: str, seed: int, shards: str, config: dict, output: Path, ste
     done = {"name": name, "seed": seed, "steps": summary["steps"], "checkpoint": summary["checkpoint"],
             "init_checkpoint": init_checkpoint, "steps_per_s": summary["steps_per_s"],
             "evaluations": {str(step): value for step, value in sorted(evaluations.items())}}
-    write_json_atomically(run_dir / DONE_FILE, done)
+    write_json_atomically(run_dir / DONE_FILE, done, indent=2, sort_keys=True)
     return done
 
 
@@ -317,7 +312,8 @@ def run_study(config: dict) -> dict:
 
     output = Path(config["output"])
     output.mkdir(parents=True, exist_ok=True)
-    write_json_atomically(output / "config.json", {**config, "schedules": [s.__dict__ for s in config["schedules"]]})
+    write_json_atomically(output / "config.json", {**config, "schedules": [s.__dict__ for s in config["schedules"]]},
+                          indent=2, sort_keys=True)
     data = prepare_data(config, output)
     variants = prepare_variants(config, data, output)
     evaluation_set = shard_data.read_labelled(data["eval"])
