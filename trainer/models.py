@@ -3,20 +3,19 @@
 Models are created with random weights (pretrained=None); checkpoints load with weights_only=True.
 """
 import logging
-from pathlib import Path
 
 import open_clip
 import torch
 
+# The configs and the checkpoint key convention live in trainer/model_configs.py (the image
+# annotator uses them without the trainer); re-exported here for the trainer's callers.
+from trainer.model_configs import DEFAULT_MODEL, register_model_configs, strip_ddp_prefix
+
+__all__ = ["DEFAULT_MODEL", "create_model", "load_checkpoint", "read_checkpoint", "register_model_configs",
+           "strip_ddp_prefix"]
+
 log = logging.getLogger(__name__)
 
-# JSON model configs shipped with the package (open_clip's format), registered on import so that
-# `open_clip.create_model("bb-tiny-vit")` works like any built-in architecture.
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-# The default model: trains on a CPU in about a minute on 32 px synthetic shards.
-DEFAULT_MODEL = "bb-tiny-vit"
-
-_registered = False
 # open_clip warns on the root logger whenever pretrained=None; here random initial weights are the
 # intent (and load_checkpoint overwrites them), so that line would only mislead.
 RANDOM_INIT_WARNING = "No pretrained weights loaded for model"
@@ -25,14 +24,6 @@ RANDOM_INIT_WARNING = "No pretrained weights loaded for model"
 class _DropRandomInitWarning(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return not record.getMessage().startswith(RANDOM_INIT_WARNING)
-
-
-def register_model_configs() -> None:
-    """Add trainer/configs/*.json to open_clip's model registry (idempotent)."""
-    global _registered
-    if not _registered:
-        open_clip.add_model_config(CONFIG_DIR)
-        _registered = True
 
 
 register_model_configs()
@@ -78,9 +69,3 @@ def load_checkpoint(path, device="cpu"):
     model.load_state_dict(strip_ddp_prefix(checkpoint["model"]))
     model.eval()
     return model, tokenizer, eval_preprocess, checkpoint
-
-
-def strip_ddp_prefix(state_dict: dict) -> dict:
-    """Remove DistributedDataParallel's 'module.' prefix so single-process models load the weights."""
-    return {key[len("module."):] if key.startswith("module.") else key: value
-            for key, value in state_dict.items()}

@@ -88,14 +88,14 @@ def load_model(config):
             json.loads(open(local, encoding="utf-8").read())  # a clear error if it is not JSON
             open_clip.add_model_config(local)
     elif config.architecture not in open_clip.list_models():
-        from trainer.models import register_model_configs  # balancebeam's own configs (bb-tiny-vit, ...)
+        from trainer.model_configs import register_model_configs  # balancebeam's own configs (bb-tiny-vit, ...)
 
         register_model_configs()
     model, _, preprocess = open_clip.create_model_and_transforms(config.architecture, pretrained=None)
     if config.checkpoint:
         state = torch.load(io.BytesIO(_read_bytes(config.checkpoint)), map_location="cpu",
                            weights_only=True)
-        from trainer.models import strip_ddp_prefix
+        from trainer.model_configs import strip_ddp_prefix
 
         model.load_state_dict(strip_ddp_prefix(checkpoint_state_dict(state, config)))
     model.eval()
