@@ -22,18 +22,16 @@ from apache_beam.io.filesystems import FileSystems
 from pipeline import hashing, release, tars
 from pipeline.annotate import ANNOTATIONS_GLOB, annotation_rows, parquet_rows, read_counts
 from pipeline.counts import AddCounts
-from pipeline.decide import COUNTS_TAG, Decide, ExactThresholds, RepeatCopies, bucket_offsets, route_to_ranges
+from pipeline.decide import COUNTS_TAG, Decide, ExactThresholds, RepeatCopies
 from pipeline.errors import DataError, UsageError
-from pipeline.files import count_lines, delete_matching, read_text, write_text_atomically
+from pipeline.files import count_lines, delete_matching, read_text, write_json_atomically
 from pipeline.options import pipeline_options
 from pipeline import publish
 from pipeline.publish import KEPT_SIGNATURES_FILE, MANIFEST_FILE, SIZES_FILE, prepare_release_dir, reconcile
-from pipeline.quarantine import QUARANTINE_TAG, WriteQuarantine
-from pipeline.shards import (BUCKET_SIZES_TAG, MISSING_FROM_INPUT, PARTIAL_SHARDS_TAG, ResampleRange, WriteShard,
-                            WriteWholeShards, rank_buckets, sort_and_rank)
+from pipeline.quarantine import WriteQuarantine
+from pipeline.shards import MISSING_FROM_INPUT, WriteShards, rank_buckets
 from pipeline.sources import FORMATS
 from pipeline.progress import InputProgress
-from pipeline.splits import PlanRanges
 from pipeline import subset as subset_release
 from solvers.solution import BalanceSolution
 
@@ -47,84 +45,82 @@ FORMAT_SUBSET = "subset"
 OUTPUT_FORMATS = (FORMAT_WEBDATASET, FORMAT_SUBSET)
 
 
-def _decisions(pipeline, *, annotations_dir, solution_text, seed, mode, buckets, output_size):
-    """Annotation rows -> (decision batches by input file, the decision counts): shared by both formats."""
-    solution = pipeline | "Solution" >> beam.Create([solution_text])
-    annotations = FileSystems.join(annotations_dir, ANNOTATIONS_GLOB)
-    tables = pipeline | "ReadAnnotations" >> beam.io.ReadFromParquetBatched(annotations, columns=_ANNOTATION_COLUMNS)
-    thresholds = tables | "ExactThresholds" >> ExactThresholds(seed, mode, solution)
-    # Decide reads the annotations again rather than take `tables`: it waits for the thresholds (a
-    # side input), so `tables` would cross the runner whole, and Beam's multi-process runner lost
-    # 372,000 of 10M annotation rows that way (docs/beam-data-loss.md). Reading twice costs little.
-    decided = (pipeline | "ReadAnnotationsToDecide" >> beam.io.ReadFromParquetBatched(
-        annotations, columns=_ANNOTATION_COLUMNS)) | "Decide" >> beam.ParDo(
-        Decide(seed, mode), beam.pvalue.AsSingleton(solution), beam.pvalue.AsSingleton(thresholds)).with_outputs(
-            COUNTS_TAG, main="decisions")
-    decisions = decided.decisions
-    if mode == "repeat":
-        decisions = decisions | "RepeatCopies" >> RepeatCopies(seed, output_size, buckets)
-    return decisions, decided[COUNTS_TAG]
+class Decisions(beam.PTransform):
+    """The job's start -> {"decisions": decision batches by input file, "counts": count dicts}.
+
+    Shared by both formats: each annotation row's q and copies from the solution (a side input),
+    after exact mode's per-signature thresholds and, in repeat mode, the copies along the order.
+    """
+
+    def __init__(self, annotations_dir, solution_text, seed, mode, buckets, output_size=None):
+        super().__init__()
+        self.pattern = FileSystems.join(annotations_dir, ANNOTATIONS_GLOB)  # not `annotations`: a PTransform method
+        self.solution_text, self.seed, self.mode = solution_text, seed, mode
+        self.buckets, self.output_size = buckets, output_size
+
+    def expand(self, pbegin):
+        solution = pbegin | "Solution" >> beam.Create([self.solution_text])
+        tables = pbegin | "ReadAnnotations" >> beam.io.ReadFromParquetBatched(
+            self.pattern, columns=_ANNOTATION_COLUMNS)
+        thresholds = tables | "ExactThresholds" >> ExactThresholds(self.seed, self.mode, solution)
+        # Decide reads the annotations again rather than take `tables`: it waits for the thresholds
+        # (a side input), so `tables` would cross the runner whole, and Beam's multi-process runner
+        # lost 372,000 of 10M annotation rows that way (docs/beam-data-loss.md). Reading twice costs
+        # little.
+        decided = (pbegin
+                   | "ReadAnnotationsToDecide" >> beam.io.ReadFromParquetBatched(
+                       self.pattern, columns=_ANNOTATION_COLUMNS)
+                   | "Decide" >> beam.ParDo(Decide(self.seed, self.mode), beam.pvalue.AsSingleton(solution),
+                                            beam.pvalue.AsSingleton(thresholds)).with_outputs(
+                                                COUNTS_TAG, main="decisions"))
+        decisions = decided.decisions
+        if self.mode == "repeat":
+            decisions = decisions | "RepeatCopies" >> RepeatCopies(self.seed, self.output_size, self.buckets)
+        return {"decisions": decisions, "counts": decided[COUNTS_TAG]}
 
 
-def _write_counts(counts, work_dir):
-    _ = (tuple(counts)
-         | "AddCounts" >> AddCounts()
-         | "WriteCounts" >> beam.Map(_write_json_to, FileSystems.join(work_dir, "counts.json")))
+class WriteResults(beam.PTransform):
+    """Count dicts of every step -> counts.json in the work folder, summed (what the job reconciles)."""
+
+    def __init__(self, work_dir: str):
+        super().__init__()
+        self.work_dir = work_dir
+
+    def expand(self, counts):
+        return (counts
+                | "AddCounts" >> AddCounts()
+                | "WriteCounts" >> beam.Map(_write_json_to, FileSystems.join(self.work_dir, "counts.json")))
 
 
 def build_pipeline(pipeline, *, input_glob, annotations_dir, solution_text, output_dir, work_dir, seed, mode,
                    samples_per_shard, prefix, buckets, input_format="auto", key_column="key",
                    caption_column="caption", output_size=None, quarantine_prefix=None, progress_dir=None):
-    """The resample graph on `pipeline`; its results land in `work_dir` (counts.json, shards.json)."""
-    decisions, decision_counts = _decisions(pipeline, annotations_dir=annotations_dir, solution_text=solution_text,
-                                            seed=seed, mode=mode, buckets=buckets, output_size=output_size)
-    ranges = pipeline | "PlanRanges" >> PlanRanges(input_glob, input_format)
-    range_starts = (ranges
-                    | "RangeStart" >> beam.Map(lambda r: (r["path"], r["first_position"]))
-                    | "RangesOfFile" >> beam.GroupByKey()
-                    | "SortStarts" >> beam.MapTuple(lambda path, starts: (path, sorted(starts))))
-    routed = decisions | "RouteToRanges" >> beam.FlatMap(route_to_ranges, beam.pvalue.AsDict(range_starts))
-    per_file = ({"read": ranges | "ByRange" >> beam.Map(lambda r: ((r["path"], r["index"]), r)), "decisions": routed}
-                | "ByInputRange" >> beam.CoGroupByKey()
-                | "ResampleRange" >> beam.ParDo(ResampleRange(
-                    seed, mode, buckets, key_column, caption_column, progress_dir)).with_outputs(
-                        QUARANTINE_TAG, COUNTS_TAG, BUCKET_SIZES_TAG, main="kept"))
-    offsets = (per_file[BUCKET_SIZES_TAG]
-               | "BucketSizes" >> beam.CombinePerKey(sum)
-               | "AllSizes" >> beam.combiners.ToList()
-               | "Offsets" >> beam.Map(bucket_offsets))
-    # A bucket writes the shards it holds whole; only the pieces of shards that straddle two buckets
-    # are grouped again, so most copies cross one shuffle, not two.
-    ranked = (per_file.kept
-              | "GroupOrderBucket" >> beam.GroupByKey()
-              | "SortAndRank" >> beam.FlatMap(sort_and_rank, beam.pvalue.AsSingleton(offsets), samples_per_shard)
-              | "WriteWholeShards" >> beam.ParDo(WriteWholeShards(output_dir, prefix, samples_per_shard),
-                                                 beam.pvalue.AsSingleton(offsets)).with_outputs(
-                                                     PARTIAL_SHARDS_TAG, main="written"))
-    joined = (ranked[PARTIAL_SHARDS_TAG]
-              | "GroupByShard" >> beam.GroupByKey()
-              | "WriteShard" >> beam.ParDo(WriteShard(output_dir, prefix)))
-    _ = ((ranked.written, joined)
-         | "ShardLists" >> beam.Flatten()
+    """The WebDataset resample graph on `pipeline`; its results land in `work_dir` (counts.json,
+    shards.json)."""
+    decided = pipeline | "Decisions" >> Decisions(annotations_dir, solution_text, seed, mode, buckets, output_size)
+    written = decided["decisions"] | "WriteShards" >> WriteShards(
+        input_glob, input_format, seed, mode, buckets, output_dir, prefix, samples_per_shard, key_column,
+        caption_column, progress_dir)
+    _ = (written["shards"]
          | "AllShards" >> beam.combiners.ToList()
          | "WriteShardList" >> beam.Map(_write_json_to, FileSystems.join(work_dir, "shards.json")))
-    _write_counts((decision_counts, per_file[COUNTS_TAG]), work_dir)
+    _ = (decided["counts"], written["counts"]) | "Results" >> WriteResults(work_dir)
     if quarantine_prefix:
-        _ = per_file[QUARANTINE_TAG] | "WriteQuarantine" >> WriteQuarantine(quarantine_prefix)
+        _ = written["quarantine"] | "WriteQuarantine" >> WriteQuarantine(quarantine_prefix)
 
 
 def build_subset_pipeline(pipeline, *, annotations_dir, solution_text, output_dir, work_dir, seed, mode, buckets,
                           subset_buckets, output_size=None):
     """The subset graph: decisions from the annotations alone, no input read (pipeline/subset.py)."""
-    decisions, decision_counts = _decisions(pipeline, annotations_dir=annotations_dir, solution_text=solution_text,
-                                            seed=seed, mode=mode, buckets=buckets, output_size=output_size)
-    released = decisions | "SubsetRelease" >> subset_release.SubsetRelease(output_dir, work_dir, subset_buckets)
+    decided = pipeline | "Decisions" >> Decisions(annotations_dir, solution_text, seed, mode, buckets, output_size)
+    released = decided["decisions"] | "SubsetRelease" >> subset_release.SubsetRelease(
+        output_dir, work_dir, subset_buckets)
     _ = released["written"] | "WriteFileCounts" >> beam.Map(_write_json_to, FileSystems.join(work_dir, "written.json"))
-    _write_counts((decision_counts, released["counts"]), work_dir)
+    _ = (decided["counts"], released["counts"]) | "Results" >> WriteResults(work_dir)
 
 
 def _write_json_to(payload, path):
-    write_text_atomically(path, json.dumps(payload, sort_keys=True))
+    write_json_atomically(path, payload, sort_keys=True)
     return path
 
 
@@ -217,7 +213,7 @@ def resample(input_glob, annotations_dir, solution_path, output_dir, *, seed=rel
         manifest = _publish_shards(counts, written, rows_written, exact_counts, output_dir, prefix, details,
                                    quarantine_prefix, samples_per_shard, annotations_dir)
     publish.write_kept_signatures(counts.get("kept_signatures", {}), output_dir)
-    write_text_atomically(FileSystems.join(output_dir, MANIFEST_FILE), json.dumps(manifest, indent=1) + "\n")
+    write_json_atomically(FileSystems.join(output_dir, MANIFEST_FILE), manifest, indent=1)
     c = manifest["counts"]
     if subset:
         files, subset_file, keep_dir = manifest["files"], subset_release.SUBSET_FILE, subset_release.KEEP_DIR
@@ -253,8 +249,8 @@ def _publish_shards(counts, shards, rows_written, exact_counts, output_dir, pref
     stale = delete_matching(FileSystems.join(output_dir, f"{prefix}-*"), keep=listed)
     if stale:
         log.info("removed %d files of an earlier run that this release does not list", len(stale))
-    write_text_atomically(FileSystems.join(output_dir, SIZES_FILE),
-                          json.dumps({s["name"]: s["samples"] for s in shard_entries}, indent=1) + "\n")
+    write_json_atomically(FileSystems.join(output_dir, SIZES_FILE),
+                          {s["name"]: s["samples"] for s in shard_entries}, indent=1)
     return publish.manifest(counts, numbers, shard_entries, {"format": FORMAT_WEBDATASET, **details})
 
 

@@ -1,4 +1,5 @@
-"""Writing the release: each input range meets its decisions, kept copies are ranked and written in shards.
+"""Writing the release (WriteShards): each input range meets its decisions, kept copies are ranked and
+written in shards.
 
 A range is read once, by one worker; a record meets its decision by place (the key is checked).
 Kept copies leave in batches per order bucket (a range of a keyed hash), are sorted per bucket and
@@ -17,11 +18,11 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
 from pipeline import release, tars
-from pipeline.decide import counts_output, merge_batches
+from pipeline.decide import COUNTS_TAG, bucket_offsets, counts_output, merge_batches, route_to_ranges
 from pipeline.errors import DataError
 from pipeline.progress import mark_range_read
 from pipeline.quarantine import METRICS_NAMESPACE, QUARANTINE_TAG, quarantine_record
-from pipeline.splits import iter_range_records
+from pipeline.splits import PlanRanges, iter_range_records
 from pipeline.worker_tuning import relax_gc
 
 log = logging.getLogger(__name__)
@@ -265,3 +266,51 @@ class WriteShard(beam.DoFn):
         ordered = sorted((item for group in groups for item in group), key=lambda item: item[0])
         self.shards.inc()
         yield write_ranked_shard(self.output_dir, self.prefix, index, ordered)
+
+
+class WriteShards(beam.PTransform):
+    """Decision batches -> the kept copies, read from the input once, ranked and written as shards.
+
+    Each input range meets the decisions of its records (one CoGroupByKey) and sends its kept copies
+    to their order bucket; a bucket writes the shards it holds whole, and only the pieces of shards
+    that straddle two buckets are grouped again, so most copies cross one shuffle, not two. Returns
+    {"shards": each shard's manifest entry, "counts": count dicts, "quarantine": entries}.
+    """
+
+    def __init__(self, input_glob, input_format, seed, mode, buckets, output_dir, prefix, samples_per_shard,
+                 key_column="key", caption_column="caption", progress_dir=None):
+        super().__init__()
+        self.input_glob, self.input_format = input_glob, input_format
+        self.seed, self.mode, self.buckets = seed, mode, buckets
+        self.output_dir, self.prefix, self.samples_per_shard = output_dir, prefix, samples_per_shard
+        self.key_column, self.caption_column, self.progress_dir = key_column, caption_column, progress_dir
+
+    def expand(self, decisions):
+        ranges = decisions.pipeline | "PlanRanges" >> PlanRanges(self.input_glob, self.input_format)
+        range_starts = (ranges
+                        | "RangeStart" >> beam.Map(lambda r: (r["path"], r["first_position"]))
+                        | "RangesOfFile" >> beam.GroupByKey()
+                        | "SortStarts" >> beam.MapTuple(lambda path, starts: (path, sorted(starts))))
+        routed = decisions | "RouteToRanges" >> beam.FlatMap(route_to_ranges, beam.pvalue.AsDict(range_starts))
+        per_range = ({"read": ranges | "ByRange" >> beam.Map(lambda r: ((r["path"], r["index"]), r)),
+                      "decisions": routed}
+                     | "ByInputRange" >> beam.CoGroupByKey()
+                     | "ResampleRange" >> beam.ParDo(ResampleRange(
+                         self.seed, self.mode, self.buckets, self.key_column, self.caption_column,
+                         self.progress_dir)).with_outputs(QUARANTINE_TAG, COUNTS_TAG, BUCKET_SIZES_TAG, main="kept"))
+        offsets = (per_range[BUCKET_SIZES_TAG]
+                   | "BucketSizes" >> beam.CombinePerKey(sum)
+                   | "AllSizes" >> beam.combiners.ToList()
+                   | "Offsets" >> beam.Map(bucket_offsets))
+        ranked = (per_range.kept
+                  | "GroupOrderBucket" >> beam.GroupByKey()
+                  | "SortAndRank" >> beam.FlatMap(sort_and_rank, beam.pvalue.AsSingleton(offsets),
+                                                  self.samples_per_shard)
+                  | "WriteWholeShards" >> beam.ParDo(WriteWholeShards(
+                      self.output_dir, self.prefix, self.samples_per_shard),
+                      beam.pvalue.AsSingleton(offsets)).with_outputs(PARTIAL_SHARDS_TAG, main="written"))
+        joined = (ranked[PARTIAL_SHARDS_TAG]
+                  | "GroupByShard" >> beam.GroupByKey()
+                  | "WriteShard" >> beam.ParDo(WriteShard(self.output_dir, self.prefix)))
+        shards = (ranked.written, joined) | "ShardLists" >> beam.Flatten()
+        return {"shards": shards, "counts": per_range[COUNTS_TAG], "quarantine": per_range[QUARANTINE_TAG]}
