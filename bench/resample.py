@@ -1,7 +1,9 @@
 """Benchmark of the release path: resample throughput against a raw tar-to-tar copy, and balance vs N.
 
-Prints two tables, measured in this process: resample (1 and 2 workers) next to the copy of the
-same shards, and the balance time for annotations replicated 1x, 10x, 100x (same signatures).
+Prints three tables, measured in this process: the shard writers (pipeline/tars.py's against
+Python's tarfile and webdataset's TarWriter writing the same samples), resample (1 and 2 workers)
+next to the copy of the same shards, and the balance time for annotations replicated 1x, 10x, 100x
+(same signatures).
 """
 import argparse
 import io
@@ -38,6 +40,72 @@ def raw_copy(shards, output_dir) -> int:
     return samples
 
 
+def _tarfile_write(raw, samples) -> None:
+    """Python's tarfile, PAX format, our fixed header fields: the bytes tars.write_shard writes."""
+    with tarfile.open(fileobj=raw, mode="w|", format=tarfile.PAX_FORMAT) as archive:
+        for key, members in samples:
+            for extension, data in members:
+                info = tarfile.TarInfo(f"{key}.{extension}")
+                info.size, info.mtime, info.mode, info.uname, info.gname = len(data), 0, 0o444, "", ""
+                archive.addfile(info, io.BytesIO(data))
+
+
+def _webdataset_write(raw, samples) -> None:
+    import webdataset
+
+    writer = webdataset.TarWriter(raw)
+    for key, members in samples:
+        writer.write({"__key__": key, **dict(members)})
+    writer.close()
+
+
+def tar_writers(shards, caption_samples: int = 50_000, repeat: int = 3):
+    """Samples/s of each shard writer on the same samples, best of `repeat`, written to memory:
+    the synthetic shards' own samples (JPEG, txt, json), and caption-table samples (txt, json),
+    whose members are small, so that headers are most of the work."""
+    from pipeline import tars
+
+    images = []
+    for shard in shards[:5]:
+        with tarfile.open(shard) as archive:
+            samples = {}
+            for member in archive.getmembers():
+                key, _, extension = member.name.partition(".")
+                samples.setdefault(key, []).append((extension, archive.extractfile(member).read()))
+        images += samples.items()
+    captions = [(f"{i}-r{i % 40}", [("txt", b"A man riding a wave on top of a surfboard."),
+                                    ("json", b'{"balance": {"q": 0.888, "weight": 1.0}, "image_id": 123456, '
+                                             b'"key": "%d"}' % i)]) for i in range(caption_samples)]
+    rows = []
+    for name, samples in (("JPEG + txt + json", images), ("caption table: txt + json", captions)):
+        outputs = {}
+        for writer_name, write in (("tarfile (reference)", _tarfile_write), ("pipeline/tars.py", tars._write_tar),
+                                   ("webdataset TarWriter", _webdataset_write)):
+            best = float("inf")
+            for _ in range(repeat):
+                buffer = io.BytesIO()
+                seconds, _ = timed(write, buffer, samples)
+                best = min(best, seconds)
+            outputs[writer_name] = buffer.getvalue()
+            rows.append((name, writer_name, len(samples), best))
+        same = outputs["pipeline/tars.py"] == outputs["tarfile (reference)"]
+        rows.append((name, f"tars.py bytes == tarfile bytes: {'yes' if same else 'NO'}", None, None))
+    return rows
+
+
+def print_tar_writers(rows) -> None:
+    print("\nshard writers: the same samples into one in-memory tar (best of 3)")
+    print("| samples | writer | samples | samples/s | vs tarfile |")
+    print("|---|---|---|---|---|")
+    reference = {}
+    for name, writer, count, seconds in rows:
+        if seconds is None:
+            print(f"| {name} | {writer} | | | |")
+            continue
+        reference.setdefault(name, seconds)
+        print(f"| {name} | {writer} | {count} | {count / seconds:,.0f} | {reference[name] / seconds:.2f}x |")
+
+
 def timed(function, *args, **kwargs):
     started = time.perf_counter()
     result = function(*args, **kwargs)
@@ -64,7 +132,8 @@ def main(argv=None):
     parser.add_argument("--work", default=None,
                         help="scratch directory (default: a temporary one); data, annotations and solution "
                              "already there are reused")
-    parser.add_argument("--skip-balance", action="store_true", help="only the resample table")
+    parser.add_argument("--skip-balance", action="store_true", help="no balance table")
+    parser.add_argument("--only-writers", action="store_true", help="only the shard writers' table")
     args = parser.parse_args(argv)
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-resample-"))
     from trainer.synth import SynthConfig, make_synthetic
@@ -74,6 +143,9 @@ def main(argv=None):
                                                   samples_per_shard=1000))
     shards = sorted(str(p) for p in (work / "data" / "train").glob("*.tar"))
     input_bytes = sum(os.path.getsize(s) for s in shards)
+    print_tar_writers(tar_writers(shards))
+    if args.only_writers:
+        return
     if not (work / "annotations").exists():
         annotate.run(["--input", str(work / "data" / "train" / "*.tar"), "--output", str(work / "annotations"),
                       *WORKERS[2]])

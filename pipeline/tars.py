@@ -8,6 +8,12 @@ and checks it. Writing: `write_shard` streams samples into a tar under a tempora
 renames it; headers come from one ustar template (fixed mtime, mode and owner), so the same
 samples give the same bytes on every run and worker. Tests compare these tars with what Python's
 `tarfile` reads back and writes, and webdataset, open_clip and Hugging Face datasets read them.
+
+Why not tarfile or webdataset's TarWriter: `python bench/resample.py --only-writers` writes the same
+samples with each (2026-12-01, this 2-core machine): this writer gives tarfile's bytes exactly, 8.6x
+as fast as tarfile on 128 px JPEG samples and 12.4x on caption-table samples (where headers are
+most of the work); TarWriter runs at 0.53-0.57x tarfile. A release of 1M caption rows spends
+about 40 s less writing tars with it.
 """
 from __future__ import annotations
 
