@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import webdataset
 
-from pipeline import annotate, cli, release, resample, sources, tars
+from pipeline import annotate, cli, release, resample, shards, sources, tars
 from pipeline import quarantine as quarantine_module
 from pipeline.errors import ReconciliationError
 from pipeline.keys import safe_key
@@ -216,13 +216,13 @@ def test_a_job_that_loses_records_fails_and_publishes_nothing(small_run, tmp_pat
         write_shard = tars.write_shard
         monkeypatch.setattr(tars, "write_shard", lambda path, samples: write_shard(path, list(samples)[1:]))
     elif fault == "bucket_loses_a_copy":
-        sort_and_rank = resample.sort_and_rank
+        sort_and_rank = shards.sort_and_rank
 
         def sort_but_lose_a_copy(element, *args):
             for shard, group in sort_and_rank(element, *args):
                 yield shard, group[1:]
 
-        monkeypatch.setattr(resample, "sort_and_rank", sort_but_lose_a_copy)
+        monkeypatch.setattr(shards, "sort_and_rank", sort_but_lose_a_copy)
     else:
         process = resample.Decide.process
 
