@@ -16,8 +16,8 @@ from pipeline.annotators.lexicon import Lexicon
 from pipeline.counts import AddCounts
 from pipeline.errors import ReconciliationError, UsageError
 from pipeline.files import count_lines, delete_matching, read_text, write_json_atomically, write_text_atomically
-from pipeline.labelling import (COUNTS_TAG, AnnotateBatch, AnnotateImages, DropDuplicates, FindDuplicateKeys,
-                                SpillRows)
+from pipeline.dedup import DropDuplicates, FindDuplicateKeys, SpillRows
+from pipeline.labelling import COUNTS_TAG, AnnotateImages, CheckSamples, LabelText
 from pipeline.options import local_worker_threads, pipeline_options
 from pipeline.progress import InputProgress
 from pipeline.records import ANNOTATION_SCHEMA
@@ -136,13 +136,12 @@ class Annotate(beam.PTransform):
                     args.key_column, args.caption_column, args.image_embedding_field if use_images else None,
                     getattr(args, "progress_dir", None), _used_columns(args))).with_outputs(
                     quarantine.QUARANTINE_TAG, COUNTS_TAG, main="batches"))
-        labelled = read.batches | "AnnotateText" >> beam.ParDo(AnnotateBatch(
-            lexicon, args.utility_field, args.max_image_pixels, use_images,
-            args.image_embedding_field, args.faces_column, args.validate_images)).with_outputs(
-                quarantine.QUARANTINE_TAG, main="rows")
-        quarantined = [read[quarantine.QUARANTINE_TAG], labelled[quarantine.QUARANTINE_TAG]]
+        checked = read.batches | "CheckSamples" >> beam.ParDo(CheckSamples(
+            args.max_image_pixels, args.validate_images)).with_outputs(quarantine.QUARANTINE_TAG, main="samples")
+        rows = checked.samples | "LabelText" >> beam.ParDo(LabelText(
+            lexicon, args.utility_field, use_images, args.image_embedding_field, args.faces_column))
+        quarantined = [read[quarantine.QUARANTINE_TAG], checked[quarantine.QUARANTINE_TAG]]
         counts = [read[COUNTS_TAG]]
-        rows = labelled.rows
         if use_images:
             threads = local_worker_threads(pbegin.pipeline.options)
             images = rows | "AnnotateImages" >> beam.ParDo(AnnotateImages(
@@ -181,7 +180,7 @@ def annotate_pipeline(pipeline, args):
     return pipeline | "Annotate" >> Annotate(args)
 
 
-# Annotation rows wait here, as files, for the duplicate keys (labelling.SpillRows); removed at the end.
+# Annotation rows wait here, as files, for the duplicate keys (dedup.SpillRows); removed at the end.
 SPILL_DIR = ".spill"
 
 

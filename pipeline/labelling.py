@@ -1,34 +1,26 @@
-"""The annotate job's steps, each on a batch of records: check and label, look at images, drop duplicates.
+"""The annotate job's steps, each on a batch of records: check, label the text, look at the images.
 
 Every step takes and gives lists (one element per batch, not per record) and reports what it
 quarantined as data (count dicts), so the job can reconcile its counts with the files it wrote.
+Dropping duplicate keys, and the rows that wait for it, is pipeline/dedup.py.
 """
 from __future__ import annotations
 
-import collections
 import io
 import json
 import math
-import uuid
-import zlib
 
 import apache_beam as beam
-from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
 from pipeline import quarantine
 from pipeline.annotators import combine
 from pipeline.annotators.text import TextAnnotator
-from pipeline.errors import DataError
-from pipeline.file_shuffle import GroupTablesByFile, parts_by_bucket
-from pipeline.records import ANNOTATION_SCHEMA, annotation_row, distinct_label_sets
-from pipeline.signatures import row_signature
+from pipeline.records import ANNOTATION_SCHEMA, annotation_row
 from pipeline.sources import IMAGE_EXTENSIONS
 from trainer.images import DEFAULT_MAX_IMAGE_PIXELS, ImageRejected, check_image
 
 COUNTS_TAG = "counts"
-# Keys are spread over this many buckets to find duplicates; only (key, file, place) travels.
-DEDUP_BUCKETS = 64
 
 
 def image_member(members):
@@ -75,35 +67,28 @@ def _load_npy(data):
     return np.load(io.BytesIO(data), allow_pickle=False).ravel().tolist()
 
 
-class AnnotateBatch(beam.DoFn):
-    """A batch of samples -> one list of annotation rows; bad samples -> quarantine entries.
+class CheckSamples(beam.DoFn):
+    """A batch of samples -> the batch of those fit to label; the others -> quarantine entries.
 
-    A sample needs a caption and, when it comes from a tar, an image that decodes. With
-    `pass_images` the list holds {"row", "image", "embedding"} for the image annotator instead.
+    Fit: a caption that is not blank and, for a sample from a tar, an image checked as far as
+    `validate_images` asks (trainer.images.check_image).
     """
 
-    def __init__(self, lexicon, utility_field=None, max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS,
-                 pass_images=False, embedding_field=None, faces_column=None, validate_images="full"):
-        self.annotator = TextAnnotator(lexicon)
-        self.validate_images = validate_images
-        self.utility_field = utility_field
-        self.max_image_pixels = max_image_pixels
-        self.pass_images = pass_images
-        self.embedding_field = embedding_field
-        self.faces_column = faces_column
-        self.annotated = Metrics.counter(quarantine.METRICS_NAMESPACE, "annotated_text")
+    def __init__(self, max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS, validate_images="full"):
+        self.max_image_pixels, self.validate_images = max_image_pixels, validate_images
 
     def process(self, samples):
-        rows, entries = [], []
+        fit = []
         for sample in samples:
-            result = self._annotate(sample)
-            (entries if isinstance(result, beam.pvalue.TaggedOutput) else rows).append(result)
-        self.annotated.inc(len(rows))
-        yield from entries
-        if rows:
-            yield rows if self.pass_images else rows_table(rows)
+            rejected = self._rejected(sample)
+            if rejected is None:
+                fit.append(sample)
+            else:
+                yield rejected
+        if fit:
+            yield fit
 
-    def _annotate(self, sample):
+    def _rejected(self, sample):
         caption = sample.get("caption")
         if caption is None:
             return quarantine.sample_quarantined(sample, quarantine.STAGE_ANNOTATE, quarantine.MISSING_CAPTION,
@@ -111,7 +96,6 @@ class AnnotateBatch(beam.DoFn):
         if not caption.strip():
             return quarantine.sample_quarantined(sample, quarantine.STAGE_ANNOTATE, quarantine.EMPTY_CAPTION,
                                                  "blank caption")
-        image = None
         if sample.get("members"):  # WebDataset samples must carry an image that decodes
             image = image_member(sample["members"])
             if image is None:
@@ -121,19 +105,43 @@ class AnnotateBatch(beam.DoFn):
                 check_image(image, self.validate_images, self.max_image_pixels)
             except ImageRejected as rejected:
                 return quarantine.sample_quarantined(sample, quarantine.STAGE_DECODE, rejected.reason, rejected)
-        attributes, concepts, evidence, evidence_json = self.annotator.labels(caption)
-        row = annotation_row(sample, attributes, concepts, evidence_json,
-                             utility_of(sample.get("meta") or {}, self.utility_field))
+        return None
+
+
+class LabelText(beam.DoFn):
+    """A batch of checked samples -> one table of annotation rows, labelled by the text lexicon.
+
+    With `pass_images` it yields, instead, per sample {"row", "image", "embedding", "text_evidence",
+    "person_visible"}: what AnnotateImages combines with the image annotator's answer.
+    """
+
+    def __init__(self, lexicon, utility_field=None, pass_images=False, embedding_field=None, faces_column=None):
+        self.annotator = TextAnnotator(lexicon)
+        self.utility_field = utility_field
+        self.pass_images = pass_images
+        self.embedding_field = embedding_field
+        self.faces_column = faces_column
+        self.annotated = Metrics.counter(quarantine.METRICS_NAMESPACE, "annotated_text")
+
+    def process(self, samples):
+        rows = [self._label(sample) for sample in samples]
+        self.annotated.inc(len(rows))
+        yield rows if self.pass_images else rows_table(rows)
+
+    def _label(self, sample):
+        attributes, concepts, evidence, evidence_json = self.annotator.labels(sample["caption"])
+        meta = sample.get("meta") or {}
+        row = annotation_row(sample, attributes, concepts, evidence_json, utility_of(meta, self.utility_field))
         if not self.pass_images:
             return row
+        members = sample.get("members") or {}
         embedding = sample.get("embedding")  # a table row's, read with its file (.npz beside a Parquet)
         if self.embedding_field and embedding is None:
-            embedding = (sample.get("meta") or {}).get(self.embedding_field)
-            member = (sample.get("members") or {}).get(self.embedding_field)
-            if member is not None:
-                embedding = _load_npy(member)
-        return {"row": row, "image": image, "embedding": embedding, "text_evidence": evidence,
-                "person_visible": person_visible(sample.get("meta") or {}, self.faces_column)}
+            embedding = meta.get(self.embedding_field)
+            if members.get(self.embedding_field) is not None:
+                embedding = _load_npy(members[self.embedding_field])
+        return {"row": row, "image": image_member(members) if members else None, "embedding": embedding,
+                "text_evidence": evidence, "person_visible": person_visible(meta, self.faces_column)}
 
 
 def rows_table(rows):
@@ -144,7 +152,7 @@ def rows_table(rows):
 
 
 class AnnotateImages(beam.DoFn):
-    """A batch from AnnotateBatch -> a table of rows, the zero-shot image answer combined with the text's.
+    """A batch from LabelText -> a table of rows, the zero-shot image answer combined with the text's.
 
     The model sees `batch_size` images at a time; precomputed embeddings are scored a whole batch
     of records at a time (matrix products, no model).
@@ -227,175 +235,3 @@ class AnnotateImages(beam.DoFn):
             evidence["concepts"] = sources
         return dict(row, attributes=list(attributes), concepts=list(concepts),
                     evidence=json.dumps(evidence, sort_keys=True, ensure_ascii=False))
-
-
-def _dedup_bucket(key: str) -> int:
-    return zlib.crc32(key.encode("utf-8", "surrogatepass")) % DEDUP_BUCKETS  # stable across processes
-
-
-def _keys_by_bucket(table):
-    """A row table -> (bucket, table of its rows' key, shard, position) for each bucket it touches."""
-    buckets = [_dedup_bucket(key) for key in table.column("key").to_pylist()]
-    return parts_by_bucket(table.select(["key", "shard", "position"]), buckets)
-
-
-def _duplicates_in_bucket(bucket_and_table):
-    """Of the places sharing a key, the first (smallest file, then place) stays; the others go.
-
-    Arrow counts the keys; only the rows of a key seen more than once come to Python.
-    """
-    import pyarrow.compute as pc
-
-    _, table = bucket_and_table
-    counts = table.group_by("key").aggregate([("key", "count")])
-    repeated = counts.filter(pc.greater(counts["key_count"], 1)).column("key")
-    if not len(repeated):
-        return
-    places = collections.defaultdict(list)
-    table = table.filter(pc.is_in(table["key"], value_set=repeated.combine_chunks()))
-    for key, shard, position in zip(*(table.column(name).to_pylist() for name in ("key", "shard", "position"))):
-        places[key].append((shard, position))
-    for key in sorted(places):
-        found = sorted(places[key])
-        first_shard, first_position = found[0]
-        for shard, position in found[1:]:
-            yield beam.pvalue.TaggedOutput(quarantine.QUARANTINE_TAG, quarantine.quarantine_record(
-                quarantine.STAGE_DEDUPLICATE, quarantine.DUPLICATE_KEY, key, shard, position,
-                f"kept the copy at {first_shard} position {first_position}"))
-            yield shard, position
-
-
-class FindDuplicateKeys(beam.PTransform):
-    """Row tables -> the places of rows whose key an earlier row has (main) and their quarantine entries.
-
-    Only (key, file, place) is grouped, through files in `spill_dir` (file_shuffle), so the runner
-    carries references rather than a row per record; which copy survives does not depend on order.
-    """
-
-    def __init__(self, spill_dir: str):
-        super().__init__()
-        self.spill_dir = spill_dir
-
-    def expand(self, row_batches):
-        return (row_batches
-                | "KeysByBucket" >> beam.FlatMap(_keys_by_bucket)
-                | "GroupBucket" >> GroupTablesByFile(self.spill_dir)
-                | "Duplicates" >> beam.FlatMap(_duplicates_in_bucket).with_outputs(quarantine.QUARANTINE_TAG,
-                                                                                   main="places"))
-
-
-def label_set(attributes, concepts, utility) -> str:
-    """What balance needs of a row, before its options (conditional form, utility) are applied."""
-    return row_signature(attributes, concepts, utility, conditional=False, use_utility=True)
-
-
-class SpillRows(beam.DoFn):
-    """A table of annotation rows -> (path, rows) of the Parquet file in `spill_dir` that holds it.
-
-    The rows wait for the duplicate keys (a side input, so a stage boundary) as files, and only
-    their paths cross the runner: Beam's multi-process runner lost contiguous runs of the large
-    elements it carried between stages (docs/beam-data-loss.md), 18,000 to 152,000 of 3 million
-    annotated pool rows in each of three runs when the tables themselves crossed.
-    """
-
-    def __init__(self, spill_dir: str):
-        self.spill_dir = spill_dir
-
-    def process(self, table):
-        import pyarrow.parquet as pq
-
-        path = FileSystems.join(self.spill_dir, f"rows-{uuid.uuid4().hex}.parquet")
-        sink = io.BytesIO()
-        pq.write_table(table, sink, compression="none")
-        with FileSystems.create(path) as handle:
-            handle.write(sink.getvalue())
-        yield path, table.num_rows
-
-
-def read_spilled(path_and_rows):
-    """The table SpillRows wrote, checked against the row count it reported."""
-    import pyarrow.parquet as pq
-
-    path, rows = path_and_rows
-    with FileSystems.open(path, compression_type="uncompressed") as handle:
-        table = pq.read_table(io.BytesIO(handle.read()), schema=ANNOTATION_SCHEMA)
-    if table.num_rows != rows:
-        raise DataError(f"{path} holds {table.num_rows} rows, {rows} were written: the job's work folder changed "
-                        "under it; re-run annotate")
-    return table
-
-
-# Rows per table DropDuplicates hands to the Parquet writer: each table is one row group of
-# annotations-*.parquet, and every later job reads (and the runner ships) one table per row group.
-ANNOTATION_ROW_GROUP_ROWS = 65_536
-
-
-class DropDuplicates(beam.DoFn):
-    """Spilled tables of rows -> the rows without their duplicates, in tables of about
-    ANNOTATION_ROW_GROUP_ROWS rows, and per spilled table the counts of what it keeps.
-
-    The counts: rows kept (`annotated`), rows without a usable utility, and rows per label set (what
-    balance counts signatures from, without reading the annotations again).
-    """
-
-    def __init__(self, utility_field=None):
-        self.utility_field = utility_field
-        self.annotated = Metrics.counter(quarantine.METRICS_NAMESPACE, "annotated")
-        self._label_sets: dict[tuple, str] = {}  # rows repeat a few thousand label sets
-
-    def _label_set(self, attributes, concepts, utility) -> str:
-        labels = (tuple(attributes or ()), tuple(concepts or ()), utility)
-        text = self._label_sets.get(labels)
-        if text is None:
-            if len(self._label_sets) >= 100_000:  # utilities can make every row distinct
-                self._label_sets.clear()
-            text = self._label_sets[labels] = label_set(attributes, concepts, utility)
-        return text
-
-    def _count_label_sets(self, table) -> collections.Counter:
-        import numpy as np
-        import pyarrow.compute as pc
-
-        distinct = None if pc.any(pc.is_valid(table.column("utility"))).as_py() else distinct_label_sets(table)
-        if distinct is None:  # utilities are part of a label set: row by row
-            return collections.Counter(map(self._label_set, table.column("attributes").to_pylist(),
-                                           table.column("concepts").to_pylist(),
-                                           table.column("utility").to_pylist()))
-        codes, label_sets = distinct
-        counts = collections.Counter()
-        for (attributes, concepts), rows in zip(label_sets, np.bincount(codes, minlength=len(label_sets)).tolist()):
-            counts[self._label_set(attributes, concepts, None)] += rows
-        return counts
-
-    def start_bundle(self):
-        self._pending, self._pending_rows = [], 0
-
-    def process(self, spilled, duplicate_places):
-        import pyarrow as pa
-
-        table = read_spilled(spilled)
-        if duplicate_places:
-            places = zip(table.column("shard").to_pylist(), table.column("position").to_pylist())
-            table = table.filter(pa.array([place not in duplicate_places for place in places], type=pa.bool_()))
-        self.annotated.inc(table.num_rows)
-        missing = table.column("utility").null_count if self.utility_field else 0
-        yield beam.pvalue.TaggedOutput(COUNTS_TAG, {"annotated": table.num_rows, "utility_missing": missing,
-                                                    "label_sets": dict(self._count_label_sets(table))})
-        if table.num_rows:
-            self._pending.append(table)
-            self._pending_rows += table.num_rows
-            if self._pending_rows >= ANNOTATION_ROW_GROUP_ROWS:
-                yield self._flush()
-
-    def finish_bundle(self):
-        if self._pending:
-            from apache_beam.transforms.window import GlobalWindows
-
-            yield GlobalWindows.windowed_value(self._flush())
-
-    def _flush(self):
-        import pyarrow as pa
-
-        table = pa.concat_tables(self._pending)
-        self._pending, self._pending_rows = [], 0
-        return table
