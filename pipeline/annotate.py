@@ -17,7 +17,8 @@ from pipeline.counts import AddCounts
 from pipeline.errors import ReconciliationError, UsageError
 from pipeline.files import count_lines, delete_matching, read_text, write_json_atomically, write_text_atomically
 from pipeline.dedup import DropDuplicates, FindDuplicateKeys, SpillRows
-from pipeline.labelling import COUNTS_TAG, AnnotateImages, CheckSamples, LabelText
+from pipeline.counts import COUNTS_TAG
+from pipeline.labelling import AnnotateImages, CheckSamples, LabelText
 from pipeline.options import local_worker_threads, pipeline_options
 from pipeline.progress import InputProgress
 from pipeline.records import ANNOTATION_SCHEMA

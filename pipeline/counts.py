@@ -1,8 +1,24 @@
 """Counts as data: plain (nested) dicts that steps emit and the job adds up to reconcile.
 
-Beam's metrics are a view for monitoring; what a job checks before it publishes travels as data.
+Beam's metrics are a view of the same numbers for monitoring (`counted` feeds both); what a job
+checks before it publishes travels as data.
 """
 import apache_beam as beam
+from apache_beam.metrics import Metrics
+
+from pipeline.quarantine import METRICS_NAMESPACE
+
+COUNTS_TAG = "counts"
+
+
+def counted(counts: dict) -> beam.pvalue.TaggedOutput:
+    """A step's count dict as its COUNTS_TAG output (the data the job adds up and reconciles) and, as
+    a view of the same numbers, Beam counters: each top-level whole number adds to the counter of
+    its name in the `balancebeam` namespace (nested dicts, by reason or by signature, stay data)."""
+    for name, value in counts.items():
+        if isinstance(value, int) and not isinstance(value, bool) and value:
+            Metrics.counter(METRICS_NAMESPACE, name).inc(value)
+    return beam.pvalue.TaggedOutput(COUNTS_TAG, counts)
 
 
 def add_counts(dicts) -> dict:

@@ -18,17 +18,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import hashing, release
+from pipeline.counts import counted
 from pipeline.errors import DataError
 from pipeline.inputs import normalize_path
 from pipeline.worker_tuning import relax_gc
 from solvers.solution import BalanceSolution
-
-COUNTS_TAG = "counts"
-
-
-def counts_output(counts: dict):
-    return beam.pvalue.TaggedOutput(COUNTS_TAG, counts)
-
 
 class _SolutionUser(beam.DoFn):
     """A DoFn that reads the solution from its side input once per worker."""
@@ -102,7 +96,7 @@ class Decide(_SolutionUser):
             for code in np.argsort(paths, kind="stable").tolist():  # one batch per input file, in path order
                 rows = np.flatnonzero(of_shard == code)
                 yield paths[code], {name: _as_list(values, rows) for name, values in columns.items()}
-        yield counts_output({"decisions_read": table.num_rows})
+        yield counted({"decisions_read": table.num_rows})
 
 
 def _as_list(values, rows=None) -> list:

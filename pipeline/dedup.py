@@ -14,12 +14,11 @@ import zlib
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.metrics import Metrics
 
 from pipeline import quarantine
 from pipeline.errors import DataError
 from pipeline.file_shuffle import GroupTablesByFile, parts_by_bucket
-from pipeline.labelling import COUNTS_TAG
+from pipeline.counts import counted
 from pipeline.records import ANNOTATION_SCHEMA, distinct_label_sets
 from pipeline.signatures import row_signature
 
@@ -138,7 +137,6 @@ class DropDuplicates(beam.DoFn):
 
     def __init__(self, utility_field=None):
         self.utility_field = utility_field
-        self.annotated = Metrics.counter(quarantine.METRICS_NAMESPACE, "annotated")
         self._label_sets: dict[tuple, str] = {}  # rows repeat a few thousand label sets
 
     def _label_set(self, attributes, concepts, utility) -> str:
@@ -175,9 +173,8 @@ class DropDuplicates(beam.DoFn):
         if duplicate_places:
             places = zip(table.column("shard").to_pylist(), table.column("position").to_pylist())
             table = table.filter(pa.array([place not in duplicate_places for place in places], type=pa.bool_()))
-        self.annotated.inc(table.num_rows)
         missing = table.column("utility").null_count if self.utility_field else 0
-        yield beam.pvalue.TaggedOutput(COUNTS_TAG, {"annotated": table.num_rows, "utility_missing": missing,
+        yield counted({"annotated": table.num_rows, "utility_missing": missing,
                                                     "label_sets": dict(self._count_label_sets(table))})
         if table.num_rows:
             self._pending.append(table)

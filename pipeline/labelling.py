@@ -20,7 +20,6 @@ from pipeline.records import ANNOTATION_SCHEMA, annotation_row
 from pipeline.sources import IMAGE_EXTENSIONS
 from trainer.images import DEFAULT_MAX_IMAGE_PIXELS, ImageRejected, check_image
 
-COUNTS_TAG = "counts"
 
 
 def image_member(members):

@@ -22,7 +22,8 @@ from apache_beam.io.filesystems import FileSystems
 from pipeline import hashing, release, tars
 from pipeline.annotate import ANNOTATIONS_GLOB, annotation_rows, parquet_rows, read_counts
 from pipeline.counts import AddCounts
-from pipeline.decide import COUNTS_TAG, Decide, ExactThresholds, RepeatCopies
+from pipeline.counts import COUNTS_TAG
+from pipeline.decide import Decide, ExactThresholds, RepeatCopies
 from pipeline.errors import DataError, UsageError
 from pipeline.files import count_lines, delete_matching, read_text, write_json_atomically
 from pipeline.options import pipeline_options

@@ -18,7 +18,8 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
 from pipeline import release, tars
-from pipeline.decide import COUNTS_TAG, bucket_offsets, counts_output, merge_batches, route_to_ranges
+from pipeline.counts import COUNTS_TAG, counted
+from pipeline.decide import bucket_offsets, merge_batches, route_to_ranges
 from pipeline.errors import DataError
 from pipeline.progress import mark_range_read
 from pipeline.quarantine import METRICS_NAMESPACE, QUARANTINE_TAG, quarantine_record
@@ -78,8 +79,6 @@ class ResampleRange(beam.DoFn):
         self.seed, self.mode, self.buckets = seed, mode, buckets
         self.key_column, self.caption_column = key_column, caption_column
         self.progress_dir = progress_dir  # pipeline.progress: a marker per range read
-        self.kept_counter = Metrics.counter(METRICS_NAMESPACE, "records_kept")
-        self.read_counter = Metrics.counter(METRICS_NAMESPACE, "records_read")
 
     def setup(self):
         relax_gc()
@@ -162,12 +161,10 @@ class ResampleRange(beam.DoFn):
                     STAGE_RESAMPLE, MISSING_FROM_INPUT, decisions["keys"][i], path, decisions["positions"][i],
                     "annotated, but not in the input read now" if not read_now
                     else "annotated, but no record at this place in the file now"))
-        self.read_counter.inc(counts["samples_read"])
-        self.kept_counter.inc(counts["kept"])
         counts["ranges_read"] = len(read_now)
         if read_now:
             mark_range_read(self.progress_dir, read_now[0], counts["samples_read"])
-        yield counts_output({**counts, "quarantined": dict(quarantined),
+        yield counted({**counts, "quarantined": dict(quarantined),
                               "kept_signatures": dict(kept_signatures)})
 
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 import apache_beam as beam
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.metrics import Metrics
 
 from pipeline import quarantine
+from pipeline.counts import counted
 from pipeline.progress import mark_range_read
 from pipeline.worker_tuning import relax_gc
 from pipeline.inputs import MatchInputFiles, detect_format, iter_file_records
@@ -172,20 +172,19 @@ class ReadRangeBatches(beam.DoFn):
         self.embeddings_field = embeddings_field
         self.columns = columns  # of Parquet tables, the ones the job uses (None: all)
         self.progress_dir = progress_dir  # pipeline.progress: a marker per range read
-        self.records_read = Metrics.counter(quarantine.METRICS_NAMESPACE, "records_read")
 
     def setup(self):
         relax_gc()
 
     def process(self, file_range):
-        counted = {"read": 0, "quarantined": 0}
+        tally = {"read": 0, "quarantined": 0}
 
         def samples():
             for output in iter_range_records(file_range, self.key_column, self.caption_column,
                                              self.embeddings_field, self.columns):
-                counted["read"] += 1
+                tally["read"] += 1
                 if isinstance(output, beam.pvalue.TaggedOutput):
-                    counted["quarantined"] += 1
+                    tally["quarantined"] += 1
                     held.append(output)
                 else:
                     yield output
@@ -196,8 +195,6 @@ class ReadRangeBatches(beam.DoFn):
             held.clear()
             yield batch
         yield from held
-        read, quarantined = counted["read"], counted["quarantined"]
-        self.records_read.inc(read)
+        read, quarantined = tally["read"], tally["quarantined"]
         mark_range_read(self.progress_dir, file_range, read)
-        yield beam.pvalue.TaggedOutput("counts", {"records_read": read, "read_quarantined": quarantined,
-                                                  "ranges_read": 1})
+        yield counted({"records_read": read, "read_quarantined": quarantined, "ranges_read": 1})

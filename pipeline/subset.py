@@ -25,7 +25,7 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
-from pipeline.decide import COUNTS_TAG, counts_output
+from pipeline.counts import COUNTS_TAG, counted
 from pipeline.file_shuffle import GroupTablesByFile, parts_by_bucket
 from pipeline.files import atomic_create, delete_matching, write_bytes_atomically
 from pipeline.publish import SUBSET_FILES
@@ -85,7 +85,7 @@ def keep_parts(shard_and_batch, buckets: int):
             kept_signatures[signature] += n
     kept = sum(1 for n in copies if n)
     kept_not_uid = sum(1 for key, n in zip(batch["keys"], copies) if n and not is_uid(key))
-    yield counts_output({"decided": len(copies), "kept": kept, "dropped": len(copies) - kept,
+    yield counted({"decided": len(copies), "kept": kept, "dropped": len(copies) - kept,
                          "output_samples": sum(copies), "kept_signatures": dict(kept_signatures),
                          "kept_not_uid": kept_not_uid})
     table = pa.Table.from_pydict({name: batch[column] for name, column in _KEEP_COLUMNS}, schema=_keep_schema())

@@ -404,3 +404,36 @@ def test_atomic_create_publishes_whole_files_or_nothing(tmp_path):
         assert path.read_bytes() == b"old"  # nothing under the final name until the block ends
         handle.write(b"content")
     assert path.read_bytes() == b"new content" and sorted(p.name for p in tmp_path.iterdir()) == ["data.bin"]
+
+
+def test_counts_travel_as_data_that_adds_up_and_show_as_beam_counters():
+    """pipeline.counts: a step's count dict is data (summed across elements and producers, nested
+    dicts key by key) and, as a view of the same numbers, Beam counters of the same names."""
+    import apache_beam as beam
+    from apache_beam.metrics.metric import MetricsFilter
+    from apache_beam.options.pipeline_options import PipelineOptions
+    from apache_beam.testing.util import assert_that, equal_to
+
+    from pipeline.counts import COUNTS_TAG, AddCounts, counted
+
+    class Step(beam.DoFn):
+        def process(self, n):
+            yield n
+            yield counted({"records_read": n, "kept": n // 2, "zero": 0,
+                           "quarantined_by_reason": {"bad_json": n, "empty": 1}})
+
+    pipeline = beam.Pipeline(options=PipelineOptions(["--direct_running_mode=in_memory"]))
+    first = pipeline | "First" >> beam.Create([2, 3]) | "StepA" >> beam.ParDo(Step()).with_outputs(COUNTS_TAG, main="n")
+    second = pipeline | "Second" >> beam.Create([7]) | "StepB" >> beam.ParDo(Step()).with_outputs(COUNTS_TAG, main="n")
+    totals = (first[COUNTS_TAG], second[COUNTS_TAG]) | AddCounts()
+    assert_that(totals, equal_to([{"records_read": 12, "kept": 1 + 1 + 3, "zero": 0,
+                                   "quarantined_by_reason": {"bad_json": 12, "empty": 3}}]))
+    result = pipeline.run()
+    result.wait_until_finish()
+
+    def counter(name):
+        found = result.metrics().query(MetricsFilter().with_namespace("balancebeam").with_name(name))["counters"]
+        return sum(metric.committed for metric in found)
+
+    assert (counter("records_read"), counter("kept"), counter("zero")) == (12, 5, 0)
+    assert counter("quarantined_by_reason") == 0  # nested dicts stay data
