@@ -56,7 +56,8 @@ def make_pool(directory: pathlib.Path, rows: int, shards: int, embeddings: dict 
                  else [] for t in text]
         table = pa.table({
             "uid": uids, "url": [f"https://example.invalid/{u}.jpg" for u in uids], "text": text,
-            "original_width": rng.integers(200, 2000, len(index)), "original_height": rng.integers(200, 2000, len(index)),
+            "original_width": rng.integers(200, 2000, len(index)),
+            "original_height": rng.integers(200, 2000, len(index)),
             "clip_b32_similarity_score": rng.uniform(0.15, 0.4, len(index)),
             "clip_l14_similarity_score": rng.uniform(0.15, 0.4, len(index)),
             "face_bboxes": pa.array(faces, type=pa.list_(pa.list_(pa.float64()))),

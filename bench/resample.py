@@ -117,7 +117,8 @@ def replicate_annotations(source_dir, target_dir, copies, base_rows):
     keys = table.column("key").to_pylist()
     Path(target_dir).mkdir(parents=True, exist_ok=True)
     parts = [table.set_column(0, "key", pa.array([f"{k}-{i}" for k in keys])) for i in range(copies)]
-    pq.write_table(pa.concat_tables(parts).cast(ANNOTATION_SCHEMA), os.path.join(target_dir, "annotations-00000.parquet"))
+    pq.write_table(pa.concat_tables(parts).cast(ANNOTATION_SCHEMA),
+                   os.path.join(target_dir, "annotations-00000.parquet"))
     return len(keys) * copies
 
 

@@ -382,7 +382,8 @@ def bench_dataset(name, pattern, work, args, output_format="webdataset") -> list
 def print_table(runs, cores, load):
     print(f"\n{cores} cores, {load} busy loops beside the job; every job reconciled its counts, quarantined "
           "nothing and wrote byte-identical shards")
-    print("| data | run | records | seconds | records/s | MB/s | peak memory, all processes (MiB) | ratio to plain loop |")
+    print("| data | run | records | seconds | records/s | MB/s | peak memory, all processes (MiB) "
+          "| ratio to plain loop |")
     print("|---|---|---|---|---|---|---|---|")
     reference, promises = {}, []
     for run in runs:

@@ -94,7 +94,8 @@ def run_worker(case: str, rows: int, solver: str) -> dict:
         begun = time.perf_counter()
         solution = solve_stream(spec, web_batches(rows), KEEP_RATE, epochs=STREAM_EPOCHS)
         seconds = time.perf_counter() - begun
-        return {"setup_s": setup, "solve_s": seconds, "objective": solution.objective / solution.statistics["total_weight"],
+        return {"setup_s": setup, "solve_s": seconds,
+                "objective": solution.objective / solution.statistics["total_weight"],
                 "violation": solution.max_violation, "peak_rss_mb": _peak_rss_mb(), "rows": rows}
     problem = coco_problem() if case == "coco" else web_problem(rows)
     problem.constraint_matrix()
@@ -223,7 +224,8 @@ def main(argv=None) -> int:
         if "error" in result:
             print(f"| {case} | {rows} | failed: {result['error']} |")
             continue
-        print(f"| {'COCO val2017 captions' if case == 'coco' else 'web'} | {result['rows']:,} | {result['signatures']:,} "
+        name = "COCO val2017 captions" if case == "coco" else "web"
+        print(f"| {name} | {result['rows']:,} | {result['signatures']:,} "
               f"| {result['plan']:.3f} | {result['bernoulli']:.3f} | {result['exact']:.3f} | "
               f"{result['kept_of_lp_max']:.4f} | {result['allocate_s']:.1f} |", flush=True)
     return 0

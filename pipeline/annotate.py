@@ -45,7 +45,8 @@ def build_parser():
                     "Flags not listed here go to Beam (--runner, --direct_num_workers, ...).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
-               "  balancebeam annotate --input 'shards/*.tar' --output out/annotations --direct_running_mode=multi_processing --direct_num_workers=2\n"
+               "  balancebeam annotate --input 'shards/*.tar' --output out/annotations \\\n"
+               "      --direct_running_mode=multi_processing --direct_num_workers=2\n"
                "  balancebeam annotate --input 'pool/*.parquet' --output out/annotations "
                "--prompt-embeddings prompts.npz --embeddings-field l14_img --faces-column face_bboxes\n")
     parser.add_argument("--input", required=True, action="append",

@@ -158,7 +158,11 @@ def add_solve_arguments(parser: argparse.ArgumentParser) -> None:
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="balancebeam balance", description=__doc__.splitlines()[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog="examples:\n  balancebeam balance --annotations out/annotations --output out/solution.json --keep-rate max --association-gap 0.05\n  balancebeam balance --annotations out/annotations --output out/solution.json --explore\n")
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  balancebeam balance --annotations out/annotations --output out/solution.json \\\n"
+               "      --keep-rate max --association-gap 0.05\n"
+               "  balancebeam balance --annotations out/annotations --output out/solution.json --explore\n")
     parser.add_argument("--annotations", required=True, help="directory with annotations-*.parquet")
     parser.add_argument("--output", required=True, help="where to write solution.json")
     parser.add_argument("--signatures", help=f"where to write the counted signatures (default: {SIGNATURES_FILE} "

@@ -27,7 +27,8 @@ def configure_logging(quiet: bool = False) -> None:
 COMMANDS = {
     "demo": ("pipeline.demo:run", "run the whole job end to end on data it makes itself"),
     "annotate": ("pipeline.annotate:run", "annotate image-text pairs (Beam job)"),
-    "embed-prompts": ("pipeline.embed_prompts:run", "embed the zero-shot prompts once, for pools with image embeddings"),
+    "embed-prompts": ("pipeline.embed_prompts:run",
+                      "embed the zero-shot prompts once, for pools with image embeddings"),
     "balance": ("pipeline.balance:run", "solve M4 on annotations, write solution.json (Beam job)"),
     "resample": ("pipeline.resample:run", "write balanced WebDataset shards or a subset file (Beam job)"),
     "report": ("pipeline.report:run", "statistics before/after, plots and dataset card"),

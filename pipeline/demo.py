@@ -50,7 +50,10 @@ def demo(output: str, num_samples: int = DEFAULT_NUM_SAMPLES, keep_rate: str = "
 def run(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(prog="balancebeam demo", description=__doc__.splitlines()[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog="examples:\n  balancebeam demo\n  balancebeam demo --output /tmp/demo --num-samples 5000 --direct_running_mode=multi_processing --direct_num_workers=2\n")
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  balancebeam demo\n"
+               "  balancebeam demo --output /tmp/demo --num-samples 5000 \\\n"
+               "      --direct_running_mode=multi_processing --direct_num_workers=2\n")
     parser.add_argument("--output", default=DEFAULT_OUTPUT, help=f"working directory (default ./{DEFAULT_OUTPUT})")
     parser.add_argument("--num-samples", type=int, default=DEFAULT_NUM_SAMPLES)
     parser.add_argument("--keep-rate", default="max", help="fraction to keep, or 'max' (the largest feasible)")

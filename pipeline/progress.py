@@ -4,8 +4,8 @@ A DirectRunner job blocks the driver until it is done, and Beam's metrics are re
 the driver cannot ask the workers how far they are. What the job can know is which input ranges are
 finished: each reader leaves a small marker file per range it finished (in a temporary folder on
 this machine), and a thread in the driver counts them against the files it matched and logs a line
-when the count moved, at most every few seconds, and the count it ended with. A range read twice (a retried bundle) writes the
-same marker again, so nothing is counted twice.
+when the count moved, at most every few seconds, and the count it ended with. A range read twice
+(a retried bundle) writes the same marker again, so nothing is counted twice.
 
 Only local runs report (the DirectRunner in any mode, or a portable runner with LOOPBACK workers):
 elsewhere the workers cannot reach this machine's folder, and Dataflow, Flink and Spark have

@@ -69,7 +69,10 @@ def report(solution_path: str, signatures_path: str, release_dir: str, annotatio
 def run(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(prog="balancebeam report", description=__doc__.splitlines()[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog="examples:\n  balancebeam report --solution out/solution.json --release out/release --annotations out/annotations\n")
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  balancebeam report --solution out/solution.json --release out/release \\\n"
+               "      --annotations out/annotations\n")
     parser.add_argument("--solution", required=True, help="solution.json from `balancebeam balance`")
     parser.add_argument("--signatures", help=f"{SIGNATURES_FILE} from balance (default: next to --solution)")
     parser.add_argument("--release", required=True, help="release directory from `balancebeam resample`")

@@ -321,7 +321,13 @@ def add_release_arguments(parser: argparse.ArgumentParser) -> None:
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="balancebeam resample", description=__doc__.splitlines()[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog="examples:\n  balancebeam resample --input 'shards/*.tar' --annotations out/annotations --solution out/solution.json --output out/release --direct_running_mode=multi_processing --direct_num_workers=2\n  balancebeam resample --annotations out/annotations --solution out/solution.json --output out/release --output-format subset\n")
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  balancebeam resample --input 'shards/*.tar' --annotations out/annotations \\\n"
+               "      --solution out/solution.json --output out/release \\\n"
+               "      --direct_running_mode=multi_processing --direct_num_workers=2\n"
+               "  balancebeam resample --annotations out/annotations --solution out/solution.json \\\n"
+               "      --output out/release --output-format subset\n")
     parser.add_argument("--input", action="append",
                         help="the input the annotations were made from (glob; repeatable); not read, and not "
                              "needed, with --output-format subset")

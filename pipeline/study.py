@@ -277,7 +277,9 @@ def train_run(name: str, seed: int, shards: str, config: dict, output: Path, ste
     sample_weights = settings["sample_weights"]
     if sample_weights is None:
         sample_weights = config["balance"]["mode"] == "weights"
-    warmup = min(int(settings["warmup_steps"]), max(1, steps // 10)) if init_checkpoint else int(settings["warmup_steps"])
+    warmup = int(settings["warmup_steps"])
+    if init_checkpoint:
+        warmup = min(warmup, max(1, steps // 10))
     final = run_dir / "checkpoints" / FINAL_CHECKPOINT
     if final.exists() and not (run_dir / "checkpoints" / "latest.pt").exists():
         # stopped after pruning, before the marker: the training itself is finished
@@ -359,7 +361,8 @@ def run(argv=None) -> int:
     for name in ("pipeline", "trainer"):  # open_clip logs every model creation at INFO on the root logger
         logging.getLogger(name).setLevel(logging.INFO)
     parser = argparse.ArgumentParser(prog="balancebeam study", description=__doc__.splitlines()[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog="examples:\n  balancebeam study\n  balancebeam study --config my-study.yaml --output runs/study\n")
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  balancebeam study\n  balancebeam study --config my-study.yaml --output runs/study\n")
     parser.add_argument("--config", default=str(study_config.SHIPPED_CONFIG),
                         help="study YAML (default: the shipped pipeline/configs/study.yaml)")
     parser.add_argument("--output", help="working directory (overrides the config's output)")

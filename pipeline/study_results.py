@@ -155,9 +155,11 @@ def collect(config: dict, variants: dict, runs: dict, directions: dict | None = 
             arm["progress"][key + "_std"] = [p["std"] for p in points]
         results["arms"][name] = arm
     for a, b in default_comparisons(list(arms)):
-        tests = {key: paired_test(results["arms"][a]["final"][key]["values"] if results["arms"][a]["final"][key]["n"] == len(seeds) else [],
-                                  results["arms"][b]["final"][key]["values"] if results["arms"][b]["final"][key]["n"] == len(seeds) else [])
-                 for key, _ in METRICS}
+        def complete(arm, key):  # a paired test needs every seed's value
+            final = results["arms"][arm]["final"][key]
+            return final["values"] if final["n"] == len(seeds) else []
+
+        tests = {key: paired_test(complete(a, key), complete(b, key)) for key, _ in METRICS}
         results["comparisons"].append({"arm": a, "baseline": b, "tests": tests})
     return results
 
@@ -187,8 +189,9 @@ def markdown_table(results: dict) -> str:
         after = (variant.get("data_bias") or {}).get("after") or {}
         labelled = variant.get("labelled_data_bias") or {}
         kept = (variant.get("rows") or {}).get("kept")
+        proxies = ", ".join(variant.get("proxies") or []) or "-"
         lines.append(f"| {name} | {_number(variant.get('keep_rate'))} | {'all' if kept is None else kept} | "
-                     f"{', '.join(variant.get('proxies') or []) or '-'} | {_number(after.get('representation_bias'))} | "
+                     f"{proxies} | {_number(after.get('representation_bias'))} | "
                      f"{_number(after.get('association_bias_max'))} | {_number(after.get('association_bias_mean'))} | "
                      f"{_number(labelled.get('association_bias_max'))} | "
                      f"{_number(labelled.get('association_bias_mean'))} |")
@@ -197,7 +200,8 @@ def markdown_table(results: dict) -> str:
         lines += ["", "Fine-tuning schedules: each bias's change from the switch to the end, and the steps after "
                   "the switch until it first had half of that change (mean ± standard deviation over seeds); "
                   "the last column pairs RB's steps with AB's by seed (negative: RB moves first).", "",
-                  "| schedule | " + " | ".join(f"{title} change | {title} steps to half" for _, title in RECOVERY_METRICS)
+                  "| schedule | "
+                  + " | ".join(f"{title} change | {title} steps to half" for _, title in RECOVERY_METRICS)
                   + " | RB - AB steps |", "|---" * (2 * len(RECOVERY_METRICS) + 2) + "|"]
         for name, arm in schedules.items():
             cells = []

@@ -109,7 +109,8 @@ class DataBias:
                 "moments": {v: _number(self.association_moment[k, r]) for k, v in enumerate(self.attribute_names)},
                 "measured": {v: bool(self.measured[k, r]) for k, v in enumerate(self.attribute_names)},
             }
-        summary = {key: (_number(value) if isinstance(value, float) else value) for key, value in self.summary().items()}
+        summary = {key: (_number(value) if isinstance(value, float) else value)
+                   for key, value in self.summary().items()}
         return {"conditional": self.conditional, "min_support": self.min_support, "values": values,
                 "concepts": concepts, "summary": summary}
 

@@ -59,6 +59,7 @@ def solve_max_rate(problem: BalanceProblem) -> MaxRate:
     order = np.argsort(-multipliers, kind="stable")
     binding = [int(j) for j in order if multipliers[j] > BINDING_MULTIPLIER]
     # "+ 0.0" turns HiGHS's -0.0 into 0.0, so messages never say "at most -0".
-    answer = MaxRate(rate=float(min(max(-result.fun, 0.0), 1.0)) + 0.0, q=q, binding_rows=binding, multipliers=multipliers)
+    answer = MaxRate(rate=float(min(max(-result.fun, 0.0), 1.0)) + 0.0, q=q, binding_rows=binding,
+                     multipliers=multipliers)
     problem._max_rate = answer
     return answer

@@ -95,7 +95,8 @@ class BalanceSolution:
         payload = json.loads(text)
         version = payload.get("format_version")
         if version != SOLUTION_FORMAT_VERSION:
-            raise ValueError(f"solution format version {version!r} is not supported (expected {SOLUTION_FORMAT_VERSION})")
+            raise ValueError(f"solution format version {version!r} is not supported "
+                             f"(expected {SOLUTION_FORMAT_VERSION})")
         return cls(
             spec=ConstraintSpec.from_dict(payload["spec"]),
             keep_rate=float(payload["keep_rate"]),

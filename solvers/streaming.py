@@ -181,7 +181,8 @@ def stream_spec(batches_factory: BatchesFactory, *, groups=None, targets="unifor
     # that does not depend on single rows (names, groups, gaps, explicit targets).
     num_values, num_concepts = len(present), support.shape[1]
     stand_in = BalanceProblem(
-        np.vstack([np.ones(num_values), np.zeros(num_values)]), np.vstack([np.ones(num_concepts), np.zeros(num_concepts)]),
+        np.vstack([np.ones(num_values), np.zeros(num_values)]),
+        np.vstack([np.ones(num_concepts), np.zeros(num_concepts)]),
         groups=groups, targets="uniform" if isinstance(targets, str) else targets,
         representation_gap=representation_gap, association_gap=association_gap, constraint_form=constraint_form,
         min_support=0, conditional=conditional, attribute_names=attribute_names, concept_names=concept_names,

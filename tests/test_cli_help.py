@@ -23,7 +23,8 @@ def test_help_lists_examples_that_use_known_flags(command, capsys):
     text = _help(command, capsys)
     assert "\nexamples:\n" in text, f"`balancebeam {command} --help` has no examples"
     known = set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9_-]*)", text.split("\nexamples:\n")[0]))
-    examples = [line.strip() for line in text.split("\nexamples:\n")[1].splitlines() if line.strip()]
+    examples_text = text.split("\nexamples:\n")[1].replace("\\\n", " ")  # a shell line continuation
+    examples = [line.strip() for line in examples_text.splitlines() if line.strip()]
     assert examples
     for example in examples:
         words = shlex.split(example)

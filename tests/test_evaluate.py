@@ -60,7 +60,8 @@ def test_labelled_shards_and_image_folders_give_the_same_labels(synthetic, tmp_p
 
 def test_yaml_config_sets_prompts_and_rejects_unknown_keys(synthetic, tmp_path, random_model):
     good = tmp_path / "good.yaml"
-    good.write_text("attribute_template: 'an image of a {}'\nconcepts: [kitchen, office]\nattribute_targets: [0.3, 0.7]\n")
+    good.write_text("attribute_template: 'an image of a {}'\nconcepts: [kitchen, office]\n"
+                    "attribute_targets: [0.3, 0.7]\n")
     config = EvalConfig.from_yaml(good)
     result = evaluate.evaluate_model(*random_model, data.read_labelled(synthetic), config)
     assert result["representation_bias"]["prompts"] == ["an image of a man", "an image of a woman"]

@@ -363,7 +363,8 @@ def test_same_release_with_one_or_two_workers_and_on_the_portable_runner(
 def test_rerun_into_the_same_directory_gives_the_same_release(two_worker_release, balanced_coco_mini, tmp_path):
     _, reference = two_worker_release
     output = tmp_path / "rerun"
-    _resample(balanced_coco_mini, output, *TWO_WORKERS, samples_per_shard=10, mode="bernoulli")  # an earlier, different run
+    # an earlier, different run into the same folder
+    _resample(balanced_coco_mini, output, *TWO_WORKERS, samples_per_shard=10, mode="bernoulli")
     (output / "balanced-00003.tar.tmp-crashed").write_bytes(b"half a shard")
     stale_quarantine = output / "quarantine" / "resample-00001-of-00002.jsonl"
     stale_quarantine.write_text('{"key": "from-an-earlier-run"}\n')
@@ -395,7 +396,8 @@ def test_repeat_mode_writes_exactly_the_size_asked_and_unannotated_records_are_q
         meta = json.loads(sample["json"])
         source = originals[sample["__key__"].split("_copy")[0]]
         assert sample["jpg"] == source["jpg"]
-        assert meta["balance"]["copy"] == (int(sample["__key__"].split("_copy")[1]) if "_copy" in sample["__key__"] else 0)
+        copy = int(sample["__key__"].split("_copy")[1]) if "_copy" in sample["__key__"] else 0
+        assert meta["balance"]["copy"] == copy
     assert len(keys) == len(set(keys)) == 250
 
 

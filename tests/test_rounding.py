@@ -34,7 +34,8 @@ def _shares_within(table, counts, gap, targets, min_support):
 
 
 def _coco_table(shared_data):
-    captions = [a["caption"] for a in json.loads((shared_data / "coco_val2017_captions.json").read_text())["annotations"]]
+    document = json.loads((shared_data / "coco_val2017_captions.json").read_text())
+    captions = [a["caption"] for a in document["annotations"]]
     counts = collections.Counter()
     for caption in captions:
         attributes, concepts, _ = annotate_caption(caption)

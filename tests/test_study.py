@@ -26,8 +26,8 @@ TINY = {
     "train": {"steps": STEPS, "warmup_steps": 4, "batch_size": 32, "checkpoints": CHECKPOINTS, "threads": 1},
     "schedules": [{"first": "original", "then": "balanced", "switch_at": 0.5}],
 }
-METRIC_KEYS = {"rb", "rb_neutral", "ab_mean", "ab_max", "ab_aligned", "concept_accuracy", "attribute_accuracy", "image_to_text_recall@5",
-               "text_to_image_recall@5"}
+METRIC_KEYS = {"rb", "rb_neutral", "ab_mean", "ab_max", "ab_aligned", "concept_accuracy", "attribute_accuracy",
+               "image_to_text_recall@5", "text_to_image_recall@5"}
 
 
 def write_config(directory: Path, overrides=None) -> Path:
@@ -60,7 +60,8 @@ def test_every_variant_is_produced(finished_study):
 
 @pytest.mark.slow
 def test_balanced_data_has_lower_association_bias_than_the_original(finished_study):
-    stats = json.loads((finished_study["output"] / "variants" / "balanced" / "run" / "release" / "stats.json").read_text())
+    release = finished_study["output"] / "variants" / "balanced" / "run" / "release"
+    stats = json.loads((release / "stats.json").read_text())
     before = stats["data_bias"]["before"]["summary"]["association_bias_max"]
     after = stats["data_bias"]["realized"]["summary"]["association_bias_max"]
     assert before > 0.3  # association_strength 0.8 plants a 0.4 gap in every concept
@@ -96,7 +97,8 @@ def test_model_association_is_also_measured_along_the_original_datas_direction(f
     # value a is "man": concepts planted to lean woman (+1) get d_r = -1, those leaning man get +1
     assert results["data_directions"] == {name: -spec[4] for name, spec in CONCEPTS.items()}
     for seed_index, seed in enumerate(SEEDS):
-        done = json.loads((finished_study["output"] / "runs" / "original" / f"seed-{seed}" / study.DONE_FILE).read_text())
+        run = finished_study["output"] / "runs" / "original" / f"seed-{seed}"
+        done = json.loads((run / study.DONE_FILE).read_text())
         per_concept = done["evaluations"][str(STEPS)]["ab_per_concept"]
         expected = sum(-CONCEPTS[c][4] * value for c, value in per_concept.items()) / len(per_concept)
         assert results["arms"]["original"]["final"]["ab_aligned"]["values"][seed_index] == pytest.approx(expected)
@@ -239,7 +241,8 @@ def test_shipped_config_is_valid():
     assert stage["data"]["synthetic"] == config["data"]["synthetic"] and stage["train"] == config["train"]
     extra = stage["balance"]["extra_args"]
     checkpoint = extra[extra.index("--image-checkpoint") + 1]
-    assert checkpoint == f"{config['output']}/runs/original/seed-{config['seeds'][0]}/checkpoints/{study.FINAL_CHECKPOINT}"
+    first_seed = config["seeds"][0]
+    assert checkpoint == f"{config['output']}/runs/original/seed-{first_seed}/checkpoints/{study.FINAL_CHECKPOINT}"
     assert extra[extra.index("--image-model") + 1] == config["train"]["model"]
 
 

@@ -76,7 +76,8 @@ def balance_weight(metadata: dict) -> float:
 
 
 def _rank_and_worker() -> tuple:
-    rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    rank = torch.distributed.get_rank() if distributed else 0
     info = torch.utils.data.get_worker_info()
     return rank, info.id if info is not None else 0
 

@@ -175,7 +175,9 @@ def plot_report(result: dict, path) -> None:
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="balancebeam evaluate", description=__doc__.splitlines()[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog="examples:\n  balancebeam evaluate --checkpoint runs/balanced/checkpoints/final.pt --data synth/ --output eval/\n")
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  balancebeam evaluate --checkpoint runs/balanced/checkpoints/final.pt --data synth/ --output eval/\n")
     parser.add_argument("--checkpoint", help="a checkpoint from `balancebeam train`")
     parser.add_argument("--model", help="evaluate an untrained (random) architecture instead: a chance baseline")
     parser.add_argument("--data", required=True,

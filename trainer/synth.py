@@ -316,7 +316,9 @@ def make_synthetic(output, config: SynthConfig = None) -> dict:
 def parse_args(argv):
     defaults = SynthConfig()
     parser = argparse.ArgumentParser(prog="balancebeam synth", description=__doc__.splitlines()[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog="examples:\n  balancebeam synth --output synth/\n  balancebeam synth --output synth/ --num-samples 6000 --woman-share 0.3\n")
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  balancebeam synth --output synth/\n"
+               "  balancebeam synth --output synth/ --num-samples 6000 --woman-share 0.3\n")
     parser.add_argument("--output", required=True, help="directory for train/, eval/ and manifest.json")
     parser.add_argument("--num-samples", type=int, default=defaults.num_samples)
     parser.add_argument("--image-size", type=int, default=defaults.image_size)
@@ -359,7 +361,8 @@ def main(argv=None) -> int:
     config = SynthConfig(
         num_samples=args.num_samples, image_size=args.image_size, seed=args.seed,
         samples_per_shard=args.samples_per_shard, association_strength=args.association_strength,
-        people_woman_share=args.people_woman_share, woman_share=woman_share, concepts=tuple(c.strip() for c in args.concepts.split(",") if c.strip()),
+        people_woman_share=args.people_woman_share, woman_share=woman_share,
+        concepts=tuple(c.strip() for c in args.concepts.split(",") if c.strip()),
         proxy_rate=args.proxy_rate, proxy_strength=args.proxy_strength,
         share_without_people=args.share_without_people,
         caption_attribute_rate=args.caption_attribute_rate, eval_per_cell=args.eval_per_cell,

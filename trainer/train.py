@@ -226,7 +226,10 @@ def train(config: TrainConfig) -> dict:
 def parse_args(argv) -> TrainConfig:
     defaults = TrainConfig()
     parser = argparse.ArgumentParser(prog="balancebeam train", description=__doc__.splitlines()[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog="examples:\n  balancebeam train --data 'out/release/*.tar' --output runs/balanced --steps 300\n  balancebeam train --data 'out/release/*.tar' --output runs/weighted --sample-weights --device cuda\n")
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  balancebeam train --data 'out/release/*.tar' --output runs/balanced --steps 300\n"
+               "  balancebeam train --data 'out/release/*.tar' --output runs/weighted --sample-weights --device cuda\n")
     parser.add_argument("--data", required=True, help="shards: glob, {a..b} pattern, directory or list")
     parser.add_argument("--output", required=True, help="directory for checkpoints/ and metrics.jsonl")
     parser.add_argument("--model", default=None,
