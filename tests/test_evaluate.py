@@ -81,3 +81,6 @@ def test_exactly_one_model_source_is_required(synthetic, tmp_path):
 def test_prompt_articles():
     assert evaluate.fill_prompt("a photo of a {}.", "office") == "a photo of an office."
     assert evaluate.fill_prompt("a photo of a {}.", "kitchen") == "a photo of a kitchen."
+    # the article is the one the sound needs, not the first letter
+    assert evaluate.fill_prompt("a photo of a {}.", "uniform") == "a photo of a uniform."
+    assert evaluate.fill_prompt("A {} at work.", "hour glass") == "An hour glass at work."

@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from trainer import data as shard_data
-from trainer import metrics, models
+from trainer import english, metrics, models
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +44,10 @@ class EvalConfig:
 
 
 def fill_prompt(template: str, name: str) -> str:
-    """Put a label into a prompt template, writing 'an' before a vowel ('a photo of an office.')."""
+    """Put a label into a prompt template, with the article English needs before it ('a photo of an
+    office.', 'a photo of a uniform.'; trainer.english)."""
     prompt = template.format(name)
-    if name[:1].lower() in "aeiou":
+    if english.with_article(name).startswith("an "):
         prompt = prompt.replace(f" a {name}", f" an {name}")
         prompt = prompt.replace(f"A {name}", f"An {name}") if prompt.startswith(f"A {name}") else prompt
     return prompt

@@ -14,6 +14,8 @@ import numpy as np
 import webdataset as wds
 from PIL import Image, ImageDraw
 
+from trainer import english
+
 log = logging.getLogger(__name__)
 
 ATTRIBUTE_GROUP = "perceived_gender"
@@ -185,7 +187,7 @@ def write_caption(rng, concept, gender, proxies, name_attribute) -> str:
     subjects = SUBJECTS[gender if name_attribute else None]
     caption = str(rng.choice(phrases)).format(s=str(rng.choice(subjects)))
     for name in proxies:
-        caption += f" with {'an' if name[0] in 'aeiou' else 'a'} {name}"
+        caption += f" with {english.with_article(name)}"
     return caption[0].upper() + caption[1:] + "."
 
 

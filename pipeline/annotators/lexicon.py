@@ -3,11 +3,11 @@
 Parses the documented text format of `pipeline/lexicons/` (see its README.md) into plain dicts.
 """
 import dataclasses
-import functools
 import pathlib
 import re
 
 from pipeline.signatures import split_label
+from trainer import english
 
 # The lexicons shipped in the package; users pass their own directory or files instead.
 DEFAULT_LEXICON_DIR = pathlib.Path(__file__).resolve().parents[1] / "lexicons"
@@ -21,30 +21,9 @@ class LexiconError(ValueError):
     """A lexicon file does not follow the format in pipeline/lexicons/README.md."""
 
 
-@functools.cache
-def _inflect_engine():
-    """inflect's engine, imported without typeguard's run-time checks.
-
-    inflect wraps its methods in typeguard's @typechecked, which re-parses and recompiles inflect's
-    source when it is imported: 1.6 s here, paid by every job that reads a lexicon (typeguard skips
-    the same work under `python -O`). The decorator is the identity while inflect is imported; the
-    answers are the same, only the checks of argument types are gone.
-    """
-    import typeguard
-
-    checked = typeguard.typechecked
-    typeguard.typechecked = lambda target=None, **_: target if target is not None else (lambda fn: fn)
-    try:
-        import inflect
-    finally:
-        typeguard.typechecked = checked
-    return inflect.engine()
-
-
 def plural_of(term):
-    """English plural of a term, by inflect: "police officer" -> "police officers", "postman" ->
-    "postmen", "businessperson" -> "businesspeople", "potato" -> "potatoes"."""
-    return _inflect_engine().plural_noun(term)
+    """English plural of a term (trainer.english, by inflect): "postman" -> "postmen"."""
+    return english.plural(term)
 
 
 def normalise_term(term):
