@@ -55,7 +55,13 @@ class TrainConfig:
 
 
 def cosine_with_warmup(warmup_steps: int, total_steps: int):
-    """LR multiplier: linear warmup to 1, then cosine decay to 0 (open_clip_train/scheduler.py)."""
+    """LR multiplier: linear warmup to 1, then cosine decay to 0, for torch's LambdaLR.
+
+    The formula of open_clip_train.scheduler.cosine_lr, kept here rather than called: that one
+    divides by zero when the warmup is as long as the run, and rises again after the last step;
+    and as a LambdaLR it is saved and resumed with the optimizer. torch's SequentialLR(LinearLR,
+    CosineAnnealingLR) warms up along a different line ((W + (W-1) k) / W^2, not (k + 1) / W).
+    """
     def multiplier(step):
         if step < warmup_steps:
             return (step + 1) / warmup_steps
