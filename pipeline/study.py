@@ -170,17 +170,19 @@ def labelled_data_bias(shards: str, eval_config, min_support: float, weighted: b
 
 
 def data_directions(stats_path: str, value_a: str) -> dict:
-    """d_r = sign(share_a|r - target_a) in the original data, per concept measured with enough support.
+    """d_r = sign(share_a|r - share_a) in the original data, per concept measured with enough support.
 
     Read from a balanced release's stats.json ("before"): the direction of each association the
-    original data teaches, for metrics.association_bias_along.
+    original data teaches, for metrics.association_bias_along. Against a's overall share, not its
+    target: with a representation skew (20% women) every concept lies on the same side of the
+    target, and the directions would say nothing about the association.
     """
     before = json.loads(Path(stats_path).read_text(encoding="utf-8"))["data_bias"]["before"]
     key = next((k for k in before["values"] if k.split(":", 1)[-1] == value_a), None)
     if key is None:
         return {}
-    target = before["values"][key]["target"]
-    return {concept: int(np.sign(entry["shares"][key] - target)) for concept, entry in before["concepts"].items()
+    overall = before["values"][key]["share"]
+    return {concept: int(np.sign(entry["shares"][key] - overall)) for concept, entry in before["concepts"].items()
             if (entry.get("measured") or {}).get(key) and entry["shares"].get(key) is not None}
 
 

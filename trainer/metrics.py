@@ -61,8 +61,8 @@ def association_bias(predicted_concepts, attribute, concepts, value_a, value_b) 
 def association_bias_along(ab_per_concept: dict, directions: dict):
     """Mean of d_r * AB_r over the concepts with a data direction d_r in {-1, +1}; None if none.
 
-    d_r = +1 where the training data over-represents value a in concept r (share_a|r above its
-    target), -1 where it under-represents it. Positive: the model reproduces the data's
+    d_r = +1 where the training data over-represents value a in concept r (share_a|r above a's
+    share in all the data), -1 where it under-represents it. Positive: the model reproduces the data's
     association; about 0: whatever dependence it has points nowhere in particular (mean |AB_r|
     still counts that); negative: it is reversed.
     """
