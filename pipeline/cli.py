@@ -36,7 +36,7 @@ COMMANDS = {
     "synth": ("trainer.synth:main", "write planted-bias synthetic WebDataset shards"),
     "train": ("trainer.train:main", "train a contrastive model on WebDataset shards"),
     "evaluate": ("trainer.evaluate:main", "measure a model's bias (RB, AB) and quality"),
-    "study": ("pipeline.study:run", "run the balancing study (variants x seeds x schedules)"),
+    "study": ("pipeline.study.runner:run", "run the balancing study (variants x seeds x schedules)"),
 }
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import study, study_config, study_results
+from pipeline.study import config as study_config, results as study_results, runner as study
 
 VARIANTS = ["original", "balanced", "balanced_proxies", "random"]
 SEEDS = [0, 1]

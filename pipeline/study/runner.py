@@ -14,9 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import hashing, study_config, study_results
+from pipeline import hashing
+from pipeline.study import config as study_config, results as study_results
 from pipeline.files import write_json_atomically
-from pipeline.study_config import BALANCED, BALANCED_PROXIES, M4_VARIANTS, ORIGINAL, RANDOM
+from pipeline.study.config import BALANCED, BALANCED_PROXIES, M4_VARIANTS, ORIGINAL, RANDOM
 from solvers import progress as progress_policy
 
 log = logging.getLogger(__name__)
@@ -366,7 +367,7 @@ def run(argv=None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  balancebeam study\n  balancebeam study --config my-study.yaml --output runs/study\n")
     parser.add_argument("--config", default=str(study_config.SHIPPED_CONFIG),
-                        help="study YAML (default: the shipped pipeline/configs/study.yaml)")
+                        help="study YAML (default: the shipped pipeline/study/configs/study.yaml)")
     parser.add_argument("--output", help="working directory (overrides the config's output)")
     args = parser.parse_args(argv)
     try:
