@@ -3,7 +3,8 @@
 Prints a table with ratios against the plain-Python loop measured in the same run, and peak memory;
 then the image check of each --validate-images level on the same JPEGs, one process, against the
 full decode.
-Usage: python bench/annotate.py [--sizes 2000 6000] [--samples-per-shard 250] [--validation-images 5000]
+Usage: python bench/annotate.py [--sizes 2000 6000] [--samples-per-shard 250] \
+           [--validation-images 5000]
 """
 import argparse
 import io
@@ -74,14 +75,15 @@ def _source_pairs():
             files.update({image["id"]: image["file_name"] for image in document["images"]})
             for annotation in document["annotations"]:
                 captions.setdefault(annotation["image_id"], annotation["caption"])
-        return [((COCO_MINI / "images" / files[i]).read_bytes(), captions[i]) for i in sorted(files)]
+        return [((COCO_MINI / "images" / files[i]).read_bytes(), captions[i])
+                for i in sorted(files)]
     from PIL import Image
 
     pairs = []
     for index in range(64):
         buffer = io.BytesIO()
-        Image.effect_mandelbrot((384, 288), (-2 + index / 64, -1.2, 1, 1.2), 64).convert("RGB").save(
-            buffer, format="JPEG", quality=90)
+        Image.effect_mandelbrot((384, 288), (-2 + index / 64, -1.2, 1, 1.2),
+                                64).convert("RGB").save(buffer, format="JPEG", quality=90)
         pairs.append((buffer.getvalue(), f"A man and a woman look at picture {index} on a table"))
     return pairs
 
@@ -118,8 +120,10 @@ def validation_rates(images: int) -> list[tuple[str, float]]:
 
 
 def measure(mode, glob, output):
-    result = subprocess.run([sys.executable, "-c", _CHILD.format(root=str(ROOT)), mode, glob, output],
-                            capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c",
+         _CHILD.format(root=str(ROOT)), mode, glob, output], capture_output=True, text=True,
+        check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -130,8 +134,12 @@ def main(argv=None):
     parser.add_argument("--validation-images", type=int, default=5000)
     args = parser.parse_args(argv)
     modes = [("plain Python loop", "loop"), ("Beam DirectRunner, 1 worker", "1"),
-             ("Beam DirectRunner, 2 workers", "2"), ("2 workers, --validate-images header", "2:header")]
-    print(f"{'input':>8} | {'run':<30} | {'samples/s':>9} | {'vs loop':>7} | {'seconds':>7} | {'peak MiB':>8}")
+             ("Beam DirectRunner, 2 workers", "2"),
+             ("2 workers, --validate-images header", "2:header")]
+    print(
+        f"{'input':>8} | {'run':<30} | {'samples/s':>9} | {'vs loop':>7} | {'seconds':>7} | "
+        f"{'peak MiB':>8}"
+    )
     print("-" * 86)
     with tempfile.TemporaryDirectory() as folder:
         for size in args.sizes:

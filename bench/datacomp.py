@@ -50,8 +50,12 @@ def prompts_file(work: pathlib.Path) -> pathlib.Path:
         from pipeline import cli
 
         started = time.perf_counter()
-        assert cli.main(["embed-prompts", "--image-model", ARCHITECTURE, "--output", str(path)]) == 0
-        print(f"embedded the prompts with a random-weight {ARCHITECTURE} in {time.perf_counter() - started:.0f} s")
+        assert cli.main(["embed-prompts", "--image-model", ARCHITECTURE, "--output",
+                         str(path)]) == 0
+        print(
+            f"embedded the prompts with a random-weight {ARCHITECTURE} in "
+            f"{time.perf_counter() - started:.0f} s"
+        )
     return path
 
 
@@ -117,7 +121,8 @@ def shard_glob(directory: pathlib.Path, rows: int, total: int) -> str:
     if shards <= 10:
         return str(directory / f"0000000[0-{shards - 1}].parquet")
     if shards % 10:
-        raise SystemExit(f"--sizes must be 1M or a multiple of 1M up to the pool's size, got {rows}")
+        raise SystemExit(
+            f"--sizes must be 1M or a multiple of 1M up to the pool's size, got {rows}")
     return str(directory / f"000000[0-{shards // 10 - 1}][0-9].parquet")
 
 
@@ -127,16 +132,21 @@ def run_size(pattern: str, output: pathlib.Path, prompts: pathlib.Path) -> dict:
     shutil.rmtree(output, ignore_errors=True)
     sampler = MemorySampler()
     started = time.perf_counter()
-    code = cli.main(["run", "--input", pattern, "--output", str(output), "--prompt-embeddings", str(prompts),
-                     *RUN_FLAGS, *TWO_WORKERS])
+    code = cli.main([
+        "run", "--input", pattern, "--output",
+        str(output), "--prompt-embeddings",
+        str(prompts), *RUN_FLAGS, *TWO_WORKERS
+    ])
     seconds = time.perf_counter() - started
     peak = sampler.stop()
     if code != 0:
         raise SystemExit(f"balancebeam run failed (exit {code}) on {pattern}")
     manifest = json.loads((output / "release" / "manifest.json").read_text())
     solution = json.loads((output / "solution.json").read_text())
-    return {"seconds": seconds, "peak_mib": peak / 2 ** 20, "read": manifest["counts"]["samples_read"],
-            "kept": manifest["counts"]["kept"], "keep_rate": solution["keep_rate"]}
+    return {
+        "seconds": seconds, "peak_mib": peak / 2**20, "read": manifest["counts"]["samples_read"],
+        "kept": manifest["counts"]["kept"], "keep_rate": solution["keep_rate"]
+    }
 
 
 def main(argv=None) -> int:
@@ -167,8 +177,10 @@ def main(argv=None) -> int:
     print("| rows | run | seconds | rows/s | peak memory, all processes (MiB) | kept | keep rate |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
-        print(f"| {r['rows']:,} | {r['run']} | {r['seconds']:.0f} | {r['rows'] / r['seconds']:,.0f} | "
-              f"{r['peak_mib']:,.0f} | {r['kept']:,} | {r['keep_rate']:.4f} |")
+        print(
+            f"| {r['rows']:,} | {r['run']} | {r['seconds']:.0f} | {r['rows'] / r['seconds']:,.0f} "
+            "| "
+            f"{r['peak_mib']:,.0f} | {r['kept']:,} | {r['keep_rate']:.4f} |")
     return 0
 
 

@@ -1,4 +1,5 @@
-"""A DataComp-layout pool made from real COCO captions: Parquet metadata shards and their `.npz` embeddings.
+"""A DataComp-layout pool made from real COCO captions: Parquet metadata shards and their `.npz`
+embeddings.
 
 DataComp's pools are metadata: per shard a Parquet table (`uid`, `url`, `text`, `original_width`,
 `original_height`, `clip_b32_similarity_score`, `clip_l14_similarity_score`, `face_bboxes`,
@@ -35,10 +36,12 @@ def coco_captions() -> list[str]:
 
 
 def make_pool(directory: pathlib.Path, rows: int, shards: int, embeddings: dict | None = None,
-              planted: dict | None = None, seed: int = 0, row_group_size: int = 100_000) -> list[pathlib.Path]:
-    """Write `shards` Parquet files (and .npz files when `embeddings` names fields and sizes) holding
-    `rows` rows in all; returns the Parquet paths. planted: {field: (N, dim) array} added to each
-    row's embedding by its caption's index modulo N (a direction the caption's content decides)."""
+              planted: dict | None = None, seed: int = 0,
+              row_group_size: int = 100_000) -> list[pathlib.Path]:
+    """Write `shards` Parquet files (and .npz files when `embeddings` names fields and sizes)
+    holding `rows` rows in all; returns the Parquet paths. planted: {field: (N, dim) array} added to
+    each row's embedding by its caption's index modulo N (a direction the caption's content
+    decides)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -52,8 +55,9 @@ def make_pool(directory: pathlib.Path, rows: int, shards: int, embeddings: dict 
         index = np.arange(start, end)
         uids = [uid_of(int(i)) for i in index]
         text = [captions[i % len(captions)] for i in index]
-        faces = [[[0.1, 0.1, 0.3, 0.3]] if any(w in t.lower().split() for w in ("man", "woman", "person", "people"))
-                 else [] for t in text]
+        faces = [[[0.1, 0.1, 0.3, 0.3]] if any(w in t.lower().split()
+                                               for w in ("man", "woman", "person",
+                                                         "people")) else [] for t in text]
         table = pa.table({
             "uid": uids, "url": [f"https://example.invalid/{u}.jpg" for u in uids], "text": text,
             "original_width": rng.integers(200, 2000, len(index)),
@@ -82,7 +86,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--shards", type=int, default=100)
-    parser.add_argument("--embedding-dim", type=int, default=0, help="l14_img dimension (0: no .npz files)")
+    parser.add_argument("--embedding-dim", type=int, default=0,
+                        help="l14_img dimension (0: no .npz files)")
     parser.add_argument("--output", required=True)
     args = parser.parse_args(argv)
     embeddings = {"l14_img": args.embedding_dim} if args.embedding_dim else None

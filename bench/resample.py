@@ -1,4 +1,5 @@
-"""Benchmark of the release path: resample throughput against a raw tar-to-tar copy, and balance vs N.
+"""Benchmark of the release path: resample throughput against a raw tar-to-tar copy, and balance vs
+N.
 
 Prints three tables, measured in this process: the shard writers (pipeline/tars.py's against
 Python's tarfile and webdataset's TarWriter writing the same samples), resample (1 and 2 workers)
@@ -31,8 +32,8 @@ def raw_copy(shards, output_dir) -> int:
     """tarfile read -> tarfile write of every member: the floor any resampler pays."""
     samples = 0
     for index, shard in enumerate(shards):
-        with tarfile.open(shard, "r|") as source, tarfile.open(os.path.join(output_dir, f"copy-{index:05d}.tar"),
-                                                                "w|") as target:
+        with tarfile.open(shard, "r|") as source, tarfile.open(
+                os.path.join(output_dir, f"copy-{index:05d}.tar"), "w|") as target:
             for member in source:
                 data = source.extractfile(member).read()
                 target.addfile(member, io.BytesIO(data))
@@ -46,7 +47,8 @@ def _tarfile_write(raw, samples) -> None:
         for key, members in samples:
             for extension, data in members:
                 info = tarfile.TarInfo(f"{key}.{extension}")
-                info.size, info.mtime, info.mode, info.uname, info.gname = len(data), 0, 0o444, "", ""
+                info.size, info.mtime, info.mode, info.uname, info.gname = len(
+                    data), 0, 0o444, "", ""
                 archive.addfile(info, io.BytesIO(data))
 
 
@@ -73,14 +75,16 @@ def tar_writers(shards, caption_samples: int = 50_000, repeat: int = 3):
                 key, _, extension = member.name.partition(".")
                 samples.setdefault(key, []).append((extension, archive.extractfile(member).read()))
         images += samples.items()
-    captions = [(f"{i}-r{i % 40}", [("txt", b"A man riding a wave on top of a surfboard."),
-                                    ("json", b'{"balance": {"q": 0.888, "weight": 1.0}, "image_id": 123456, '
-                                             b'"key": "%d"}' % i)]) for i in range(caption_samples)]
+    captions = [(f"{i}-r{i % 40}",
+                 [("txt", b"A man riding a wave on top of a surfboard."),
+                  ("json", b'{"balance": {"q": 0.888, "weight": 1.0}, "image_id": 123456, '
+                   b'"key": "%d"}' % i)]) for i in range(caption_samples)]
     rows = []
     for name, samples in (("JPEG + txt + json", images), ("caption table: txt + json", captions)):
         outputs = {}
-        for writer_name, write in (("tarfile (reference)", _tarfile_write), ("pipeline/tars.py", tars._write_tar),
-                                   ("webdataset TarWriter", _webdataset_write)):
+        for writer_name, write in (("tarfile (reference)", _tarfile_write),
+                                   ("pipeline/tars.py", tars._write_tar), ("webdataset TarWriter",
+                                                                           _webdataset_write)):
             best = float("inf")
             for _ in range(repeat):
                 buffer = io.BytesIO()
@@ -89,7 +93,8 @@ def tar_writers(shards, caption_samples: int = 50_000, repeat: int = 3):
             outputs[writer_name] = buffer.getvalue()
             rows.append((name, writer_name, len(samples), best))
         same = outputs["pipeline/tars.py"] == outputs["tarfile (reference)"]
-        rows.append((name, f"tars.py bytes == tarfile bytes: {'yes' if same else 'NO'}", None, None))
+        rows.append(
+            (name, f"tars.py bytes == tarfile bytes: {'yes' if same else 'NO'}", None, None))
     return rows
 
 
@@ -103,7 +108,10 @@ def print_tar_writers(rows) -> None:
             print(f"| {name} | {writer} | | | |")
             continue
         reference.setdefault(name, seconds)
-        print(f"| {name} | {writer} | {count} | {count / seconds:,.0f} | {reference[name] / seconds:.2f}x |")
+        print(
+            f"| {name} | {writer} | {count} | {count / seconds:,.0f} | "
+            f"{reference[name] / seconds:.2f}x |"
+        )
 
 
 def timed(function, *args, **kwargs):
@@ -116,7 +124,9 @@ def replicate_annotations(source_dir, target_dir, copies, base_rows):
     table = annotate.read_annotations(source_dir).slice(0, base_rows)
     keys = table.column("key").to_pylist()
     Path(target_dir).mkdir(parents=True, exist_ok=True)
-    parts = [table.set_column(0, "key", pa.array([f"{k}-{i}" for k in keys])) for i in range(copies)]
+    parts = [
+        table.set_column(0, "key", pa.array([f"{k}-{i}" for k in keys])) for i in range(copies)
+    ]
     pq.write_table(pa.concat_tables(parts).cast(ANNOTATION_SCHEMA),
                    os.path.join(target_dir, "annotations-00000.parquet"))
     return len(keys) * copies
@@ -125,14 +135,16 @@ def replicate_annotations(source_dir, target_dir, copies, base_rows):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     # 30,000 samples (~220 MB at 128px): each Beam run pays ~1.5-2 s of start-up (workers, job
-    # graph) that a tar copy does not; at 6,000 samples (~45 MB) that fixed cost alone is twice the copy.
+    # graph) that a tar copy does not; at 6,000 samples (~45 MB) that fixed cost alone is twice the
+    # copy.
     parser.add_argument("--num-samples", type=int, default=30000)
     parser.add_argument("--balance-rows", type=int, default=6000,
                         help="annotation rows replicated 1x, 10x, 100x for the balance table")
     parser.add_argument("--image-size", type=int, default=128)
-    parser.add_argument("--work", default=None,
-                        help="scratch directory (default: a temporary one); data, annotations and solution "
-                             "already there are reused")
+    parser.add_argument(
+        "--work", default=None,
+        help="scratch directory (default: a temporary one); data, annotations and solution "
+        "already there are reused")
     parser.add_argument("--skip-balance", action="store_true", help="no balance table")
     parser.add_argument("--only-writers", action="store_true", help="only the shard writers' table")
     args = parser.parse_args(argv)
@@ -140,16 +152,21 @@ def main(argv=None):
     from trainer.synth import SynthConfig, make_synthetic
 
     if not (work / "data" / "manifest.json").exists():
-        make_synthetic(work / "data", SynthConfig(num_samples=args.num_samples, image_size=args.image_size,
-                                                  samples_per_shard=1000))
+        make_synthetic(
+            work / "data",
+            SynthConfig(num_samples=args.num_samples, image_size=args.image_size,
+                        samples_per_shard=1000))
     shards = sorted(str(p) for p in (work / "data" / "train").glob("*.tar"))
     input_bytes = sum(os.path.getsize(s) for s in shards)
     print_tar_writers(tar_writers(shards))
     if args.only_writers:
         return
     if not (work / "annotations").exists():
-        annotate.run(["--input", str(work / "data" / "train" / "*.tar"), "--output", str(work / "annotations"),
-                      *WORKERS[2]])
+        annotate.run([
+            "--input",
+            str(work / "data" / "train" / "*.tar"), "--output",
+            str(work / "annotations"), *WORKERS[2]
+        ])
     config = plan.BalanceConfig(keep_rate="max", min_support=20, method="dual")
     if not (work / "solution.json").exists():
         balance.balance(str(work / "annotations"), str(work / "solution.json"), config, WORKERS[2])
@@ -159,21 +176,27 @@ def main(argv=None):
     rows = [("raw tar copy", copied, copy_seconds)]
     releases = []
     for workers, flags in WORKERS.items():
-        seconds, manifest = timed(resample.resample, str(work / "data" / "train" / "*.tar"), str(work / "annotations"),
-                                  str(work / "solution.json"), str(work / f"release-{workers}"), pipeline_args=flags)
-        rows.append((f"resample, {workers} worker{'s' if workers > 1 else ''}", manifest["counts"]["samples_read"],
-                     seconds))
+        seconds, manifest = timed(resample.resample, str(work / "data" / "train" / "*.tar"),
+                                  str(work / "annotations"), str(work / "solution.json"),
+                                  str(work / f"release-{workers}"), pipeline_args=flags)
+        rows.append((f"resample, {workers} worker{'s' if workers > 1 else ''}",
+                     manifest["counts"]["samples_read"], seconds))
         releases.append(manifest)
     print(f"\nresample: {len(shards)} shards, {copied} samples, {input_bytes / 1e6:.1f} MB "
           f"({args.image_size}px JPEG + txt + json), 2 cores")
     print("| run | samples | seconds | samples/s | MB/s | ratio to copy |")
     print("|---|---|---|---|---|---|")
     for name, samples, seconds in rows:
-        print(f"| {name} | {samples} | {seconds:.2f} | {samples / seconds:.0f} | {input_bytes / 1e6 / seconds:.1f} | "
-              f"{copy_seconds / seconds:.3f} |")
+        print(
+            f"| {name} | {samples} | {seconds:.2f} | {samples / seconds:.0f} | "
+            f"{input_bytes / 1e6 / seconds:.1f} | "
+            f"{copy_seconds / seconds:.3f} |")
     print(f"(target ratio >= {TARGET_RATIO})")
     same = all(releases[0]["shards"] == other["shards"] for other in releases[1:])
-    print(f"releases of every run byte-identical (names, sizes, sha256 of each shard): {'yes' if same else 'NO'}")
+    print(
+        "releases of every run byte-identical (names, sizes, sha256 of each shard): "
+        f"{'yes' if same else 'NO'}"
+    )
     if args.skip_balance:
         return
 
@@ -182,11 +205,19 @@ def main(argv=None):
     print("|---|---|---|---|")
     for copies in (1, 10, 100):
         directory = work / f"annotations-x{copies}"
-        rows_count = replicate_annotations(work / "annotations", directory, copies, args.balance_rows)
-        seconds, solution = timed(balance.balance, str(directory), str(work / f"solution-x{copies}" / "solution.json"),
-                                  config, WORKERS[2])
-        print(f"| {rows_count} | {solution.statistics['signatures_counted']} | {seconds:.2f} | "
-              f"{solution.statistics['balance_seconds']:.3f} |")
+        rows_count = replicate_annotations(work / "annotations", directory, copies,
+                                           args.balance_rows)
+        seconds, solution = timed(
+            balance.balance,
+            str(directory),
+            str(work / f"solution-x{copies}" / "solution.json"),
+            config,
+            WORKERS[2],
+        )
+        print(
+            f"| {rows_count} | {solution.statistics['signatures_counted']} | {seconds:.2f} | "
+            f"{solution.statistics['balance_seconds']:.3f} |"
+        )
 
 
 if __name__ == "__main__":

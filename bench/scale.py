@@ -1,4 +1,5 @@
-"""Scale harness: `balancebeam run` on a million caption rows and 100k tar samples, every local mode.
+"""Scale harness: `balancebeam run` on a million caption rows and 100k tar samples, every local
+mode.
 
 Builds the data from ../shared/data (COCO val2017 captions and the coco_mini JPEGs, replicated with
 distinct keys), runs the whole job in-process, with two workers (several times) and through the
@@ -47,7 +48,7 @@ SAMPLES_PER_TAR = 1000
 MODES = ("in-process", "two-workers", "portable")
 
 
-# --- data -------------------------------------------------------------------------------------------
+# --- data -----------------------------------------------------------------------------------------
 
 def caption_table(path: pathlib.Path, rows: int) -> pathlib.Path:
     """COCO val2017 captions replicated to `rows` JSONL rows, keys CAPTIONID-rREPLICA (distinct)."""
@@ -80,14 +81,17 @@ def tar_set(directory: pathlib.Path, samples: int) -> str:
         files.update({image["id"]: image["file_name"] for image in document["images"]})
         for annotation in document["annotations"]:
             captions.setdefault(annotation["image_id"], annotation["caption"].strip())
-    pairs = [((coco_mini / "images" / files[i]).read_bytes(), captions[i], i) for i in sorted(files)]
+    pairs = [((coco_mini / "images" / files[i]).read_bytes(), captions[i], i)
+             for i in sorted(files)]
     for shard in range(-(-samples // SAMPLES_PER_TAR)):
         with webdataset.TarWriter(str(directory / f"coco-{shard:05d}.tar")) as writer:
             for row in range(min(SAMPLES_PER_TAR, samples - shard * SAMPLES_PER_TAR)):
                 jpeg, caption, image_id = pairs[(shard * SAMPLES_PER_TAR + row) % len(pairs)]
                 key = f"{shard:05d}{row:04d}"
-                writer.write({"__key__": key, "jpg": jpeg, "txt": caption.encode("utf-8"),
-                              "json": json.dumps({"key": key, "image_id": image_id}).encode("utf-8")})
+                writer.write({
+                    "__key__": key, "jpg": jpeg, "txt": caption.encode("utf-8"),
+                    "json": json.dumps({"key": key, "image_id": image_id}).encode("utf-8")
+                })
     marker.write_text("")
     return pattern
 
@@ -110,14 +114,15 @@ def input_bytes(pattern: str) -> int:
     return sum(os.path.getsize(path) for path in glob.glob(pattern))
 
 
-# --- the reference: one process, one loop, the same work ---------------------------------------------
+# --- the reference: one process, one loop, the same work ------------------------------------------
 
 def plain_loop(pattern: str, output: pathlib.Path, samples_per_shard: int, seed: int = 0,
                output_format: str = "webdataset") -> dict:
-    """annotate -> count signatures -> solve -> exact-count sampling -> ordered tar shards, in one process.
+    """annotate -> count signatures -> solve -> exact-count sampling -> ordered tar shards, in one
+    process.
 
-    output_format "subset": the kept uids as DataComp's sorted subset.npy and every row's decision in
-    keep.parquet instead of the second pass and the shards.
+    output_format "subset": the kept uids as DataComp's sorted subset.npy and every row's decision
+    in keep.parquet instead of the second pass and the shards.
 
     The same functions the job calls per record (reader, image check, lexicon, signature, solver and
     its integer program, keep rule, order hash, member index, shard writer), without Beam, and like
@@ -157,7 +162,8 @@ def plain_loop(pattern: str, output: pathlib.Path, samples_per_shard: int, seed:
     config = balance.config_from_args(balance_args())
     solution, _ = plan.solve_table(SignatureTable.from_counts(counts.items()), config)
     rule = release.KeepRule(solution, seed, "exact")
-    decided = dict(zip(labels, rule.signatures_and_probabilities((a, c, None) for a, c in labels.values())))
+    decided = dict(
+        zip(labels, rule.signatures_and_probabilities((a, c, None) for a, c in labels.values())))
     draws = collections.defaultdict(list)
     for key, (signature, _) in decided.items():
         if rule.exact_signature(signature) is not None:
@@ -195,8 +201,11 @@ def plain_loop(pattern: str, output: pathlib.Path, samples_per_shard: int, seed:
     output.mkdir(parents=True, exist_ok=True)
     written, inputs = 0, InputTars()
     for shard, start in enumerate(range(0, len(items), samples_per_shard)):
-        rows = [(key, list(tars.read_members(located, lambda o, n, p=path: inputs.read_at(p, o, n)).items()))
-                for _, key, path, located in items[start:start + samples_per_shard]]
+        rows = [
+            (key,
+             list(tars.read_members(located, lambda o, n, p=path: inputs.read_at(p, o, n)).items()))
+            for _, key, path, located in items[start:start + samples_per_shard]
+        ]
         written += tars.write_shard(str(output / tars.shard_name("plain", shard)), rows)["samples"]
     inputs.close()
     return {"records": len(labels), "kept": written}
@@ -210,7 +219,7 @@ def balance_args():
     return parser.parse_args(RUN_FLAGS)
 
 
-# --- the job in each mode --------------------------------------------------------------------------
+# --- the job in each mode -------------------------------------------------------------------------
 
 @contextlib.contextmanager
 def job_service():
@@ -223,7 +232,8 @@ def job_service():
 
 @contextlib.contextmanager
 def cpu_load(loops: int):
-    """`loops` busy processes beside the job: parallel runners fail nondeterministically under load."""
+    """`loops` busy processes beside the job: parallel runners fail nondeterministically under load.
+    """
     busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(loops)]
     try:
         yield
@@ -235,7 +245,8 @@ def cpu_load(loops: int):
 
 def released_captions(output: pathlib.Path, pattern: str):
     """The captions of what the release holds: the shards' .txt members, or for a subset release the
-    pool metadata's text of every uid subset.npy lists (found with np.searchsorted, as DataComp does)."""
+    pool metadata's text of every uid subset.npy lists (found with np.searchsorted, as DataComp
+    does)."""
     import tarfile
 
     manifest = json.loads((output / "release" / "manifest.json").read_text())
@@ -252,7 +263,8 @@ def released_captions(output: pathlib.Path, pattern: str):
             pairs = np.array([(int(u[:16], 16), int(u[16:], 16)) for u in uids], dtype=subset.dtype)
             found = np.searchsorted(subset, pairs)
             member = (found < len(subset)) & (subset[np.minimum(found, len(subset) - 1)] == pairs)
-            yield from (text for text, kept in zip(table.column("text").to_pylist(), member) if kept)
+            yield from (text for text, kept in zip(table.column("text").to_pylist(), member)
+                        if kept)
         return
     for shard in sorted((output / "release").glob("*.tar")):
         with tarfile.open(shard) as archive:
@@ -273,7 +285,8 @@ def release_promise(output: pathlib.Path, pattern: str) -> dict:
     spec, annotator = solution.spec, TextAnnotator()
     attribute_index = {name: i for i, name in enumerate(spec.attribute_names)}
     concept_index = {name: i for i, name in enumerate(spec.concept_names)}
-    with_value = collections.Counter()  # (value, concept) -> annotated samples with that value in it
+    # (value, concept) -> annotated samples with that value in it
+    with_value = collections.Counter()
     annotated = collections.Counter()  # concept (-1: all) -> annotated samples
     samples = 0
     for caption in released_captions(output, pattern):
@@ -289,24 +302,30 @@ def release_promise(output: pathlib.Path, pattern: str) -> dict:
     worst, worst_unit = -1.0, None
     for value, concept, gap in zip(spec.unit_values, spec.unit_concepts, spec.unit_gaps):
         if annotated[concept]:
-            excess = abs(with_value[value, concept] / annotated[concept] - spec.targets[value]) - gap
+            share = with_value[value, concept] / annotated[concept]
+            excess = abs(share - spec.targets[value]) - gap
             if excess > worst:
                 worst, worst_unit = excess, (spec.attribute_names[value],
                                              "all" if concept < 0 else spec.concept_names[concept])
     lp_max = solution.statistics["max_keep_rate"]
-    records = json.loads((output / "release" / "manifest.json").read_text())["counts"]["samples_read"]
+    records = json.loads(
+        (output / "release" / "manifest.json").read_text())["counts"]["samples_read"]
     return {"samples": samples, "worst_excess": worst, "worst_unit": worst_unit,
             "kept_of_lp_max": samples / (lp_max * records)}
 
 
 def run_job(pattern: str, output: pathlib.Path, beam_args: list[str], samples_per_shard: int,
             output_format: str = "webdataset") -> dict:
-    """`balancebeam run` in this process; returns the manifest (the job reconciles its own counts)."""
+    """`balancebeam run` in this process; returns the manifest (the job reconciles its own counts).
+    """
     from pipeline import cli
 
     shutil.rmtree(output, ignore_errors=True)
-    code = cli.main(["run", "--input", pattern, "--output", str(output), *RUN_FLAGS,
-                     "--samples-per-shard", str(samples_per_shard), "--output-format", output_format, *beam_args])
+    code = cli.main([
+        "run", "--input", pattern, "--output",
+        str(output), *RUN_FLAGS, "--samples-per-shard",
+        str(samples_per_shard), "--output-format", output_format, *beam_args
+    ])
     if code != 0:
         raise SystemExit(f"balancebeam run failed (exit {code}) in {beam_args}")
     manifest = json.loads((output / "release" / "manifest.json").read_text())
@@ -322,15 +341,22 @@ from bench.memory import MemorySampler
 from bench.scale import plain_loop
 sampler = MemorySampler()
 started = time.perf_counter()
-result = plain_loop(sys.argv[1], pathlib.Path(sys.argv[2]), int(sys.argv[3]), output_format=sys.argv[4])
-print(json.dumps({{"seconds": time.perf_counter() - started, "peak_mib": sampler.stop() / 2 ** 20, "result": result}}))
+result = plain_loop(sys.argv[1], pathlib.Path(sys.argv[2]), int(sys.argv[3]),
+                    output_format=sys.argv[4])
+print(json.dumps({{"seconds": time.perf_counter() - started, "peak_mib": sampler.stop() / 2 ** 20,
+                  "result": result}}))
 """
 
 
-def measure_plain_loop(pattern: str, output: pathlib.Path, samples_per_shard: int, output_format: str) -> dict:
+def measure_plain_loop(pattern: str, output: pathlib.Path, samples_per_shard: int,
+                       output_format: str) -> dict:
     """The plain loop in a fresh interpreter, so its peak memory (and its heap) are its own."""
-    child = subprocess.run([sys.executable, "-c", _PLAIN_LOOP_CHILD.format(root=str(ROOT)), pattern, str(output),
-                            str(samples_per_shard), output_format], capture_output=True, text=True, check=True)
+    child = subprocess.run([
+        sys.executable, "-c",
+        _PLAIN_LOOP_CHILD.format(root=str(ROOT)), pattern,
+        str(output),
+        str(samples_per_shard), output_format
+    ], capture_output=True, text=True, check=True)
     return {"run": "plain loop (1 process)", **json.loads(child.stdout.strip().splitlines()[-1])}
 
 
@@ -339,39 +365,50 @@ def measure(label, function, *args):
     started = time.perf_counter()
     result = function(*args)
     seconds = time.perf_counter() - started
-    return {"run": label, "seconds": seconds, "peak_mib": sampler.stop() / 2 ** 20, "result": result}
+    return {"run": label, "seconds": seconds, "peak_mib": sampler.stop() / 2**20, "result": result}
 
 
 def bench_dataset(name, pattern, work, args, output_format="webdataset") -> list[dict]:
     """The plain loop, then the job in every asked mode; checks and returns the table's rows."""
     size_mb = input_bytes(pattern) / 1e6
-    runs = [measure_plain_loop(pattern, work / f"{name}-plain", args.samples_per_shard, output_format)]
+    runs = [
+        measure_plain_loop(pattern, work / f"{name}-plain", args.samples_per_shard, output_format)
+    ]
     records = runs[0]["result"]["records"]
     shutil.rmtree(work / f"{name}-plain", ignore_errors=True)
     modes = []
     if "in-process" in args.modes:
         modes.append(("balancebeam run, in-process", IN_PROCESS))
     if "two-workers" in args.modes:
-        modes += [(f"balancebeam run, 2 workers (#{i + 1})", TWO_WORKERS) for i in range(args.two_worker_runs)]
+        modes += [(f"balancebeam run, 2 workers (#{i + 1})", TWO_WORKERS)
+                  for i in range(args.two_worker_runs)]
     if "portable" in args.modes:
         modes.append(("balancebeam run, portable runner", None))
     manifests = []
     for label, beam_args in modes:
-        with cpu_load(args.load), (job_service() if beam_args is None else contextlib.nullcontext(beam_args)) as flags:
-            runs.append(measure(label, run_job, pattern, work / f"{name}-job", flags, args.samples_per_shard,
-                                output_format))
+        flags_context = job_service() if beam_args is None else contextlib.nullcontext(beam_args)
+        with cpu_load(args.load), flags_context as flags:
+            runs.append(
+                measure(label, run_job, pattern, work / f"{name}-job", flags,
+                        args.samples_per_shard, output_format))
         manifests.append(runs[-1]["result"])
-        if len(manifests) == 1:  # the releases are byte-identical (checked below): the first one's promise
+        # the releases are byte-identical (checked below): the first one's promise
+        if len(manifests) == 1:
             promise = release_promise(work / f"{name}-job", pattern)
             runs[-1]["promise"] = promise
-            assert promise["worst_excess"] <= REALIZED_SLACK, f"the release misses the gap: {promise}"
-            assert promise["kept_of_lp_max"] >= KEPT_OF_LP_MAX, f"the release keeps too little: {promise}"
+            assert promise["worst_excess"] <= REALIZED_SLACK, (
+                f"the release misses the gap: {promise}")
+            assert promise["kept_of_lp_max"] >= KEPT_OF_LP_MAX, (
+                f"the release keeps too little: {promise}")
     shutil.rmtree(work / f"{name}-job", ignore_errors=True)
     reference = manifests[0] if manifests else None
     for manifest in manifests:
-        assert manifest["shards"] == reference["shards"], "releases differ between runs (sha256 of the shards)"
-        assert manifest.get("files") == reference.get("files"), "subset files differ between runs (sha256)"
-        assert manifest["counts"]["quarantined_total"] == 0 == manifest["annotate_quarantined"], manifest["counts"]
+        assert manifest["shards"] == reference["shards"], (
+            "releases differ between runs (sha256 of the shards)")
+        assert manifest.get("files") == reference.get("files"), (
+            "subset files differ between runs (sha256)")
+        quarantined = manifest["counts"]["quarantined_total"], manifest["annotate_quarantined"]
+        assert quarantined == (0, 0), manifest["counts"]
         assert manifest["counts"]["samples_read"] == records, (manifest["counts"], records)
         assert manifest["counts"]["kept"] == reference["counts"]["kept"] > 0
     for run in runs:
@@ -380,8 +417,10 @@ def bench_dataset(name, pattern, work, args, output_format="webdataset") -> list
 
 
 def print_table(runs, cores, load):
-    print(f"\n{cores} cores, {load} busy loops beside the job; every job reconciled its counts, quarantined "
-          "nothing and wrote byte-identical shards")
+    print(
+        f"\n{cores} cores, {load} busy loops beside the job; every job reconciled its counts, "
+        "quarantined "
+        "nothing and wrote byte-identical shards")
     print("| data | run | records | seconds | records/s | MB/s | peak memory, all processes (MiB) "
           "| ratio to plain loop |")
     print("|---|---|---|---|---|---|---|---|")
@@ -391,12 +430,21 @@ def print_table(runs, cores, load):
         if "promise" in run:
             promises.append((run["dataset"], run["promise"]))
         reference.setdefault(run["dataset"], rate)
-        print(f"| {run['dataset']} | {run['run']} | {run['records']} | {run['seconds']:.1f} | {rate:,.0f} | "
-              f"{run['mb'] / run['seconds']:.1f} | {run['peak_mib']:,.0f} | {rate / reference[run['dataset']]:.2f} |")
+        print(
+            f"| {run['dataset']} | {run['run']} | {run['records']} | {run['seconds']:.1f} | "
+            f"{rate:,.0f} | "
+            f"{run['mb'] / run['seconds']:.1f} | {run['peak_mib']:,.0f} | "
+            f"{rate / reference[run['dataset']]:.2f} |"
+        )
     if promises:
-        print(f"\nthe release against what was asked (--association-gap {GAP}, --keep-rate max), recounted from "
-              "the shards' own captions")
-        print("| data | samples released | worst constrained share: |share - target| - gap | kept / LP maximum |")
+        print(
+            f"\nthe release against what was asked (--association-gap {GAP}, --keep-rate max), "
+            "recounted from "
+            "the shards' own captions")
+        print(
+            "| data | samples released | worst constrained share: |share - target| - gap | kept / "
+            "LP maximum |"
+        )
         print("|---|---|---|---|")
         for dataset, promise in promises:
             if promise["worst_unit"] is None:
@@ -404,17 +452,23 @@ def print_table(runs, cores, load):
             else:
                 value, concept = promise["worst_unit"]
                 worst = f"{promise['worst_excess']:+.4f} ({value} in {concept})"
-            print(f"| {dataset} | {promise['samples']:,} | {worst} | {promise['kept_of_lp_max']:.4f} |")
+            print(
+                f"| {dataset} | {promise['samples']:,} | {worst} | {promise['kept_of_lp_max']:.4f} "
+                "|"
+            )
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000, help="caption-table rows (0: skip)")
-    parser.add_argument("--tar-samples", type=int, default=100_000, help="samples in tars (0: skip)")
-    parser.add_argument("--pool-rows", type=int, default=1_000_000,
-                        help="rows of a DataComp-layout Parquet pool, released as a subset file (0: skip)")
+    parser.add_argument("--tar-samples", type=int, default=100_000,
+                        help="samples in tars (0: skip)")
+    parser.add_argument(
+        "--pool-rows", type=int, default=1_000_000,
+        help="rows of a DataComp-layout Parquet pool, released as a subset file (0: skip)")
     parser.add_argument("--two-worker-runs", type=int, default=3)
-    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {MODES}")
+    parser.add_argument("--modes", default=",".join(MODES),
+                        help=f"comma-separated subset of {MODES}")
     parser.add_argument("--load", type=int, default=0, help="busy loops beside the Beam runs")
     parser.add_argument("--samples-per-shard", type=int, default=1000)
     parser.add_argument("--work", help="folder for the data (kept between runs) and the releases")
@@ -430,13 +484,20 @@ def main(argv=None) -> int:
     configure_logging()
     runs = []
     if args.rows:
-        runs += bench_dataset("captions", str(caption_table(work / f"captions-{args.rows}.jsonl", args.rows)),
+        runs += bench_dataset("captions",
+                              str(caption_table(work / f"captions-{args.rows}.jsonl", args.rows)),
                               work, args)
     if args.tar_samples:
-        runs += bench_dataset("tars", tar_set(work / f"tars-{args.tar_samples}", args.tar_samples), work, args)
+        tar_glob = tar_set(work / f"tars-{args.tar_samples}", args.tar_samples)
+        runs += bench_dataset("tars", tar_glob, work, args)
     if args.pool_rows:
-        runs += bench_dataset("DataComp-layout pool -> subset", pool(work / f"pool-{args.pool_rows}", args.pool_rows),
-                              work, args, output_format="subset")
+        runs += bench_dataset(
+            "DataComp-layout pool -> subset",
+            pool(work / f"pool-{args.pool_rows}", args.pool_rows),
+            work,
+            args,
+            output_format="subset",
+        )
     print_table(runs, os.cpu_count(), args.load)
     return 0
 

@@ -1,4 +1,5 @@
-"""Benchmark of the M4 solvers: exact (cvxpy + Clarabel) vs dual vs streaming, time, accuracy, memory.
+"""Benchmark of the M4 solvers: exact (cvxpy + Clarabel) vs dual vs streaming, time, accuracy,
+memory.
 
 Prints one table; each solver runs in a fresh subprocess so its peak RSS is its own.
 Usage: python bench/solvers.py [--sizes 1e4,1e5,1e6] [--stream-sizes 1e7] [--skip-coco]
@@ -35,9 +36,10 @@ STREAM_EPOCHS = 4
 COCO_CONCEPTS = 100
 MAN = r"\b(man|men|boy|boys|gentleman|gentlemen|he|his|him|husband|father|guy|guys|male)\b"
 WOMAN = r"\b(woman|women|girl|girls|lady|ladies|she|her|hers|wife|mother|female)\b"
-STOPWORDS = set("""a an the of on in with and is are to at near next by for from some two three its it that this there
-his her their has have while sitting standing holding white black blue red green large small top up down
-one other each very man men woman women boy girl people person""".split())
+STOPWORDS = set(
+    """a an the of on in with and is are to at near next by for from some two three its it that this
+there his her their has have while sitting standing holding white black blue red green large
+small top up down one other each very man men woman women boy girl people person""".split())
 
 
 def web_batch(batch_index: int, rows: int, seed: int = 0):
@@ -71,16 +73,21 @@ def web_problem(rows: int):
 
 
 def coco_problem():
-    """COCO val2017 captions: gender terms by regex, the 100 most frequent other words as concepts."""
+    """COCO val2017 captions: gender terms by regex, the 100 most frequent other words as concepts.
+    """
     from solvers.problem import BalanceProblem
 
     captions = [a["caption"].lower() for a in json.loads(COCO_CAPTIONS.read_text())["annotations"]]
     words = [set(re.findall(r"[a-z]+", caption)) for caption in captions]
-    counts = Counter(word for caption_words in words for word in caption_words if word not in STOPWORDS)
+    counts = Counter(word for caption_words in words for word in caption_words
+                     if word not in STOPWORDS)
     vocabulary = [word for word, _ in counts.most_common(COCO_CONCEPTS)]
-    attributes = np.array([[bool(re.search(MAN, c)), bool(re.search(WOMAN, c))] for c in captions], dtype=np.float64)
-    concepts = np.array([[word in caption_words for word in vocabulary] for caption_words in words], dtype=np.float64)
-    return BalanceProblem(attributes, concepts, attribute_names=["man", "woman"], concept_names=vocabulary)
+    attributes = np.array(
+        [[bool(re.search(MAN, c)), bool(re.search(WOMAN, c))] for c in captions], dtype=np.float64)
+    concepts = np.array([[word in caption_words for word in vocabulary] for caption_words in words],
+                        dtype=np.float64)
+    return BalanceProblem(attributes, concepts, attribute_names=["man", "woman"],
+                          concept_names=vocabulary)
 
 
 def run_worker(case: str, rows: int, solver: str) -> dict:
@@ -119,9 +126,13 @@ def run_worker(case: str, rows: int, solver: str) -> dict:
     else:
         raise ValueError(solver)
     seconds = time.perf_counter() - begun
-    violation = max(float(problem.violations(q).max()), abs(problem.weights @ q / problem.total_weight - KEEP_RATE))
-    return {"setup_s": setup, "solve_s": seconds, "objective": problem.objective(q, KEEP_RATE) / problem.total_weight,
-            "violation": violation, "peak_rss_mb": _peak_rss_mb(), "rows": problem.num_rows}
+    violation = max(float(problem.violations(q).max()),
+                    abs(problem.weights @ q / problem.total_weight - KEEP_RATE))
+    return {
+        "setup_s": setup, "solve_s": seconds,
+        "objective": problem.objective(q, KEEP_RATE) / problem.total_weight, "violation": violation,
+        "peak_rss_mb": _peak_rss_mb(), "rows": problem.num_rows
+    }
 
 
 REALIZED_GAP = 0.05  # the issue's own command line: --keep-rate max --association-gap 0.05
@@ -129,7 +140,8 @@ REALIZED_GAP = 0.05  # the issue's own command line: --keep-rate max --associati
 
 def realized_gaps(case: str, rows: int) -> dict:
     """Plan vs release: the largest |share - target| over the constrained (value, concept) pairs of
-    the plan (q), of a Bernoulli draw of it, and of the exact-count release (whole rows per signature)."""
+    the plan (q), of a Bernoulli draw of it, and of the exact-count release (whole rows per
+    signature)."""
     from solvers import solve
     from solvers.compress import compress_problem
     from solvers.problem import BalanceProblem
@@ -145,8 +157,11 @@ def realized_gaps(case: str, rows: int) -> dict:
     allocate_s = time.perf_counter() - started
     rng = np.random.default_rng(0)
     drawn = rng.binomial(compressed.weights.astype(np.int64), np.clip(solution.q, 0, 1))
-    largest = {name: _largest_gap(compressed, kept) for name, kept in (
-        ("plan", compressed.weights * solution.q), ("bernoulli", drawn), ("exact", allocation.counts))}
+    largest = {
+        name: _largest_gap(compressed, kept)
+        for name, kept in (("plan", compressed.weights * solution.q), ("bernoulli", drawn),
+                           ("exact", allocation.counts))
+    }
     lp_rows = solution.statistics["max_keep_rate"] * compressed.total_weight
     return {"rows": problem.num_rows, "signatures": compressed.num_rows, **largest,
             "kept_of_lp_max": float(allocation.counts.sum() / lp_rows), "allocate_s": allocate_s,
@@ -154,7 +169,8 @@ def realized_gaps(case: str, rows: int) -> dict:
 
 
 def _largest_gap(problem, kept) -> float:
-    """max over constrained units with kept support of |share - target| (plain numpy on the rows)."""
+    """max over constrained units with kept support of |share - target| (plain numpy on the rows).
+    """
     spec = problem.spec
     kept = np.asarray(kept, dtype=np.float64)
     annotated = problem.attributes.max(axis=1)
@@ -177,7 +193,10 @@ def measure(case: str, rows: int, solver: str) -> dict:
     command = [sys.executable, __file__, "--worker", case, str(rows), solver]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
-        return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"}
+        return {
+            "error": done.stderr.strip().splitlines()[-1]
+            if done.stderr.strip() else f"exit {done.returncode}"
+        }
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -186,8 +205,10 @@ def main(argv=None) -> int:
     parser.add_argument("--sizes", default="1e4,1e5,1e6")
     parser.add_argument("--stream-sizes", default="1e7")
     parser.add_argument("--skip-coco", action="store_true")
-    parser.add_argument("--realized-sizes", default="1e6", help="web problem sizes for the plan-vs-release table")
-    parser.add_argument("--worker", nargs=3, metavar=("CASE", "ROWS", "SOLVER"), help=argparse.SUPPRESS)
+    parser.add_argument("--realized-sizes", default="1e6",
+                        help="web problem sizes for the plan-vs-release table")
+    parser.add_argument("--worker", nargs=3, metavar=("CASE", "ROWS", "SOLVER"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         case, rows, solver = args.worker
@@ -200,8 +221,9 @@ def main(argv=None) -> int:
     cases = [("web", int(float(size))) for size in args.sizes.split(",") if size]
     if not args.skip_coco:
         cases.append(("coco", 0))
-    header = (f"{'problem':<12} {'rows':>10} {'solver':<20} {'setup s':>8} {'solve s':>9} {'x exact':>8} "
-              f"{'rel obj gap':>12} {'max viol':>9} {'peak MB':>8}")
+    header = (
+        f"{'problem':<12} {'rows':>10} {'solver':<20} {'setup s':>8} {'solve s':>9} {'x exact':>8} "
+        f"{'rel obj gap':>12} {'max viol':>9} {'peak MB':>8}")
     print(header)
     print("-" * len(header))
     for case, rows in cases:
@@ -211,14 +233,22 @@ def main(argv=None) -> int:
             _print_row(case, rows, solver, result, exact)
     for size in [s for s in args.stream_sizes.split(",") if s]:
         rows = int(float(size))
-        _print_row("web", rows, "streaming_generated", measure("web", rows, "streaming_generated"), None)
-    print(f"\nplan vs release at --keep-rate max --association-gap {REALIZED_GAP} (largest |share - target| over "
-          "the constrained pairs; Bernoulli: each row drawn on its own; exact: balance's whole-row counts)")
-    print("| problem | rows | signatures | plan | Bernoulli release | exact-count release | kept / LP max | "
-          "integer program s |")
+        generated = measure("web", rows, "streaming_generated")
+        _print_row("web", rows, "streaming_generated", generated, None)
+    print(
+        f"\nplan vs release at --keep-rate max --association-gap {REALIZED_GAP} (largest |share - "
+        "target| over "
+        "the constrained pairs; Bernoulli: each row drawn on its own; exact: balance's whole-row "
+        "counts)"
+    )
+    print(
+        "| problem | rows | signatures | plan | Bernoulli release | exact-count release | kept / "
+        "LP max | "
+        "integer program s |")
     print("|---|---|---|---|---|---|---|---|")
-    realized_cases = ([] if args.skip_coco else [("coco", 0)]) + [("web", int(float(s))) for s in
-                                                                  args.realized_sizes.split(",") if s]
+    realized_cases = ([] if args.skip_coco else [("coco", 0)]) + [
+        ("web", int(float(s))) for s in args.realized_sizes.split(",") if s
+    ]
     for case, rows in realized_cases:
         result = measure(case, rows, "realized")
         if "error" in result:
@@ -237,9 +267,14 @@ def _print_row(case, rows, solver, result, exact) -> None:
         return
     have_exact = exact is not None and "error" not in exact
     speedup = f"{exact['solve_s'] / result['solve_s']:.1f}" if have_exact else "n/a"
-    gap = f"{abs(result['objective'] - exact['objective']) / exact['objective']:.1e}" if have_exact else "n/a"
-    print(f"{case:<12} {result['rows']:>10} {solver:<20} {result['setup_s']:>8.1f} {result['solve_s']:>9.2f} "
-          f"{speedup:>8} {gap:>12} {result['violation']:>9.1e} {result['peak_rss_mb']:>8.0f}", flush=True)
+    gap = "n/a"
+    if have_exact:
+        gap = f"{abs(result['objective'] - exact['objective']) / exact['objective']:.1e}"
+    print(
+        f"{case:<12} {result['rows']:>10} {solver:<20} {result['setup_s']:>8.1f} "
+        f"{result['solve_s']:>9.2f} "
+        f"{speedup:>8} {gap:>12} {result['violation']:>9.1e} {result['peak_rss_mb']:>8.0f}",
+        flush=True)
 
 
 if __name__ == "__main__":

@@ -89,7 +89,8 @@ OPEN_CLIP_TIMER = textwrap.dedent("""
             args = argparse.Namespace(train_data="::".join(config["urls"]), val_data=None,
                                       dataset_resampled=False, train_num_samples=num_samples,
                                       train_data_upsampling_factors=None, seed=0,
-                                      batch_size=config["batch_size"], workers=workers, world_size=1)
+                                      batch_size=config["batch_size"], workers=workers,
+                                      world_size=1)
             try:
                 start = time.perf_counter()
                 info = get_wds_dataset(args, preprocess, is_train=True, tokenizer=tokenizer)
@@ -105,9 +106,10 @@ OPEN_CLIP_TIMER = textwrap.dedent("""
             if best is None or seconds < best["seconds"]:
                 best = {"workers": workers, "seen": seen, "seconds": seconds}
         runs.append(best)
-    print(%(mark)r + json.dumps({"webdataset": webdataset.__version__, "webdataset_file": webdataset.__file__,
-                                 "open_clip": open_clip.__version__, "torch_threads": torch.get_num_threads(),
-                                 "runs": runs}))
+    print(%(mark)r + json.dumps({"webdataset": webdataset.__version__,
+                                 "webdataset_file": webdataset.__file__,
+                                 "open_clip": open_clip.__version__,
+                                 "torch_threads": torch.get_num_threads(), "runs": runs}))
 """) % {"mark": RESULT_MARK}
 
 
@@ -127,7 +129,8 @@ def raw_tar_samples(urls):
 
 
 def loader_samples(urls, preprocess, tokenizer, workers, batch_size):
-    pipeline = data.training_pipeline(urls, preprocess, tokenizer, batch_size, shuffle_buffer=SHUFFLE_BUFFER)
+    pipeline = data.training_pipeline(urls, preprocess, tokenizer, batch_size,
+                                      shuffle_buffer=SHUFFLE_BUFFER)
     return sum(images.shape[0] for images, _, _ in data.training_loader(pipeline, workers))
 
 
@@ -138,11 +141,14 @@ def open_clip_webdataset_folder():
         return folder, None
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
-    install = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target",
-                              str(staging), f"webdataset=={OPEN_CLIP_WEBDATASET}"], capture_output=True, text=True)
+    install = subprocess.run([
+        sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target",
+        str(staging), f"webdataset=={OPEN_CLIP_WEBDATASET}"
+    ], capture_output=True, text=True)
     if install.returncode != 0:
         shutil.rmtree(staging, ignore_errors=True)
-        return None, f"could not install webdataset {OPEN_CLIP_WEBDATASET}: {install.stderr.strip()[-300:]}"
+        error = install.stderr.strip()[-300:]
+        return None, f"could not install webdataset {OPEN_CLIP_WEBDATASET}: {error}"
     try:
         staging.rename(folder)
     except OSError:  # another run installed it meanwhile
@@ -151,21 +157,29 @@ def open_clip_webdataset_folder():
 
 
 def open_clip_loader_runs(model_name, urls, batch_size, runs, repeats):
-    """Time open_clip_train's get_wds_dataset in a subprocess; returns its JSON result or {"error"}."""
+    """Time open_clip_train's get_wds_dataset in a subprocess; returns its JSON result or {"error"}.
+    """
     folder, why_not = open_clip_webdataset_folder()
     if folder is None:
         return {"error": why_not}
-    config = {"model": model_name, "urls": list(urls), "batch_size": batch_size, "runs": runs, "repeats": repeats}
+    config = {
+        "model": model_name, "urls": list(urls), "batch_size": batch_size, "runs": runs,
+        "repeats": repeats
+    }
     environment = dict(os.environ, PYTHONPATH=os.pathsep.join([str(folder), str(ROOT)]))
     run = subprocess.run([sys.executable, "-c", OPEN_CLIP_TIMER, json.dumps(config)],
                          capture_output=True, text=True, env=environment)
     lines = [line for line in run.stdout.splitlines() if line.startswith(RESULT_MARK)]
     if run.returncode != 0 or not lines:
-        tail = (run.stderr.strip() or run.stdout.strip())[-300:].replace("\n", " ").replace("|", "/")
+        tail = (run.stderr.strip() or run.stdout.strip())[-300:].replace("\n",
+                                                                         " ").replace("|", "/")
         return {"error": f"open_clip subprocess failed (exit {run.returncode}): {tail}"}
     result = json.loads(lines[-1][len(RESULT_MARK):])
     if "error" not in result and not str(result["webdataset_file"]).startswith(str(folder)):
-        return {"error": f"subprocess imported webdataset from {result['webdataset_file']}, not {folder}"}
+        return {
+            "error": f"subprocess imported webdataset from {result['webdataset_file']}, not "
+                     f"{folder}"
+        }
     return result
 
 
@@ -176,7 +190,8 @@ def training_steps_per_second(model_name, urls, device, steps, batch_size, worke
     use_bf16 = device == "cuda"
     done, start = 0, None
     while done < steps + 3:
-        pipeline = data.training_pipeline(urls, preprocess, tokenizer, batch_size, shuffle_buffer=SHUFFLE_BUFFER)
+        pipeline = data.training_pipeline(urls, preprocess, tokenizer, batch_size,
+                                          shuffle_buffer=SHUFFLE_BUFFER)
         for images, texts, _ in data.training_loader(pipeline, workers):
             with torch.autocast(device, dtype=torch.bfloat16, enabled=use_bf16):
                 out = model(images.to(device), texts.to(device))
@@ -214,42 +229,50 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=1,
                         help="time each loader this many times and keep the fastest (default 1)")
     parser.add_argument("--skip-training", action="store_true", help="measure the loaders only")
-    parser.add_argument("--skip-open-clip", action="store_true", help="do not run open_clip_train's loader")
+    parser.add_argument("--skip-open-clip", action="store_true",
+                        help="do not run open_clip_train's loader")
     args = parser.parse_args(argv)
     torch.set_flush_denormal(True)
     model_name = MODEL_FOR_DEVICE[args.device]
     _, tokenizer, preprocess, _ = models.create_model(model_name)
-    image_size = preprocess.transforms[0].size[0] if hasattr(preprocess.transforms[0], "size") else 64
+    image_size = preprocess.transforms[0].size[0] if hasattr(preprocess.transforms[0],
+                                                             "size") else 64
     repeats = max(1, args.repeats)
     with tempfile.TemporaryDirectory() as folder:
-        make_synthetic(folder, SynthConfig(num_samples=args.samples, image_size=64, samples_per_shard=500))
+        make_synthetic(folder,
+                       SynthConfig(num_samples=args.samples, image_size=64, samples_per_shard=500))
         urls = data.expand_shards(folder)
         count, seconds = best_of(repeats, lambda: raw_tar_samples(urls))
         reference = count / seconds
         rows = [("raw tar iteration (reference)", count, reference, None)]
         ours = {}
         for workers in args.workers:
-            ours[workers] = best_of(repeats, lambda: loader_samples(urls, preprocess, tokenizer, workers,
-                                                                    args.batch_size))
+            ours[workers] = best_of(
+                repeats,
+                lambda: loader_samples(urls, preprocess, tokenizer, workers, args.batch_size))
         if args.skip_open_clip:
             open_clip_result = {"error": "skipped (--skip-open-clip)"}
         else:
             open_clip_result = open_clip_loader_runs(model_name, urls, args.batch_size,
-                                                     [[workers, ours[workers][0]] for workers in args.workers],
-                                                     repeats)
+                                                     [[workers, ours[workers][0]]
+                                                      for workers in args.workers], repeats)
         open_clip_runs = {run["workers"]: run for run in open_clip_result.get("runs", [])}
-        open_clip_name = (f"open_clip_train {open_clip_result.get('open_clip', '?')} get_wds_dataset "
-                          f"(webdataset {open_clip_result.get('webdataset', OPEN_CLIP_WEBDATASET)})")
+        open_clip_name = (
+            f"open_clip_train {open_clip_result.get('open_clip', '?')} get_wds_dataset "
+            f"(webdataset {open_clip_result.get('webdataset', OPEN_CLIP_WEBDATASET)})")
         for workers in args.workers:
             count, seconds = ours[workers]
             run = open_clip_runs.get(workers, {"error": open_clip_result.get("error", "no result")})
             if "error" in run:
-                rows.append((f"{open_clip_name}, {workers} workers (reference): not measured: {run['error']}",
-                             None, None, None))
+                rows.append((
+                    f"{open_clip_name}, {workers} workers (reference): not measured: "
+                    f"{run['error']}",
+                    None, None, None))
                 ours_vs_open_clip = None
             else:
                 open_clip_rate = run["seen"] / run["seconds"]
-                rows.append((f"{open_clip_name}, {workers} workers (reference)", run["seen"], open_clip_rate, 1.0))
+                rows.append((f"{open_clip_name}, {workers} workers (reference)", run["seen"],
+                             open_clip_rate, 1.0))
                 ours_vs_open_clip = count / seconds / open_clip_rate
             rows.append((f"ours: decode+preprocess {image_size}px+tokenize, {workers} workers",
                          count, count / seconds, ours_vs_open_clip))

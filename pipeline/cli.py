@@ -17,7 +17,8 @@ INFO_LOGGERS = ("pipeline", "solvers", "trainer")
 
 
 def configure_logging(quiet: bool = False) -> None:
-    """Before any command module is imported, so that logging is ours before a library's import logs."""
+    """Before any command module is imported, so that logging is ours before a library's import
+    logs."""
     logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT)
     for name in INFO_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING if quiet else logging.INFO)
@@ -30,13 +31,15 @@ COMMANDS = {
     "embed-prompts": ("pipeline.embed_prompts:run",
                       "embed the zero-shot prompts once, for pools with image embeddings"),
     "balance": ("pipeline.balance:run", "solve M4 on annotations, write solution.json (Beam job)"),
-    "resample": ("pipeline.resample:run", "write balanced WebDataset shards or a subset file (Beam job)"),
+    "resample": ("pipeline.resample:run",
+                 "write balanced WebDataset shards or a subset file (Beam job)"),
     "report": ("pipeline.report:run", "statistics before/after, plots and dataset card"),
     "run": ("pipeline.run_all:run", "annotate, balance, resample and report in one go"),
     "synth": ("trainer.synth:main", "write planted-bias synthetic WebDataset shards"),
     "train": ("trainer.train:main", "train a contrastive model on WebDataset shards"),
     "evaluate": ("trainer.evaluate:main", "measure a model's bias (RB, AB) and quality"),
-    "study": ("pipeline.study.runner:run", "run the balancing study (variants x seeds x schedules)"),
+    "study": ("pipeline.study.runner:run",
+              "run the balancing study (variants x seeds x schedules)"),
 }
 
 
@@ -51,7 +54,8 @@ def _usage() -> str:
     lines.append("flags for every command (before or after it):")
     lines.append("  --debug     show a failure's traceback")
     lines.append("  --quiet     only warnings and errors, no progress")
-    lines.append("  --progress  progress lines and bars even when the output is not a terminal (a log file)")
+    lines.append(
+        "  --progress  progress lines and bars even when the output is not a terminal (a log file)")
     lines.append("")
     lines.append("Exit codes: 0 ok, 1 a data, solver or reconciliation problem, 2 a usage problem.")
     return "\n".join(lines)
@@ -74,7 +78,8 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug, quiet, progress = ("--debug" in argv), ("--quiet" in argv), ("--progress" in argv)
     if quiet and progress:
-        print("balancebeam: --quiet and --progress contradict each other; pass one", file=sys.stderr)
+        print("balancebeam: --quiet and --progress contradict each other; pass one",
+              file=sys.stderr)
         return EXIT_USAGE
     argv = [a for a in argv if a not in GLOBAL_FLAGS]
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -118,7 +123,8 @@ def main(argv=None) -> int:
 
 def _one_line(error: BaseException) -> str:
     text = " ".join(str(error).split())
-    return text.removeprefix("balancebeam ").split(": ", 1)[-1] if text.startswith("balancebeam ") else text
+    return text.removeprefix("balancebeam ").split(
+        ": ", 1)[-1] if text.startswith("balancebeam ") else text
 
 
 if __name__ == "__main__":

@@ -12,8 +12,8 @@ COUNTS_TAG = "counts"
 
 
 def counted(counts: dict) -> beam.pvalue.TaggedOutput:
-    """A step's count dict as its COUNTS_TAG output (the data the job adds up and reconciles) and, as
-    a view of the same numbers, Beam counters: each top-level whole number adds to the counter of
+    """A step's count dict as its COUNTS_TAG output (the data the job adds up and reconciles) and,
+    as a view of the same numbers, Beam counters: each top-level whole number adds to the counter of
     its name in the `balancebeam` namespace (nested dicts, by reason or by signature, stay data)."""
     for name, value in counts.items():
         if isinstance(value, int) and not isinstance(value, bool) and value:

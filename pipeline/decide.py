@@ -1,4 +1,5 @@
-"""Keep decisions in batches: per annotation row its q and copies, grouped by the input range it describes.
+"""Keep decisions in batches: per annotation row its q and copies, grouped by the input range it
+describes.
 
 The solution travels as a side input; exact mode first ranks each constrained signature's rows by
 their keyed hash (ExactThresholds), repeat mode spreads copies along a keyed-hash order
@@ -37,7 +38,8 @@ class _SolutionUser(beam.DoFn):
 
     def rule(self, solution_text: str) -> release.KeepRule:
         if self._rule is None or not (self._text is solution_text or self._text == solution_text):
-            self._rule = release.KeepRule(BalanceSolution.from_json(solution_text), self.seed, self.mode)
+            self._rule = release.KeepRule(BalanceSolution.from_json(solution_text), self.seed,
+                                          self.mode)
             self._text = solution_text
         return self._rule
 
@@ -81,26 +83,36 @@ class Decide(_SolutionUser):
             row_copies = fixed[of_row] if len(signatures) else np.zeros(len(keys), dtype=np.int64)
             for i in np.flatnonzero(row_copies < 0).tolist():
                 signature = signatures[of_row[i]]
-                row_copies[i] = rule.copies(keys[i], q_of[of_row[i]], signature, thresholds.get(signature))
+                row_copies[i] = rule.copies(keys[i], q_of[of_row[i]], signature,
+                                            thresholds.get(signature))
             copies = row_copies.tolist()
         weights = np.array([rule.weight(q) for q in q_of.tolist()], dtype=float)
-        columns = {"positions": table.column("position").to_pylist(), "keys": keys, "q": q_of[of_row],
-                   "weights": weights[of_row], "copies": copies,
-                   "signatures": np.array(signatures, dtype=object)[of_row]}
-        shards = pc.dictionary_encode(table.column("shard").combine_chunks()) if table.num_rows else None
-        paths = [self._path(shard) for shard in shards.dictionary.to_pylist()] if shards is not None else []
+        columns = {
+            "positions": table.column("position").to_pylist(), "keys": keys, "q": q_of[of_row],
+            "weights": weights[of_row], "copies": copies,
+            "signatures": np.array(signatures, dtype=object)[of_row]
+        }
+        shards = pc.dictionary_encode(
+            table.column("shard").combine_chunks()) if table.num_rows else None
+        paths = [self._path(shard)
+                 for shard in shards.dictionary.to_pylist()] if shards is not None else []
         if len(paths) == 1:
             yield paths[0], {name: _as_list(values) for name, values in columns.items()}
         elif paths:
             of_shard = shards.indices.to_numpy(zero_copy_only=False)
-            for code in np.argsort(paths, kind="stable").tolist():  # one batch per input file, in path order
+            # one batch per input file, in path order
+            for code in np.argsort(paths, kind="stable").tolist():
                 rows = np.flatnonzero(of_shard == code)
-                yield paths[code], {name: _as_list(values, rows) for name, values in columns.items()}
+                yield paths[code], {
+                    name: _as_list(values, rows)
+                    for name, values in columns.items()
+                }
         yield counted({"decisions_read": table.num_rows})
 
 
 def _as_list(values, rows=None) -> list:
-    """A batch column as a plain list (rows: those of one input file), the way Beam's coder is fast on."""
+    """A batch column as a plain list (rows: those of one input file), the way Beam's coder is fast
+    on."""
     if rows is None:
         return values if isinstance(values, list) else values.tolist()
     if isinstance(values, list):
@@ -123,8 +135,8 @@ def threshold_window(rows: int, keep: int) -> tuple[float, float]:
 
 
 class RankCandidates(_SolutionUser):
-    """Exact mode: a table of annotation rows -> per ranked signature in it, how many of its draws lie
-    below the signature's threshold window and the (draw, key) of those inside it, keyed by the
+    """Exact mode: a table of annotation rows -> per ranked signature in it, how many of its draws
+    lie below the signature's threshold window and the (draw, key) of those inside it, keyed by the
     signature for the merge."""
 
     def process(self, table, solution_text):
@@ -186,9 +198,11 @@ def threshold(signature: str, merged) -> tuple:
     count, below, inside = merged
     rank = count - below  # the k_s-th smallest is this one (1-based) of the window's
     if not 1 <= rank <= len(inside):
-        raise DataError(f"exact-count sampling: the {count}-th smallest draw of signature {signature} lies "
-                        f"outside its window ({below} draws below it, {len(inside)} inside), which happens with "
-                        "probability below 1e-13; re-run resample with another --seed")
+        raise DataError(
+            f"exact-count sampling: the {count}-th smallest draw of signature {signature} lies "
+            f"outside its window ({below} draws below it, {len(inside)} inside), which happens "
+            "with "
+            "probability below 1e-13; re-run resample with another --seed")
     return signature, heapq.nsmallest(rank, inside)[-1]
 
 
@@ -211,7 +225,8 @@ class ExactThresholds(beam.PTransform):
 
 
 def route_to_ranges(shard_and_batch, range_starts):
-    """(input file, batch) -> ((file, range index), part) for each range of the file the batch touches.
+    """(input file, batch) -> ((file, range index), part) for each range of the file the batch
+    touches.
 
     range_starts: file -> sorted positions its ranges start at; a file not read now is range 0.
     """
@@ -267,9 +282,11 @@ class RepeatCopies(beam.PTransform):
 
         def sort_bucket(bucket_and_parts):
             bucket, parts = bucket_and_parts
-            rows = [row for part in parts for row in zip(
-                part["order"], part["keys"], part["shard"], part["positions"], part["q"], part["weights"],
-                part["signatures"])]
+            rows = [
+                row for part in parts
+                for row in zip(part["order"], part["keys"], part["shard"], part["positions"],
+                               part["q"], part["weights"], part["signatures"])
+            ]
             rows.sort(key=lambda row: (row[0], row[1]))
             starts, running = [], 0
             for row in rows:
@@ -278,10 +295,11 @@ class RepeatCopies(beam.PTransform):
             yield bucket, (rows, starts)
             yield beam.pvalue.TaggedOutput("totals", (bucket, running))
 
-        sorted_buckets = (decisions
-                          | "ByOrderBucket" >> beam.FlatMap(by_order_bucket)
-                          | "GroupOrderBucket" >> beam.GroupByKey()
-                          | "SortBucket" >> beam.FlatMap(sort_bucket).with_outputs("totals", main="rows"))
+        sorted_buckets = (
+            decisions
+            | "ByOrderBucket" >> beam.FlatMap(by_order_bucket)
+            | "GroupOrderBucket" >> beam.GroupByKey()
+            | "SortBucket" >> beam.FlatMap(sort_bucket).with_outputs("totals", main="rows"))
         offsets = (sorted_buckets.totals
                    | "AllTotals" >> beam.combiners.ToList()
                    | "Offsets" >> beam.Map(bucket_offsets))

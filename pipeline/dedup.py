@@ -1,4 +1,5 @@
-"""The annotate job's last steps: duplicate keys found through files, and the rows that wait for them.
+"""The annotate job's last steps: duplicate keys found through files, and the rows that wait for
+them.
 
 FindDuplicateKeys groups only (key, file, place), through Arrow files (pipeline/file_shuffle.py);
 SpillRows parks each table of rows as a Parquet file meanwhile (only its path crosses the runner),
@@ -27,11 +28,13 @@ DEDUP_BUCKETS = 64
 
 
 def _dedup_bucket(key: str) -> int:
-    return zlib.crc32(key.encode("utf-8", "surrogatepass")) % DEDUP_BUCKETS  # stable across processes
+    # stable across processes
+    return zlib.crc32(key.encode("utf-8", "surrogatepass")) % DEDUP_BUCKETS
 
 
 def _keys_by_bucket(table):
-    """A row table -> (bucket, table of its rows' key, shard, position) for each bucket it touches."""
+    """A row table -> (bucket, table of its rows' key, shard, position) for each bucket it touches.
+    """
     buckets = [_dedup_bucket(key) for key in table.column("key").to_pylist()]
     return parts_by_bucket(table.select(["key", "shard", "position"]), buckets)
 
@@ -50,7 +53,8 @@ def _duplicates_in_bucket(bucket_and_table):
         return
     places = collections.defaultdict(list)
     table = table.filter(pc.is_in(table["key"], value_set=repeated.combine_chunks()))
-    for key, shard, position in zip(*(table.column(name).to_pylist() for name in ("key", "shard", "position"))):
+    for key, shard, position in zip(*(table.column(name).to_pylist()
+                                      for name in ("key", "shard", "position"))):
         places[key].append((shard, position))
     for key in sorted(places):
         found = sorted(places[key])
@@ -63,7 +67,8 @@ def _duplicates_in_bucket(bucket_and_table):
 
 
 class FindDuplicateKeys(beam.PTransform):
-    """Row tables -> the places of rows whose key an earlier row has (main) and their quarantine entries.
+    """Row tables -> the places of rows whose key an earlier row has (main) and their quarantine
+    entries.
 
     Only (key, file, place) is grouped, through files in `spill_dir` (file_shuffle), so the runner
     carries references rather than a row per record; which copy survives does not depend on order.
@@ -77,8 +82,8 @@ class FindDuplicateKeys(beam.PTransform):
         return (row_batches
                 | "KeysByBucket" >> beam.FlatMap(_keys_by_bucket)
                 | "GroupBucket" >> GroupTablesByFile(self.spill_dir)
-                | "Duplicates" >> beam.FlatMap(_duplicates_in_bucket).with_outputs(quarantine.QUARANTINE_TAG,
-                                                                                   main="places"))
+                | "Duplicates" >> beam.FlatMap(_duplicates_in_bucket).with_outputs(
+                    quarantine.QUARANTINE_TAG, main="places"))
 
 
 def label_set(attributes, concepts, utility) -> str:
@@ -117,8 +122,10 @@ def read_spilled(path_and_rows):
     with FileSystems.open(path, compression_type="uncompressed") as handle:
         table = pq.read_table(io.BytesIO(handle.read()), schema=ANNOTATION_SCHEMA)
     if table.num_rows != rows:
-        raise DataError(f"{path} holds {table.num_rows} rows, {rows} were written: the job's work folder changed "
-                        "under it; re-run annotate")
+        raise DataError(
+            f"{path} holds {table.num_rows} rows, {rows} were written: the job's work folder "
+            "changed "
+            "under it; re-run annotate")
     return table
 
 
@@ -152,14 +159,17 @@ class DropDuplicates(beam.DoFn):
         import numpy as np
         import pyarrow.compute as pc
 
-        distinct = None if pc.any(pc.is_valid(table.column("utility"))).as_py() else distinct_label_sets(table)
+        distinct = None if pc.any(pc.is_valid(
+            table.column("utility"))).as_py() else distinct_label_sets(table)
         if distinct is None:  # utilities are part of a label set: row by row
             return collections.Counter(map(self._label_set, table.column("attributes").to_pylist(),
                                            table.column("concepts").to_pylist(),
                                            table.column("utility").to_pylist()))
         codes, label_sets = distinct
         counts = collections.Counter()
-        for (attributes, concepts), rows in zip(label_sets, np.bincount(codes, minlength=len(label_sets)).tolist()):
+        for (attributes,
+             concepts), rows in zip(label_sets,
+                                    np.bincount(codes, minlength=len(label_sets)).tolist()):
             counts[self._label_set(attributes, concepts, None)] += rows
         return counts
 
@@ -172,10 +182,13 @@ class DropDuplicates(beam.DoFn):
         table = read_spilled(spilled)
         if duplicate_places:
             places = zip(table.column("shard").to_pylist(), table.column("position").to_pylist())
-            table = table.filter(pa.array([place not in duplicate_places for place in places], type=pa.bool_()))
+            table = table.filter(
+                pa.array([place not in duplicate_places for place in places], type=pa.bool_()))
         missing = table.column("utility").null_count if self.utility_field else 0
-        yield counted({"annotated": table.num_rows, "utility_missing": missing,
-                                                    "label_sets": dict(self._count_label_sets(table))})
+        yield counted({
+            "annotated": table.num_rows, "utility_missing": missing,
+            "label_sets": dict(self._count_label_sets(table))
+        })
         if table.num_rows:
             self._pending.append(table)
             self._pending_rows += table.num_rows

@@ -19,7 +19,8 @@ DEFAULT_OUTPUT = "balancebeam-demo"
 # rows for a readable report (the release's exact counts meet the gap at any size). The whole demo
 # takes ~30 s on 2 cores.
 DEFAULT_NUM_SAMPLES = 20000
-# Synthetic concepts have ~340 rows each even at 3,000 samples: 20 keeps every one of them constrained.
+# Synthetic concepts have ~340 rows each even at 3,000 samples: 20 keeps every one of them
+# constrained.
 DEMO_MIN_SUPPORT = 20
 DEMO_PROXIES = 2  # the generator plants two proxy objects (handbag, tie)
 DEMO_SAMPLES_PER_SHARD = 500
@@ -38,11 +39,17 @@ def demo(output: str, num_samples: int = DEFAULT_NUM_SAMPLES, keep_rate: str = "
     manifest = make_data(data_dir, num_samples, seed)
     concepts_file = os.path.join(output, "concepts.txt")
     with open(concepts_file, "w", encoding="utf-8") as handle:
-        handle.write("# concepts of interest of the synthetic data\n" + "\n".join(manifest["concepts"]) + "\n")
+        handle.write("# concepts of interest of the synthetic data\n" +
+                     "\n".join(manifest["concepts"]) + "\n")
     inputs = [os.path.join(data_dir, "train", "*.tar")]
-    argv = ["--input", inputs[0], "--output", os.path.join(output, "run"), "--concepts", concepts_file,
-            "--proxies", str(DEMO_PROXIES), "--keep-rate", keep_rate, "--min-support", str(DEMO_MIN_SUPPORT),
-            "--samples-per-shard", str(DEMO_SAMPLES_PER_SHARD), "--seed", str(seed)]
+    argv = [
+        "--input", inputs[0], "--output",
+        os.path.join(output, "run"), "--concepts", concepts_file, "--proxies",
+        str(DEMO_PROXIES), "--keep-rate", keep_rate, "--min-support",
+        str(DEMO_MIN_SUPPORT), "--samples-per-shard",
+        str(DEMO_SAMPLES_PER_SHARD), "--seed",
+        str(seed)
+    ]
     args, _ = run_all.build_parser().parse_known_args(argv)
     return run_all.run_all(inputs, args.output, args, beam_args=list(beam_args))
 
@@ -54,9 +61,11 @@ def run(argv=None) -> int:
         epilog="examples:\n  balancebeam demo\n"
                "  balancebeam demo --output /tmp/demo --num-samples 5000 \\\n"
                "      --direct_running_mode=multi_processing --direct_num_workers=2\n")
-    parser.add_argument("--output", default=DEFAULT_OUTPUT, help=f"working directory (default ./{DEFAULT_OUTPUT})")
+    parser.add_argument("--output", default=DEFAULT_OUTPUT,
+                        help=f"working directory (default ./{DEFAULT_OUTPUT})")
     parser.add_argument("--num-samples", type=int, default=DEFAULT_NUM_SAMPLES)
-    parser.add_argument("--keep-rate", default="max", help="fraction to keep, or 'max' (the largest feasible)")
+    parser.add_argument("--keep-rate", default="max",
+                        help="fraction to keep, or 'max' (the largest feasible)")
     parser.add_argument("--seed", type=int, default=0)
     args, beam_args = parser.parse_known_args(argv)
     stats = demo(args.output, args.num_samples, args.keep_rate, args.seed, beam_args)
@@ -75,7 +84,8 @@ def run(argv=None) -> int:
         print(f"{stage:10} {report.number(values['representation_bias'], 3):>8} "
               f"{report.number(values['association_bias_max'], 3):>8} "
               f"{report.number(values['association_bias_mean'], 3):>8}")
-    print("(planned: the data weighted by q exactly; realized: counted in the release, which keeps\n"
-          " whole rows per signature so every constrained share meets its gap)")
+    print(
+        "(planned: the data weighted by q exactly; realized: counted in the release, which keeps\n"
+        " whole rows per signature so every constrained share meets its gap)")
     sys.stdout.flush()
     return 0

@@ -43,7 +43,8 @@ def parts_by_bucket(table, buckets):
 
 
 class _SpillParts(beam.DoFn):
-    """(bucket, table) parts -> (bucket, (path, first batch, batch count, rows)) per file written."""
+    """(bucket, table) parts -> (bucket, (path, first batch, batch count, rows)) per file written.
+    """
 
     def __init__(self, spill_dir: str, flush_rows: int):
         self.spill_dir, self.flush_rows = spill_dir, flush_rows
@@ -98,15 +99,18 @@ def read_bucket(bucket_and_references):
             schema = reader.schema
             part = [reader.get_batch(i) for i in range(first, first + count)]
         if sum(batch.num_rows for batch in part) != rows:
-            raise DataError(f"{path} holds {sum(b.num_rows for b in part)} rows of bucket {bucket}, {rows} were "
-                            "written: the job's work folder changed under it; re-run the job")
+            raise DataError(
+                f"{path} holds {sum(b.num_rows for b in part)} rows of bucket {bucket}, {rows} "
+                "were "
+                "written: the job's work folder changed under it; re-run the job")
         batches.extend(part)
     return bucket, pa.Table.from_batches(batches, schema=schema)
 
 
 class GroupTablesByFile(beam.PTransform):
     """(bucket, pyarrow.Table) parts -> (bucket, all its rows as one table), the rows carried by
-    Arrow files in `spill_dir` rather than by the runner's shuffle. Every part must share one schema."""
+    Arrow files in `spill_dir` rather than by the runner's shuffle. Every part must share one
+    schema."""
 
     def __init__(self, spill_dir: str, flush_rows: int = FLUSH_ROWS):
         super().__init__()

@@ -1,4 +1,5 @@
-"""Small file helpers every job shares, on any filesystem Beam's FileSystems knows (local, gs://, s3://).
+"""Small file helpers every job shares, on any filesystem Beam's FileSystems knows (local, gs://,
+s3://).
 
 Writes are atomic (temporary name, then rename) so a reader never sees half a file.
 """
@@ -24,7 +25,8 @@ def write_text_atomically(path: str, text: str) -> None:
     write_bytes_atomically(path, text.encode("utf-8"))
 
 
-def write_json_atomically(path, payload, *, indent: int | None = None, sort_keys: bool = False) -> None:
+def write_json_atomically(path, payload, *, indent: int | None = None,
+                          sort_keys: bool = False) -> None:
     """`payload` as JSON, written atomically (`path`: a str or a local path); indented JSON ends
     with a newline."""
     text = json.dumps(payload, indent=indent, sort_keys=sort_keys)
@@ -39,10 +41,10 @@ def write_bytes_atomically(path: str, data: bytes) -> None:
 
 @contextlib.contextmanager
 def atomic_create(path: str):
-    """A handle to write `path` through (any FileSystems path), streamed: the bytes go to a temporary
-    name (`PATH.tmp-*`) renamed into place when the block ends without error, so a reader never
-    sees half a file and a crash leaves at worst a *.tmp-* file. On an error the temporary file is
-    removed and `path` keeps what it had."""
+    """A handle to write `path` through (any FileSystems path), streamed: the bytes go to a
+    temporary name (`PATH.tmp-*`) renamed into place when the block ends without error, so a reader
+    never sees half a file and a crash leaves at worst a *.tmp-* file. On an error the temporary
+    file is removed and `path` keeps what it had."""
     temporary = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         with FileSystems.create(temporary) as handle:
@@ -66,10 +68,12 @@ def delete_matching(pattern: str, keep=()) -> list[str]:
 
 
 def count_lines(pattern: str) -> int:
-    """Lines in the files matching `pattern` (what a job really wrote, to reconcile with its counts)."""
+    """Lines in the files matching `pattern` (what a job really wrote, to reconcile with its
+    counts)."""
     lines = 0
     for metadata in FileSystems.match([pattern])[0].metadata_list:
-        with FileSystems.open(metadata.path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+        with FileSystems.open(metadata.path,
+                              compression_type=CompressionTypes.UNCOMPRESSED) as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 lines += block.count(b"\n")
     return lines

@@ -1,6 +1,7 @@
 """Keyed hashing: the uniform numbers that decide which examples a release keeps, and in what order.
 
-A pure function of (seed, purpose, key): the same on one core or on thousands of workers (DESIGN.md).
+A pure function of (seed, purpose, key): the same on one core or on thousands of workers
+(DESIGN.md).
 """
 import hashlib
 
@@ -22,7 +23,8 @@ SEED_BITS = 63
 def check_seed(seed) -> int:
     """The seed as an int, or a UsageError when it is not a whole number in [0, 2**SEED_BITS)."""
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 1 << SEED_BITS:
-        raise UsageError(f"--seed must be a whole number with 0 <= seed < 2**{SEED_BITS}, got {seed!r}")
+        raise UsageError(
+            f"--seed must be a whole number with 0 <= seed < 2**{SEED_BITS}, got {seed!r}")
     return seed
 
 
@@ -34,5 +36,6 @@ def keyed_uniform(seed: int, key: str, purpose: str = KEEP) -> float:
 
 
 def keep_bernoulli(keep_probability: float, draw: float) -> bool:
-    """Keep iff h < q: P(keep) = q exactly when h is uniform, and q = 1 always keeps, q = 0 never."""
+    """Keep iff h < q: P(keep) = q exactly when h is uniform, and q = 1 always keeps, q = 0 never.
+    """
     return draw < keep_probability

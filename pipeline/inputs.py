@@ -1,8 +1,9 @@
 """Which input files, which columns, which reader: the jobs' entry into pipeline/sources.py.
 
 `MatchInputFiles` expands the input globs in Beam; `resolve_columns` finds a caption table's key
-and caption columns (the names given, else the first of KEY_COLUMNS / CAPTION_COLUMNS each table
-has) before any job starts; `iter_file_records` runs the reader of one file's format, whatever it is.
+and caption columns (the names given, else the first of KEY_COLUMNS / CAPTION_COLUMNS each
+table has) before any job starts; `iter_file_records` runs the reader of one file's format,
+whatever it is.
 """
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from apache_beam.io.filesystems import FileSystems
 
 from pipeline import quarantine
 from pipeline.sources import (FORMAT_AUTO, FORMAT_COCO, FORMAT_CSV, FORMAT_JSONL, FORMAT_PARQUET,
-                              FORMAT_WEBDATASET, iter_coco_samples, iter_csv_samples, iter_jsonl_samples,
-                              iter_parquet_samples, iter_tar_samples)
+                              FORMAT_WEBDATASET, iter_coco_samples, iter_csv_samples,
+                              iter_jsonl_samples, iter_parquet_samples, iter_tar_samples)
 
 _FORMAT_BY_SUFFIX = {".tar": FORMAT_WEBDATASET, ".parquet": FORMAT_PARQUET, ".jsonl": FORMAT_JSONL,
                      ".ndjson": FORMAT_JSONL, ".csv": FORMAT_CSV, ".json": FORMAT_COCO}
@@ -25,7 +26,8 @@ _COMPRESSION_SUFFIXES = (".gz", ".bz2", ".zst", ".deflate", ".lzma")
 
 
 def detect_format(path):
-    """Input format of one file from its name: .tar, .parquet, .jsonl/.ndjson, .csv, .json (COCO)."""
+    """Input format of one file from its name: .tar, .parquet, .jsonl/.ndjson, .csv, .json (COCO).
+    """
     name = path.lower()
     for suffix in _COMPRESSION_SUFFIXES:
         if name.endswith(suffix):
@@ -41,9 +43,9 @@ _TABLE_FORMATS = (FORMAT_PARQUET, FORMAT_JSONL, FORMAT_CSV)
 
 
 def table_columns(path: str, input_format: str = FORMAT_AUTO):
-    """The column names of a caption table (Parquet schema, a JSONL file's first object, a CSV header),
-    or None for the other formats and for a file whose first record cannot be read (its reader will
-    quarantine it with the reason)."""
+    """The column names of a caption table (Parquet schema, a JSONL file's first object, a CSV
+    header), or None for the other formats and for a file whose first record cannot be read (its
+    reader will quarantine it with the reason)."""
     file_format = detect_format(path) if input_format == FORMAT_AUTO else input_format
     if file_format not in _TABLE_FORMATS:
         return None
@@ -63,10 +65,10 @@ def table_columns(path: str, input_format: str = FORMAT_AUTO):
 
 
 def resolve_columns(paths, input_format=FORMAT_AUTO, key_column=None, caption_column=None):
-    """(key column, caption column) for reading `paths`: the ones given, or the first of KEY_COLUMNS /
-    CAPTION_COLUMNS each table has. Raises ValueError, naming the columns found, when a table lacks the
-    caption column or a key column that was asked for by name (a table with no key column at all is
-    keyed FILE#ROW), and when two tables would be read by different columns."""
+    """(key column, caption column) for reading `paths`: the ones given, or the first of KEY_COLUMNS
+    / CAPTION_COLUMNS each table has. Raises ValueError, naming the columns found, when a table
+    lacks the caption column or a key column that was asked for by name (a table with no key column
+    at all is keyed FILE#ROW), and when two tables would be read by different columns."""
     resolved = {}
     for path in paths:
         columns = table_columns(path, input_format)
@@ -76,8 +78,10 @@ def resolve_columns(paths, input_format=FORMAT_AUTO, key_column=None, caption_co
         key = key_column or next((c for c in KEY_COLUMNS if c in columns), KEY_COLUMNS[0])
         found = ", ".join(map(repr, columns[:30])) + (", ..." if len(columns) > 30 else "")
         if caption is None or caption not in columns:
-            asked = f"--caption-column {caption!r}" if caption else f"caption column ({' or '.join(CAPTION_COLUMNS)})"
-            raise ValueError(f"{path} has no {asked}; its columns are {found}: pass --caption-column NAME")
+            asked = (f"--caption-column {caption!r}" if caption
+                     else f"caption column ({' or '.join(CAPTION_COLUMNS)})")
+            raise ValueError(
+                f"{path} has no {asked}; its columns are {found}: pass --caption-column NAME")
         if key_column and key_column not in columns:
             raise ValueError(f"{path} has no --key-column {key_column!r}; its columns are {found}")
         resolved[path] = (key, caption)
@@ -86,8 +90,9 @@ def resolve_columns(paths, input_format=FORMAT_AUTO, key_column=None, caption_co
     (first_path, first), *others = resolved.items()
     for path, pair in others:
         if pair != first:
-            raise ValueError(f"{first_path} would be read by key and caption columns {first} but {path} by "
-                             f"{pair}: pass --key-column and --caption-column")
+            raise ValueError(
+                f"{first_path} would be read by key and caption columns {first} but {path} by "
+                f"{pair}: pass --key-column and --caption-column")
     return first
 
 
@@ -107,8 +112,8 @@ def iter_file_records(path, input_format=FORMAT_AUTO, key_column="key", caption_
     """
     file_format = detect_format(path) if input_format == FORMAT_AUTO else input_format
     if file_format is None:
-        yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.UNREADABLE_FILE, None, path, None,
-                                     "unknown file type; pass --input-format")
+        yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.UNREADABLE_FILE, None, path,
+                                     None, "unknown file type; pass --input-format")
         return
     try:
         with FileSystems.open(path) as raw_file:
@@ -124,8 +129,8 @@ def iter_file_records(path, input_format=FORMAT_AUTO, key_column="key", caption_
             else:
                 yield from iter_coco_samples(raw_file, path)
     except Exception as error:  # a file we cannot open or parse at all: quarantine, go on
-        yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.UNREADABLE_FILE, None, path, None,
-                                     f"{type(error).__name__}: {error}")
+        yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.UNREADABLE_FILE, None, path,
+                                     None, f"{type(error).__name__}: {error}")
 
 
 class MatchInputFiles(beam.PTransform):

@@ -20,7 +20,9 @@ START_TIMEOUT_SECONDS = 60
 
 def portable_args(port: int) -> list[str]:
     """The pipeline arguments that send a job to the service on `port`, workers in this process."""
-    return ["--runner=PortableRunner", f"--job_endpoint=localhost:{port}", "--environment_type=LOOPBACK"]
+    return [
+        "--runner=PortableRunner", f"--job_endpoint=localhost:{port}", "--environment_type=LOOPBACK"
+    ]
 
 
 @contextlib.contextmanager
@@ -29,8 +31,10 @@ def local_job_service():
     with socket.socket() as probe:
         probe.bind(("localhost", 0))
         port = probe.getsockname()[1]
-    service = subprocess.Popen([sys.executable, "-m", "apache_beam.runners.portability.local_job_service_main",
-                                "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    service = subprocess.Popen([
+        sys.executable, "-m", "apache_beam.runners.portability.local_job_service_main", "--port",
+        str(port)
+    ], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + START_TIMEOUT_SECONDS
         while time.time() < deadline:  # until it accepts connections

@@ -13,8 +13,8 @@ import hashlib
 import re
 
 # Characters encoded wherever they appear: the dot (WebDataset's key/extension split), path
-# separators, '%' itself (so the encoding is reversible), '~' (which marks a shortened key) and every
-# control character.
+# separators, '%' itself (so the encoding is reversible), '~' (which marks a shortened key) and
+# every control character.
 _ENCODED = frozenset("%./\\~")
 # A member name is KEY[_copyN].EXT and must fit a 255-byte file name; 200 bytes leave room for
 # the longest copy suffix and extension.
@@ -33,7 +33,8 @@ def _encode_char(char: str) -> str:
 
 def safe_key(key: str) -> str:
     """The key as a safe, unique member-name stem (itself when it already is one)."""
-    if _SAFE.match(key) and len(key) <= MAX_KEY_BYTES:  # the common case, without a loop over characters
+    # the common case, without a loop over characters
+    if _SAFE.match(key) and len(key) <= MAX_KEY_BYTES:
         return key
     encoded = "".join(_encode_char(char) for char in key)
     if len(encoded.encode("utf-8", "surrogatepass")) <= MAX_KEY_BYTES:

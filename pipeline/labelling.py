@@ -44,8 +44,9 @@ def utility_of(meta, field):
 
 
 def person_visible(meta, column):
-    """True when the record's face boxes (DataComp's face_bboxes) list at least one face, False when the
-    list is empty, None when there is no such signal (the image annotator then decides by its prompts)."""
+    """True when the record's face boxes (DataComp's face_bboxes) list at least one face, False when
+    the list is empty, None when there is no such signal (the image annotator then decides by its
+    prompts)."""
     if not column or meta.get(column) is None:
         return None
     faces = meta[column]
@@ -90,20 +91,22 @@ class CheckSamples(beam.DoFn):
     def _rejected(self, sample):
         caption = sample.get("caption")
         if caption is None:
-            return quarantine.sample_quarantined(sample, quarantine.STAGE_ANNOTATE, quarantine.MISSING_CAPTION,
-                                                 "no caption")
+            return quarantine.sample_quarantined(sample, quarantine.STAGE_ANNOTATE,
+                                                 quarantine.MISSING_CAPTION, "no caption")
         if not caption.strip():
-            return quarantine.sample_quarantined(sample, quarantine.STAGE_ANNOTATE, quarantine.EMPTY_CAPTION,
-                                                 "blank caption")
+            return quarantine.sample_quarantined(sample, quarantine.STAGE_ANNOTATE,
+                                                 quarantine.EMPTY_CAPTION, "blank caption")
         if sample.get("members"):  # WebDataset samples must carry an image that decodes
             image = image_member(sample["members"])
             if image is None:
-                return quarantine.sample_quarantined(sample, quarantine.STAGE_DECODE, quarantine.MISSING_IMAGE,
+                return quarantine.sample_quarantined(sample, quarantine.STAGE_DECODE,
+                                                     quarantine.MISSING_IMAGE,
                                                      f"members: {sorted(sample['members'])}")
             try:
                 check_image(image, self.validate_images, self.max_image_pixels)
             except ImageRejected as rejected:
-                return quarantine.sample_quarantined(sample, quarantine.STAGE_DECODE, rejected.reason, rejected)
+                return quarantine.sample_quarantined(sample, quarantine.STAGE_DECODE,
+                                                     rejected.reason, rejected)
         return None
 
 
@@ -114,7 +117,8 @@ class LabelText(beam.DoFn):
     "person_visible"}: what AnnotateImages combines with the image annotator's answer.
     """
 
-    def __init__(self, lexicon, utility_field=None, pass_images=False, embedding_field=None, faces_column=None):
+    def __init__(self, lexicon, utility_field=None, pass_images=False, embedding_field=None,
+                 faces_column=None):
         self.annotator = TextAnnotator(lexicon)
         self.utility_field = utility_field
         self.pass_images = pass_images
@@ -130,28 +134,34 @@ class LabelText(beam.DoFn):
     def _label(self, sample):
         attributes, concepts, evidence, evidence_json = self.annotator.labels(sample["caption"])
         meta = sample.get("meta") or {}
-        row = annotation_row(sample, attributes, concepts, evidence_json, utility_of(meta, self.utility_field))
+        row = annotation_row(sample, attributes, concepts, evidence_json,
+                             utility_of(meta, self.utility_field))
         if not self.pass_images:
             return row
         members = sample.get("members") or {}
-        embedding = sample.get("embedding")  # a table row's, read with its file (.npz beside a Parquet)
+        # a table row's, read with its file (.npz beside a Parquet)
+        embedding = sample.get("embedding")
         if self.embedding_field and embedding is None:
             embedding = meta.get(self.embedding_field)
             if members.get(self.embedding_field) is not None:
                 embedding = _load_npy(members[self.embedding_field])
-        return {"row": row, "image": image_member(members) if members else None, "embedding": embedding,
-                "text_evidence": evidence, "person_visible": person_visible(meta, self.faces_column)}
+        return {
+            "row": row, "image": image_member(members) if members else None, "embedding": embedding,
+            "text_evidence": evidence, "person_visible": person_visible(meta, self.faces_column)
+        }
 
 
 def rows_table(rows):
     """Annotation rows as one pyarrow Table: what crosses a stage boundary (no per-row encoding)."""
     import pyarrow as pa
 
-    return pa.table({name: [row[name] for row in rows] for name in ANNOTATION_SCHEMA.names}, schema=ANNOTATION_SCHEMA)
+    return pa.table({name: [row[name] for row in rows]
+                     for name in ANNOTATION_SCHEMA.names}, schema=ANNOTATION_SCHEMA)
 
 
 class AnnotateImages(beam.DoFn):
-    """A batch from LabelText -> a table of rows, the zero-shot image answer combined with the text's.
+    """A batch from LabelText -> a table of rows, the zero-shot image answer combined with the
+    text's.
 
     The model sees `batch_size` images at a time; precomputed embeddings are scored a whole batch
     of records at a time (matrix products, no model).
@@ -197,9 +207,10 @@ class AnnotateImages(beam.DoFn):
                 vector = np.asarray(element["embedding"], dtype=np.float32).ravel()
                 if vector.shape != (dim,) or not np.isfinite(vector).all():
                     row = element["row"]
-                    entries.append(quarantine.quarantined(quarantine.STAGE_ANNOTATE, quarantine.BAD_EMBEDDING,
-                                                          row["key"], row["shard"], row["position"],
-                                                          f"shape {vector.shape}, model wants ({dim},)"))
+                    entries.append(
+                        quarantine.quarantined(quarantine.STAGE_ANNOTATE, quarantine.BAD_EMBEDDING,
+                                               row["key"], row["shard"], row["position"],
+                                               f"shape {vector.shape}, model wants ({dim},)"))
                 else:
                     good.append((element, vector))
             if good:
@@ -218,14 +229,18 @@ class AnnotateImages(beam.DoFn):
 
     def _combined(self, element, image_attributes, image_concepts, scores):
         row = element["row"]
-        # The text annotator's evidence (shared between rows with the same hits: copied before it changes).
+        # The text annotator's evidence (shared between rows with the same hits: copied before it
+        # changes).
         evidence = dict(element["text_evidence"])
-        labels = (tuple(row["attributes"]), tuple(row["concepts"]), tuple(image_attributes), tuple(image_concepts))
+        labels = (tuple(row["attributes"]), tuple(row["concepts"]), tuple(image_attributes),
+                  tuple(image_concepts))
         combined = self._combinations.get(labels)
-        if combined is None:  # a few thousand distinct label sets: combined once each (bounded memo)
+        # a few thousand distinct label sets: combined once each (bounded memo)
+        if combined is None:
             if len(self._combinations) >= 100_000:
                 self._combinations.clear()
-            combined = self._combinations[labels] = combine.combine_annotations(*labels, self.policies)
+            combined = self._combinations[labels] = combine.combine_annotations(
+                *labels, self.policies)
         attributes, concepts, sources = combined
         if scores:
             evidence["image"] = scores

@@ -1,4 +1,5 @@
-"""PipelineOptions for balancebeam's Beam jobs: the user's flags checked, worker logs quieter locally.
+"""PipelineOptions for balancebeam's Beam jobs: the user's flags checked, worker logs quieter
+locally.
 
 Beam keeps flags it does not know and only logs "Discarding unparseable args"; a mistyped flag or an
 unquoted glob (`--input data/*.tar` expands to extra words) would then be silently ignored, so every
@@ -23,7 +24,8 @@ import json
 import logging
 import os
 
-from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions, _BeamArgumentParser
+from apache_beam.options.pipeline_options import (DirectOptions, PipelineOptions, StandardOptions,
+                                                  _BeamArgumentParser)
 from apache_beam.runners.direct.direct_runner import DirectRunner
 
 from pipeline.errors import UsageError
@@ -38,7 +40,8 @@ WORKER_OVERRIDES_FLAG = "--sdk_harness_log_level_overrides"
 # The worker module runs as __main__ (`python -m apache_beam.runners.worker.sdk_worker_main`).
 LOCAL_WORKER_LOG_OVERRIDES = {"apache_beam.options.pipeline_options": "ERROR", "__main__": "ERROR"}
 LOCAL_RUNNER = "pipeline.options.LocalRunner"
-LOCAL_RUNNERS = (None, "DirectRunner", "direct", "BundleBasedDirectRunner", "SwitchingDirectRunner", LOCAL_RUNNER)
+LOCAL_RUNNERS = (None, "DirectRunner", "direct", "BundleBasedDirectRunner", "SwitchingDirectRunner",
+                 LOCAL_RUNNER)
 
 
 class LocalRunner(DirectRunner):
@@ -59,7 +62,8 @@ class LocalRunner(DirectRunner):
         from apache_beam.runners.portability.portable_runner import JobServiceHandle
 
         encoded = JobServiceHandle.encode_pipeline_options(options.get_all_options())
-        provision = fn_runner.ExtendedProvisionInfo(beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded))
+        provision = fn_runner.ExtendedProvisionInfo(
+            beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded))
         return fn_runner.FnApiRunner(provision_info=provision).run_pipeline(pipeline, options)
 
 
@@ -92,13 +96,17 @@ def check_pipeline_args(beam_args, command: str = "balancebeam") -> None:
     words = [a for a in unknown if not a.startswith("-")]
     hint = ""
     if words:
-        hint = (" (words without a flag: an unquoted glob such as --input data/*.tar is expanded by the "
-                "shell and only its first file would be read; quote it: --input 'data/*.tar')")
-    raise UsageError(f"{command}: unrecognised arguments: {' '.join(unknown)}{hint}; see {command} --help")
+        hint = (
+            " (words without a flag: an unquoted glob such as --input data/*.tar is expanded by "
+            "the "
+            "shell and only its first file would be read; quote it: --input 'data/*.tar')")
+    raise UsageError(
+        f"{command}: unrecognised arguments: {' '.join(unknown)}{hint}; see {command} --help")
 
 
 def pipeline_options(beam_args, command: str = "balancebeam") -> PipelineOptions:
-    """PipelineOptions from the job's leftover argv (checked); adds the quiet worker log level locally."""
+    """PipelineOptions from the job's leftover argv (checked); adds the quiet worker log level
+    locally."""
     args = list(beam_args)
     check_pipeline_args(args, command)
     given = PipelineOptions(args)
@@ -109,7 +117,8 @@ def pipeline_options(beam_args, command: str = "balancebeam") -> PipelineOptions
         if not _given(args, WORKER_LOG_FLAG):
             args.append(f"{WORKER_LOG_FLAG}={LOCAL_WORKER_LOG_LEVEL}")
         else:  # the user asked for the workers' logs: let the driver's relay of them through
-            level = logging.getLevelName(str(given.get_all_options()["default_sdk_harness_log_level"]).upper())
+            level = logging.getLevelName(
+                str(given.get_all_options()["default_sdk_harness_log_level"]).upper())
             if isinstance(level, int):
                 logging.getLogger(LOCAL_WORKER_LOG_RELAY).setLevel(level)
         if not _given(args, WORKER_OVERRIDES_FLAG):
@@ -140,7 +149,8 @@ def local_worker_threads(options: PipelineOptions) -> int | None:
     or a cluster whose workers have their own cores).
 
     Each process's OpenBLAS otherwise starts a thread per core: two workers on two cores then run
-    four threads that wait on each other, and a (32 x 768) @ (768 x 468) product took 19 times longer.
+    four threads that wait on each other, and a (32 x 768) @ (768 x 468) product took 19 times
+    longer.
     """
     if options.view_as(StandardOptions).runner not in LOCAL_RUNNERS:
         return None

@@ -29,8 +29,10 @@ log = logging.getLogger(__name__)
 # the dual solver is exact there and the streaming solver (for rows that do not fit) has no place.
 METHODS = tuple(method for method in SOLVER_METHODS if method != "streaming")
 STREAMING_REFUSED = (
-    "--method streaming is not offered by balance: balance solves on counted signatures, which fit in "
-    "memory whatever the number of rows, so 'dual' reaches the exact optimum, faster; the streaming "
+    "--method streaming is not offered by balance: balance solves on counted signatures, which fit "
+    "in "
+    "memory whatever the number of rows, so 'dual' reaches the exact optimum, faster; the "
+    "streaming "
     "solver (solvers.solve_stream) is for rows that do not fit in memory, from Python")
 DEFAULT_METHOD = "dual"
 # With two values at 50% each a share can be at most 0.5 from its target: a wider gap binds nothing.
@@ -47,7 +49,8 @@ class BalanceConfig:
     targets: str | list = "uniform"
     concepts: list[str] | None = None  # labels of interest; None: every concept seen
     proxies: int | list[str] | None = None  # top-K discovery, or an explicit list
-    unconstrained: list[str] | None = None  # concepts whose association is definitional: never constrained
+    # concepts whose association is definitional: never constrained
+    unconstrained: list[str] | None = None
     min_support: float = DEFAULT_MIN_SUPPORT
     method: str = DEFAULT_METHOD
     constraint_form: str = "share"
@@ -63,14 +66,17 @@ class BalanceConfig:
         try:
             check_keep_rate(self.keep_rate)
         except ValueError:
-            raise UsageError(f"--keep-rate must be a number in (0, 1] or 'max', got {self.keep_rate!r}") from None
+            raise UsageError(
+                f"--keep-rate must be a number in (0, 1] or 'max', got {self.keep_rate!r}"
+            ) from None
         for flag, gap in (("--representation-gap", self.representation_gap),
                           ("--association-gap", self.association_gap)):
             if gap is not None and not (np.isfinite(gap) and gap >= 0):
                 raise UsageError(f"{flag} must be a number >= 0, got {gap}")
             if gap is not None and self.constraint_form == "share" and gap >= WIDE_SHARE_GAP:
-                log.warning("%s %g constrains nothing: a share is never further than %g from a target of "
-                            "two equal values", flag, gap, WIDE_SHARE_GAP)
+                log.warning(
+                    "%s %g constrains nothing: a share is never further than %g from a target of "
+                    "two equal values", flag, gap, WIDE_SHARE_GAP)
         if not (np.isfinite(self.min_support) and self.min_support >= 0):
             raise UsageError(f"--min-support must be a number >= 0, got {self.min_support}")
         if not (np.isfinite(self.utility_tilt) and self.utility_tilt >= 0):
@@ -90,15 +96,18 @@ def concept_shares(table: SignatureTable, q: np.ndarray | None = None):
     """
     if not table.groups:
         return {}
-    bias = data_bias(table.attributes, table.concepts, q=q, weights=table.weights, groups=table.groups,
-                     attribute_names=table.attribute_names, concept_names=table.concept_names,
-                     group_names=table.group_names)
-    return {group: (columns, np.nan_to_num(bias.value_share[columns]), bias.kept_support[columns[0]],
-                    np.nan_to_num(bias.concept_share[columns]))
-            for group, columns in zip(table.group_names, table.groups)}
+    bias = data_bias(table.attributes, table.concepts, q=q, weights=table.weights,
+                     groups=table.groups, attribute_names=table.attribute_names,
+                     concept_names=table.concept_names, group_names=table.group_names)
+    return {
+        group: (columns, np.nan_to_num(bias.value_share[columns]), bias.kept_support[columns[0]],
+                np.nan_to_num(bias.concept_share[columns]))
+        for group, columns in zip(table.group_names, table.groups)
+    }
 
 
-def discover_proxies(table: SignatureTable, interest: Sequence[str], k: int, min_support: float) -> list[dict]:
+def discover_proxies(table: SignatureTable, interest: Sequence[str], k: int,
+                     min_support: float) -> list[dict]:
     """Top-k concepts outside `interest` whose attribute share deviates most from the overall share.
 
     Score = (support / annotated rows) * max_k |share_k|r - share_k|, maximised over groups: a
@@ -114,23 +123,29 @@ def discover_proxies(table: SignatureTable, interest: Sequence[str], k: int, min
                 continue
             score = float(support[r] / annotated_rows * deviation[r])
             if score > scored.get(name, {"score": -1.0})["score"]:
-                scored[name] = {"concept": name, "group": group, "score": score, "support": float(support[r]),
-                                "deviation": float(deviation[r]),
-                                "shares": {table.attribute_names[c]: float(share[j, r]) for j, c in enumerate(columns)}}
+                scored[name] = {
+                    "concept": name, "group": group, "score": score, "support": float(support[r]),
+                    "deviation": float(deviation[r]), "shares": {
+                        table.attribute_names[c]: float(share[j, r])
+                        for j, c in enumerate(columns)
+                    }
+                }
     ranked = sorted(scored.values(), key=lambda entry: (-entry["score"], entry["concept"]))
     return ranked[:k]
 
 
 def parse_targets(targets, attribute_names: Sequence[str]):
-    """'uniform' | 'preserve' | 'woman=0.5,man=0.5' (names full or short) | '0.5,0.5' -> problem targets."""
+    """'uniform' | 'preserve' | 'woman=0.5,man=0.5' (names full or short) | '0.5,0.5' -> problem
+    targets."""
     if not isinstance(targets, str) or targets in ("uniform", "preserve"):
         return targets
     items = [item.strip() for item in targets.split(",") if item.strip()]
     if all("=" not in item for item in items):
         values = [float(item) for item in items]
         if len(values) != len(attribute_names):
-            raise ValueError(f"--targets lists {len(values)} shares for {len(attribute_names)} attribute values "
-                             f"({', '.join(attribute_names)})")
+            raise ValueError(
+                f"--targets lists {len(values)} shares for {len(attribute_names)} attribute values "
+                f"({', '.join(attribute_names)})")
         return np.array(values)
     shares = {}
     for item in items:
@@ -139,8 +154,9 @@ def parse_targets(targets, attribute_names: Sequence[str]):
             raise ValueError(f"--targets: expected NAME=SHARE, got {item!r}")
         matches = [a for a in attribute_names if name.strip() in (a, split_label(a)[1])]
         if len(matches) != 1:
-            raise ValueError(f"--targets: {name.strip()!r} names {len(matches)} of the attribute values "
-                             f"({', '.join(attribute_names)})")
+            raise ValueError(
+                f"--targets: {name.strip()!r} names {len(matches)} of the attribute values "
+                f"({', '.join(attribute_names)})")
         shares[matches[0]] = float(value)
     missing = [a for a in attribute_names if a not in shares]
     if missing:
@@ -148,16 +164,21 @@ def parse_targets(targets, attribute_names: Sequence[str]):
     return np.array([shares[a] for a in attribute_names])
 
 
-def choose_concepts(table: SignatureTable, config: BalanceConfig) -> tuple[list[str], list[dict], list[str]]:
+def choose_concepts(table: SignatureTable,
+                    config: BalanceConfig) -> tuple[list[str], list[dict], list[str]]:
     """(concepts to constrain, proxies with their scores, requested labels never seen)."""
     exempt = set(config.unconstrained or ())
     if config.concepts is None:
         interest, not_seen = [c for c in table.concept_names if c not in exempt], []
     else:
-        interest = [c for c in dict.fromkeys(config.concepts) if c in table.concept_names and c not in exempt]
+        interest = [
+            c for c in dict.fromkeys(config.concepts)
+            if c in table.concept_names and c not in exempt
+        ]
         not_seen = [c for c in dict.fromkeys(config.concepts) if c not in table.concept_names]
     if isinstance(config.proxies, int):
-        proxies = discover_proxies(table, interest + sorted(exempt), config.proxies, config.min_support)
+        proxies = discover_proxies(table, interest + sorted(exempt), config.proxies,
+                                   config.min_support)
     elif config.proxies:
         proxies = [{"concept": c, "given": True} for c in dict.fromkeys(config.proxies)
                    if c in table.concept_names and c not in interest and c not in exempt]
@@ -177,17 +198,20 @@ def build_problem(table: SignatureTable, config: BalanceConfig):
 
 
 def problem_on(projected: SignatureTable, config: BalanceConfig):
-    """The M4 problem of `config` on an already projected table (one projection, several problems)."""
+    """The M4 problem of `config` on an already projected table (one projection, several problems).
+    """
     from solvers.problem import BalanceProblem
 
-    return BalanceProblem(
-        projected.attributes, projected.concepts, groups=projected.groups,
-        targets=parse_targets(config.targets, projected.attribute_names), keep_rate=config.keep_rate,
-        representation_gap=config.representation_gap, association_gap=config.association_gap,
-        constraint_form=config.constraint_form, min_support=config.min_support, weights=projected.weights,
-        utility=projected.utility if config.utility_tilt > 0 else None, utility_tilt=config.utility_tilt,
-        conditional=config.conditional, attribute_names=projected.attribute_names,
-        concept_names=projected.concept_names, group_names=projected.group_names)
+    return BalanceProblem(projected.attributes, projected.concepts, groups=projected.groups,
+                          targets=parse_targets(config.targets, projected.attribute_names),
+                          keep_rate=config.keep_rate, representation_gap=config.representation_gap,
+                          association_gap=config.association_gap,
+                          constraint_form=config.constraint_form, min_support=config.min_support,
+                          weights=projected.weights,
+                          utility=projected.utility if config.utility_tilt > 0 else None,
+                          utility_tilt=config.utility_tilt, conditional=config.conditional,
+                          attribute_names=projected.attribute_names,
+                          concept_names=projected.concept_names, group_names=projected.group_names)
 
 
 def solve_table(table: SignatureTable, config: BalanceConfig):
@@ -202,14 +226,16 @@ def solve_table(table: SignatureTable, config: BalanceConfig):
                             f"({table.attribute_names[columns[0]]!r}): nothing to balance")
     problem, projected, proxies, not_seen = build_problem(table, config)
     started = time.perf_counter()
-    bar = {"progress": progress_policy.enabled()} if config.method == "dual" else {}  # exact: cvxpy's own
+    # exact: cvxpy's own
+    bar = {"progress": progress_policy.enabled()} if config.method == "dual" else {}
     solution = solve(problem, method=config.method, **bar)
     seconds = time.perf_counter() - started
     solution.exact_counts, exact_statistics = exact_counts(problem, projected, solution, config)
     bias_options = dict(weights=projected.weights, targets=np.asarray(problem.spec.targets),
                         groups=projected.groups, min_support=config.min_support,
-                        attribute_names=projected.attribute_names, concept_names=projected.concept_names,
-                        group_names=projected.group_names, conditional=config.conditional)
+                        attribute_names=projected.attribute_names,
+                        concept_names=projected.concept_names, group_names=projected.group_names,
+                        conditional=config.conditional)
     before = data_bias(projected.attributes, projected.concepts, **bias_options)
     after = data_bias(projected.attributes, projected.concepts, q=solution.q, **bias_options)
     kept = float(projected.weights @ solution.q)
@@ -218,12 +244,17 @@ def solve_table(table: SignatureTable, config: BalanceConfig):
         "rows": table.num_rows,
         "signatures_counted": int(len(table.weights)),
         "signatures_solved": int(len(projected.weights)),
-        "rows_with_attributes": {g: float(table.attributes[:, cols].max(axis=1) @ table.weights)
-                                 for g, cols in zip(table.group_names, table.groups)},
+        "rows_with_attributes": {
+            g: float(table.attributes[:, cols].max(axis=1) @ table.weights)
+            for g, cols in zip(table.group_names, table.groups)
+        },
         "keep_rate_requested": config.keep_rate,
         "keep_rate": solution.keep_rate,
         "expected_rows_kept": kept,
-        "concepts_of_interest": [c for c in projected.concept_names if c not in {p["concept"] for p in proxies}],
+        "concepts_of_interest": [
+            c for c in projected.concept_names if c not in {p["concept"]
+                                                            for p in proxies}
+        ],
         "proxies": proxies,
         "concepts_not_seen": not_seen,
         "excluded_low_support": problem.excluded_concepts,
@@ -254,12 +285,15 @@ def log_dropped_concepts(entries: list[dict]) -> None:
         return
     names = ", ".join(f"'{entry['concept']}'" for entry in entries[:10])
     more = f" and {len(entries) - 10} more" if len(entries) > 10 else ""
-    log.warning("the plan drops %d concepts (%s%s): their annotated rows show one value only, or the plan "
-                "keeps none of them; solution.json and the report give each one's reason", len(entries), names, more)
+    log.warning(
+        "the plan drops %d concepts (%s%s): their annotated rows show one value only, or the plan "
+        "keeps none of them; solution.json and the report give each one's reason", len(entries),
+        names, more)
 
 
 def dropped_concepts(problem, solution, after) -> list[dict]:
-    """Constrained concepts the plan keeps none of, each with its support and the reason in words."""
+    """Constrained concepts the plan keeps none of, each with its support and the reason in words.
+    """
     spec = problem.spec
     base_support = problem.unit_supports(np.ones(problem.num_rows))
     dropped = problem.dropped_units(solution.q)
@@ -274,22 +308,33 @@ def dropped_concepts(problem, solution, after) -> list[dict]:
         for u in units:
             value = spec.unit_values[u]
             rows = problem.weights * problem.attributes[:, value] * problem.concepts[:, r]
-            before_shares[spec.attribute_names[value]] = float(rows.sum() / support) if support else 0.0
+            share = float(rows.sum() / support) if support else 0.0
+            before_shares[spec.attribute_names[value]] = share
         gap = spec.unit_gaps[units[0]]
-        value, share = max(before_shares.items(), key=lambda item: (item[1] == 1.0, abs(item[1] - spec.targets[
-            spec.attribute_names.index(item[0])])))
+        value, share = max(
+            before_shares.items(),
+            key=lambda item: (item[1] == 1.0,
+                              abs(item[1] - spec.targets[spec.attribute_names.index(item[0])])))
         target = spec.targets[spec.attribute_names.index(value)]
         short = split_label(value)[1]
         if share == 1.0:
-            reason = (f"'{concept}': all {support:.0f} annotated rows are '{short}'; balancing it to "
-                      f"{target:.0%} ± {gap:.0%} is only possible by dropping it")
+            reason = (
+                f"'{concept}': all {support:.0f} annotated rows are '{short}'; balancing it to "
+                f"{target:.0%} ± {gap:.0%} is only possible by dropping it")
         elif share == 0.0:
-            reason = (f"'{concept}': none of its {support:.0f} annotated rows is '{short}'; balancing it to "
-                      f"{target:.0%} ± {gap:.0%} is only possible by dropping it")
+            reason = (
+                f"'{concept}': none of its {support:.0f} annotated rows is '{short}'; balancing it "
+                "to "
+                f"{target:.0%} ± {gap:.0%} is only possible by dropping it")
         else:
-            reason = (f"'{concept}': {share:.0%} of its {support:.0f} annotated rows are '{short}'; at keep rate "
-                      f"{solution.keep_rate:.3f} the plan meets {target:.0%} ± {gap:.0%} by keeping none of them")
-        entries.append({"concept": concept, "support": support, "shares": before_shares, "reason": reason})
+            reason = (
+                f"'{concept}': {share:.0%} of its {support:.0f} annotated rows are '{short}'; at "
+                "keep rate "
+                f"{solution.keep_rate:.3f} the plan meets {target:.0%} ± {gap:.0%} by keeping none "
+                "of them"
+            )
+        entries.append(
+            {"concept": concept, "support": support, "shares": before_shares, "reason": reason})
     return entries
 
 
@@ -305,7 +350,9 @@ def unconstrained_concepts(table: SignatureTable, config: BalanceConfig) -> list
         entry = {"concept": concept, "seen": True, "support": 0.0, "shares": {}}
         for group, (columns, _, support, share) in shares.items():
             entry["support"] += float(support[r])
-            entry["shares"].update({table.attribute_names[k]: float(share[j, r]) for j, k in enumerate(columns)})
+            entry["shares"].update(
+                {table.attribute_names[k]: float(share[j, r])
+                 for j, k in enumerate(columns)})
         entries.append(entry)
     return entries
 
@@ -314,7 +361,8 @@ def unconstrained_concepts(table: SignatureTable, config: BalanceConfig) -> list
 PRICE_OF_BALANCE_GAPS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3)
 
 
-def price_of_balance(projected: SignatureTable, config: BalanceConfig, gaps=PRICE_OF_BALANCE_GAPS) -> list[dict]:
+def price_of_balance(projected: SignatureTable, config: BalanceConfig,
+                     gaps=PRICE_OF_BALANCE_GAPS) -> list[dict]:
     """The largest feasible keep rate at each association gap, on these signatures (an LP per gap).
 
     Cheap at any N: it runs on the counted signatures, projected onto the chosen concepts (as
@@ -325,8 +373,10 @@ def price_of_balance(projected: SignatureTable, config: BalanceConfig, gaps=PRIC
 
     if config.constraint_form != "share":
         return []
-    return [{"association_gap": gap, "max_keep_rate": max_keep_rate(problem_on(
-        projected, dataclasses.replace(config, association_gap=gap, keep_rate=1.0)))} for gap in gaps]
+    return [{
+        "association_gap": gap, "max_keep_rate": max_keep_rate(
+            problem_on(projected, dataclasses.replace(config, association_gap=gap, keep_rate=1.0)))
+    } for gap in gaps]
 
 
 def exact_counts(problem, projected: SignatureTable, solution, config: BalanceConfig):
@@ -341,7 +391,9 @@ def exact_counts(problem, projected: SignatureTable, solution, config: BalanceCo
     try:
         allocation = allocate(problem, solution.q)
     except (RuntimeError, ValueError) as error:
-        log.warning("no exact counts (%s): resample can only sample by probability (--mode bernoulli)", error)
+        log.warning(
+            "no exact counts (%s): resample can only sample by probability (--mode bernoulli)",
+            error)
         return None, {"status": "failed", "message": str(error)}
     matrix, _ = problem.constraint_matrix()
     constrained = np.diff(matrix.tocsr().indptr) > 0

@@ -62,20 +62,23 @@ class InputProgress:
     """
 
     def __init__(self, job: str, input_files: int, options, show: bool | None = None):
-        """input_files: how many files the job's globs matched (the job has matched them already)."""
+        """input_files: how many files the job's globs matched (the job has matched them already).
+        """
         self.job, self._total_files = job, input_files
         self.active = input_files > 0 and progress_policy.enabled(show) and is_local(options)
         self.marker_dir = None
         self._stop = threading.Event()
         self._thread = None
         self._last_logged = None
-        self._markers = {}  # marker file name -> (file digest, ranges in the file, records): read once
+        # marker file name -> (file digest, ranges in the file, records): read once
+        self._markers = {}
 
     def __enter__(self):
         if not self.active:
             return self
         self.marker_dir = tempfile.mkdtemp(prefix=f"balancebeam-{self.job}-progress-")
-        self._thread = threading.Thread(target=self._watch, name=f"{self.job}-progress", daemon=True)
+        self._thread = threading.Thread(target=self._watch, name=f"{self.job}-progress",
+                                        daemon=True)
         self._thread.start()
         return self
 
@@ -84,7 +87,8 @@ class InputProgress:
             self._stop.set()
             self._thread.join()
             final = self.state()
-            if exc_type is None and final != self._last_logged:  # the count the job ended with, once
+            # the count the job ended with, once
+            if exc_type is None and final != self._last_logged:
                 self._log(final)
         if self.marker_dir:
             shutil.rmtree(self.marker_dir, ignore_errors=True)
@@ -110,7 +114,8 @@ class InputProgress:
             ranges_done[digest] += 1
             ranges_of[digest] = of
         files_done = sum(1 for digest, done in ranges_done.items() if done >= ranges_of[digest])
-        return files_done, self._total_files, sum(records for _, _, records in self._markers.values())
+        return files_done, self._total_files, sum(records
+                                                  for _, _, records in self._markers.values())
 
     def _watch(self) -> None:
         logged_at = time.monotonic()
@@ -124,5 +129,5 @@ class InputProgress:
         self._last_logged = state
         files_done, files, records = state
         percent = f" ({100 * files_done / files:.0f}%)" if files else ""
-        log.info("%s: %d of %d input files read%s, %s records so far", self.job, files_done, files, percent,
-                 f"{records:,}")
+        log.info("%s: %d of %d input files read%s, %s records so far", self.job, files_done, files,
+                 percent, f"{records:,}")

@@ -1,4 +1,5 @@
-"""Publishing a release: reconcile the job's counts with what it wrote, then the manifest, written last.
+"""Publishing a release: reconcile the job's counts with what it wrote, then the manifest, written
+last.
 
 A folder holds a release when it holds a manifest.json; prepare_release_dir removes the old one
 (and what describes the old shards) before anything new is written, so a job killed half way
@@ -55,24 +56,31 @@ def reconcile(counts: dict, shards: list[dict], annotation_rows_written: int, qu
     expected_shards = -(-n["output_samples"] // samples_per_shard)
     indices = sorted(shard["index"] for shard in shards)
     checks = [
-        ("annotation rows read = annotation rows annotate wrote",
-         n["decisions_read"], n["annotation_rows_written"]),
+        ("annotation rows read = annotation rows annotate wrote", n["decisions_read"],
+         n["annotation_rows_written"]),
         ("annotation rows grouped by input range = annotation rows read",
          n["decisions_grouped_by_range"], n["decisions_read"]),
         ("annotation rows joined + missing from the input = annotation rows read",
          n["decisions_joined"] + n["missing_from_input"], n["decisions_read"]),
-        ("kept + dropped = annotation rows joined", n["kept"] + n["dropped"], n["decisions_joined"]),
+        ("kept + dropped = annotation rows joined", n["kept"] + n["dropped"],
+         n["decisions_joined"]),
         ("kept + dropped + quarantined at resample = records read",
          n["kept"] + n["dropped"] + n["records_quarantined"], n["samples_read"]),
         ("samples written in shards = output samples", n["samples_in_shards"], n["output_samples"]),
-        ("kept copies by signature = output samples", n["kept_signature_copies"], n["output_samples"]),
-        ("quarantine lines written = records quarantined", n["quarantine_lines_written"], n["quarantined_total"]),
-        ("shards written = ceil(output samples / samples per shard)", n["shards_written"], expected_shards),
+        ("kept copies by signature = output samples", n["kept_signature_copies"],
+         n["output_samples"]),
+        ("quarantine lines written = records quarantined", n["quarantine_lines_written"],
+         n["quarantined_total"]),
+        ("shards written = ceil(output samples / samples per shard)", n["shards_written"],
+         expected_shards),
     ]
     failed = [f"{name}: {left} != {right}" for name, left, right in checks if left != right]
     if indices != list(range(len(shards))):
         failed.append(f"shard indices are not 0..{len(shards) - 1} each once: {indices[:10]}...")
-    short = [s["name"] for s in shards if s["samples"] != samples_per_shard and s["index"] != len(shards) - 1]
+    short = [
+        s["name"] for s in shards
+        if s["samples"] != samples_per_shard and s["index"] != len(shards) - 1
+    ]
     if short:
         failed.append(f"shards other than the last are not full: {short[:5]}")
     if not n["missing_from_input"]:
@@ -98,21 +106,27 @@ def reconcile_subset(counts: dict, written: dict, annotation_rows_written: int,
         "subset_rows_written": written.get("subset_rows_written", 0),
     }
     # The input is not read: the records are the annotated ones, and none is quarantined here.
-    numbers.update(samples_read=numbers["decisions_read"], decisions_joined=numbers["decisions_read"],
-                   missing_from_input=0, records_quarantined=0, read_quarantined=0, quarantined_total=0)
+    numbers.update(samples_read=numbers["decisions_read"],
+                   decisions_joined=numbers["decisions_read"], missing_from_input=0,
+                   records_quarantined=0, read_quarantined=0, quarantined_total=0)
     n = numbers
     checks = [
-        ("annotation rows read = annotation rows annotate wrote", n["decisions_read"], n["annotation_rows_written"]),
-        ("annotation rows decided = annotation rows read", n["decisions_decided"], n["decisions_read"]),
+        ("annotation rows read = annotation rows annotate wrote", n["decisions_read"],
+         n["annotation_rows_written"]),
+        ("annotation rows decided = annotation rows read", n["decisions_decided"],
+         n["decisions_read"]),
         ("kept + dropped = annotation rows read", n["kept"] + n["dropped"], n["decisions_read"]),
         ("keep.parquet rows = annotation rows read", n["keep_rows_written"], n["decisions_read"]),
-        ("subset.npy rows = kept records with a uid", n["subset_rows_written"], n["kept"] - n["kept_not_uid"]),
-        ("kept copies by signature = output samples", n["kept_signature_copies"], n["output_samples"]),
+        ("subset.npy rows = kept records with a uid", n["subset_rows_written"],
+         n["kept"] - n["kept_not_uid"]),
+        ("kept copies by signature = output samples", n["kept_signature_copies"],
+         n["output_samples"]),
     ]
     failed = [f"{name}: {left} != {right}" for name, left, right in checks if left != right]
     on_disk, listed = written.get("keep_parts_on_disk", []), written.get("keep_parts_written", [])
     if on_disk != listed:
-        failed.append(f"keep.parquet part files = the parts the job wrote: {on_disk[:5]} != {listed[:5]}")
+        failed.append(
+            f"keep.parquet part files = the parts the job wrote: {on_disk[:5]} != {listed[:5]}")
     failed += _exact_counts_off(counts, numbers, exact_counts)
     _raise_if_failed(failed, numbers, "the files written are not a release")
     return numbers
@@ -123,20 +137,25 @@ def _exact_counts_off(counts: dict, numbers: dict, exact_counts: dict | None) ->
     if not exact_counts:
         return []
     kept = counts.get("kept_signatures", {})
-    off = [(signature, kept.get(signature, 0), entry[1]) for signature, entry in sorted(exact_counts.items())
+    off = [(signature, kept.get(signature, 0), entry[1])
+           for signature, entry in sorted(exact_counts.items())
            if entry[2] and kept.get(signature, 0) != entry[1]]
     numbers["signatures_off_their_exact_count"] = len(off)
     if not off:
         return []
-    return [f"{len(off)} signatures kept other than their exact count (signature, kept, asked): {off[:3]}"]
+    return [
+        f"{len(off)} signatures kept other than their exact count (signature, kept, asked): "
+        f"{off[:3]}"
+    ]
 
 
 def _raise_if_failed(failed: list[str], numbers: dict, what_was_written: str) -> None:
     if failed:
         raise ReconciliationError(
-            f"resample did not account for every record, so no manifest was published ({what_was_written}; "
-            "re-run the job): " + "; ".join(failed) + ". All counts: "
-            + ", ".join(f"{name} {value}" for name, value in numbers.items()), numbers)
+            "resample did not account for every record, so no manifest was published "
+            f"({what_was_written}; "
+            "re-run the job): " + "; ".join(failed) + ". All counts: " +
+            ", ".join(f"{name} {value}" for name, value in numbers.items()), numbers)
 
 
 def prepare_release_dir(output_dir: str) -> None:
@@ -165,14 +184,23 @@ def prepare_release_dir(output_dir: str) -> None:
 
 def manifest(counts: dict, numbers: dict, shards: list[dict], details: dict) -> dict:
     quarantined = dict(sorted(counts.get("quarantined", {}).items()))
-    summary = {name: numbers[name] for name in (
-        "samples_read", "kept", "dropped", "output_samples", "records_quarantined", "missing_from_input",
-        "decisions_read", "decisions_joined", "quarantined_total")}
+    summary = {
+        name: numbers[name]
+        for name in ("samples_read", "kept", "dropped", "output_samples", "records_quarantined",
+                     "missing_from_input", "decisions_read", "decisions_joined",
+                     "quarantined_total")
+    }
     summary["quarantined"] = quarantined
     summary["input_records"] = numbers["samples_read"] + numbers["read_quarantined"]
-    return {**details, "shards": shards, "counts": summary, "total_bytes": sum(s["bytes"] for s in shards)}
+    return {
+        **details, "shards": shards, "counts": summary,
+        "total_bytes": sum(s["bytes"] for s in shards)
+    }
 
 
 def write_kept_signatures(counts: dict, output_dir: str) -> None:
-    lines = [json.dumps({"signature": json.loads(s), "count": n}) for s, n in sorted(counts.items())]
-    write_text_atomically(FileSystems.join(output_dir, KEPT_SIGNATURES_FILE), "".join(line + "\n" for line in lines))
+    lines = [
+        json.dumps({"signature": json.loads(s), "count": n}) for s, n in sorted(counts.items())
+    ]
+    write_text_atomically(FileSystems.join(output_dir, KEPT_SIGNATURES_FILE),
+                          "".join(line + "\n" for line in lines))

@@ -72,7 +72,7 @@ class WriteQuarantine(beam.PTransform):
         self.file_path_prefix = file_path_prefix
 
     def expand(self, entries):
-        return (entries
-                | "ToJsonLine" >> beam.Map(lambda e: json.dumps(e, sort_keys=True, ensure_ascii=False))
-                | "WriteJsonl" >> beam.io.WriteToText(self.file_path_prefix, file_name_suffix=".jsonl"))
-
+        return (
+            entries
+            | "ToJsonLine" >> beam.Map(lambda e: json.dumps(e, sort_keys=True, ensure_ascii=False))
+            | "WriteJsonl" >> beam.io.WriteToText(self.file_path_prefix, file_name_suffix=".jsonl"))

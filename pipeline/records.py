@@ -51,8 +51,10 @@ def distinct_label_sets(table: pa.Table):
         return None
     if not table.num_rows:
         return np.zeros(0, dtype=np.int64), []
-    joined = pc.binary_join_element_wise(_joined_labels(attributes), _joined_labels(concepts), _LIST_SEPARATOR)
-    encoded = pc.dictionary_encode(joined.combine_chunks() if isinstance(joined, pa.ChunkedArray) else joined)
+    joined = pc.binary_join_element_wise(_joined_labels(attributes), _joined_labels(concepts),
+                                         _LIST_SEPARATOR)
+    encoded = pc.dictionary_encode(
+        joined.combine_chunks() if isinstance(joined, pa.ChunkedArray) else joined)
     label_sets = []
     for text in encoded.dictionary.to_pylist():
         labels, more = text.split(_LIST_SEPARATOR)

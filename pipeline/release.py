@@ -44,13 +44,15 @@ class KeepRule:
     counts balance adds to solution.json.
     """
 
-    def __init__(self, solution: BalanceSolution, seed: int = DEFAULT_SEED, mode: str = "bernoulli"):
+    def __init__(self, solution: BalanceSolution, seed: int = DEFAULT_SEED,
+                 mode: str = "bernoulli"):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if mode == "exact" and solution.exact_counts is None:
-            raise DataError("this solution has no exact counts (an older balance, or its integer program "
-                            "failed: see solution.json statistics.exact_counts); re-run balance, or resample "
-                            "with --mode bernoulli")
+            raise DataError(
+                "this solution has no exact counts (an older balance, or its integer program "
+                "failed: see solution.json statistics.exact_counts); re-run balance, or resample "
+                "with --mode bernoulli")
         self.solution = solution
         self.seed = int(seed)
         self.mode = mode
@@ -65,12 +67,13 @@ class KeepRule:
         """Signature over the solution's own columns (unknown labels do not change q)."""
         attributes = [a for a in attributes or () if a in self._known_attributes]
         concepts = [c for c in concepts or () if c in self._known_concepts]
-        return row_signature(attributes, concepts, utility, conditional=self.solution.spec.conditional,
+        return row_signature(attributes, concepts, utility,
+                             conditional=self.solution.spec.conditional,
                              use_utility=bool(self.solution.utility_tilt))
 
     def keep_probability(self, attributes, concepts, utility=None) -> float:
-        """q of a row: a function of its signature alone (utility as its bucket, as balance counted it),
-        so every row of a signature has the same q whichever row a worker meets first."""
+        """q of a row: a function of its signature alone (utility as its bucket, as balance counted
+        it), so every row of a signature has the same q whichever row a worker meets first."""
         return self.signatures_and_probabilities([(attributes, concepts, utility)])[0][1]
 
     def signatures_and_probabilities(self, rows) -> list[tuple[str, float]]:
@@ -83,7 +86,8 @@ class KeepRule:
         use_utility = bool(self.solution.utility_tilt)
         texts = []
         for attributes, concepts, utility in rows:
-            memo_key = (tuple(attributes or ()), tuple(concepts or ()), utility if use_utility else None)
+            memo_key = (tuple(attributes or ()), tuple(concepts or ()),
+                        utility if use_utility else None)
             text = self._row_memo.get(memo_key)
             if text is None:
                 if len(self._row_memo) >= _ROW_MEMO_LIMIT:  # utilities can make every row distinct
@@ -94,11 +98,13 @@ class KeepRule:
         if unseen:
             parsed = [parse_signature(text) for text in unseen]
             utilities = None
-            if use_utility:  # the bucket balance counted; None: no usable score, the mean's target rate
+            # the bucket balance counted; None: no usable score, the mean's target rate
+            if use_utility:
                 utilities = np.array([self.solution.utility_mean if bucket is None else bucket
                                       for _, _, bucket in parsed])
             q = self.solution.q_for(encode([a for a, _, _ in parsed], self.attribute_names),
-                                    encode([c for _, c, _ in parsed], self.concept_names), utilities)
+                                    encode([c for _, c, _ in parsed], self.concept_names),
+                                    utilities)
             self._memo.update(zip(unseen, q.tolist()))
         return [(text, self._memo[text]) for text in texts]
 
@@ -126,7 +132,8 @@ class KeepRule:
                 np.array([q[signature] for signature in signatures], dtype=float))
 
     def exact_signature(self, signature: str):
-        """(n_s, k_s) when exact mode keeps exactly k_s of the n_s rows of this signature by rank, else None.
+        """(n_s, k_s) when exact mode keeps exactly k_s of the n_s rows of this signature by rank,
+        else None.
 
         Signatures no constraint sees (rows without an annotated attribute), and those kept whole or
         not at all, need no ranking: they are drawn by probability, or kept or dropped outright.
@@ -137,12 +144,13 @@ class KeepRule:
         return entry[0], entry[1]
 
     def fixed_copies(self, keep_probability: float, signature: str | None = None):
-        """1 or 0 when a row's copies need no draw (its signature kept whole or not at all, q of 1 or
-        0, weights mode), else None: the row's keyed draw decides (see copies)."""
+        """1 or 0 when a row's copies need no draw (its signature kept whole or not at all, q of 1
+        or 0, weights mode), else None: the row's keyed draw decides (see copies)."""
         if self.mode == "weights":
             return int(keep_probability > 0)
         if self.mode == "repeat":
-            raise ValueError("repeat mode decides copies along the global order (see repeat_copies)")
+            raise ValueError(
+                "repeat mode decides copies along the global order (see repeat_copies)")
         if self.mode == "exact" and signature is not None:
             entry = (self.solution.exact_counts or {}).get(signature)
             if entry is not None and entry[2]:
@@ -155,12 +163,13 @@ class KeepRule:
             return int(keep_probability >= 1)
         return None
 
-    def copies(self, key: str, keep_probability: float, signature: str | None = None, threshold=None) -> int:
+    def copies(self, key: str, keep_probability: float, signature: str | None = None,
+               threshold=None) -> int:
         """1 or 0 for one record (repeat mode needs the global order: see repeat_copies).
 
-        exact: for a ranked signature, 1 iff (h(seed, key), key) is at most the signature's threshold
-        (the k_s-th smallest); all rows of a signature with k_s = n_s, none with k_s = 0; otherwise
-        as bernoulli. bernoulli: 1 iff h(seed, key) < q. weights: 1 iff q > 0.
+        exact: for a ranked signature, 1 iff (h(seed, key), key) is at most the signature's
+        threshold (the k_s-th smallest); all rows of a signature with k_s = n_s, none with k_s = 0;
+        otherwise as bernoulli. bernoulli: 1 iff h(seed, key) < q. weights: 1 iff q > 0.
         """
         fixed = self.fixed_copies(keep_probability, signature)
         if fixed is not None:
@@ -171,7 +180,8 @@ class KeepRule:
         return int(hashing.keep_bernoulli(keep_probability, draw))
 
     def weight(self, keep_probability: float) -> float:
-        """Training weight of a kept record: q / eta in weights mode (unbiased for the plan), else 1."""
+        """Training weight of a kept record: q / eta in weights mode (unbiased for the plan), else
+        1."""
         if self.mode == "weights":
             return keep_probability / self.solution.keep_rate
         return 1.0
@@ -224,10 +234,14 @@ def release_members(sample: dict, balance: dict) -> list[tuple[str, bytes]]:
 
 
 def solution_digest(solution: BalanceSolution) -> str:
-    """sha256 of what decides q (spec, rate, duals, tilt), not of timings: equal digests, equal releases."""
+    """sha256 of what decides q (spec, rate, duals, tilt), not of timings: equal digests, equal
+    releases."""
     payload = json.loads(solution.to_json())
-    decisive = {name: payload[name] for name in ("spec", "keep_rate", "constraint_duals", "rate_dual",
-                                                  "utility_tilt", "utility_mean")}
+    decisive = {
+        name: payload[name]
+        for name in ("spec", "keep_rate", "constraint_duals", "rate_dual", "utility_tilt",
+                     "utility_mean")
+    }
     return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode("utf-8")).hexdigest()
 
 

@@ -1,4 +1,5 @@
-"""The report: what balancing changed, as statistics JSON, a self-contained HTML page and a dataset card.
+"""The report: what balancing changed, as statistics JSON, a self-contained HTML page and a dataset
+card.
 
 Reads the counted signatures (before), the solution (planned), the release's kept signatures and
 manifest (what was actually written) and the quarantine files; no Beam pipeline is needed, the
@@ -36,8 +37,8 @@ ANNOTATE_QUARANTINE = "quarantine-*.jsonl"
 RESAMPLE_QUARANTINE = "quarantine/resample-*.jsonl"
 
 
-def report(solution_path: str, signatures_path: str, release_dir: str, annotations_dir: str | None = None,
-           output_dir: str | None = None) -> dict:
+def report(solution_path: str, signatures_path: str, release_dir: str,
+           annotations_dir: str | None = None, output_dir: str | None = None) -> dict:
     """Write stats.json, report.html and README.md; return the statistics.
 
     annotations_dir (optional): annotate's output, for its counts and quarantine files.
@@ -46,22 +47,29 @@ def report(solution_path: str, signatures_path: str, release_dir: str, annotatio
     solution = BalanceSolution.from_json(read_text(solution_path))
     manifest = json.loads(read_text(FileSystems.join(release_dir, MANIFEST_FILE)))
     annotate_counts = None
-    quarantine = {"resample": quarantine_entries(FileSystems.join(release_dir, RESAMPLE_QUARANTINE))}
+    quarantine = {
+        "resample": quarantine_entries(FileSystems.join(release_dir, RESAMPLE_QUARANTINE))
+    }
     if annotations_dir:
         if FileSystems.exists(FileSystems.join(annotations_dir, "counts.json")):
-            annotate_counts = json.loads(read_text(FileSystems.join(annotations_dir, "counts.json")))
-        quarantine = {"annotate": quarantine_entries(FileSystems.join(annotations_dir, ANNOTATE_QUARANTINE)),
-                      **quarantine}
-    stats = build_statistics(solution, read_jsonl(signatures_path), kept_records(release_dir), manifest,
-                             annotate_counts, quarantine)
+            annotate_counts = json.loads(read_text(FileSystems.join(annotations_dir,
+                                                                    "counts.json")))
+        quarantine = {
+            "annotate": quarantine_entries(FileSystems.join(annotations_dir, ANNOTATE_QUARANTINE)),
+            **quarantine
+        }
+    stats = build_statistics(solution, read_jsonl(signatures_path), kept_records(release_dir),
+                             manifest, annotate_counts, quarantine)
     write_json_atomically(FileSystems.join(output_dir, STATS_FILE), stats, indent=1)
     write_text_atomically(FileSystems.join(output_dir, REPORT_FILE), render_html(stats))
-    write_text_atomically(FileSystems.join(output_dir, CARD_FILE), dataset_card(stats, manifest, solution))
+    write_text_atomically(FileSystems.join(output_dir, CARD_FILE),
+                          dataset_card(stats, manifest, solution))
     for warning in coverage_warnings(stats):
         log.warning("%s", warning)
     head = headline(stats)
     log.info("data AB max %s before, %s in the release; report in %s",
-             number(head["before"]["association_bias_max"]), number(head["realized"]["association_bias_max"]),
+             number(head["before"]["association_bias_max"]),
+             number(head["realized"]["association_bias_max"]),
              FileSystems.join(output_dir, REPORT_FILE))
     return stats
 
@@ -73,11 +81,16 @@ def run(argv=None) -> int:
         epilog="examples:\n"
                "  balancebeam report --solution out/solution.json --release out/release \\\n"
                "      --annotations out/annotations\n")
-    parser.add_argument("--solution", required=True, help="solution.json from `balancebeam balance`")
-    parser.add_argument("--signatures", help=f"{SIGNATURES_FILE} from balance (default: next to --solution)")
-    parser.add_argument("--release", required=True, help="release directory from `balancebeam resample`")
-    parser.add_argument("--annotations", help="annotate output directory (for its quarantine counts and files)")
-    parser.add_argument("--output", help="where to write stats.json, report.html, README.md (default: --release)")
+    parser.add_argument("--solution", required=True,
+                        help="solution.json from `balancebeam balance`")
+    parser.add_argument("--signatures",
+                        help=f"{SIGNATURES_FILE} from balance (default: next to --solution)")
+    parser.add_argument("--release", required=True,
+                        help="release directory from `balancebeam resample`")
+    parser.add_argument("--annotations",
+                        help="annotate output directory (for its quarantine counts and files)")
+    parser.add_argument(
+        "--output", help="where to write stats.json, report.html, README.md (default: --release)")
     args = parser.parse_args(argv)
     signatures = args.signatures or FileSystems.join(
         args.solution.rsplit("/", 1)[0] if "/" in args.solution else ".", SIGNATURES_FILE)
@@ -87,4 +100,3 @@ def run(argv=None) -> int:
         print(f"balancebeam report: {error}", file=sys.stderr)
         return 1
     return 0
-

@@ -37,7 +37,9 @@ def _png(figure) -> str:
 
 def _largest_gap_before(stats: dict, concept: str) -> float:
     shares = stats["shares"]["before"]["concepts"][concept]["shares"]
-    gaps = [abs(share - stats["targets"][value]) for value, share in shares.items() if share is not None]
+    gaps = [
+        abs(share - stats["targets"][value]) for value, share in shares.items() if share is not None
+    ]
     return max(gaps) if gaps else -1.0
 
 
@@ -59,31 +61,39 @@ def plot_heatmaps(stats: dict) -> str | None:
         return None
     values = list(stats["targets"])
     panels = [(stage, title) for stage, title in (("before", "before"), ("planned", "planned"),
-                                                   ("realized", "realized (release)")) if stage in stats["shares"]]
-    figure, axes = plt.subplots(1, len(panels), figsize=(2.5 + 1.3 * len(values) * len(panels),
-                                                         1.5 + 0.27 * len(concepts)), sharey=True, squeeze=False)
+                                                  ("realized", "realized (release)"))
+              if stage in stats["shares"]]
+    figure, axes = plt.subplots(
+        1, len(panels), figsize=(2.5 + 1.3 * len(values) * len(panels), 1.5 + 0.27 * len(concepts)),
+        sharey=True, squeeze=False)
     # Hatched, not a colour: coolwarm's own middle (a share of 0.5) is grey.
     colormap = plt.get_cmap("coolwarm").with_extremes(bad=(0.0, 0.0, 0.0, 0.0))
     for axis, (stage, title) in zip(axes[0], panels):
         shares = stats["shares"][stage]["concepts"]
-        grid = np.array([[np.nan if shares.get(c, {}).get("shares", {}).get(v) is None else shares[c]["shares"][v]
-                          for v in values] for c in concepts], dtype=np.float64).reshape(len(concepts), len(values))
+        grid = np.array([[
+            np.nan if shares.get(c, {}).get("shares", {}).get(v) is None else shares[c]["shares"][v]
+            for v in values
+        ] for c in concepts], dtype=np.float64).reshape(len(concepts), len(values))
         axis.patch.set_facecolor("white")
         axis.patch.set_hatch("////")
         axis.patch.set_edgecolor("#8c8c8c")
-        image = axis.imshow(np.ma.masked_invalid(grid), vmin=0, vmax=1, cmap=colormap, aspect="auto")
-        axis.set_xticks(range(len(values)), [plain_text(v.split(":", 1)[-1]) for v in values], rotation=45)
+        image = axis.imshow(np.ma.masked_invalid(grid), vmin=0, vmax=1, cmap=colormap,
+                            aspect="auto")
+        axis.set_xticks(range(len(values)), [plain_text(v.split(":", 1)[-1]) for v in values],
+                        rotation=45)
         axis.set_yticks(range(len(concepts)), [plain_text(c) for c in concepts])
         axis.set_title(title)
     figure.suptitle("perceived attribute share per concept")
-    figure.colorbar(image, ax=list(axes[0]), shrink=0.6, label="share among annotated rows of the concept")
+    figure.colorbar(image, ax=list(axes[0]), shrink=0.6,
+                    label="share among annotated rows of the concept")
     return _png(figure)
 
 
 def plot_q(stats: dict) -> str:
     """The distribution of keep probabilities over the annotated rows (counted signatures)."""
     plt = _pyplot()
-    edges, rows = np.array(stats["q_distribution"]["edges"]), np.array(stats["q_distribution"]["rows"])
+    edges, rows = np.array(stats["q_distribution"]["edges"]), np.array(
+        stats["q_distribution"]["rows"])
     figure, axis = plt.subplots(figsize=(6, 3))
     axis.bar(edges[:-1], rows, width=np.diff(edges), align="edge", color=BLUE)
     axis.set_xlabel("keep probability q")
@@ -99,7 +109,8 @@ def plot_price_of_balance(stats: dict) -> str | None:
         return None
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(6, 3))
-    axis.plot([p["association_gap"] for p in curve], [p["max_keep_rate"] for p in curve], marker="o", color=BLUE)
+    axis.plot([p["association_gap"] for p in curve], [p["max_keep_rate"] for p in curve],
+              marker="o", color=BLUE)
     gap = stats["gaps"]["association"]
     if isinstance(gap, (int, float)):
         axis.scatter([gap], [stats["keep_rate"]], color=ORANGE, zorder=3, label="this release")
@@ -117,7 +128,8 @@ def plot_proxies(stats: dict) -> str | None:
         return None
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(6, 0.8 + 0.3 * len(proxies)))
-    axis.barh([plain_text(p["concept"]) for p in proxies][::-1], [p["score"] for p in proxies][::-1], color=ORANGE)
+    axis.barh([plain_text(p["concept"]) for p in proxies][::-1],
+              [p["score"] for p in proxies][::-1], color=ORANGE)
     axis.set_xlabel("support-weighted deviation of attribute share")
     axis.set_title("proxies chosen")
     return _png(figure)

@@ -1,4 +1,5 @@
-"""The resample job (`balancebeam resample`): apply a solution to every record, write the balanced release.
+"""The resample job (`balancebeam resample`): apply a solution to every record, write the balanced
+release.
 
 Annotation rows become keep decisions in batches (pipeline/decide.py), grouped by the input range
 they describe; each range is read once and its records meet their decisions by place; kept copies
@@ -28,7 +29,8 @@ from pipeline.errors import DataError, UsageError
 from pipeline.files import count_lines, delete_matching, read_text, write_json_atomically
 from pipeline.options import pipeline_options
 from pipeline import publish
-from pipeline.publish import KEPT_SIGNATURES_FILE, MANIFEST_FILE, SIZES_FILE, prepare_release_dir, reconcile
+from pipeline.publish import (KEPT_SIGNATURES_FILE, MANIFEST_FILE, SIZES_FILE, prepare_release_dir,
+                              reconcile)
 from pipeline.quarantine import WriteQuarantine
 from pipeline.shards import MISSING_FROM_INPUT, WriteShards, rank_buckets
 from pipeline.sources import FORMATS
@@ -55,7 +57,8 @@ class Decisions(beam.PTransform):
 
     def __init__(self, annotations_dir, solution_text, seed, mode, buckets, output_size=None):
         super().__init__()
-        self.pattern = FileSystems.join(annotations_dir, ANNOTATIONS_GLOB)  # not `annotations`: a PTransform method
+        # not `annotations`: a PTransform method
+        self.pattern = FileSystems.join(annotations_dir, ANNOTATIONS_GLOB)
         self.solution_text, self.seed, self.mode = solution_text, seed, mode
         self.buckets, self.output_size = buckets, output_size
 
@@ -68,20 +71,23 @@ class Decisions(beam.PTransform):
         # (a side input), so `tables` would cross the runner whole, and Beam's multi-process runner
         # lost 372,000 of 10M annotation rows that way (docs/beam-data-loss.md). Reading twice costs
         # little.
-        decided = (pbegin
-                   | "ReadAnnotationsToDecide" >> beam.io.ReadFromParquetBatched(
-                       self.pattern, columns=_ANNOTATION_COLUMNS)
-                   | "Decide" >> beam.ParDo(Decide(self.seed, self.mode), beam.pvalue.AsSingleton(solution),
-                                            beam.pvalue.AsSingleton(thresholds)).with_outputs(
-                                                COUNTS_TAG, main="decisions"))
+        decided = (
+            pbegin
+            | "ReadAnnotationsToDecide" >> beam.io.ReadFromParquetBatched(
+                self.pattern, columns=_ANNOTATION_COLUMNS)
+            | "Decide" >> beam.ParDo(
+                Decide(self.seed, self.mode), beam.pvalue.AsSingleton(solution),
+                beam.pvalue.AsSingleton(thresholds)).with_outputs(COUNTS_TAG, main="decisions"))
         decisions = decided.decisions
         if self.mode == "repeat":
-            decisions = decisions | "RepeatCopies" >> RepeatCopies(self.seed, self.output_size, self.buckets)
+            decisions = decisions | "RepeatCopies" >> RepeatCopies(self.seed, self.output_size,
+                                                                   self.buckets)
         return {"decisions": decisions, "counts": decided[COUNTS_TAG]}
 
 
 class WriteResults(beam.PTransform):
-    """Count dicts of every step -> counts.json in the work folder, summed (what the job reconciles)."""
+    """Count dicts of every step -> counts.json in the work folder, summed (what the job
+    reconciles)."""
 
     def __init__(self, work_dir: str):
         super().__init__()
@@ -90,18 +96,21 @@ class WriteResults(beam.PTransform):
     def expand(self, counts):
         return (counts
                 | "AddCounts" >> AddCounts()
-                | "WriteCounts" >> beam.Map(_write_json_to, FileSystems.join(self.work_dir, "counts.json")))
+                | "WriteCounts" >> beam.Map(_write_json_to,
+                                            FileSystems.join(self.work_dir, "counts.json")))
 
 
-def build_pipeline(pipeline, *, input_glob, annotations_dir, solution_text, output_dir, work_dir, seed, mode,
-                   samples_per_shard, prefix, buckets, input_format="auto", key_column="key",
-                   caption_column="caption", output_size=None, quarantine_prefix=None, progress_dir=None):
+def build_pipeline(pipeline, *, input_glob, annotations_dir, solution_text, output_dir, work_dir,
+                   seed, mode, samples_per_shard, prefix, buckets, input_format="auto",
+                   key_column="key", caption_column="caption", output_size=None,
+                   quarantine_prefix=None, progress_dir=None):
     """The WebDataset resample graph on `pipeline`; its results land in `work_dir` (counts.json,
     shards.json)."""
-    decided = pipeline | "Decisions" >> Decisions(annotations_dir, solution_text, seed, mode, buckets, output_size)
+    decided = pipeline | "Decisions" >> Decisions(annotations_dir, solution_text, seed, mode,
+                                                  buckets, output_size)
     written = decided["decisions"] | "WriteShards" >> WriteShards(
-        input_glob, input_format, seed, mode, buckets, output_dir, prefix, samples_per_shard, key_column,
-        caption_column, progress_dir)
+        input_glob, input_format, seed, mode, buckets, output_dir, prefix, samples_per_shard,
+        key_column, caption_column, progress_dir)
     _ = (written["shards"]
          | "AllShards" >> beam.combiners.ToList()
          | "WriteShardList" >> beam.Map(_write_json_to, FileSystems.join(work_dir, "shards.json")))
@@ -110,13 +119,16 @@ def build_pipeline(pipeline, *, input_glob, annotations_dir, solution_text, outp
         _ = written["quarantine"] | "WriteQuarantine" >> WriteQuarantine(quarantine_prefix)
 
 
-def build_subset_pipeline(pipeline, *, annotations_dir, solution_text, output_dir, work_dir, seed, mode, buckets,
-                          subset_buckets, output_size=None):
-    """The subset graph: decisions from the annotations alone, no input read (pipeline/subset.py)."""
-    decided = pipeline | "Decisions" >> Decisions(annotations_dir, solution_text, seed, mode, buckets, output_size)
+def build_subset_pipeline(pipeline, *, annotations_dir, solution_text, output_dir, work_dir, seed,
+                          mode, buckets, subset_buckets, output_size=None):
+    """The subset graph: decisions from the annotations alone, no input read (pipeline/subset.py).
+    """
+    decided = pipeline | "Decisions" >> Decisions(annotations_dir, solution_text, seed, mode,
+                                                  buckets, output_size)
     released = decided["decisions"] | "SubsetRelease" >> subset_release.SubsetRelease(
         output_dir, work_dir, subset_buckets)
-    _ = released["written"] | "WriteFileCounts" >> beam.Map(_write_json_to, FileSystems.join(work_dir, "written.json"))
+    _ = released["written"] | "WriteFileCounts" >> beam.Map(
+        _write_json_to, FileSystems.join(work_dir, "written.json"))
     _ = (decided["counts"], released["counts"]) | "Results" >> WriteResults(work_dir)
 
 
@@ -133,7 +145,8 @@ def check_release_options(mode: str, samples_per_shard: int, output_size, seed: 
     if output_size is not None and output_size < 1:
         raise UsageError(f"--output-size must be >= 1, got {output_size}")
     if output_size is not None and mode != "repeat":
-        raise UsageError("--output-size needs --mode repeat (the other modes keep what the plan keeps)")
+        raise UsageError(
+            "--output-size needs --mode repeat (the other modes keep what the plan keeps)")
     hashing.check_seed(seed)
 
 
@@ -148,12 +161,15 @@ def resample(input_glob, annotations_dir, solution_path, output_dir, *, seed=rel
     """
     check_release_options(mode, samples_per_shard, output_size, seed)
     if output_format not in OUTPUT_FORMATS:
-        raise UsageError(f"--output-format must be one of {', '.join(OUTPUT_FORMATS)}, got {output_format!r}")
+        raise UsageError(
+            f"--output-format must be one of {', '.join(OUTPUT_FORMATS)}, got {output_format!r}")
     tars.check_prefix(prefix)
     subset = output_format == FORMAT_SUBSET
-    globs = [] if input_glob is None else [input_glob] if isinstance(input_glob, str) else list(input_glob)
+    globs = [] if input_glob is None else [input_glob] if isinstance(input_glob,
+                                                                     str) else list(input_glob)
     if not globs and not subset:
-        raise UsageError("--input is needed to write WebDataset shards (only --output-format subset reads none)")
+        raise UsageError(
+            "--input is needed to write WebDataset shards (only --output-format subset reads none)")
     options = pipeline_options(pipeline_args, "balancebeam resample")
     input_bytes = input_files = 0
     for pattern in [] if subset else globs:
@@ -163,14 +179,17 @@ def resample(input_glob, annotations_dir, solution_path, output_dir, *, seed=rel
             raise FileNotFoundError(f"no input files match {pattern!r}")
         input_bytes += sum(m.size_in_bytes for m in matched)
     solution_text = read_text(solution_path)
-    solution = BalanceSolution.from_json(solution_text)  # fail here, not on a worker, if it is unreadable
+    # fail here, not on a worker, if it is unreadable
+    solution = BalanceSolution.from_json(solution_text)
     release.KeepRule(solution, seed, mode)  # and if it cannot be applied in this mode
     if solution.status != "optimal":
         if not allow_approximate:
-            raise DataError(f"{solution_path} is not a certified solution: {solution.certificate()}. Re-run "
-                            "balance (--method exact is the reference solver), or pass --allow-approximate to "
-                            "release it anyway")
-        log.warning("releasing an uncertified solution (--allow-approximate): %s", solution.certificate())
+            raise DataError(
+                f"{solution_path} is not a certified solution: {solution.certificate()}. Re-run "
+                "balance (--method exact is the reference solver), or pass --allow-approximate to "
+                "release it anyway")
+        log.warning("releasing an uncertified solution (--allow-approximate): %s",
+                    solution.certificate())
     rows_written = annotation_rows(annotations_dir)
     read_options = _annotate_read_options(annotations_dir, input_format, rows_written)
     output_dir = output_dir.rstrip("/")
@@ -178,25 +197,30 @@ def resample(input_glob, annotations_dir, solution_path, output_dir, *, seed=rel
     work_dir = FileSystems.join(output_dir, _WORK_DIR_PREFIX + uuid.uuid4().hex[:12])
     FileSystems.mkdirs(work_dir) if FileSystems.get_scheme(work_dir) is None else None
     quarantine_prefix = FileSystems.join(output_dir, "quarantine", "resample")
-    delete_matching(quarantine_prefix + "-*.jsonl")  # an earlier run's, which this run's may not overwrite
+    # an earlier run's, which this run's may not overwrite
+    delete_matching(quarantine_prefix + "-*.jsonl")
     expected_copies = max(rows_written, output_size or 0)
     buckets = rank_buckets(expected_copies, input_bytes * expected_copies // max(rows_written, 1))
     results = ("counts.json", "written.json") if subset else ("counts.json", "shards.json")
     try:
-        with InputProgress("resample", input_files, options) as progress, beam.Pipeline(options=options) as pipeline:
+        with InputProgress("resample", input_files,
+                           options) as progress, beam.Pipeline(options=options) as pipeline:
             if subset:
                 subset_release.prepare_keep_dir(output_dir)
-                build_subset_pipeline(pipeline, annotations_dir=annotations_dir, solution_text=solution_text,
-                                      output_dir=output_dir, work_dir=work_dir, seed=seed, mode=mode,
-                                      buckets=buckets, subset_buckets=subset_release.bucket_count(rows_written),
+                build_subset_pipeline(pipeline, annotations_dir=annotations_dir,
+                                      solution_text=solution_text, output_dir=output_dir,
+                                      work_dir=work_dir, seed=seed, mode=mode, buckets=buckets,
+                                      subset_buckets=subset_release.bucket_count(rows_written),
                                       output_size=output_size)
             else:
                 build_pipeline(pipeline, input_glob=globs, annotations_dir=annotations_dir,
-                               solution_text=solution_text, output_dir=output_dir, work_dir=work_dir, seed=seed,
-                               mode=mode, samples_per_shard=samples_per_shard, prefix=prefix, buckets=buckets,
+                               solution_text=solution_text, output_dir=output_dir,
+                               work_dir=work_dir, seed=seed, mode=mode,
+                               samples_per_shard=samples_per_shard, prefix=prefix, buckets=buckets,
                                output_size=output_size, quarantine_prefix=quarantine_prefix,
                                progress_dir=progress.marker_dir, **read_options)
-        counts, written = (json.loads(read_text(FileSystems.join(work_dir, name))) for name in results)
+        counts, written = (json.loads(read_text(FileSystems.join(work_dir, name)))
+                           for name in results)
         if subset:  # subset.npy from the buckets' uid files, before the work folder goes
             written = {"buckets": written,
                        "subset": subset_release.assemble_subset(written, work_dir, output_dir)}
@@ -205,45 +229,59 @@ def resample(input_glob, annotations_dir, solution_path, output_dir, *, seed=rel
         if FileSystems.exists(work_dir):
             FileSystems.delete([work_dir])
     exact_counts = solution.exact_counts if mode == "exact" else None
-    details = {"prefix": prefix, "samples_per_shard": samples_per_shard, "mode": mode, "seed": seed,
-               "output_size": output_size, "input": input_glob, "solution_digest": release.solution_digest(solution),
-               "solution_status": solution.status, "certificate": solution.certificate()}
+    details = {
+        "prefix": prefix, "samples_per_shard": samples_per_shard, "mode": mode, "seed": seed,
+        "output_size": output_size, "input": input_glob,
+        "solution_digest": release.solution_digest(solution), "solution_status": solution.status,
+        "certificate": solution.certificate()
+    }
     if subset:
-        manifest = _publish_subset(counts, written, rows_written, exact_counts, output_dir, prefix, details)
+        manifest = _publish_subset(counts, written, rows_written, exact_counts, output_dir, prefix,
+                                   details)
     else:
-        manifest = _publish_shards(counts, written, rows_written, exact_counts, output_dir, prefix, details,
-                                   quarantine_prefix, samples_per_shard, annotations_dir)
+        manifest = _publish_shards(counts, written, rows_written, exact_counts, output_dir, prefix,
+                                   details, quarantine_prefix, samples_per_shard, annotations_dir)
     publish.write_kept_signatures(counts.get("kept_signatures", {}), output_dir)
     write_json_atomically(FileSystems.join(output_dir, MANIFEST_FILE), manifest, indent=1)
     c = manifest["counts"]
     if subset:
-        files, subset_file, keep_dir = manifest["files"], subset_release.SUBSET_FILE, subset_release.KEEP_DIR
-        log.info("decided %d annotated records: kept %d, dropped %d; wrote %s (%d uids) and %s (%d rows) to %s, "
-                 "no image read (every record accounted for)", c["samples_read"], c["kept"], c["dropped"],
-                 subset_file, files[subset_file]["rows"], keep_dir, files[keep_dir]["rows"], output_dir)
+        files = manifest["files"]
+        subset_file, keep_dir = subset_release.SUBSET_FILE, subset_release.KEEP_DIR
+        log.info(
+            "decided %d annotated records: kept %d, dropped %d; wrote %s (%d uids) and %s (%d "
+            "rows) to %s, "
+            "no image read (every record accounted for)", c["samples_read"], c["kept"],
+            c["dropped"], subset_file, files[subset_file]["rows"], keep_dir,
+            files[keep_dir]["rows"], output_dir)
         if c["kept_not_uid"]:
-            log.warning("%d kept records have a key that is not a 128-bit hex uid, so %s cannot list them; "
-                        "%s does", c["kept_not_uid"], subset_file, keep_dir)
+            log.warning(
+                "%d kept records have a key that is not a 128-bit hex uid, so %s cannot list them; "
+                "%s does", c["kept_not_uid"], subset_file, keep_dir)
         return manifest
-    log.info("read %d records: kept %d, dropped %d, quarantined %d; wrote %d samples in %d shards to %s "
-             "(every record accounted for)", c["samples_read"], c["kept"], c["dropped"], c["records_quarantined"],
-             c["output_samples"], len(manifest["shards"]), output_dir)
+    log.info(
+        "read %d records: kept %d, dropped %d, quarantined %d; wrote %d samples in %d shards to %s "
+        "(every record accounted for)", c["samples_read"], c["kept"], c["dropped"],
+        c["records_quarantined"], c["output_samples"], len(manifest["shards"]), output_dir)
     if c["missing_from_input"]:
         log.warning("%d annotated records were not in the input read now (quarantined as %s)",
                     c["missing_from_input"], MISSING_FROM_INPUT)
     return manifest
 
 
-def _publish_shards(counts, shards, rows_written, exact_counts, output_dir, prefix, details, quarantine_prefix,
-                    samples_per_shard, annotations_dir) -> dict:
-    """Reconcile a WebDataset release, remove an earlier run's shards, write sizes.json; the manifest."""
+def _publish_shards(counts, shards, rows_written, exact_counts, output_dir, prefix, details,
+                    quarantine_prefix, samples_per_shard, annotations_dir) -> dict:
+    """Reconcile a WebDataset release, remove an earlier run's shards, write sizes.json; the
+    manifest."""
     numbers = reconcile(counts, shards, rows_written, count_lines(quarantine_prefix + "-*.jsonl"),
                         samples_per_shard, exact_counts)
     if not numbers["decisions_joined"] and numbers["samples_read"] and numbers["decisions_read"]:
         raise DataError(
             f"none of the {numbers['samples_read']} records read has an annotation row among the "
-            f"{numbers['decisions_read']} in {annotations_dir}: resample finds a record's annotation by its "
-            "input file and place in it, so --input must name the files annotate read, where it read them")
+            f"{numbers['decisions_read']} in {annotations_dir}: resample finds a record's "
+            "annotation by its "
+            "input file and place in it, so --input must name the files annotate read, where it "
+            "read them"
+        )
     shard_entries = [{name: shard[name] for name in ("name", "samples", "bytes", "sha256")}
                      for shard in sorted(shards, key=lambda s: s["index"])]
     listed = {shard["name"] for shard in shard_entries}
@@ -252,27 +290,35 @@ def _publish_shards(counts, shards, rows_written, exact_counts, output_dir, pref
         log.info("removed %d files of an earlier run that this release does not list", len(stale))
     write_json_atomically(FileSystems.join(output_dir, SIZES_FILE),
                           {s["name"]: s["samples"] for s in shard_entries}, indent=1)
-    return publish.manifest(counts, numbers, shard_entries, {"format": FORMAT_WEBDATASET, **details})
+    return publish.manifest(counts, numbers, shard_entries,
+                            {"format": FORMAT_WEBDATASET, **details})
 
 
-def _publish_subset(counts, written, rows_written, exact_counts, output_dir, prefix, details) -> dict:
-    """Reconcile a subset release with the files on disk, remove an earlier release's shards; the manifest."""
+def _publish_subset(counts, written, rows_written, exact_counts, output_dir, prefix,
+                    details) -> dict:
+    """Reconcile a subset release with the files on disk, remove an earlier release's shards; the
+    manifest."""
     parts = sorted(written["buckets"], key=lambda entry: entry["part"])
     on_disk = {posixpath.basename(m.path): m.path for m in FileSystems.match(
         [FileSystems.join(output_dir, subset_release.KEEP_DIR, "*.parquet")])[0].metadata_list}
     footer_rows = sum(parquet_rows(path) for path in on_disk.values())
-    numbers = publish.reconcile_subset(counts, {"keep_rows_written": footer_rows,
-                                                "subset_rows_written": written["subset"]["rows"],
-                                                "keep_parts_on_disk": sorted(on_disk),
-                                                "keep_parts_written": [entry["part"] for entry in parts]},
-                                       rows_written, exact_counts)
+    numbers = publish.reconcile_subset(
+        counts, {
+            "keep_rows_written": footer_rows, "subset_rows_written": written["subset"]["rows"],
+            "keep_parts_on_disk": sorted(on_disk),
+            "keep_parts_written": [entry["part"] for entry in parts]
+        }, rows_written, exact_counts)
     stale = delete_matching(FileSystems.join(output_dir, f"{prefix}-*"))
     if stale:
-        log.info("removed %d shard files of an earlier release (a subset release has none)", len(stale))
-    files = {subset_release.SUBSET_FILE: written["subset"],
-             subset_release.KEEP_DIR: {"rows": footer_rows, "bytes": sum(entry["bytes"] for entry in parts),
-                                       "parts": [{name: entry[name] for name in ("part", "rows", "bytes", "sha256")}
-                                                 for entry in parts]}}
+        log.info("removed %d shard files of an earlier release (a subset release has none)",
+                 len(stale))
+    files = {
+        subset_release.SUBSET_FILE: written["subset"], subset_release.KEEP_DIR: {
+            "rows": footer_rows, "bytes": sum(entry["bytes"] for entry in parts),
+            "parts": [{name: entry[name]
+                       for name in ("part", "rows", "bytes", "sha256")} for entry in parts]
+        }
+    }
     manifest = publish.manifest(counts, numbers, [], {"format": FORMAT_SUBSET, **details})
     manifest["counts"]["kept_not_uid"] = numbers["kept_not_uid"]
     manifest["files"] = files
@@ -288,52 +334,63 @@ def _annotate_read_options(annotations_dir: str, input_format: str, rows_written
     try:
         counts = read_counts(annotations_dir)
     except (OSError, ValueError):
-        log.warning("%s has no readable counts.json: annotate did not finish there, or the annotations "
-                    "come from elsewhere; reading the input with the default key and caption columns",
-                    annotations_dir)
+        log.warning(
+            "%s has no readable counts.json: annotate did not finish there, or the annotations "
+            "come from elsewhere; reading the input with the default key and caption columns",
+            annotations_dir)
         counts = {}
     if "annotated" in counts and counts["annotated"] != rows_written:
-        raise DataError(f"{annotations_dir} holds {rows_written} annotation rows but annotate wrote "
-                        f"{counts['annotated']}: the folder changed since; re-run annotate into an empty folder")
+        raise DataError(
+            f"{annotations_dir} holds {rows_written} annotation rows but annotate wrote "
+            f"{counts['annotated']}: the folder changed since; re-run annotate into an empty folder"
+        )
     recorded = counts.get("read_options", {})
-    return {"input_format": input_format if input_format != "auto" else recorded.get("input_format", "auto"),
-            "key_column": recorded.get("key_column", "key"),
-            "caption_column": recorded.get("caption_column", "caption")}
+    return {
+        "input_format": input_format if input_format != "auto" else recorded.get(
+            "input_format", "auto"), "key_column": recorded.get("key_column", "key"),
+        "caption_column": recorded.get("caption_column", "caption")
+    }
 
 
 def add_release_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags that say how the release is drawn and laid out (shared with `balancebeam run`)."""
-    parser.add_argument("--mode", choices=release.MODES, default=release.DEFAULT_MODE,
-                        help="exact (default): whole rows per signature so the release itself meets the gaps; "
-                             "bernoulli: keep each row with probability q; weights: keep q > 0 with weight "
-                             "q/eta; repeat: copies proportional to q, exactly --output-size samples")
+    parser.add_argument(
+        "--mode", choices=release.MODES, default=release.DEFAULT_MODE,
+        help="exact (default): whole rows per signature so the release itself meets the gaps; "
+        "bernoulli: keep each row with probability q; weights: keep q > 0 with weight "
+        "q/eta; repeat: copies proportional to q, exactly --output-size samples")
     parser.add_argument("--seed", type=int, default=release.DEFAULT_SEED,
                         help=f"sampling seed, 0 <= seed < 2**{hashing.SEED_BITS}")
     parser.add_argument("--samples-per-shard", type=int, default=release.DEFAULT_SAMPLES_PER_SHARD)
-    parser.add_argument("--prefix", default=release.DEFAULT_PREFIX, help="shards are PREFIX-00000.tar, ...")
-    parser.add_argument("--output-size", type=int, help="repeat mode: samples in the release (default: as read)")
+    parser.add_argument("--prefix", default=release.DEFAULT_PREFIX,
+                        help="shards are PREFIX-00000.tar, ...")
+    parser.add_argument("--output-size", type=int,
+                        help="repeat mode: samples in the release (default: as read)")
     parser.add_argument("--allow-approximate", action="store_true",
                         help="release a solution whose status is not optimal (refused otherwise)")
-    parser.add_argument("--output-format", choices=OUTPUT_FORMATS, default=FORMAT_WEBDATASET,
-                        help="webdataset (default): shards with every kept sample's members; subset: DataComp's "
-                             "subset.npy and keep.parquet (key, q, copies, weight), no image read or copied")
+    parser.add_argument(
+        "--output-format", choices=OUTPUT_FORMATS, default=FORMAT_WEBDATASET,
+        help="webdataset (default): shards with every kept sample's members; subset: DataComp's "
+        "subset.npy and keep.parquet (key, q, copies, weight), no image read or copied")
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="balancebeam resample", description=__doc__.splitlines()[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n"
-               "  balancebeam resample --input 'shards/*.tar' --annotations out/annotations \\\n"
-               "      --solution out/solution.json --output out/release \\\n"
-               "      --direct_running_mode=multi_processing --direct_num_workers=2\n"
-               "  balancebeam resample --annotations out/annotations --solution out/solution.json \\\n"
-               "      --output out/release --output-format subset\n")
-    parser.add_argument("--input", action="append",
-                        help="the input the annotations were made from (glob; repeatable); not read, and not "
-                             "needed, with --output-format subset")
+    parser = argparse.ArgumentParser(
+        prog="balancebeam resample", description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog="examples:\n"
+        "  balancebeam resample --input 'shards/*.tar' --annotations out/annotations \\\n"
+        "      --solution out/solution.json --output out/release \\\n"
+        "      --direct_running_mode=multi_processing --direct_num_workers=2\n"
+        "  balancebeam resample --annotations out/annotations --solution out/solution.json \\\n"
+        "      --output out/release --output-format subset\n")
+    parser.add_argument(
+        "--input", action="append",
+        help="the input the annotations were made from (glob; repeatable); not read, and not "
+        "needed, with --output-format subset")
     parser.add_argument("--input-format", choices=FORMATS, default="auto")
     parser.add_argument("--annotations", required=True, help="directory with annotations-*.parquet")
-    parser.add_argument("--solution", required=True, help="solution.json from `balancebeam balance`")
+    parser.add_argument("--solution", required=True,
+                        help="solution.json from `balancebeam balance`")
     parser.add_argument("--output", required=True, help="release directory")
     add_release_arguments(parser)
     return parser.parse_known_args(argv)
@@ -341,9 +398,10 @@ def parse_args(argv):
 
 def run(argv=None) -> int:
     args, pipeline_args = parse_args(argv)
-    resample(args.input, args.annotations, args.solution, args.output, seed=args.seed, mode=args.mode,
-             samples_per_shard=args.samples_per_shard, prefix=args.prefix, input_format=args.input_format,
-             output_size=args.output_size, pipeline_args=pipeline_args, allow_approximate=args.allow_approximate,
+    resample(args.input, args.annotations, args.solution, args.output, seed=args.seed,
+             mode=args.mode, samples_per_shard=args.samples_per_shard, prefix=args.prefix,
+             input_format=args.input_format, output_size=args.output_size,
+             pipeline_args=pipeline_args, allow_approximate=args.allow_approximate,
              output_format=args.output_format)
     return 0
 

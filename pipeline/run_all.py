@@ -34,15 +34,19 @@ def layout(output: str) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="balancebeam run", description=__doc__.splitlines()[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="annotate's own flags (--lexicon, --utility-field, --image-model, ...) are passed to it;\n"
-               "flags no job knows go to Beam.\n\n"
-               "examples:\n"
-               "  balancebeam run --input 'shards/*.tar' --output out --keep-rate max --association-gap 0.05 "
-               "--direct_running_mode=multi_processing --direct_num_workers=2\n"
-               "  balancebeam run --input 'pool/*.parquet' --output out --keep-rate max --output-format subset\n")
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=
+        "annotate's own flags (--lexicon, --utility-field, --image-model, ...) are passed to it;\n"
+        "flags no job knows go to Beam.\n\n"
+        "examples:\n"
+        "  balancebeam run --input 'shards/*.tar' --output out --keep-rate max --association-gap "
+        "0.05 "
+        "--direct_running_mode=multi_processing --direct_num_workers=2\n"
+        "  balancebeam run --input 'pool/*.parquet' --output out --keep-rate max --output-format "
+        "subset\n"
+    )
     parser.add_argument("--input", required=True, action="append", help="input glob (repeatable)")
-    parser.add_argument("--output", required=True, help="output directory: annotations/, solution.json, release/")
+    parser.add_argument("--output", required=True,
+                        help="output directory: annotations/, solution.json, release/")
     parser.add_argument("--input-format", choices=FORMATS, default="auto")
     balance.add_solve_arguments(parser)
     resample.add_release_arguments(parser)
@@ -69,7 +73,9 @@ def run_all(inputs, output, args, annotate_args=(), beam_args=()) -> dict:
     """The four jobs in order; returns the release statistics."""
     paths = layout(output)
     annotate_argv = [a for pattern in inputs for a in ("--input", pattern)]
-    annotate_argv += ["--output", paths["annotations"], "--input-format", args.input_format, *annotate_args]
+    annotate_argv += [
+        "--output", paths["annotations"], "--input-format", args.input_format, *annotate_args
+    ]
     # Every flag of every step is checked before the first job starts.
     annotate.check_arguments(annotate.build_parser().parse_args(annotate_argv))
     config = balance.config_from_args(args)
@@ -85,12 +91,14 @@ def run_all(inputs, output, args, annotate_args=(), beam_args=()) -> dict:
     log.info("2/4 balance")
     balance.balance(paths["annotations"], paths["solution"], config, beam_args, paths["signatures"])
     log.info("3/4 resample")
-    resample.resample(inputs, paths["annotations"], paths["solution"], paths["release"], seed=args.seed,
-                      mode=args.mode, samples_per_shard=args.samples_per_shard, prefix=args.prefix,
-                      input_format=args.input_format, output_size=args.output_size, pipeline_args=beam_args,
+    resample.resample(inputs, paths["annotations"], paths["solution"], paths["release"],
+                      seed=args.seed, mode=args.mode, samples_per_shard=args.samples_per_shard,
+                      prefix=args.prefix, input_format=args.input_format,
+                      output_size=args.output_size, pipeline_args=beam_args,
                       allow_approximate=args.allow_approximate, output_format=args.output_format)
     log.info("4/4 report")
-    return report.report(paths["solution"], paths["signatures"], paths["release"], paths["annotations"])
+    return report.report(paths["solution"], paths["signatures"], paths["release"],
+                         paths["annotations"])
 
 
 def run(argv=None) -> int:

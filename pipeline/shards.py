@@ -1,5 +1,5 @@
-"""Writing the release (WriteShards): each input range meets its decisions, kept copies are ranked and
-written in shards.
+"""Writing the release (WriteShards): each input range meets its decisions, kept copies are ranked
+and written in shards.
 
 A range is read once, by one worker; a record meets its decision by place (the key is checked).
 Kept copies leave in batches per order bucket (a range of a keyed hash), are sorted per bucket and
@@ -29,9 +29,12 @@ from pipeline.worker_tuning import relax_gc
 log = logging.getLogger(__name__)
 
 STAGE_RESAMPLE = "resample"
-NOT_ANNOTATED = "not_annotated"  # read now, but annotate wrote no row for it (quarantined there, or new)
-INPUT_CHANGED = "input_changed"  # the record at this place has another key than when it was annotated
-MISSING_FROM_INPUT = "missing_from_input"  # an annotation row whose record is not in the input read now
+# read now, but annotate wrote no row for it (quarantined there, or new)
+NOT_ANNOTATED = "not_annotated"
+# the record at this place has another key than when it was annotated
+INPUT_CHANGED = "input_changed"
+# an annotation row whose record is not in the input read now
+MISSING_FROM_INPUT = "missing_from_input"
 # Kept copies per ranking bucket (sorted in one worker's memory) and per element a range sends to
 # one bucket (bounds a worker's memory while it reads a large file). Members that travel inline
 # (a compressed tar's, or any the header index cannot vouch for) bound both by bytes as well: a
@@ -66,7 +69,8 @@ def tar_offsets(path):
 
 
 class ResampleRange(beam.DoFn):
-    """((file, range), {"read": [range], "decisions": [batches]}) -> its kept copies, bucketed for ranking.
+    """((file, range), {"read": [range], "decisions": [batches]}) -> its kept copies, bucketed for
+    ranking.
 
     Main output: (order bucket, [(order, copy key, source tar, members)]): the members as released
     (json with `balance`), large ones as their place in the input tar, never image bytes. Tagged
@@ -111,10 +115,12 @@ class ResampleRange(beam.DoFn):
                 i = index.get(sample["position"])
                 reason = None
                 if i is None or matched[i]:
-                    reason, detail = NOT_ANNOTATED, "annotate wrote no row for this record (see its quarantine)"
+                    reason = NOT_ANNOTATED
+                    detail = "annotate wrote no row for this record (see its quarantine)"
                 elif decisions["keys"][i] != sample["key"]:
-                    reason, detail = INPUT_CHANGED, (f"annotated as key {decisions['keys'][i]!r}; the input "
-                                                     "changed since annotate read it")
+                    reason, detail = INPUT_CHANGED, (
+                        f"annotated as key {decisions['keys'][i]!r}; the input "
+                        "changed since annotate read it")
                 if reason is not None:
                     quarantined[f"{STAGE_RESAMPLE}:{reason}"] += 1
                     counts["records_quarantined"] += 1
@@ -137,9 +143,11 @@ class ResampleRange(beam.DoFn):
                     balance = {"q": decisions["q"][i], "weight": decisions["weights"][i]}
                     if self.mode == "repeat":
                         balance["copy"] = copy
-                    # The released members, json with `balance` included; images as their place in the tar.
-                    members = tars.locate_members(sample["key"], dict(release.release_members(sample, balance)),
-                                                     tar_index)
+                    # The released members, json with `balance` included; images as their place in
+                    # the tar.
+                    members = tars.locate_members(sample["key"],
+                                                  dict(release.release_members(sample, balance)),
+                                                  tar_index)
                     order = release.order_uniform(self.seed, sample["key"], copy)
                     bucket = min(int(order * self.buckets), self.buckets - 1)
                     items = buckets[bucket]
@@ -157,10 +165,13 @@ class ResampleRange(beam.DoFn):
             if not matched[i]:
                 counts["missing_from_input"] += 1
                 quarantined[f"{STAGE_RESAMPLE}:{MISSING_FROM_INPUT}"] += 1
-                yield beam.pvalue.TaggedOutput(QUARANTINE_TAG, quarantine_record(
-                    STAGE_RESAMPLE, MISSING_FROM_INPUT, decisions["keys"][i], path, decisions["positions"][i],
-                    "annotated, but not in the input read now" if not read_now
-                    else "annotated, but no record at this place in the file now"))
+                yield beam.pvalue.TaggedOutput(
+                    QUARANTINE_TAG,
+                    quarantine_record(
+                        STAGE_RESAMPLE, MISSING_FROM_INPUT, decisions["keys"][i], path,
+                        decisions["positions"][i],
+                        "annotated, but not in the input read now" if not read_now
+                        else "annotated, but no record at this place in the file now"))
         counts["ranges_read"] = len(read_now)
         if read_now:
             mark_range_read(self.progress_dir, read_now[0], counts["samples_read"])
@@ -172,7 +183,8 @@ def sort_and_rank(bucket_and_chunks, offsets, samples_per_shard):
     """All kept copies of one order bucket, sorted by (order, copy key) and ranked from the bucket's
     offset; consecutive ranks go out grouped by the shard that holds them."""
     bucket, chunks = bucket_and_chunks
-    items = sorted((item for chunk in chunks for item in chunk), key=lambda item: (item[0], item[1]))
+    items = sorted((item for chunk in chunks for item in chunk),
+                   key=lambda item: (item[0], item[1]))
     first = offsets["offsets"][bucket]
     current, group = None, []
     for i, (_, copy_key, source, members) in enumerate(items):
@@ -195,7 +207,8 @@ class InputTars:
 
     def read_at(self, path, offset, size):
         if path not in self._open:
-            self._open[path] = FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED)
+            self._open[path] = FileSystems.open(path,
+                                                compression_type=CompressionTypes.UNCOMPRESSED)
         handle = self._open[path]
         handle.seek(offset)
         return handle.read(size)
@@ -207,7 +220,8 @@ class InputTars:
 
 
 def write_ranked_shard(output_dir: str, prefix: str, index: int, ordered) -> dict:
-    """Shard `index` from its copies in rank order [(rank, key, source tar, members)]: its manifest entry.
+    """Shard `index` from its copies in rank order [(rank, key, source tar, members)]: its manifest
+    entry.
 
     Large members are read here from the input tars, once, at the place ResampleRange noted.
     """
@@ -216,8 +230,9 @@ def write_ranked_shard(output_dir: str, prefix: str, index: int, ordered) -> dic
 
     def released(rank_key_source_members):
         _, key, source, located = rank_key_source_members
-        members = tars.read_members(located, lambda offset, size: inputs.read_at(source, offset, size),
-                                       where=f"{source} ({key})")
+        members = tars.read_members(located,
+                                    lambda offset, size: inputs.read_at(source, offset, size),
+                                    where=f"{source} ({key})")
         return key, list(members.items())
 
     try:
@@ -231,8 +246,9 @@ PARTIAL_SHARDS_TAG = "partial"
 
 
 class WriteWholeShards(beam.DoFn):
-    """(shard index, its copies from one order bucket) -> the shard written here when the bucket holds
-    all of it (most shards: a bucket holds many), else the piece, tagged, for WriteShard to join.
+    """(shard index, its copies from one order bucket) -> the shard written here when the bucket
+    holds all of it (most shards: a bucket holds many), else the piece, tagged, for WriteShard to
+    join.
 
     So only the copies of the shards that straddle two buckets cross a second shuffle.
     """
@@ -252,7 +268,8 @@ class WriteWholeShards(beam.DoFn):
 
 
 class WriteShard(beam.DoFn):
-    """(shard index, [[(rank, key, source tar, members)]]) -> one tar in rank order; yields its manifest entry."""
+    """(shard index, [[(rank, key, source tar, members)]]) -> one tar in rank order; yields its
+    manifest entry."""
 
     def __init__(self, output_dir: str, prefix: str):
         self.output_dir, self.prefix = output_dir, prefix
@@ -274,40 +291,51 @@ class WriteShards(beam.PTransform):
     {"shards": each shard's manifest entry, "counts": count dicts, "quarantine": entries}.
     """
 
-    def __init__(self, input_glob, input_format, seed, mode, buckets, output_dir, prefix, samples_per_shard,
-                 key_column="key", caption_column="caption", progress_dir=None):
+    def __init__(self, input_glob, input_format, seed, mode, buckets, output_dir, prefix,
+                 samples_per_shard, key_column="key", caption_column="caption", progress_dir=None):
         super().__init__()
         self.input_glob, self.input_format = input_glob, input_format
         self.seed, self.mode, self.buckets = seed, mode, buckets
         self.output_dir, self.prefix, self.samples_per_shard = output_dir, prefix, samples_per_shard
-        self.key_column, self.caption_column, self.progress_dir = key_column, caption_column, progress_dir
+        self.key_column, self.caption_column = key_column, caption_column
+        self.progress_dir = progress_dir
 
     def expand(self, decisions):
         ranges = decisions.pipeline | "PlanRanges" >> PlanRanges(self.input_glob, self.input_format)
         range_starts = (ranges
                         | "RangeStart" >> beam.Map(lambda r: (r["path"], r["first_position"]))
                         | "RangesOfFile" >> beam.GroupByKey()
-                        | "SortStarts" >> beam.MapTuple(lambda path, starts: (path, sorted(starts))))
-        routed = decisions | "RouteToRanges" >> beam.FlatMap(route_to_ranges, beam.pvalue.AsDict(range_starts))
-        per_range = ({"read": ranges | "ByRange" >> beam.Map(lambda r: ((r["path"], r["index"]), r)),
-                      "decisions": routed}
-                     | "ByInputRange" >> beam.CoGroupByKey()
-                     | "ResampleRange" >> beam.ParDo(ResampleRange(
-                         self.seed, self.mode, self.buckets, self.key_column, self.caption_column,
-                         self.progress_dir)).with_outputs(QUARANTINE_TAG, COUNTS_TAG, BUCKET_SIZES_TAG, main="kept"))
+                        |
+                        "SortStarts" >> beam.MapTuple(lambda path, starts: (path, sorted(starts))))
+        routed = decisions | "RouteToRanges" >> beam.FlatMap(route_to_ranges,
+                                                             beam.pvalue.AsDict(range_starts))
+        per_range = (
+            {
+                "read": ranges | "ByRange" >> beam.Map(lambda r: ((r["path"], r["index"]), r)),
+                "decisions": routed
+            }
+            | "ByInputRange" >> beam.CoGroupByKey()
+            | "ResampleRange" >> beam.ParDo(
+                ResampleRange(self.seed, self.mode, self.buckets, self.key_column,
+                              self.caption_column, self.progress_dir)).with_outputs(
+                                  QUARANTINE_TAG, COUNTS_TAG, BUCKET_SIZES_TAG, main="kept"))
         offsets = (per_range[BUCKET_SIZES_TAG]
                    | "BucketSizes" >> beam.CombinePerKey(sum)
                    | "AllSizes" >> beam.combiners.ToList()
                    | "Offsets" >> beam.Map(bucket_offsets))
-        ranked = (per_range.kept
-                  | "GroupOrderBucket" >> beam.GroupByKey()
-                  | "SortAndRank" >> beam.FlatMap(sort_and_rank, beam.pvalue.AsSingleton(offsets),
-                                                  self.samples_per_shard)
-                  | "WriteWholeShards" >> beam.ParDo(WriteWholeShards(
-                      self.output_dir, self.prefix, self.samples_per_shard),
-                      beam.pvalue.AsSingleton(offsets)).with_outputs(PARTIAL_SHARDS_TAG, main="written"))
+        ranked = (
+            per_range.kept
+            | "GroupOrderBucket" >> beam.GroupByKey()
+            | "SortAndRank" >> beam.FlatMap(sort_and_rank, beam.pvalue.AsSingleton(offsets),
+                                            self.samples_per_shard)
+            | "WriteWholeShards" >> beam.ParDo(
+                WriteWholeShards(self.output_dir, self.prefix, self.samples_per_shard),
+                beam.pvalue.AsSingleton(offsets)).with_outputs(PARTIAL_SHARDS_TAG, main="written"))
         joined = (ranked[PARTIAL_SHARDS_TAG]
                   | "GroupByShard" >> beam.GroupByKey()
                   | "WriteShard" >> beam.ParDo(WriteShard(self.output_dir, self.prefix)))
         shards = (ranked.written, joined) | "ShardLists" >> beam.Flatten()
-        return {"shards": shards, "counts": per_range[COUNTS_TAG], "quarantine": per_range[QUARANTINE_TAG]}
+        return {
+            "shards": shards, "counts": per_range[COUNTS_TAG],
+            "quarantine": per_range[QUARANTINE_TAG]
+        }

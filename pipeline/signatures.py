@@ -19,7 +19,8 @@ DEFAULT_GROUP = "attribute"
 
 
 def split_label(label: str) -> tuple[str, str]:
-    """'perceived_gender:woman' -> ('perceived_gender', 'woman'); 'woman' -> (DEFAULT_GROUP, 'woman').
+    """'perceived_gender:woman' -> ('perceived_gender', 'woman'); 'woman' -> (DEFAULT_GROUP,
+    'woman').
 
     The one parse of an attribute label: the lexicon, the combination policies and the signatures
     all call it."""
@@ -54,7 +55,8 @@ def parse_signature(text: str) -> tuple[list[str], list[str], float | None]:
 
 @dataclasses.dataclass
 class SignatureTable:
-    """Counted signatures as the matrices `solvers/` reads: one row per signature, weight = count."""
+    """Counted signatures as the matrices `solvers/` reads: one row per signature, weight = count.
+    """
 
     attribute_names: list[str]
     concept_names: list[str]
@@ -84,7 +86,8 @@ class SignatureTable:
         """Build from (signature text, count) pairs, in a deterministic (sorted) row order."""
         parsed = [(parse_signature(text), int(count)) for text, count in counts if int(count) > 0]
         # Rows with a utility bucket and rows without one (None) sort apart instead of failing.
-        rows = sorted(parsed, key=lambda row: (row[0][0], row[0][1], row[0][2] is None, row[0][2] or 0.0))
+        rows = sorted(parsed,
+                      key=lambda row: (row[0][0], row[0][1], row[0][2] is None, row[0][2] or 0.0))
         attribute_names = sorted({a for (attributes, _, _), _ in rows for a in attributes})
         concept_names = sorted({c for (_, concepts, _), _ in rows for c in concepts})
         attributes = encode([r[0][0] for r in rows], attribute_names)
@@ -112,7 +115,8 @@ class SignatureTable:
         parts = [self.attributes, concepts]
         if self.utility is not None:
             parts.append(self.utility[:, None])
-            missing = self.utility_missing if self.utility_missing is not None else np.zeros(len(self.weights))
+            missing = self.utility_missing if self.utility_missing is not None else np.zeros(
+                len(self.weights))
             parts.append(np.asarray(missing, dtype=np.float64)[:, None])
         stacked = np.hstack(parts)
         unique, inverse = np.unique(stacked, axis=0, return_inverse=True)
@@ -130,11 +134,13 @@ class SignatureTable:
         texts = []
         for i in range(len(self.weights)):
             utility = None
-            if self.utility is not None and not (self.utility_missing is not None and self.utility_missing[i]):
+            missing = self.utility_missing is not None and self.utility_missing[i]
+            if self.utility is not None and not missing:
                 utility = float(self.utility[i])
-            texts.append(row_signature([self.attribute_names[k] for k in np.flatnonzero(self.attributes[i])],
-                                       [self.concept_names[r] for r in np.flatnonzero(self.concepts[i])],
-                                       utility, conditional=conditional, use_utility=use_utility))
+            texts.append(
+                row_signature([self.attribute_names[k] for k in np.flatnonzero(self.attributes[i])],
+                              [self.concept_names[r] for r in np.flatnonzero(self.concepts[i])],
+                              utility, conditional=conditional, use_utility=use_utility))
         return texts
 
     def to_records(self) -> list[dict]:

@@ -86,31 +86,36 @@ def iter_tar_samples(raw_file, shard, caption_field="caption"):
         with tarfile.open(fileobj=reader, mode="r|", ignore_zeros=True) as archive:
             for member in archive:
                 if member.offset != expected_offset:
-                    yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.CORRUPT_TAR, None, shard, None,
-                                                 f"{member.offset - expected_offset} bytes of damaged tar "
-                                                 f"headers skipped before member {member.name!r}")
+                    yield quarantine.quarantined(
+                        quarantine.STAGE_READ, quarantine.CORRUPT_TAR, None, shard, None,
+                        f"{member.offset - expected_offset} bytes of damaged tar "
+                        f"headers skipped before member {member.name!r}")
                 expected_offset = member.offset_data + -(-member.size // TAR_BLOCK) * TAR_BLOCK
                 members_seen += 1
                 if member.isdir():
                     continue
                 name = member.name
                 if _is_unsafe_member_name(name):
-                    yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.UNSAFE_MEMBER_NAME, None, shard,
-                                                 None, name)
+                    yield quarantine.quarantined(quarantine.STAGE_READ,
+                                                 quarantine.UNSAFE_MEMBER_NAME, None, shard, None,
+                                                 name)
                     continue
                 if not member.isfile():
-                    yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.NON_REGULAR_MEMBER, None, shard,
-                                                 None, name)
+                    yield quarantine.quarantined(quarantine.STAGE_READ,
+                                                 quarantine.NON_REGULAR_MEMBER, None, shard, None,
+                                                 name)
                     continue
                 match = _KEY_AND_EXTENSION.match(name)
                 if match is None:
-                    yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.BAD_ROW, None, shard, None,
+                    yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.BAD_ROW, None,
+                                                 shard, None,
                                                  f"member {name!r} has no KEY.EXT name")
                     continue
                 key, extension = match.groups()
                 if member.size > MAX_MEMBER_BYTES:
-                    yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.BAD_ROW, key, shard, None,
-                                                 f"member {name!r} has {member.size} bytes (limit {MAX_MEMBER_BYTES})")
+                    yield quarantine.quarantined(
+                        quarantine.STAGE_READ, quarantine.BAD_ROW, key, shard, None,
+                        f"member {name!r} has {member.size} bytes (limit {MAX_MEMBER_BYTES})")
                     continue
                 # Same rule as webdataset's group_by_keys: a new key, or an extension seen again,
                 # starts a new sample; the finished one goes out before this member is read.
@@ -126,22 +131,23 @@ def iter_tar_samples(raw_file, shard, caption_field="caption"):
         reason = quarantine.TRUNCATED_TAR if members_seen else quarantine.UNREADABLE_FILE
         if reader.bytes_read == 0:
             reason = quarantine.EMPTY_SHARD
-        yield quarantine.quarantined(quarantine.STAGE_READ, reason, key, shard, pending[2] if pending else None,
+        yield quarantine.quarantined(quarantine.STAGE_READ, reason, key, shard,
+                                     pending[2] if pending else None,
                                      f"tar stopped after {reader.bytes_read} bytes: {error}")
         return
     if not reader.ends_with_marker():
         reason = quarantine.TRUNCATED_TAR if members_seen else quarantine.UNREADABLE_FILE
         if reader.bytes_read == 0:
             reason = quarantine.EMPTY_SHARD
-        yield quarantine.quarantined(quarantine.STAGE_READ, reason, pending[0] if pending else None, shard,
-                                     pending[2] if pending else None,
+        yield quarantine.quarantined(quarantine.STAGE_READ, reason, pending[0] if pending else None,
+                                     shard, pending[2] if pending else None,
                                      f"no end-of-archive marker after {reader.bytes_read} bytes")
         return
     if pending is not None:
         yield from _finish_tar_sample(pending, shard, caption_field)
     elif not members_seen:
-        yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.EMPTY_SHARD, None, shard, None,
-                                     "tar has no members")
+        yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.EMPTY_SHARD, None, shard,
+                                     None, "tar has no members")
 
 
 def _member(members, extension):
@@ -165,19 +171,22 @@ def _finish_tar_sample(pending, shard, caption_field):
         if text_bytes is not None:
             caption = text_bytes.decode("utf-8")
     except UnicodeDecodeError as error:
-        yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.NON_UTF8_TEXT, key, shard, position, error)
+        yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.NON_UTF8_TEXT, key, shard,
+                                     position, error)
         return
     except ValueError as error:
-        yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.BAD_JSON, key, shard, position, error)
+        yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.BAD_JSON, key, shard,
+                                     position, error)
         return
     if caption is None and isinstance(meta.get(caption_field), str):
         caption = meta[caption_field]
     dotted = sorted(name for name in members if "." in name)
     if caption is None and dotted:
-        yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.INVALID_KEY, key, shard, position,
-                                     f"members {', '.join(f'{key}.{name}' for name in dotted)}: WebDataset reads "
-                                     f"{key!r} as the key and {dotted[0]!r} as the extension; a key must not "
-                                     "contain '.'")
+        yield quarantine.quarantined(
+            quarantine.STAGE_READ, quarantine.INVALID_KEY, key, shard, position,
+            f"members {', '.join(f'{key}.{name}' for name in dotted)}: WebDataset reads "
+            f"{key!r} as the key and {dotted[0]!r} as the extension; a key must not "
+            "contain '.'")
         return
     image_id = meta.get("image_id")
     yield _sample(key, shard, position, caption, members, meta,
@@ -189,8 +198,8 @@ def _row_sample(row, shard, position, key_column, caption_column, has_key_column
     if has_key_column:
         key = row.get(key_column)
         if key is None or str(key) == "":
-            return quarantine.quarantined(quarantine.STAGE_READ, quarantine.MISSING_KEY, None, shard, position,
-                                          f"row {position} has no {key_column!r}")
+            return quarantine.quarantined(quarantine.STAGE_READ, quarantine.MISSING_KEY, None,
+                                          shard, position, f"row {position} has no {key_column!r}")
     else:
         key = f"{posixpath.basename(shard)}#{position}"
     key = safe_key(str(key))  # the original stays in the row's json (its key column), see keys.py
@@ -199,8 +208,8 @@ def _row_sample(row, shard, position, key_column, caption_column, has_key_column
         try:
             caption = caption.decode("utf-8")
         except UnicodeDecodeError as error:
-            return quarantine.quarantined(quarantine.STAGE_READ, quarantine.NON_UTF8_TEXT, str(key), shard, position,
-                                          error)
+            return quarantine.quarantined(quarantine.STAGE_READ, quarantine.NON_UTF8_TEXT, str(key),
+                                          shard, position, error)
     if caption is not None and not isinstance(caption, str):
         caption = str(caption)
     image_id = row.get("image_id")
@@ -209,41 +218,46 @@ def _row_sample(row, shard, position, key_column, caption_column, has_key_column
                    None if image_id is None else str(image_id))
 
 
-def iter_parquet_samples(raw_file, shard, key_column, caption_column, row_groups=None, first_position=0,
-                         embeddings_field=None, columns=None):
+def iter_parquet_samples(raw_file, shard, key_column, caption_column, row_groups=None,
+                         first_position=0, embeddings_field=None, columns=None):
     """Rows of a Parquet table (of the given row groups only, numbered from first_position).
 
-    embeddings_field: each sample also carries `embedding`, its row of that column or, when the table
-    has no such column, of that array in the .npz file beside it (DataComp's layout: rows aligned).
+    embeddings_field: each sample also carries `embedding`, its row of that column or, when the
+    table has no such column, of that array in the .npz file beside it (DataComp's layout: rows
+    aligned).
     """
     import pyarrow.parquet as pq
 
     parquet = pq.ParquetFile(raw_file)
     has_key_column = key_column in parquet.schema_arrow.names
     if parquet.metadata.num_rows == 0:
-        yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.EMPTY_SHARD, None, shard, None,
-                                     "table has no rows")
+        yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.EMPTY_SHARD, None, shard,
+                                     None, "table has no rows")
         return
     embeddings = None
     if embeddings_field and embeddings_field not in parquet.schema_arrow.names:
         embeddings = _npz_embeddings(shard, embeddings_field, parquet.metadata.num_rows)
         if isinstance(embeddings, str):  # no usable .npz: every row of this range says why
             position = first_position
-            for batch in parquet.iter_batches(batch_size=TABLE_BATCH_ROWS, row_groups=row_groups, columns=[]):
+            for batch in parquet.iter_batches(batch_size=TABLE_BATCH_ROWS, row_groups=row_groups,
+                                              columns=[]):
                 for _ in range(batch.num_rows):
-                    yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.BAD_EMBEDDING, None, shard,
-                                                 position, embeddings)
+                    yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.BAD_EMBEDDING,
+                                                 None, shard, position, embeddings)
                     position += 1
             return
     position = first_position
-    if columns is not None:  # only these (and the key, caption and embedding) become the sample's meta
+    # only these (and the key, caption and embedding) become the sample's meta
+    if columns is not None:
         wanted = {*columns, key_column, caption_column, embeddings_field}
         columns = [name for name in parquet.schema_arrow.names if name in wanted]
-    for batch in parquet.iter_batches(batch_size=TABLE_BATCH_ROWS, row_groups=row_groups, columns=columns):
+    for batch in parquet.iter_batches(batch_size=TABLE_BATCH_ROWS, row_groups=row_groups,
+                                      columns=columns):
         for row in batch.to_pylist():
             sample = _row_sample(row, shard, position, key_column, caption_column, has_key_column)
             if embeddings_field and not isinstance(sample, beam.pvalue.TaggedOutput):
-                sample["embedding"] = embeddings[position] if embeddings is not None else row.get(embeddings_field)
+                sample["embedding"] = embeddings[position] if embeddings is not None else row.get(
+                    embeddings_field)
                 sample["meta"].pop(embeddings_field, None)  # a vector is not metadata to copy along
             yield sample
             position += 1
@@ -282,9 +296,11 @@ def jsonl_record(line: bytes, shard, position, key_column, caption_column):
         if not isinstance(row, dict):
             raise ValueError(f"line is a {type(row).__name__}, not an object")
     except UnicodeDecodeError as error:
-        return quarantine.quarantined(quarantine.STAGE_READ, quarantine.NON_UTF8_TEXT, None, shard, position, error)
+        return quarantine.quarantined(quarantine.STAGE_READ, quarantine.NON_UTF8_TEXT, None, shard,
+                                      position, error)
     except ValueError as error:
-        return quarantine.quarantined(quarantine.STAGE_READ, quarantine.BAD_JSON, None, shard, position, error)
+        return quarantine.quarantined(quarantine.STAGE_READ, quarantine.BAD_JSON, None, shard,
+                                      position, error)
     return _row_sample(row, shard, position, key_column, caption_column, True)
 
 
@@ -293,8 +309,8 @@ def iter_jsonl_samples(raw_file, shard, key_column, caption_column):
     for position, line in enumerate(raw_file):
         yield jsonl_record(line, shard, position, key_column, caption_column)
     if position < 0:
-        yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.EMPTY_SHARD, None, shard, None,
-                                     "file has no lines")
+        yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.EMPTY_SHARD, None, shard,
+                                     None, "file has no lines")
 
 
 def iter_csv_samples(raw_file, shard, key_column, caption_column):
@@ -312,8 +328,8 @@ def iter_csv_samples(raw_file, shard, key_column, caption_column):
                                      f"header line: {error}")
         return
     if header is None:
-        yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.EMPTY_SHARD, None, shard, None,
-                                     "file has no header")
+        yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.EMPTY_SHARD, None, shard,
+                                     None, "file has no header")
         return
     position = 0
     while True:
@@ -325,33 +341,37 @@ def iter_csv_samples(raw_file, shard, key_column, caption_column):
         except csv.Error as error:
             detail = f"lines {first_line}-{reader.line_num}: {error}"
             if "unexpected end of data" in str(error):
-                detail = (f"a quote opened on line {first_line} is never closed: lines {first_line}-"
-                          f"{reader.line_num} (the rest of the file) could not be read as rows")
-            yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.BAD_ROW, None, shard, position, detail)
+                detail = (
+                    f"a quote opened on line {first_line} is never closed: lines {first_line}-"
+                    f"{reader.line_num} (the rest of the file) could not be read as rows")
+            yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.BAD_ROW, None, shard,
+                                         position, detail)
             position += 1
             continue
         if len(fields) != len(header):
             spanned = "" if reader.line_num == first_line else \
                 f" (lines {first_line}-{reader.line_num}: a quoted field spans lines)"
-            yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.BAD_ROW, None, shard, position,
-                                         f"{len(fields)} fields, header has {len(header)}{spanned}")
+            yield quarantine.quarantined(
+                quarantine.STAGE_READ, quarantine.BAD_ROW, None, shard, position,
+                f"{len(fields)} fields, header has {len(header)}{spanned}")
         else:
             try:
                 "".join(fields).encode("utf-8")
             except UnicodeEncodeError as error:
-                yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.NON_UTF8_TEXT, None, shard, position,
-                                             error)
+                yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.NON_UTF8_TEXT, None,
+                                             shard, position, error)
             else:
-                yield _row_sample(dict(zip(header, fields)), shard, position, key_column, caption_column,
-                                  key_column in header)
+                yield _row_sample(dict(zip(header, fields)), shard, position, key_column,
+                                  caption_column, key_column in header)
         position += 1
     if position == 0:
-        yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.EMPTY_SHARD, None, shard, None,
-                                     "table has no rows")
+        yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.EMPTY_SHARD, None, shard,
+                                     None, "table has no rows")
 
 
 def _raise_csv_field_limit():
-    """csv's default field limit (128 KiB) is below a large metadata cell; raise it to MAX_CSV_FIELD."""
+    """csv's default field limit (128 KiB) is below a large metadata cell; raise it to
+    MAX_CSV_FIELD."""
     if csv.field_size_limit() < MAX_CSV_FIELD:
         csv.field_size_limit(MAX_CSV_FIELD)
 
@@ -364,21 +384,23 @@ def iter_coco_samples(raw_file, shard):
         if not isinstance(annotations, list):
             raise ValueError("'annotations' is not a list")
     except UnicodeDecodeError as error:
-        yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.NON_UTF8_TEXT, None, shard, None, error)
+        yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.NON_UTF8_TEXT, None, shard,
+                                     None, error)
         return
     except (ValueError, KeyError, TypeError) as error:
         yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.BAD_JSON, None, shard, None,
                                      f"not a COCO caption file: {error!r}")
         return
     if not annotations:
-        yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.EMPTY_SHARD, None, shard, None, "no annotations")
+        yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.EMPTY_SHARD, None, shard,
+                                     None, "no annotations")
         return
     file_names = {image.get("id"): image.get("file_name") for image in document.get("images", [])
                   if isinstance(image, dict)}
     for position, annotation in enumerate(annotations):
         if not isinstance(annotation, dict) or annotation.get("id") is None:
-            yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.MISSING_KEY, None, shard, position,
-                                         "annotation without an id")
+            yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.MISSING_KEY, None, shard,
+                                         position, "annotation without an id")
             continue
         image_id = annotation.get("image_id")
         meta = dict(annotation, file_name=file_names.get(image_id))

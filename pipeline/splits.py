@@ -17,7 +17,8 @@ from pipeline.counts import counted
 from pipeline.progress import mark_range_read
 from pipeline.worker_tuning import relax_gc
 from pipeline.inputs import MatchInputFiles, detect_format, iter_file_records
-from pipeline.sources import FORMAT_AUTO, FORMAT_JSONL, FORMAT_PARQUET, iter_parquet_samples, jsonl_record
+from pipeline.sources import (FORMAT_AUTO, FORMAT_JSONL, FORMAT_PARQUET, iter_parquet_samples,
+                              jsonl_record)
 
 # About 40k caption rows of JSONL: big enough that a range's fixed cost is small, small enough
 # that a 200k-row file already keeps two workers busy to the end (16 MiB left one waiting).
@@ -43,7 +44,10 @@ def plan_ranges(path: str, input_format: str = FORMAT_AUTO) -> list[dict]:
 
 def _plan_ranges(path: str, input_format: str) -> list[dict]:
     file_format = detect_format(path) if input_format == FORMAT_AUTO else input_format
-    whole = [{"path": path, "index": 0, "format": file_format, "start": None, "end": None, "first_position": 0}]
+    whole = [{
+        "path": path, "index": 0, "format": file_format, "start": None, "end": None,
+        "first_position": 0
+    }]
     compressed = CompressionTypes.detect_compression_type(path) != CompressionTypes.UNCOMPRESSED
     try:
         if file_format == FORMAT_JSONL and not compressed:
@@ -79,8 +83,10 @@ def _jsonl_ranges(path: str) -> list[dict]:
             offset += len(block)
     if start < offset:
         ranges.append((start, offset, lines_before))
-    return [{"path": path, "index": i, "format": FORMAT_JSONL, "start": s, "end": e, "first_position": first}
-            for i, (s, e, first) in enumerate(ranges)]
+    return [{
+        "path": path, "index": i, "format": FORMAT_JSONL, "start": s, "end": e,
+        "first_position": first
+    } for i, (s, e, first) in enumerate(ranges)]
 
 
 def _parquet_ranges(path: str) -> list[dict]:
@@ -102,37 +108,41 @@ def _parquet_ranges(path: str) -> list[dict]:
     return ranges
 
 
-def iter_range_records(file_range: dict, key_column="key", caption_column="caption", embeddings_field=None,
-                       columns=None):
-    """Samples of one range (and TaggedOutput quarantine entries), positions counted from the file's start.
+def iter_range_records(file_range: dict, key_column="key", caption_column="caption",
+                       embeddings_field=None, columns=None):
+    """Samples of one range (and TaggedOutput quarantine entries), positions counted from the file's
+    start.
 
     embeddings_field: Parquet rows also carry their image embedding from the .npz beside the file.
     columns: of a Parquet table, read only these (besides key, caption and embedding); None: all.
     """
     path = file_range["path"]
     if file_range["start"] is None:
-        yield from iter_file_records(path, file_range["format"] or FORMAT_AUTO, key_column, caption_column,
-                                     embeddings_field, columns)
+        yield from iter_file_records(path, file_range["format"] or FORMAT_AUTO, key_column,
+                                     caption_column, embeddings_field, columns)
         return
     try:
         with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
             if file_range["format"] == FORMAT_PARQUET:
+                row_groups = list(range(file_range["start"], file_range["end"]))
                 yield from iter_parquet_samples(handle, path, key_column, caption_column,
-                                                list(range(file_range["start"], file_range["end"])),
-                                                file_range["first_position"], embeddings_field, columns)
+                                                row_groups, file_range["first_position"],
+                                                embeddings_field, columns)
                 return
             handle.seek(file_range["start"])
             data = handle.read(file_range["end"] - file_range["start"])
     except Exception as error:  # the file changed or vanished since it was planned
-        yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.UNREADABLE_FILE, None, path,
-                                     file_range["first_position"],
-                                     f"range {file_range['index']}: {type(error).__name__}: {error}")
+        yield quarantine.quarantined(
+            quarantine.STAGE_READ, quarantine.UNREADABLE_FILE, None, path,
+            file_range["first_position"],
+            f"range {file_range['index']}: {type(error).__name__}: {error}")
         return
     lines = data.split(b"\n")
     if lines and not lines[-1]:
         lines.pop()  # the range ends with a newline: no partial line after it
     for offset, line in enumerate(lines):
-        yield jsonl_record(line, path, file_range["first_position"] + offset, key_column, caption_column)
+        yield jsonl_record(line, path, file_range["first_position"] + offset, key_column,
+                           caption_column)
 
 
 def batches_of(records, size: int = RECORDS_PER_BATCH, max_bytes: int = BATCH_BYTES):
@@ -166,8 +176,8 @@ class PlanRanges(beam.PTransform):
 class ReadRangeBatches(beam.DoFn):
     """A range -> batches of its samples (main output), quarantine entries, and one count dict."""
 
-    def __init__(self, key_column="key", caption_column="caption", embeddings_field=None, progress_dir=None,
-                 columns=None):
+    def __init__(self, key_column="key", caption_column="caption", embeddings_field=None,
+                 progress_dir=None, columns=None):
         self.key_column, self.caption_column = key_column, caption_column
         self.embeddings_field = embeddings_field
         self.columns = columns  # of Parquet tables, the ones the job uses (None: all)

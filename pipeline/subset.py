@@ -74,7 +74,8 @@ _KEEP_COLUMNS = (("key", "keys"), ("q", "q"), ("copies", "copies"), ("weight", "
 
 
 def keep_parts(shard_and_batch, buckets: int):
-    """A batch of decisions -> (bucket, its rows) per bucket it touches, and what it kept as counts."""
+    """A batch of decisions -> (bucket, its rows) per bucket it touches, and what it kept as counts.
+    """
     import pyarrow as pa
 
     _, batch = shard_and_batch
@@ -88,7 +89,8 @@ def keep_parts(shard_and_batch, buckets: int):
     yield counted({"decided": len(copies), "kept": kept, "dropped": len(copies) - kept,
                          "output_samples": sum(copies), "kept_signatures": dict(kept_signatures),
                          "kept_not_uid": kept_not_uid})
-    table = pa.Table.from_pydict({name: batch[column] for name, column in _KEEP_COLUMNS}, schema=_keep_schema())
+    table = pa.Table.from_pydict({name: batch[column]
+                                  for name, column in _KEEP_COLUMNS}, schema=_keep_schema())
     yield from parts_by_bucket(table, [key_bucket(key, buckets) for key in batch["keys"]])
 
 
@@ -113,18 +115,24 @@ class WriteBucket(beam.DoFn):
         pq.write_table(table, sink)
         data = sink.getvalue()
         write_bytes_atomically(path, data)
-        kept = [key for key, n in zip(table.column("key").to_pylist(), table.column("copies").to_pylist())
-                if n and is_uid(key)]
+        kept = [
+            key
+            for key, n in zip(table.column("key").to_pylist(),
+                              table.column("copies").to_pylist()) if n and is_uid(key)
+        ]
         uids = np.unique(uid_pairs(kept))  # sorted by (upper, lower): the uids' numeric order
-        write_bytes_atomically(FileSystems.join(self.work_dir, f"uids-{bucket:05d}.bin"), uids.tobytes())
+        write_bytes_atomically(FileSystems.join(self.work_dir, f"uids-{bucket:05d}.bin"),
+                               uids.tobytes())
         yield {"bucket": bucket, "part": part_name(bucket, self.buckets), "rows": table.num_rows,
                "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "uids": len(uids)}
 
 
 class SubsetRelease(beam.PTransform):
-    """Decision batches -> keep.parquet parts in `output_dir` and per-bucket uid files in `work_dir`.
+    """Decision batches -> keep.parquet parts in `output_dir` and per-bucket uid files in
+    `work_dir`.
 
-    Outputs: "counts" (what was kept, as count dicts) and "written" (one list of what each bucket wrote).
+    Outputs: "counts" (what was kept, as count dicts) and "written" (one list of what each bucket
+    wrote).
     """
 
     def __init__(self, output_dir: str, work_dir: str, buckets: int):
@@ -134,10 +142,11 @@ class SubsetRelease(beam.PTransform):
     def expand(self, decisions):
         parts = decisions | "KeepParts" >> beam.FlatMap(keep_parts, self.buckets).with_outputs(
             COUNTS_TAG, main="parts")
-        written = (parts.parts
-                   | "GroupKeyBucket" >> GroupTablesByFile(self.work_dir)
-                   | "WriteBucket" >> beam.ParDo(WriteBucket(self.output_dir, self.work_dir, self.buckets))
-                   | "AllBuckets" >> beam.combiners.ToList())
+        written = (
+            parts.parts
+            | "GroupKeyBucket" >> GroupTablesByFile(self.work_dir)
+            | "WriteBucket" >> beam.ParDo(WriteBucket(self.output_dir, self.work_dir, self.buckets))
+            | "AllBuckets" >> beam.combiners.ToList())
         return {"counts": parts[COUNTS_TAG], "written": written}
 
 
@@ -145,7 +154,8 @@ def prepare_keep_dir(output_dir: str) -> None:
     """An empty keep.parquet folder (an earlier run's parts removed)."""
     folder = FileSystems.join(output_dir, KEEP_DIR)
     delete_matching(FileSystems.join(folder, "*"))
-    if FileSystems.get_scheme(folder) is None and not FileSystems.exists(folder):  # object stores have no folders
+    # object stores have no folders
+    if FileSystems.get_scheme(folder) is None and not FileSystems.exists(folder):
         FileSystems.mkdirs(folder)
 
 

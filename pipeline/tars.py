@@ -64,8 +64,9 @@ def tar_member_offsets(raw_file) -> dict[str, list[tuple[int, int]]]:
             checksum = tarfile.nti(header[148:156])
         except tarfile.InvalidHeaderError:
             break
-        # Unsigned sum with the checksum field as spaces (what every writer uses); the signed variant
-        # (tarfile.calc_chksums) only for headers that fail it, because it costs 4 times more.
+        # Unsigned sum with the checksum field as spaces (what every writer uses); the signed
+        # variant (tarfile.calc_chksums) only for headers that fail it, because it costs 4 times
+        # more.
         unsigned = sum(header) - sum(header[148:156]) + 8 * 32
         if size < 0 or (checksum != unsigned and checksum not in tarfile.calc_chksums(header)):
             break
@@ -82,7 +83,8 @@ def tar_member_offsets(raw_file) -> dict[str, list[tuple[int, int]]]:
             size = pax["size"]
         if member_type in (b"0", b"\0") and trust_next_name:
             name = header[:100].split(b"\0", 1)[0]
-            prefix = header[345:500].split(b"\0", 1)[0] if header[257:265] == tarfile.POSIX_MAGIC else b""
+            prefix = header[345:500].split(b"\0",
+                                           1)[0] if header[257:265] == tarfile.POSIX_MAGIC else b""
             if prefix:
                 name = prefix + b"/" + name
             name = pax.get("path", name.decode("utf-8", "surrogateescape"))
@@ -99,7 +101,8 @@ _MAX_PAX_BYTES = 1 << 20
 
 def _pax_records(data: bytes):
     """{"path": str, "size": int} from a pax extended header's "LENGTH key=value\\n" records (other
-    keys ignored), or None when the records do not parse (the scan then stops: nothing is guessed)."""
+    keys ignored), or None when the records do not parse (the scan then stops: nothing is guessed).
+    """
     records, position = {}, 0
     while position < len(data):
         if data[position:].strip(b"\0") == b"":
@@ -123,13 +126,15 @@ def _pax_records(data: bytes):
 
 
 def locate_members(key: str, members: dict, offsets) -> list[tuple[str, object]]:
-    """[(extension, bytes or (offset, size, crc32))]: large members by their place in the tar where certain.
+    """[(extension, bytes or (offset, size, crc32))]: large members by their place in the tar where
+    certain.
 
     A place is a plain tuple, not a named one: Beam's fast coder pickles named tuples.
     """
     located = []
     for extension, data in members.items():
-        where = offsets.get(f"{key}.{extension}") if offsets and len(data) > INLINE_MEMBER_BYTES else None
+        where = offsets.get(
+            f"{key}.{extension}") if offsets and len(data) > INLINE_MEMBER_BYTES else None
         if where is not None and len(where) == 1 and where[0][1] == len(data):
             located.append((extension, (where[0][0], len(data), zlib.crc32(data))))
         else:
@@ -138,14 +143,16 @@ def locate_members(key: str, members: dict, offsets) -> list[tuple[str, object]]
 
 
 def read_members(located, read_at, where: str = "") -> dict[str, bytes]:
-    """Members as bytes again: read_at(offset, size) for located ones, checked against their crc32."""
+    """Members as bytes again: read_at(offset, size) for located ones, checked against their crc32.
+    """
     members = {}
     for extension, data in located:
         if isinstance(data, tuple):
             (offset, size, crc32), data = data, read_at(data[0], data[1])
             if len(data) != size or zlib.crc32(data) != crc32:
-                raise IOError(f"{where}: member {extension!r} at byte {offset} changed since it was read "
-                              "(size or crc32 differ); the input must not change during the job")
+                raise IOError(
+                    f"{where}: member {extension!r} at byte {offset} changed since it was read "
+                    "(size or crc32 differ); the input must not change during the job")
         members[extension] = data
     return members
 
@@ -156,8 +163,9 @@ _PREFIX_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 def check_prefix(prefix: str) -> str:
     """A shard prefix becomes part of every shard's file name: letters, digits, '-' and '_' only."""
     if not isinstance(prefix, str) or not _PREFIX_PATTERN.match(prefix):
-        raise UsageError(f"--prefix must be 1-64 letters, digits, '-' or '_' (starting with a letter or "
-                         f"digit), got {prefix!r}")
+        raise UsageError(
+            f"--prefix must be 1-64 letters, digits, '-' or '_' (starting with a letter or "
+            f"digit), got {prefix!r}")
     return prefix
 
 
@@ -186,7 +194,8 @@ def tar_bytes(samples) -> bytes:
 
 
 def _header_template() -> bytes:
-    """tarfile's PAX-format header of our fixed fields, with an empty name, size 0, checksum blank."""
+    """tarfile's PAX-format header of our fixed fields, with an empty name, size 0, checksum blank.
+    """
     info = tarfile.TarInfo("")
     info.size, info.mtime, info.mode = 0, _TAR_MTIME, _TAR_MODE
     info.uid = info.gid = 0
@@ -197,13 +206,15 @@ def _header_template() -> bytes:
 
 
 _HEADER_TEMPLATE = _header_template()
-_TEMPLATE_SUM = sum(_HEADER_TEMPLATE) - sum(_HEADER_TEMPLATE[124:136])  # without its (zero) size field
+# without its (zero) size field
+_TEMPLATE_SUM = sum(_HEADER_TEMPLATE) - sum(_HEADER_TEMPLATE[124:136])
 _USTAR_NAME_BYTES = 100
 _USTAR_SIZE_LIMIT = 8 ** 11  # 11 octal digits: larger members need a pax size record
 
 
 def member_header(name: str, size: int) -> bytes:
-    """The header tarfile writes (PAX format) for a member of ours, built without tarfile when plain.
+    """The header tarfile writes (PAX format) for a member of ours, built without tarfile when
+    plain.
 
     A plain member (ASCII name up to 100 bytes, size below 8 GiB) needs no pax record, so its header
     is the fixed template with name, size and checksum filled in; tarfile's tobuf costs several
@@ -214,8 +225,8 @@ def member_header(name: str, size: int) -> bytes:
         # The checksum is the byte sum of the header with the checksum field blank: the template's,
         # with the name (zeros there) and the size field replaced.
         checksum = _TEMPLATE_SUM + sum(raw_name) + sum(size_field)
-        return b"".join((raw_name, _HEADER_TEMPLATE[len(raw_name):124], size_field, _HEADER_TEMPLATE[136:148],
-                         b"%06o\0" % checksum, _HEADER_TEMPLATE[155:]))
+        return b"".join((raw_name, _HEADER_TEMPLATE[len(raw_name):124], size_field,
+                         _HEADER_TEMPLATE[136:148], b"%06o\0" % checksum, _HEADER_TEMPLATE[155:]))
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode = size, _TAR_MTIME, _TAR_MODE
     info.uid = info.gid = 0
@@ -248,7 +259,8 @@ def _write_tar(raw, samples) -> None:
 
 
 def write_shard(path: str, samples) -> dict:
-    """Write [(key, [(ext, bytes)])] (any iterable, streamed) as one tar: a temporary name, then renamed.
+    """Write [(key, [(ext, bytes)])] (any iterable, streamed) as one tar: a temporary name, then
+    renamed.
 
     A crash leaves at worst a *.tmp-* file, never a half shard under the final name; an error while
     writing removes the temporary file. Returns {"name", "samples", "bytes", "sha256"} as written.

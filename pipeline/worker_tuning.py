@@ -13,7 +13,8 @@ GC_THRESHOLDS = (100_000, 50, 100)
 
 
 def relax_gc() -> None:
-    """Raise the collector's thresholds in this process (idempotent; never lowers a higher setting)."""
+    """Raise the collector's thresholds in this process (idempotent; never lowers a higher setting).
+    """
     current = gc.get_threshold()
     if current[0] and current[0] < GC_THRESHOLDS[0]:
         gc.set_threshold(*GC_THRESHOLDS)

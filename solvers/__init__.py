@@ -12,6 +12,14 @@ from solvers.problem import BalanceProblem, ConstraintSpec
 from solvers.solution import BalanceSolution
 
 __all__ = [
-    "BalanceProblem", "BalanceSolution", "CompressedRows", "ConstraintSpec", "DataBias", "InfeasibleError",
-    "compress", "data_bias", "max_keep_rate", "solve",
+    "BalanceProblem",
+    "BalanceSolution",
+    "CompressedRows",
+    "ConstraintSpec",
+    "DataBias",
+    "InfeasibleError",
+    "compress",
+    "data_bias",
+    "max_keep_rate",
+    "solve",
 ]

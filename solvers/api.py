@@ -25,8 +25,8 @@ DEFAULT_METHOD = "dual"
 MAX_RATE_BACKOFF = 1e-5
 
 
-def solve(problem: BalanceProblem, method: str = DEFAULT_METHOD, *, keep_rate=None, compress: bool = True,
-          check_feasibility: bool = True, **options) -> BalanceSolution:
+def solve(problem: BalanceProblem, method: str = DEFAULT_METHOD, *, keep_rate=None,
+          compress: bool = True, check_feasibility: bool = True, **options) -> BalanceSolution:
     """Solve M4 with `method` ("dual", "exact" or "streaming"); extra options go to that solver.
 
     keep_rate: None (the problem's), a number in (0, 1] or "max" (the largest feasible rate, from

@@ -9,7 +9,8 @@ from typing import Sequence
 
 import numpy as np
 
-from solvers.problem import DEFAULT_MIN_SUPPORT, DROPPED_FRACTION, DROPPED_SUPPORT, _as_indicator, _as_vector
+from solvers.problem import (DEFAULT_MIN_SUPPORT, DROPPED_FRACTION, DROPPED_SUPPORT, _as_indicator,
+                             _as_vector)
 
 
 @dataclasses.dataclass
@@ -37,8 +38,10 @@ class DataBias:
     association_moment: np.ndarray      # A_kr (m, c)
     support: np.ndarray                 # sum w a_g(k) y_r, before q (m, c)
     kept_support: np.ndarray            # sum w q a_g(k) y_r (m, c)
-    measured: np.ndarray                # support >= min_support, and not dropped: pairs in data AB (m, c)
-    dropped: np.ndarray                 # q keeps (almost) none of the pair's rows: no share to measure (m, c)
+    # support >= min_support, and not dropped: pairs in data AB (m, c)
+    measured: np.ndarray
+    # q keeps (almost) none of the pair's rows: no share to measure (m, c)
+    dropped: np.ndarray
 
     @property
     def representation_bias(self) -> float:
@@ -87,7 +90,8 @@ class DataBias:
             "concepts_dropped": self.dropped_concepts(),
             "total_weight": self.total_weight,
             "kept_weight": self.kept_weight,
-            "keep_rate": self.kept_weight / self.total_weight if self.total_weight else float("nan"),
+            "keep_rate": (self.kept_weight / self.total_weight if self.total_weight
+                          else float("nan")),
         }
 
     def to_dict(self) -> dict:
@@ -101,13 +105,30 @@ class DataBias:
         concepts = {}
         for r, concept in enumerate(self.concept_names):
             concepts[concept] = {
-                "support": {self.group_names[g]: float(self.support[cols[0], r]) for g, cols in enumerate(self.groups)},
-                "kept_support": {self.group_names[g]: float(self.kept_support[cols[0], r])
-                                 for g, cols in enumerate(self.groups)},
-                "shares": {v: _number(self.concept_share[k, r]) for k, v in enumerate(self.attribute_names)},
-                "gaps": {v: _number(self.concept_gap[k, r]) for k, v in enumerate(self.attribute_names)},
-                "moments": {v: _number(self.association_moment[k, r]) for k, v in enumerate(self.attribute_names)},
-                "measured": {v: bool(self.measured[k, r]) for k, v in enumerate(self.attribute_names)},
+                "support": {
+                    self.group_names[g]: float(self.support[cols[0], r])
+                    for g, cols in enumerate(self.groups)
+                },
+                "kept_support": {
+                    self.group_names[g]: float(self.kept_support[cols[0], r])
+                    for g, cols in enumerate(self.groups)
+                },
+                "shares": {
+                    v: _number(self.concept_share[k, r])
+                    for k, v in enumerate(self.attribute_names)
+                },
+                "gaps": {
+                    v: _number(self.concept_gap[k, r])
+                    for k, v in enumerate(self.attribute_names)
+                },
+                "moments": {
+                    v: _number(self.association_moment[k, r])
+                    for k, v in enumerate(self.attribute_names)
+                },
+                "measured": {
+                    v: bool(self.measured[k, r])
+                    for k, v in enumerate(self.attribute_names)
+                },
             }
         summary = {key: (_number(value) if isinstance(value, float) else value)
                    for key, value in self.summary().items()}
@@ -115,9 +136,11 @@ class DataBias:
                 "concepts": concepts, "summary": summary}
 
 
-def data_bias(attributes, concepts, q=None, weights=None, targets="uniform", groups=None, conditional: bool = True,
-              min_support: float = DEFAULT_MIN_SUPPORT, attribute_names: Sequence[str] | None = None,
-              concept_names: Sequence[str] | None = None, group_names: Sequence[str] | None = None) -> DataBias:
+def data_bias(attributes, concepts, q=None, weights=None, targets="uniform", groups=None,
+              conditional: bool = True, min_support: float = DEFAULT_MIN_SUPPORT,
+              attribute_names: Sequence[str] | None = None,
+              concept_names: Sequence[str] | None = None,
+              group_names: Sequence[str] | None = None) -> DataBias:
     """Shares, gaps and moments of the data kept with probabilities q (q = 1: the data as it is).
 
     share_k = sum w q s_k / sum w q a_g(k),  share_k|r = sum w q s_k y_r / sum w q a y_r,
@@ -143,7 +166,9 @@ def data_bias(attributes, concepts, q=None, weights=None, targets="uniform", gro
     group_names = list(group_names or [f"group_{g}" for g in range(len(groups))])
 
     if conditional:
-        annotated = np.stack([attributes[:, cols].max(axis=1) for cols in groups], axis=1)[:, group_of]  # a (N, m)
+        # a (N, m)
+        annotated = np.stack([attributes[:, cols].max(axis=1) for cols in groups], axis=1)[:,
+                                                                                           group_of]
     else:
         annotated = np.ones_like(attributes)
     total_weight = float(weights.sum())
@@ -153,20 +178,22 @@ def data_bias(attributes, concepts, q=None, weights=None, targets="uniform", gro
     centred = attributes - pi * annotated                               # v = s - pi a  (N, m)
     with np.errstate(divide="ignore", invalid="ignore"):
         value_share = (kept @ attributes) / (kept @ annotated)
-        concept_share = ((attributes * kept[:, None]).T @ concepts) / ((annotated * kept[:, None]).T @ concepts)
+        concept_share = ((attributes * kept[:, None]).T @ concepts) / (
+            (annotated * kept[:, None]).T @ concepts)
         representation_moment = (kept @ centred) / total_weight
         association_moment = ((centred * kept[:, None]).T @ concepts) / total_weight
     support = (annotated * weights[:, None]).T @ concepts
     kept_support = (annotated * kept[:, None]).T @ concepts
-    dropped = (support > 0) & (kept_support <= np.maximum(DROPPED_FRACTION * support, DROPPED_SUPPORT))
+    dropped = (support > 0) & (kept_support <= np.maximum(DROPPED_FRACTION * support,
+                                                          DROPPED_SUPPORT))
     return DataBias(
-        attribute_names=attribute_names, concept_names=concept_names, group_names=group_names, groups=groups,
-        targets=pi, conditional=bool(conditional), min_support=float(min_support), total_weight=total_weight,
-        kept_weight=float(kept.sum()), value_share=value_share, value_gap=np.abs(value_share - pi),
-        representation_moment=representation_moment, concept_share=concept_share,
-        concept_gap=np.abs(concept_share - pi[:, None]), association_moment=association_moment,
-        support=support, kept_support=kept_support, measured=(support >= min_support) & (support > 0) & ~dropped,
-        dropped=dropped)
+        attribute_names=attribute_names, concept_names=concept_names, group_names=group_names,
+        groups=groups, targets=pi, conditional=bool(conditional), min_support=float(min_support),
+        total_weight=total_weight, kept_weight=float(kept.sum()), value_share=value_share,
+        value_gap=np.abs(value_share - pi), representation_moment=representation_moment,
+        concept_share=concept_share, concept_gap=np.abs(concept_share - pi[:, None]),
+        association_moment=association_moment, support=support, kept_support=kept_support,
+        measured=(support >= min_support) & (support > 0) & ~dropped, dropped=dropped)
 
 
 def _targets(targets, attributes, annotated, weights, groups, num_values) -> np.ndarray:

@@ -14,7 +14,8 @@ from solvers.problem import BalanceProblem, _as_indicator, _as_vector
 
 @dataclasses.dataclass
 class CompressedRows:
-    """Unique signatures, their summed weights (`counts`), and `inverse[i]`: the signature of row i."""
+    """Unique signatures, their summed weights (`counts`), and `inverse[i]`: the signature of row i.
+    """
 
     attributes: np.ndarray   # (S, m)
     concepts: np.ndarray     # (S, c)
@@ -34,7 +35,8 @@ class CompressedRows:
         """Per-row values (e.g. keep probabilities) from per-signature ones."""
         q_signatures = np.asarray(q_signatures)
         if q_signatures.shape[0] != self.num_signatures:
-            raise ValueError(f"expected {self.num_signatures} per-signature values, got {q_signatures.shape[0]}")
+            raise ValueError(
+                f"expected {self.num_signatures} per-signature values, got {q_signatures.shape[0]}")
         return q_signatures[self.inverse]
 
 
@@ -44,8 +46,10 @@ def compress(attributes, concepts, utility=None, weights=None) -> CompressedRows
     attributes = _as_indicator(attributes, "attributes")
     rows = attributes.shape[0]
     concepts = _as_indicator(concepts, "concepts", rows)
-    weights = np.ones(rows) if weights is None else _as_vector(weights, "weights", rows, positive=True)
-    # One byte string per row: the indicator bits packed 8 to a byte, then the utility's float bytes.
+    weights = np.ones(rows) if weights is None else _as_vector(weights, "weights", rows,
+                                                               positive=True)
+    # One byte string per row: the indicator bits packed 8 to a byte, then the utility's float
+    # bytes.
     parts = [np.packbits(attributes != 0, axis=1), np.packbits(concepts != 0, axis=1)]
     if utility is not None:
         utility = _as_vector(utility, "utility", rows)

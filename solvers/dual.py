@@ -36,7 +36,8 @@ NEWTON_REGULARISATION = 1e-12
 STALL_CHECK_EVERY = 200
 
 
-def solve_rate_multiplier(shift: np.ndarray, weights: np.ndarray, target_sum: float, start: float = 0.0):
+def solve_rate_multiplier(shift: np.ndarray, weights: np.ndarray, target_sum: float,
+                          start: float = 0.0):
     """nu with sum_i w_i clip(shift_i - nu, 0, 1) = target_sum, by safeguarded Newton steps.
 
     The left side is piecewise linear and non-increasing in nu; a Newton step on the current
@@ -74,8 +75,8 @@ class DualOracle:
     only enter the rate equation; rows among them with equal keep targets merge exactly.
     """
 
-    def __init__(self, matrix: sp.csr_matrix, bounds: np.ndarray, weights: np.ndarray, targets: np.ndarray,
-                 keep_rate: float):
+    def __init__(self, matrix: sp.csr_matrix, bounds: np.ndarray, weights: np.ndarray,
+                 targets: np.ndarray, keep_rate: float):
         matrix = sp.csr_matrix(matrix)
         self.num_rows = matrix.shape[0]
         self.constrained = np.diff(matrix.indptr) > 0
@@ -85,7 +86,8 @@ class DualOracle:
         self.total_weight = float(weights.sum())
         self.keep_rate = float(keep_rate)
         free_targets, self.free_inverse = np.unique(targets[~self.constrained], return_inverse=True)
-        free_weights = np.bincount(self.free_inverse, weights=weights[~self.constrained], minlength=len(free_targets))
+        free_weights = np.bincount(self.free_inverse, weights=weights[~self.constrained],
+                                   minlength=len(free_targets))
         self.num_constrained = int(self.constrained.sum())
         self.targets = np.concatenate([targets[self.constrained], free_targets])
         self.weights = np.concatenate([weights[self.constrained], free_weights])
@@ -100,9 +102,10 @@ class DualOracle:
         self.evaluations += 1
         shift = self.targets.copy()
         shift[: self.num_constrained] -= self.matrix @ lam
-        nu, q = solve_rate_multiplier(shift, self.weights, self.keep_rate * self.total_weight, nu_start)
+        nu, q = solve_rate_multiplier(shift, self.weights, self.keep_rate * self.total_weight,
+                                      nu_start)
         weighted = self.weights * q
-        gradient = self.matrix_t @ weighted[: self.num_constrained] / self.total_weight - self.bounds
+        gradient = self.matrix_t @ weighted[:self.num_constrained] / self.total_weight - self.bounds
         rate_residual = weighted.sum() / self.total_weight - self.keep_rate
         primal = 0.5 * float((self.weights * (q - self.targets) ** 2).sum()) / self.total_weight
         dual = primal + float(lam @ gradient) + nu * rate_residual
@@ -110,7 +113,8 @@ class DualOracle:
                 "primal": primal, "rate_residual": rate_residual}
 
     def diagonal_majoriser(self) -> np.ndarray:
-        """Row sums of |C|^T W |C| / W (Gershgorin): a diagonal upper bound of the dual's curvature."""
+        """Row sums of |C|^T W |C| / W (Gershgorin): a diagonal upper bound of the dual's curvature.
+        """
         absolute = abs(self.matrix)
         row_mass = np.asarray(absolute.sum(axis=1)).ravel()
         bound = absolute.T @ (self.weights[: self.num_constrained] * row_mass) / self.total_weight
@@ -125,7 +129,8 @@ class DualOracle:
 
 
 def certificates(point: dict) -> tuple[float, float]:
-    """(max constraint violation in the problem's units, relative duality gap) at an oracle point."""
+    """(max constraint violation in the problem's units, relative duality gap) at an oracle point.
+    """
     violation = max(float(np.max(point["gradient"], initial=0.0)), abs(point["rate_residual"]))
     gap = point["primal"] - point["dual"]
     return violation, abs(gap) / max(abs(point["primal"]), 1e-12)
@@ -176,7 +181,8 @@ def newton_polish(oracle: DualOracle, point: dict, tolerance: float) -> dict:
 
 
 def solve_dual(problem: BalanceProblem, keep_rate=None, tolerance: float = DEFAULT_TOLERANCE,
-               max_iterations: int = DEFAULT_MAX_ITERATIONS, progress: bool = False) -> BalanceSolution:
+               max_iterations: int = DEFAULT_MAX_ITERATIONS,
+               progress: bool = False) -> BalanceSolution:
     """Solve M4 through its dual: FISTA with adaptive restart, exact nu, Newton polishing.
 
     Stops when the max constraint violation (problem units) and the relative duality gap are both
@@ -214,7 +220,8 @@ def solve_dual(problem: BalanceProblem, keep_rate=None, tolerance: float = DEFAU
             best = current
         polished = newton_polish(oracle, best, needed)
         polishes += 1
-        if polished["dual"] >= best["dual"]:  # continue the accelerated phase from the polished point
+        # continue the accelerated phase from the polished point
+        if polished["dual"] >= best["dual"]:
             best = polished
             lam, extrapolated, momentum = best["lam"].copy(), best["lam"].copy(), 1.0
         needed = _violation_tolerance(problem, oracle, best, tolerance)
@@ -239,9 +246,10 @@ def solve_dual(problem: BalanceProblem, keep_rate=None, tolerance: float = DEFAU
     if not converged:
         if not feasibility_checked:
             _raise_if_infeasible(problem, keep_rate)
-        warnings.warn(f"dual solver stopped after {iterations} iterations without meeting the tolerance "
-                      f"{tolerance:g} (violation {violation:.2e}, relative gap {gap:.2e}, constrained shares "
-                      f"off by up to {certified:.2e})", RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"dual solver stopped after {iterations} iterations without meeting the tolerance "
+            f"{tolerance:g} (violation {violation:.2e}, relative gap {gap:.2e}, constrained shares "
+            f"off by up to {certified:.2e})", RuntimeWarning, stacklevel=2)
     return BalanceSolution(
         spec=problem.spec,
         keep_rate=keep_rate,
@@ -251,16 +259,24 @@ def solve_dual(problem: BalanceProblem, keep_rate=None, tolerance: float = DEFAU
         utility_mean=problem.utility_mean,
         q=q,
         objective=problem.objective(q, keep_rate),
-        max_violation=float(max(np.max(problem.violations(q), initial=0.0), abs(best["rate_residual"]))),
+        max_violation=float(
+            max(np.max(problem.violations(q), initial=0.0), abs(best["rate_residual"]))),
         duality_gap=gap,
         status="optimal" if converged else "not_converged",
         method="dual",
         statistics={
-            "iterations": iterations, "restarts": restarts, "polish_attempts": polishes,
-            "oracle_evaluations": oracle.evaluations, "seconds": time.perf_counter() - started,
-            "relative_duality_gap": gap, "max_violation": violation, "tolerance": tolerance,
-            "certified_violation": certified, "violation_tolerance": needed,
-            "rows": oracle.num_rows, "constrained_rows": oracle.num_constrained,
+            "iterations": iterations,
+            "restarts": restarts,
+            "polish_attempts": polishes,
+            "oracle_evaluations": oracle.evaluations,
+            "seconds": time.perf_counter() - started,
+            "relative_duality_gap": gap,
+            "max_violation": violation,
+            "tolerance": tolerance,
+            "certified_violation": certified,
+            "violation_tolerance": needed,
+            "rows": oracle.num_rows,
+            "constrained_rows": oracle.num_constrained,
             "dual_dimension": oracle.dimension,
         },
     )
@@ -271,7 +287,8 @@ def _converged(point: dict, violation_tolerance: float, gap_tolerance: float) ->
     return violation <= violation_tolerance and gap <= gap_tolerance
 
 
-def _violation_tolerance(problem: BalanceProblem, oracle: DualOracle, point: dict, tolerance: float) -> float:
+def _violation_tolerance(problem: BalanceProblem, oracle: DualOracle, point: dict,
+                         tolerance: float) -> float:
     """The moment violation that certifies every constrained share to SHARE_TOLERANCE at this point.
 
     A moment violation v (per unit of W) moves a share by v W / K, K the unit's kept annotated
@@ -288,7 +305,8 @@ def _violation_tolerance(problem: BalanceProblem, oracle: DualOracle, point: dic
 
 
 def _raise_if_infeasible(problem: BalanceProblem, keep_rate: float) -> None:
-    """Raise the readable infeasibility error when the max-rate LP says keep_rate is out of reach."""
+    """Raise the readable infeasibility error when the max-rate LP says keep_rate is out of reach.
+    """
     from solvers.errors import explain_infeasible  # noqa: PLC0415 (LP solver only on this path)
     from solvers.max_rate import max_keep_rate  # noqa: PLC0415
 

@@ -19,7 +19,8 @@ class InfeasibleError(ValueError):
     higher one (dicts with the value, concept, the data's share at q = 1, target and gap).
     """
 
-    def __init__(self, message: str, *, requested_rate: float, achievable_rate: float, binding: list[dict]):
+    def __init__(self, message: str, *, requested_rate: float, achievable_rate: float,
+                 binding: list[dict]):
         super().__init__(message)
         self.requested_rate = requested_rate
         self.achievable_rate = achievable_rate
@@ -27,7 +28,8 @@ class InfeasibleError(ValueError):
 
 
 def explain_infeasible(problem: BalanceProblem, keep_rate: float) -> InfeasibleError:
-    """Build (not raise) the error for `keep_rate`, from the max-rate LP and the data's own shares."""
+    """Build (not raise) the error for `keep_rate`, from the max-rate LP and the data's own shares.
+    """
     from solvers.max_rate import solve_max_rate
 
     answer = solve_max_rate(problem)
@@ -35,15 +37,19 @@ def explain_infeasible(problem: BalanceProblem, keep_rate: float) -> InfeasibleE
     described = "; ".join(entry["text"] for entry in binding[:MESSAGE_BINDING_LIMIT])
     if len(binding) > MESSAGE_BINDING_LIMIT:
         described += f"; and {len(binding) - MESSAGE_BINDING_LIMIT} more"
-    message = (f"keep rate {keep_rate:.4g} is infeasible: at most {answer.rate:.4g} of the data can be kept "
-               f"under the requested constraints (use keep_rate='max' to take it, or widen the gaps).")
+    message = (
+        f"keep rate {keep_rate:.4g} is infeasible: at most {answer.rate:.4g} of the data can be "
+        "kept "
+        f"under the requested constraints (use keep_rate='max' to take it, or widen the gaps).")
     if described:
         message += f" Binding: {described}."
-    return InfeasibleError(message, requested_rate=float(keep_rate), achievable_rate=answer.rate, binding=binding)
+    return InfeasibleError(message, requested_rate=float(keep_rate), achievable_rate=answer.rate,
+                           binding=binding)
 
 
 def binding_constraints(problem: BalanceProblem, rows: list[int]) -> list[dict]:
-    """Readable entries for constraint rows: "'woman' is 31% of perceived_gender-annotated 'kitchen' rows"."""
+    """Readable entries for constraint rows: "'woman' is 31% of perceived_gender-annotated 'kitchen'
+    rows"."""
     spec = problem.spec
     units = spec.num_units
     base, scale = problem.unit_matrices()  # B = v y, S = a y per unit
@@ -61,7 +67,10 @@ def binding_constraints(problem: BalanceProblem, rows: list[int]) -> list[dict]:
         where = f"{group}-annotated rows" if concept == REPRESENTATION else \
             f"{group}-annotated '{spec.concept_names[concept]}' rows"
         gap = spec.unit_gaps[unit]
-        tolerance = f" ± {gap:.0%}" if spec.constraint_form == "share" else f", moment within ± {gap:.2g}"
+        if spec.constraint_form == "share":
+            tolerance = f" ± {gap:.0%}"
+        else:
+            tolerance = f", moment within ± {gap:.2g}"
         share = float(data_share[unit])
         entries.append({
             "row": int(row),

@@ -26,7 +26,8 @@ class MaxRate:
 
     rate: float
     q: np.ndarray
-    binding_rows: list[int]  # constraint rows (upper rows 0..U-1, lower rows U..2U-1), strongest first
+    # constraint rows (upper rows 0..U-1, lower rows U..2U-1), strongest first
+    binding_rows: list[int]
     multipliers: np.ndarray  # d rate / d b_j per constraint row (>= 0)
 
 

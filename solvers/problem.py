@@ -35,7 +35,8 @@ def _as_indicator(array, name: str, rows: int | None = None) -> np.ndarray:
     """Check a 0/1 matrix and return it as float64 (N, k)."""
     array = np.asarray(array)
     if array.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D (rows x columns) 0/1 array, got shape {array.shape}")
+        raise ValueError(
+            f"{name} must be a 2-D (rows x columns) 0/1 array, got shape {array.shape}")
     if rows is not None and array.shape[0] != rows:
         raise ValueError(f"{name} has {array.shape[0]} rows but attributes has {rows}")
     values = array.astype(np.float64, copy=False)
@@ -108,9 +109,14 @@ class ConstraintSpec:
         attributes = _as_indicator(attributes, "attributes")
         concepts = _as_indicator(concepts, "concepts", attributes.shape[0])
         if attributes.shape[1] != len(self.targets):
-            raise ValueError(f"attributes has {attributes.shape[1]} columns, the problem has {len(self.targets)}")
+            raise ValueError(
+                f"attributes has {attributes.shape[1]} columns, the problem has {len(self.targets)}"
+            )
         if concepts.shape[1] != len(self.concept_names):
-            raise ValueError(f"concepts has {concepts.shape[1]} columns, the problem has {len(self.concept_names)}")
+            raise ValueError(
+                f"concepts has {concepts.shape[1]} columns, the problem has "
+                f"{len(self.concept_names)}"
+            )
         annotated_by_value = self.annotated(attributes)[:, self.value_group()]  # (N, m)
         centred = attributes - np.asarray(self.targets) * annotated_by_value  # v (N, m)
         values = np.asarray(self.unit_values)
@@ -120,7 +126,9 @@ class ConstraintSpec:
         ones = sp.csc_matrix(np.ones((attributes.shape[0], int(is_representation.sum()))))
         concept_columns = sp.csc_matrix(concepts)[:, unit_concepts[~is_representation]]
         unit_y = sp.hstack([ones, concept_columns], format="csc")
-        order = np.concatenate([np.flatnonzero(is_representation), np.flatnonzero(~is_representation)])
+        order = np.concatenate(
+            [np.flatnonzero(is_representation),
+             np.flatnonzero(~is_representation)])
         inverse = np.empty_like(order)
         inverse[order] = np.arange(len(order))
         unit_y = unit_y[:, inverse]
@@ -152,7 +160,8 @@ class ConstraintSpec:
 
 
 def check_keep_rate(keep_rate):
-    """A keep rate as given: "max", or a number in (0, 1] as a float; anything else raises ValueError.
+    """A keep rate as given: "max", or a number in (0, 1] as a float; anything else raises
+    ValueError.
 
     The one check: the problem, solve() and every solver call it."""
     if isinstance(keep_rate, str):
@@ -162,7 +171,8 @@ def check_keep_rate(keep_rate):
     try:
         value = float(keep_rate)
     except (TypeError, ValueError):
-        raise ValueError(f"keep_rate must be a number in (0, 1] or 'max', got {keep_rate!r}") from None
+        raise ValueError(
+            f"keep_rate must be a number in (0, 1] or 'max', got {keep_rate!r}") from None
     if not 0 < value <= 1:  # NaN fails here too
         raise ValueError(f"keep_rate must be in (0, 1], got {keep_rate}")
     return value
@@ -206,11 +216,12 @@ class BalanceProblem:
         group_names: Sequence[str] | None = None,
     ):
         # The configuration, so the same problem can be rebuilt on other rows (compression).
-        self.options = dict(
-            groups=groups, targets=targets, keep_rate=keep_rate, representation_gap=representation_gap,
-            association_gap=association_gap, constraint_form=constraint_form, min_support=min_support,
-            utility_tilt=utility_tilt, conditional=conditional, attribute_names=attribute_names,
-            concept_names=concept_names, group_names=group_names)
+        self.options = dict(groups=groups, targets=targets, keep_rate=keep_rate,
+                            representation_gap=representation_gap, association_gap=association_gap,
+                            constraint_form=constraint_form, min_support=min_support,
+                            utility_tilt=utility_tilt, conditional=conditional,
+                            attribute_names=attribute_names, concept_names=concept_names,
+                            group_names=group_names)
         self.attributes = _as_indicator(attributes, "attributes")
         rows, num_values = self.attributes.shape
         self.concepts = _as_indicator(concepts, "concepts", rows)
@@ -219,49 +230,70 @@ class BalanceProblem:
             raise ValueError("the problem has no rows")
         if num_values == 0:
             raise ValueError("attributes has no columns: nothing to balance")
-        self.weights = np.ones(rows) if weights is None else _as_vector(weights, "weights", rows, positive=True)
+        self.weights = np.ones(rows) if weights is None else _as_vector(
+            weights, "weights", rows, positive=True)
         self.total_weight = float(self.weights.sum())
         self.utility = None if utility is None else _as_vector(utility, "utility", rows)
         if utility_tilt < 0 or not np.isfinite(utility_tilt):
             raise ValueError(f"utility_tilt must be a finite number >= 0, got {utility_tilt}")
         self.utility_tilt = float(utility_tilt)
-        self.utility_mean = 0.0 if self.utility is None else float(np.average(self.utility, weights=self.weights))
+        self.utility_mean = 0.0 if self.utility is None else float(
+            np.average(self.utility, weights=self.weights))
         if constraint_form not in CONSTRAINT_FORMS:
-            raise ValueError(f"constraint_form must be one of {CONSTRAINT_FORMS}, got {constraint_form!r}")
+            raise ValueError(
+                f"constraint_form must be one of {CONSTRAINT_FORMS}, got {constraint_form!r}")
         self.keep_rate = check_keep_rate(keep_rate)
         self.min_support = float(min_support)
 
-        groups = [list(range(num_values))] if groups is None else [list(map(int, g)) for g in groups]
+        groups = [list(range(num_values))
+                  ] if groups is None else [list(map(int, g)) for g in groups]
         flat = sorted(c for g in groups for c in g)
         if flat != list(range(num_values)) or any(len(g) == 0 for g in groups):
-            raise ValueError(f"groups must partition the {num_values} attribute columns, got {groups}")
+            raise ValueError(
+                f"groups must partition the {num_values} attribute columns, got {groups}")
         attribute_names = list(attribute_names or [f"attribute_{k}" for k in range(num_values)])
         concept_names = list(concept_names or [f"concept_{r}" for r in range(num_concepts)])
         group_names = list(group_names or [f"group_{g}" for g in range(len(groups))])
-        if len(attribute_names) != num_values or len(concept_names) != num_concepts or len(group_names) != len(groups):
-            raise ValueError("attribute_names, concept_names and group_names must match the columns and groups")
+        if len(attribute_names) != num_values or len(concept_names) != num_concepts or len(
+                group_names) != len(groups):
+            raise ValueError(
+                "attribute_names, concept_names and group_names must match the columns and groups")
 
         self.spec = ConstraintSpec(
-            groups=groups, targets=[], constraint_form=constraint_form, conditional=bool(conditional),
-            unit_values=[], unit_concepts=[], unit_gaps=[], attribute_names=attribute_names,
-            concept_names=concept_names, group_names=group_names,
+            groups=groups,
+            targets=[],
+            constraint_form=constraint_form,
+            conditional=bool(conditional),
+            unit_values=[],
+            unit_concepts=[],
+            unit_gaps=[],
+            attribute_names=attribute_names,
+            concept_names=concept_names,
+            group_names=group_names,
         )
         annotated = self.spec.annotated(self.attributes)  # (N, n_groups)
         for g, columns in enumerate(groups):
             if not annotated[:, g].any():
-                raise ValueError(f"no row has any value of attribute group '{group_names[g]}': nothing to balance")
+                raise ValueError(
+                    f"no row has any value of attribute group '{group_names[g]}': nothing to "
+                    "balance"
+                )
         self.spec.targets = self._resolve_targets(targets, annotated).tolist()
 
         for r in range(num_concepts):
             if self.concepts[:, r].all():
                 raise ValueError(
-                    f"concept '{concept_names[r]}' is present in every row: its association constraint would "
+                    f"concept '{concept_names[r]}' is present in every row: its association "
+                    "constraint would "
                     "only repeat the representation constraint; leave it out")
         if representation_gap is None:
-            representation_gap = DEFAULT_SHARE_GAP if constraint_form == "share" else DEFAULT_MOMENT_REPRESENTATION_EPS
+            representation_gap = (DEFAULT_SHARE_GAP if constraint_form == "share"
+                                  else DEFAULT_MOMENT_REPRESENTATION_EPS)
         if association_gap is None:
-            association_gap = DEFAULT_SHARE_GAP if constraint_form == "share" else DEFAULT_MOMENT_ASSOCIATION_EPS
-        association_gaps = np.broadcast_to(np.asarray(association_gap, dtype=np.float64), (num_concepts,))
+            association_gap = (DEFAULT_SHARE_GAP if constraint_form == "share"
+                               else DEFAULT_MOMENT_ASSOCIATION_EPS)
+        association_gaps = np.broadcast_to(np.asarray(association_gap, dtype=np.float64),
+                                           (num_concepts, ))
         if representation_gap < 0 or (association_gaps < 0).any():
             raise ValueError("gaps must be >= 0")
 
@@ -282,15 +314,17 @@ class BalanceProblem:
                     self.spec.unit_gaps.append(float(association_gaps[r]))
         for g, name in enumerate(group_names):
             self.excluded_concepts[name] = [
-                concept_names[r] for r in range(num_concepts) if self.support[g, r] < self.min_support
-                or self.support[g, r] == 0]
+                concept_names[r] for r in range(num_concepts)
+                if self.support[g, r] < self.min_support or self.support[g, r] == 0
+            ]
 
     def _resolve_targets(self, targets, annotated: np.ndarray) -> np.ndarray:
         names = self.spec.attribute_names
         group_of = self.spec.value_group()
         if isinstance(targets, str):
             if targets == "uniform":
-                return np.array([1.0 / len(self.spec.groups[group_of[k]]) for k in range(len(names))])
+                return np.array(
+                    [1.0 / len(self.spec.groups[group_of[k]]) for k in range(len(names))])
             if targets == "preserve":
                 present = self.weights @ self.attributes
                 annotated_weight = self.weights @ annotated
@@ -306,8 +340,11 @@ class BalanceProblem:
             # group's values add up to at least 1: targets summing below that cannot be met.
             if self.spec.conditional and targets[columns].sum() < 1 - 1e-9:
                 raise ValueError(
-                    f"targets of group '{self.spec.group_names[g]}' add up to {targets[columns].sum():.3f} < 1; "
-                    "every annotated row shows at least one value, so these shares are contradictory")
+                    f"targets of group '{self.spec.group_names[g]}' add up to "
+                    f"{targets[columns].sum():.3f} < 1; "
+                    "every annotated row shows at least one value, so these shares are "
+                    "contradictory"
+                )
         return targets
 
     # Quantities the solvers share --------------------------------------------------------------
@@ -339,7 +376,8 @@ class BalanceProblem:
         return np.maximum(matrix.T @ (self.weights * q) / self.total_weight - bounds, 0.0)
 
     def unit_supports(self, q: np.ndarray) -> np.ndarray:
-        """Kept annotated weight behind each unit's share, sum w q a y (the denominator of the share)."""
+        """Kept annotated weight behind each unit's share, sum w q a y (the denominator of the
+        share)."""
         _, scale = self.unit_matrices()
         return scale.T @ (self.weights * q)
 
@@ -356,18 +394,21 @@ class BalanceProblem:
         violation v allows a share excess of v W / K for a concept with kept annotated support K).
         """
         if self.spec.constraint_form != "share":
-            raise ValueError("share_excess is for the share form; the moment form is certified by violations()")
+            raise ValueError(
+                "share_excess is for the share form; the moment form is certified by violations()")
         base, _ = self.unit_matrices()
         kept = self.weights * q
         offset = base.T @ kept  # sum w q (s - pi a) y = (share - target) * support
         support = self.unit_supports(q)
         excess = np.zeros(self.spec.num_units)
         present = ~self.dropped_units(q)
-        excess[present] = np.abs(offset[present]) / support[present] - np.asarray(self.spec.unit_gaps)[present]
+        excess[present] = np.abs(offset[present]) / support[present] - np.asarray(
+            self.spec.unit_gaps)[present]
         return np.maximum(excess, 0.0)
 
     def certified_violation(self, q: np.ndarray) -> float:
-        """The largest constraint violation in the user's units: a share (share form) or a moment."""
+        """The largest constraint violation in the user's units: a share (share form) or a moment.
+        """
         if self.spec.constraint_form == "share":
             return float(self.share_excess(q).max(initial=0.0))
         return float(self.violations(q).max(initial=0.0))

@@ -13,7 +13,8 @@ ENV = "BALANCEBEAM_PROGRESS"
 
 
 def enabled(requested: bool | None = None) -> bool:
-    """requested (a command's own --progress/--no-progress) wins; then the environment; then the terminal."""
+    """requested (a command's own --progress/--no-progress) wins; then the environment; then the
+    terminal."""
     if requested is not None:
         return bool(requested)
     setting = os.environ.get(ENV, "").strip().lower()

@@ -1,12 +1,12 @@
 """Exact counts: how many whole rows of each signature to keep so that the kept rows meet the gaps.
 
-M4's plan keeps n_s q_s rows of signature s on average, and a release keeps whole rows: drawing
-them one by one (Bernoulli) moves a concept with 50 annotated rows by a share of about 0.1, and even
-rounding each n_s q_s on its own can cross a binding gap. `allocate` chooses integers k_s as close to
-n_s q_s as possible (least total absolute change) subject to the problem's own constraints written
-in counts, C^T k <= W b, as an integer program solved by HiGHS. Signatures that no constraint sees
-(rows without an annotated attribute) are rounded directly: they are the bulk of a web data set
-and carry no share.
+M4's plan keeps n_s q_s rows of signature s on average, and a release keeps whole rows: drawing them
+one by one (Bernoulli) moves a concept with 50 annotated rows by a share of about 0.1, and even
+rounding each n_s q_s on its own can cross a binding gap. `allocate` chooses integers k_s as close
+to n_s q_s as possible (least total absolute change) subject to the problem's own constraints
+written in counts, C^T k <= W b, as an integer program solved by HiGHS. Signatures that no
+constraint sees (rows without an annotated attribute) are rounded directly: they are the bulk of a
+web data set and carry no share.
 """
 from __future__ import annotations
 
@@ -48,11 +48,14 @@ class Allocation:
     statistics: dict
 
 
-def allocate(problem: BalanceProblem, q: np.ndarray, time_limit: float = DEFAULT_TIME_LIMIT_SECONDS) -> Allocation:
-    """Integer keep counts k_s for the problem's rows (signatures, weights = n_s) from the plan q."""
+def allocate(problem: BalanceProblem, q: np.ndarray,
+             time_limit: float = DEFAULT_TIME_LIMIT_SECONDS) -> Allocation:
+    """Integer keep counts k_s for the problem's rows (signatures, weights = n_s) from the plan q.
+    """
     counts = np.asarray(problem.weights, dtype=np.float64)
     if not np.allclose(counts, np.round(counts)):
-        raise ValueError("exact counts need whole row counts as weights (one weighted row per signature)")
+        raise ValueError(
+            "exact counts need whole row counts as weights (one weighted row per signature)")
     counts = np.round(counts).astype(np.int64)
     target = counts * np.asarray(q, dtype=np.float64)
     matrix, bounds = problem.constraint_matrix()
@@ -61,8 +64,8 @@ def allocate(problem: BalanceProblem, q: np.ndarray, time_limit: float = DEFAULT
     result = np.clip(np.round(target), 0, counts).astype(np.int64)
     statistics = {"signatures": int(len(counts)), "constrained_signatures": int(len(constrained))}
     if len(constrained) == 0:
-        return Allocation(result, "rounded", float(target.sum()), _violation(matrix, bounds, result, problem),
-                          statistics)
+        return Allocation(result, "rounded", float(target.sum()),
+                          _violation(matrix, bounds, result, problem), statistics)
     block = matrix[constrained].T.tocsr()  # (J, S_c): C^T restricted to constrained signatures
     size = len(constrained)
     # Variables [k (integers), d (>= |k - n q|)]: minimise sum d.
@@ -73,7 +76,8 @@ def allocate(problem: BalanceProblem, q: np.ndarray, time_limit: float = DEFAULT
         sp.hstack([identity, -identity]),                            # k - d <= n q
         sp.hstack([-identity, -identity]),                           # -k - d <= -n q
     ], format="csr")
-    upper = np.concatenate([problem.total_weight * bounds, target[constrained], -target[constrained]])
+    upper = np.concatenate(
+        [problem.total_weight * bounds, target[constrained], -target[constrained]])
     constraints = scipy.optimize.LinearConstraint(rows, -np.inf, upper)
     integrality = np.concatenate([np.ones(size), np.zeros(size)])
     for band in SEARCH_BANDS:
@@ -90,16 +94,19 @@ def allocate(problem: BalanceProblem, q: np.ndarray, time_limit: float = DEFAULT
                                                   "mip_rel_gap": MIP_RELATIVE_GAP})
         if answer.x is not None:
             break
-    statistics.update(milp_status=int(answer.status), milp_message=str(answer.message), search_band=band,
+    statistics.update(milp_status=int(answer.status), milp_message=str(answer.message),
+                      search_band=band,
                       total_change=None if answer.x is None else float(answer.fun))
     if answer.x is None:
         raise RuntimeError(f"the exact-count integer program found no solution: {answer.message}")
-    result[constrained] = np.clip(np.round(answer.x[:size]), 0, counts[constrained]).astype(np.int64)
+    result[constrained] = np.clip(np.round(answer.x[:size]), 0,
+                                  counts[constrained]).astype(np.int64)
     violation = _violation(matrix, bounds, result, problem)
     status = "optimal" if answer.status == 0 else "time_limit"
     if violation > _FEASIBILITY_CHECK:
-        raise RuntimeError(f"the exact-count integer program returned counts that break a constraint by "
-                           f"{violation:.3g} rows ({answer.message})")
+        raise RuntimeError(
+            f"the exact-count integer program returned counts that break a constraint by "
+            f"{violation:.3g} rows ({answer.message})")
     return Allocation(result, status, float(target.sum()), violation, statistics)
 
 

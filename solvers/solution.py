@@ -44,7 +44,8 @@ class BalanceSolution:
 
     @property
     def certified_violation(self) -> float | None:
-        """The largest constraint excess in the user's units (a share, in the share form), if measured."""
+        """The largest constraint excess in the user's units (a share, in the share form), if
+        measured."""
         value = self.statistics.get("certified_violation")
         return None if value is None else float(value)
 
@@ -55,10 +56,14 @@ class BalanceSolution:
         if measured is None:
             return f"{self.status} ({self.method}); no certificate was measured"
         if self.status == "optimal":
-            return (f"optimal ({self.method}): every constrained value is within its gap (largest excess "
-                    f"{measured:.1e} as {units})")
-        return (f"{self.status} ({self.method}): NOT certified; a constrained value is off its gap by up to "
-                f"{measured:.3g} as {units}")
+            return (
+                f"optimal ({self.method}): every constrained value is within its gap (largest "
+                "excess "
+                f"{measured:.1e} as {units})")
+        return (
+            f"{self.status} ({self.method}): NOT certified; a constrained value is off its gap by "
+            "up to "
+            f"{measured:.3g} as {units}")
 
     def q_for(self, attributes, concepts, utility=None) -> np.ndarray:
         """Keep probability of any rows, seen or not, from their features and the duals."""
@@ -68,7 +73,9 @@ class BalanceSolution:
         if self.utility_tilt:
             if utility is None:
                 raise ValueError("this solution was tilted toward utility; pass the rows' utility")
-            targets = targets + self.utility_tilt * (np.asarray(utility, dtype=np.float64) - self.utility_mean)
+            targets = targets + self.utility_tilt * (
+                np.asarray(utility, dtype=np.float64) - self.utility_mean
+            )
         return np.clip(targets - matrix @ self.constraint_duals - self.rate_dual, 0.0, 1.0)
 
     def to_json(self) -> str:
@@ -95,8 +102,10 @@ class BalanceSolution:
         payload = json.loads(text)
         version = payload.get("format_version")
         if version != SOLUTION_FORMAT_VERSION:
-            raise ValueError(f"solution format version {version!r} is not supported "
-                             f"(expected {SOLUTION_FORMAT_VERSION})")
+            raise ValueError(
+                f"solution format version {version!r} is not supported "
+                f"(expected {SOLUTION_FORMAT_VERSION})"
+            )
         return cls(
             spec=ConstraintSpec.from_dict(payload["spec"]),
             keep_rate=float(payload["keep_rate"]),

@@ -14,7 +14,8 @@ from solvers.problem import (DEFAULT_MIN_SUPPORT, REPRESENTATION, BalanceProblem
                              check_keep_rate, resolve_keep_rate)
 from solvers.solution import BalanceSolution
 
-# One batch: (attributes (n, m) 0/1, concepts (n, c) 0/1, weights (n,) or None, utility (n,) or None).
+# One batch: (attributes (n, m) 0/1, concepts (n, c) 0/1, weights (n,) or None, utility (n,) or
+# None).
 Batch = tuple
 BatchesFactory = Callable[[], Iterable[Batch]]
 
@@ -31,7 +32,8 @@ DEFAULT_RATE_PASSES = 2
 
 def solve_streaming(problem: BalanceProblem, keep_rate=None, batch_size: int = DEFAULT_BATCH_SIZE,
                     epochs: int = DEFAULT_EPOCHS, seed: int = 0, step: float = DEFAULT_STEP,
-                    rate_passes: int = DEFAULT_RATE_PASSES, progress: bool = False) -> BalanceSolution:
+                    rate_passes: int = DEFAULT_RATE_PASSES,
+                    progress: bool = False) -> BalanceSolution:
     """Streaming solve of an in-memory problem: its rows, shuffled by `seed`, in mini-batches.
 
     Same seed, same result. The returned solution carries q for the problem's rows.
@@ -49,8 +51,8 @@ def solve_streaming(problem: BalanceProblem, keep_rate=None, batch_size: int = D
                    None if problem.utility is None else problem.utility[rows])
 
     tilt = problem.utility_tilt if problem.utility is not None else 0.0
-    solution = solve_stream(problem.spec, batches, keep_rate, utility_tilt=tilt, epochs=epochs, step=step,
-                            rate_passes=rate_passes, progress=progress)
+    solution = solve_stream(problem.spec, batches, keep_rate, utility_tilt=tilt, epochs=epochs,
+                            step=step, rate_passes=rate_passes, progress=progress)
     solution.q = solution.q_for(problem.attributes, problem.concepts, problem.utility)
     solution.objective = problem.objective(solution.q, keep_rate)
     solution.statistics.update(batch_size=batch_size, seed=seed)
@@ -58,9 +60,9 @@ def solve_streaming(problem: BalanceProblem, keep_rate=None, batch_size: int = D
 
 
 def solve_stream(spec: ConstraintSpec, batches_factory: BatchesFactory, keep_rate: float, *,
-                 utility_tilt: float = 0.0, epochs: int = DEFAULT_EPOCHS, step: float = DEFAULT_STEP,
-                 rate_passes: int = DEFAULT_RATE_PASSES, variance_reduction: bool = True,
-                 momentum: float = DEFAULT_MOMENTUM,
+                 utility_tilt: float = 0.0, epochs: int = DEFAULT_EPOCHS,
+                 step: float = DEFAULT_STEP, rate_passes: int = DEFAULT_RATE_PASSES,
+                 variance_reduction: bool = True, momentum: float = DEFAULT_MOMENTUM,
                  progress: bool = False) -> BalanceSolution:
     """Solve M4 over a stream: `batches_factory()` returns a fresh iterator of batches each pass.
 
@@ -71,7 +73,10 @@ def solve_stream(spec: ConstraintSpec, batches_factory: BatchesFactory, keep_rat
     started = time.perf_counter()
     keep_rate = check_keep_rate(keep_rate)
     if keep_rate == "max":
-        raise ValueError("solve_stream needs a number for keep_rate; solve_streaming resolves 'max' from a problem")
+        raise ValueError(
+            "solve_stream needs a number for keep_rate; solve_streaming resolves 'max' from a "
+            "problem"
+        )
     if epochs < 1 or rate_passes < 1:
         raise ValueError("epochs and rate_passes must be >= 1")
     totals = _stream_totals(spec, batches_factory)
@@ -109,14 +114,18 @@ def solve_stream(spec: ConstraintSpec, batches_factory: BatchesFactory, keep_rat
             lam_step, nu_step = _batch_gradient(matrix, weights, targets, lam, nu)
             if variance_reduction:
                 at_snapshot = _batch_gradient(matrix, weights, targets, *snapshot)
-                snapshot_gradient = (snapshot_gradient[0] + at_snapshot[0], snapshot_gradient[1] + at_snapshot[1])
+                snapshot_gradient = (snapshot_gradient[0] + at_snapshot[0],
+                                     snapshot_gradient[1] + at_snapshot[1])
                 if previous_snapshot is not None:
                     at_previous = _batch_gradient(matrix, weights, targets, *previous_snapshot)
                     lam_step = lam_step - at_previous[0] + batch_weight * previous_gradient[0]
                     nu_step = nu_step - at_previous[1] + batch_weight * previous_gradient[1]
-            # Heavy-ball momentum: the dual is ill-conditioned (rare concepts have little curvature).
-            lam_velocity = momentum * lam_velocity + step * (lam_step / batch_weight - bounds) / curvature
-            nu_velocity = momentum * nu_velocity + step * (nu_step / batch_weight - keep_rate) / rate_curvature
+            # Heavy-ball momentum: the dual is ill-conditioned (rare concepts have little
+            # curvature).
+            lam_velocity = (momentum * lam_velocity
+                            + step * (lam_step / batch_weight - bounds) / curvature)
+            nu_velocity = (momentum * nu_velocity
+                           + step * (nu_step / batch_weight - keep_rate) / rate_curvature)
             updated = np.maximum(lam + lam_velocity, 0.0)
             lam_velocity, lam = updated - lam, updated
             nu += nu_velocity
@@ -126,7 +135,8 @@ def solve_stream(spec: ConstraintSpec, batches_factory: BatchesFactory, keep_rat
                 average_lam += (lam - average_lam) / averaged
                 average_nu += (nu - average_nu) / averaged
         previous_snapshot = snapshot
-        previous_gradient = (snapshot_gradient[0] / totals["weight"], snapshot_gradient[1] / totals["weight"])
+        previous_gradient = (snapshot_gradient[0] / totals["weight"],
+                             snapshot_gradient[1] / totals["weight"])
         if bar is not None:
             bar.update(1)
     lam, nu = average_lam, average_nu
@@ -140,24 +150,40 @@ def solve_stream(spec: ConstraintSpec, batches_factory: BatchesFactory, keep_rat
     if bar is not None:
         bar.close()
 
-    violation = max(float(measured["violations"].max(initial=0.0)), abs(measured["kept_share"] - keep_rate))
+    violation = max(float(measured["violations"].max(initial=0.0)),
+                    abs(measured["kept_share"] - keep_rate))
     return BalanceSolution(
-        spec=spec, keep_rate=keep_rate, constraint_duals=lam, rate_dual=float(nu), utility_tilt=float(utility_tilt),
-        utility_mean=float(utility_mean), q=None, objective=measured["objective"] * totals["weight"],
-        max_violation=violation, status="approximate", method="streaming",
+        spec=spec,
+        keep_rate=keep_rate,
+        constraint_duals=lam,
+        rate_dual=float(nu),
+        utility_tilt=float(utility_tilt),
+        utility_mean=float(utility_mean),
+        q=None,
+        objective=measured["objective"] * totals["weight"],
+        max_violation=violation,
+        status="approximate",
+        method="streaming",
         statistics={
-            "epochs": epochs, "steps": steps, "step": step, "rate_passes": rate_passes, "rows": totals["rows"],
-            "total_weight": totals["weight"], "kept_share": measured["kept_share"],
+            "epochs": epochs,
+            "steps": steps,
+            "step": step,
+            "rate_passes": rate_passes,
+            "rows": totals["rows"],
+            "total_weight": totals["weight"],
+            "kept_share": measured["kept_share"],
             "max_constraint_violation": float(measured["violations"].max(initial=0.0)),
             "seconds": time.perf_counter() - started,
         },
     )
 
 
-def stream_spec(batches_factory: BatchesFactory, *, groups=None, targets="uniform", representation_gap=None,
-                association_gap=None, constraint_form: str = "share", min_support: float = DEFAULT_MIN_SUPPORT,
-                conditional: bool = True, attribute_names=None, concept_names=None, group_names=None) -> ConstraintSpec:
-    """The `ConstraintSpec` BalanceProblem would build from these rows, from one pass of weighted sums.
+def stream_spec(batches_factory: BatchesFactory, *, groups=None, targets="uniform",
+                representation_gap=None, association_gap=None, constraint_form: str = "share",
+                min_support: float = DEFAULT_MIN_SUPPORT, conditional: bool = True,
+                attribute_names=None, concept_names=None, group_names=None) -> ConstraintSpec:
+    """The `ConstraintSpec` BalanceProblem would build from these rows, from one pass of weighted
+    sums.
 
     Same options and the same rules as `BalanceProblem` ("preserve" targets, min_support), without
     holding the rows: it needs only sum w s_k, sum w a_g and the supports sum w a_g y_r.
@@ -165,10 +191,13 @@ def stream_spec(batches_factory: BatchesFactory, *, groups=None, targets="unifor
     present = annotated_weight = support = None
     for batch in batches_factory():
         attributes, concepts, weights, _ = _unpack(batch)
-        attributes, concepts = np.asarray(attributes, dtype=np.float64), np.asarray(concepts, dtype=np.float64)
+        attributes, concepts = np.asarray(attributes,
+                                          dtype=np.float64), np.asarray(concepts, dtype=np.float64)
         if present is None:
-            column_groups = [list(range(attributes.shape[1]))] if groups is None else [list(g) for g in groups]
-            spec = ConstraintSpec(column_groups, [], constraint_form, bool(conditional), [], [], [], [], [], [])
+            column_groups = [list(range(attributes.shape[1]))
+                             ] if groups is None else [list(g) for g in groups]
+            spec = ConstraintSpec(column_groups, [], constraint_form, bool(conditional), [], [], [],
+                                  [], [], [])
             present, annotated_weight = np.zeros(attributes.shape[1]), np.zeros(len(column_groups))
             support = np.zeros((len(column_groups), concepts.shape[1]))
         annotated = spec.annotated(attributes)
@@ -180,13 +209,16 @@ def stream_spec(batches_factory: BatchesFactory, *, groups=None, targets="unifor
     # A two-row stand-in with the stream's sums lets BalanceProblem check and resolve everything
     # that does not depend on single rows (names, groups, gaps, explicit targets).
     num_values, num_concepts = len(present), support.shape[1]
-    stand_in = BalanceProblem(
-        np.vstack([np.ones(num_values), np.zeros(num_values)]),
-        np.vstack([np.ones(num_concepts), np.zeros(num_concepts)]),
-        groups=groups, targets="uniform" if isinstance(targets, str) else targets,
-        representation_gap=representation_gap, association_gap=association_gap, constraint_form=constraint_form,
-        min_support=0, conditional=conditional, attribute_names=attribute_names, concept_names=concept_names,
-        group_names=group_names)
+    stand_in = BalanceProblem(np.vstack([np.ones(num_values),
+                                         np.zeros(num_values)]),
+                              np.vstack([np.ones(num_concepts),
+                                         np.zeros(num_concepts)]), groups=groups,
+                              targets="uniform" if isinstance(targets, str) else targets,
+                              representation_gap=representation_gap,
+                              association_gap=association_gap, constraint_form=constraint_form,
+                              min_support=0, conditional=conditional,
+                              attribute_names=attribute_names, concept_names=concept_names,
+                              group_names=group_names)
     result = stand_in.spec
     group_of = result.value_group()
     if isinstance(targets, str) and targets == "preserve":
@@ -204,7 +236,8 @@ def stream_spec(batches_factory: BatchesFactory, *, groups=None, targets="unifor
 
 
 def _batch_gradient(matrix, weights, targets, lam, nu) -> tuple[np.ndarray, float]:
-    """(C_b^T (w q), sum w q) of one batch at (lambda, nu): the dual gradient's sums, unnormalised."""
+    """(C_b^T (w q), sum w q) of one batch at (lambda, nu): the dual gradient's sums, unnormalised.
+    """
     weighted = weights * np.clip(targets - matrix @ lam - nu, 0.0, 1.0)
     return matrix.T @ weighted, float(weighted.sum())
 
@@ -237,7 +270,8 @@ def _stream_totals(spec: ConstraintSpec, batches_factory: BatchesFactory) -> dic
 
 
 def _measure(batches_factory, batch_terms, lam, nu, bounds, total_weight) -> dict:
-    """One pass at fixed (lambda, nu): kept share, free weight, violations, objective per unit weight."""
+    """One pass at fixed (lambda, nu): kept share, free weight, violations, objective per unit
+    weight."""
     moments = np.zeros_like(bounds)
     kept = free = objective = 0.0
     for batch in batches_factory():
@@ -249,8 +283,11 @@ def _measure(batches_factory, batch_terms, lam, nu, bounds, total_weight) -> dic
         kept += float(weighted.sum())
         free += float(weights[(excess > 0) & (excess < 1)].sum())
         objective += 0.5 * float((weights * (q - targets) ** 2).sum())
-    return {"kept_share": kept / total_weight, "free_weight": free / total_weight,
-            "violations": np.maximum(moments / total_weight - bounds, 0.0), "objective": objective / total_weight}
+    return {
+        "kept_share": kept / total_weight, "free_weight": free / total_weight,
+        "violations": np.maximum(moments / total_weight - bounds,
+                                 0.0), "objective": objective / total_weight
+    }
 
 
 def _constraint_bounds(spec: ConstraintSpec) -> np.ndarray:

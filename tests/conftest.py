@@ -58,7 +58,8 @@ def _coco_mini_images(coco_mini):
 
 
 def write_webdataset_shards(directory, samples, samples_per_shard, prefix="coco-mini"):
-    """Writes samples ({"__key__", ext: bytes}) as {prefix}-{NNNNN}.tar with webdataset's TarWriter."""
+    """Writes samples ({"__key__", ext: bytes}) as {prefix}-{NNNNN}.tar with webdataset's TarWriter.
+    """
     import webdataset
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -142,7 +143,8 @@ def tiny_clip(tmp_path_factory):
 
 @pytest.fixture
 def job_service():
-    """A local portable job service, a separate process as a user would start it; yields its port."""
+    """A local portable job service, a separate process as a user would start it; yields its port.
+    """
     from pipeline.job_service import local_job_service
 
     with local_job_service() as port:

@@ -32,7 +32,8 @@ def shown_value(text: str) -> tuple[float, float]:
 
 
 def check_shown(text: str, value, where: str = "") -> None:
-    """Assert that `text` shows `value` (None or NaN as 'n/a' or 'none'; a list of gaps joined by ', ')."""
+    """Assert that `text` shows `value` (None or NaN as 'n/a' or 'none'; a list of gaps joined by ',
+    ')."""
     text = " ".join(text.split())
     if value is None or (isinstance(value, float) and math.isnan(value)):
         assert text in ("n/a", "none"), f"{where}: {text!r} shown for a missing value"
@@ -44,7 +45,9 @@ def check_shown(text: str, value, where: str = "") -> None:
             check_shown(part, item, where)
         return
     number, tolerance = shown_value(text)
-    assert abs(number - float(value)) <= tolerance + 1e-9, f"{where}: page shows {text!r}, stats.json has {value!r}"
+    assert abs(number - float(value)) <= tolerance + 1e-9, (
+        f"{where}: page shows {text!r}, stats.json has {value!r}"
+    )
 
 
 class _StatCollector(html.parser.HTMLParser):
@@ -68,7 +71,8 @@ class _StatCollector(html.parser.HTMLParser):
 
 
 def shown_stats(page: str) -> list[tuple[list, str]]:
-    """(path, text) of every element of a rendered page that carries data-stat (none has children)."""
+    """(path, text) of every element of a rendered page that carries data-stat (none has children).
+    """
     collector = _StatCollector()
     collector.feed(page)
     return collector.found

@@ -39,9 +39,11 @@ def coco_mini_job(coco_mini_shards, tmp_path_factory):
 
 def test_coco_mini_every_sample_annotated_with_its_own_caption(coco_mini_job, coco_mini_shards):
     output, table, counts = coco_mini_job
-    assert counts == {"records_read": 159, "annotated": 159, "quarantined": 0, "quarantined_by_reason": {},
-                      "utility_missing": 0,
-                      "read_options": {"input_format": "auto", "key_column": "key", "caption_column": "caption"}}
+    assert counts == {
+        "records_read": 159, "annotated": 159, "quarantined": 0, "quarantined_by_reason": {},
+        "utility_missing": 0,
+        "read_options": {"input_format": "auto", "key_column": "key", "caption_column": "caption"}
+    }
     assert table.schema.equals(annotate.ANNOTATION_SCHEMA)
     rows = {row["key"]: row for row in table.to_pylist()}
     for record in coco_mini_shards.records:
@@ -76,7 +78,8 @@ def test_coco_mini_annotations_agree_with_coco_instance_labels(coco_mini_job, sh
 def test_portable_runner_on_a_local_job_service_gives_the_same_annotations(
         coco_mini_job, coco_mini_shards, tmp_path, job_service):
     table, counts = _run_job([coco_mini_shards.glob], tmp_path / "out", "--runner=PortableRunner",
-                             f"--job_endpoint=localhost:{job_service}", "--environment_type=LOOPBACK")
+                             f"--job_endpoint=localhost:{job_service}",
+                             "--environment_type=LOOPBACK")
     _, direct_table, direct_counts = coco_mini_job
     assert counts == direct_counts
     assert table.equals(direct_table)
@@ -84,7 +87,8 @@ def test_portable_runner_on_a_local_job_service_gives_the_same_annotations(
 
 # --- real data: the COCO val2017 caption file ----------------------------------------------
 
-MEN_WORDS = r"man|men|boy|boys|gentleman|gentlemen|guy|guys|male|he|his|him|husband|father|son|brother"
+MEN_WORDS = (r"man|men|boy|boys|gentleman|gentlemen|guy|guys|male|he|his|him|husband|father|son"
+             r"|brother")
 WOMEN_WORDS = r"woman|women|girl|girls|lady|ladies|female|she|her|wife|mother|daughter|sister"
 
 
@@ -147,7 +151,8 @@ def broken_inputs(coco_mini_shards, webdataset_writer, tmp_path_factory):
     write_webdataset_shards(folder, [], 100, "d-empty")
     (folder / "d-empty-00000.tar").write_bytes(b"")
     (folder / "e-garbage.tar").write_bytes(b"not a tar at all\n" * 100)
-    write_webdataset_shards(folder, [{"__key__": "../../evil", "txt": b"x"}, sample(r[15])], 100, "f-unsafe")
+    write_webdataset_shards(folder, [{"__key__": "../../evil", "txt": b"x"},
+                                     sample(r[15])], 100, "f-unsafe")
     write_webdataset_shards(folder, [sample(r[1])], 100, "g-duplicate")
     (folder / "h-table.jsonl").write_bytes(
         b'{"key": "j1", "caption": "A man cooking in a kitchen", "score": 0.75}\n'
@@ -171,12 +176,17 @@ def broken_inputs(coco_mini_shards, webdataset_writer, tmp_path_factory):
 def broken_job(broken_inputs, tmp_path_factory):
     folder, _, _ = broken_inputs
     output = tmp_path_factory.mktemp("annotate_broken")
-    exit_code = cli.main(["annotate", "--input", str(folder / "*.tar"), "--input", str(folder / "*-table.*"),
-                          "--output", str(output), "--utility-field", "score", *TWO_WORKERS])
+    exit_code = cli.main([
+        "annotate", "--input",
+        str(folder / "*.tar"), "--input",
+        str(folder / "*-table.*"), "--output",
+        str(output), "--utility-field", "score", *TWO_WORKERS
+    ])
     return exit_code, output, annotate.read_annotations(output), annotate.read_counts(output)
 
 
-def test_broken_input_is_quarantined_with_reasons_and_nothing_valid_is_lost(broken_inputs, broken_job):
+def test_broken_input_is_quarantined_with_reasons_and_nothing_valid_is_lost(
+        broken_inputs, broken_job):
     _, expected_reasons, expected_keys = broken_inputs
     exit_code, output, table, counts = broken_job
     assert exit_code == 0
@@ -186,8 +196,8 @@ def test_broken_input_is_quarantined_with_reasons_and_nothing_valid_is_lost(brok
     assert counts["records_read"] == counts["annotated"] + counts["quarantined"]
     entries = _quarantine_entries(output)
     assert len(entries) == counts["quarantined"]
-    assert all(e["stage"] in (quarantine.STAGE_READ, quarantine.STAGE_DECODE, quarantine.STAGE_ANNOTATE,
-                              quarantine.STAGE_DEDUPLICATE)
+    assert all(e["stage"] in (quarantine.STAGE_READ, quarantine.STAGE_DECODE,
+                              quarantine.STAGE_ANNOTATE, quarantine.STAGE_DEDUPLICATE)
                for e in entries)
 
 
@@ -200,7 +210,8 @@ def test_duplicate_keys_keep_the_copy_from_the_smallest_shard_and_position(
     assert rows[r[0]["key"]]["position"] == 0
     assert rows[r[1]["key"]]["shard"].endswith("a-good-00000.tar")
     duplicates = sorted((e["key"], e["shard"].rsplit("/", 1)[1], e["position"])
-                        for e in _quarantine_entries(output) if e["reason"] == quarantine.DUPLICATE_KEY)
+                        for e in _quarantine_entries(output)
+                        if e["reason"] == quarantine.DUPLICATE_KEY)
     assert duplicates == sorted([(r[0]["key"], "a-good-00000.tar", 5),
                                  (r[1]["key"], "g-duplicate-00000.tar", 0)])
 
@@ -221,7 +232,10 @@ def test_missing_input_is_a_clear_error(tmp_path, capsys):
 
     with pytest.raises(FileNotFoundError, match="no input files match"):
         annotate.run(["--input", str(tmp_path / "nothing-*.tar"), "--output", str(tmp_path / "o")])
-    assert cli.main(["annotate", "--input", str(tmp_path / "nothing-*.tar"), "--output", str(tmp_path / "o")]) == 1
+    assert cli.main(
+        ["annotate", "--input",
+         str(tmp_path / "nothing-*.tar"), "--output",
+         str(tmp_path / "o")]) == 1
     error = capsys.readouterr().err.strip()
     assert error.startswith("balancebeam annotate: no input files match") and error.count("\n") == 0
 
@@ -241,10 +255,12 @@ def test_zero_shot_job_with_a_tiny_model_and_precomputed_embeddings(
     table_path.write_text("".join(
         json.dumps({"key": f"e{i}", "caption": "A man on a bench", "emb": vector}) + "\n"
         for i, vector in enumerate(embeddings + [[1.0, 2.0]])))  # the last one has the wrong size
-    image_flags = ["--image-model", tiny_clip.architecture, "--image-model-config", str(tiny_clip.config_path),
-                   "--image-checkpoint", str(tiny_clip.checkpoint_path), "--image-embedding-field", "emb",
-                   "--person-margin", "-10", "--concept-top-k", "2", "--concept-min-probability", "0",
-                   "--image-batch-size", "16"]
+    image_flags = [
+        "--image-model", tiny_clip.architecture, "--image-model-config",
+        str(tiny_clip.config_path), "--image-checkpoint",
+        str(tiny_clip.checkpoint_path), "--image-embedding-field", "emb", "--person-margin", "-10",
+        "--concept-top-k", "2", "--concept-min-probability", "0", "--image-batch-size", "16"
+    ]
     table, counts = _run_job([coco_mini_shards.glob, table_path], tmp_path / "out",
                              *image_flags, *TWO_WORKERS)
     assert counts["annotated"] == 159 + 3
@@ -264,7 +280,9 @@ def test_zero_shot_job_with_a_tiny_model_and_precomputed_embeddings(
         assert row["attributes"] == sorted(set(text_attributes) | set(image_attributes))  # union
         assert row["concepts"] == sorted(set(text_concepts) | set(image_concepts))
         assert evidence["image"] == pytest.approx(scores, abs=1e-3)
-        assert {c for c, found_by in evidence["concepts"].items() if "image" in found_by} == set(image_concepts)
+        assert {c
+                for c, found_by in evidence["concepts"].items()
+                if "image" in found_by} == set(image_concepts)
     from_embeddings = direct.annotate_embeddings(np.array(embeddings))
     for i, (image_attributes, _, _) in enumerate(from_embeddings):
         assert set(image_attributes) <= set(rows[f"e{i}"]["attributes"])

@@ -77,7 +77,8 @@ def test_user_lexicon_format(tmp_path):
         "child: child, kid,\n  toddler  # continued\nadult: adult, grown-up\n")
     (tmp_path / "things.txt").write_text("@kind concept\n@plurals auto\nbox\nferry: ferry, boat\n")
     annotator = TextAnnotator(Lexicon.load(tmp_path))
-    attributes, concepts, _ = annotator("Two grown-ups, three toddlers and children near boxes and ferries")
+    attributes, concepts, _ = annotator(
+        "Two grown-ups, three toddlers and children near boxes and ferries")
     assert attributes == ["perceived_age:adult", "perceived_age:child"]
     assert concepts == ["box", "ferry"]
     assert plural_of("police officer") == "police officers"
@@ -144,7 +145,8 @@ def test_decode_rejects_broken_and_oversized_images(coco_mini_shards):
         decode_image(b"GIF89a" + bytes(100))  # not an allowed format
     assert rejected.value.reason == "undecodable_image"
     with pytest.raises(ImageRejected) as rejected:
-        decode_image(jpeg, max_pixels=100 * 100)  # decompression-bomb limit, checked before decoding
+        # decompression-bomb limit, checked before decoding
+        decode_image(jpeg, max_pixels=100 * 100)
     assert rejected.value.reason == "image_too_large"
     bomb = _encoded(Image.new("1", (12000, 12000)), "PNG")  # 144 Mpx in a few kB
     assert len(bomb) < 100_000
@@ -205,23 +207,32 @@ def test_zero_shot_loads_the_checkpoint_and_embeds_a_batch(zero_shot, tiny_clip,
     # The same checkpoint gives the same model; a fresh random model does not.
     np.testing.assert_allclose(zero_shot().embed_images(images), embeddings, rtol=1e-5)
     torch.manual_seed(1)
-    fresh, _, _ = load_model(ZeroShotConfig(tiny_clip.architecture, None, str(tiny_clip.config_path)))
-    assert not torch.equal(fresh.visual.conv1.weight, annotator._loaded()["model"].visual.conv1.weight)
+    fresh, _, _ = load_model(
+        ZeroShotConfig(tiny_clip.architecture, None, str(tiny_clip.config_path)))
+    assert not torch.equal(fresh.visual.conv1.weight,
+                           annotator._loaded()["model"].visual.conv1.weight)
 
 
 def test_zero_shot_reads_balancebeam_training_checkpoints(tiny_clip, tmp_path):
-    """`balancebeam train` writes {"model", "model_name", "optimizer", ...}: its models annotate too."""
+    """`balancebeam train` writes {"model", "model_name", "optimizer", ...}: its models annotate
+    too."""
     import torch
 
     from pipeline.annotators.image import ZeroShotConfig, load_model
 
-    reference, _, _ = load_model(ZeroShotConfig(tiny_clip.architecture, str(tiny_clip.checkpoint_path),
-                                                str(tiny_clip.config_path)))
+    reference, _, _ = load_model(
+        ZeroShotConfig(tiny_clip.architecture, str(tiny_clip.checkpoint_path),
+                       str(tiny_clip.config_path)))
     state = torch.load(tiny_clip.checkpoint_path, weights_only=True)["state_dict"]
     trained = tmp_path / "final.pt"
-    torch.save({"model": {f"module.{k}": v for k, v in state.items()}, "model_name": tiny_clip.architecture,
-                "step": 7, "optimizer": {}}, trained)
-    loaded, _, _ = load_model(ZeroShotConfig(tiny_clip.architecture, str(trained), str(tiny_clip.config_path)))
+    torch.save(
+        {
+            "model": {f"module.{k}": v
+                      for k, v in state.items()}, "model_name": tiny_clip.architecture, "step": 7,
+            "optimizer": {}
+        }, trained)
+    loaded, _, _ = load_model(
+        ZeroShotConfig(tiny_clip.architecture, str(trained), str(tiny_clip.config_path)))
     for name, tensor in reference.state_dict().items():
         assert torch.equal(tensor, loaded.state_dict()[name]), name
     torch.save({"model": state, "model_name": "some-other-arch"}, trained)
@@ -230,13 +241,15 @@ def test_zero_shot_reads_balancebeam_training_checkpoints(tiny_clip, tmp_path):
 
 
 def test_zero_shot_knows_balancebeams_bundled_architectures():
-    """--image-model bb-tiny-vit works without --image-model-config, in a fresh process (a Beam worker)."""
+    """--image-model bb-tiny-vit works without --image-model-config, in a fresh process (a Beam
+    worker)."""
     import subprocess
     import sys
 
     code = ("from pipeline.annotators.image import ZeroShotConfig, load_model; "
             "model, _, _ = load_model(ZeroShotConfig('bb-tiny-vit')); print(type(model).__name__)")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True)
     assert result.stdout.strip() == "CLIP"
 
 
@@ -277,7 +290,8 @@ def _reference_scores(state, groups, concepts, config, embeddings, person_visibl
         attributes, scores = [], {}
         for group, values in groups.items():
             similarity = state["groups"][group] @ vector
-            probability = softmax(state["logit_scale"] * np.append(similarity, np.float32(no_person)))
+            logits = state["logit_scale"] * np.append(similarity, np.float32(no_person))
+            probability = softmax(logits)
             visible = person_visible[row]
             if visible is None:
                 visible = similarity.max() - no_person >= config.person_margin
@@ -286,9 +300,12 @@ def _reference_scores(state, groups, concepts, config, embeddings, person_visibl
                     attributes.append(f"{group}:{value}")
                     scores[f"{group}:{value}"] = round(float(probability[index]), 4)
         probability = softmax(state["logit_scale"] * (state["concepts"] @ vector))
-        ranked = sorted(range(len(concepts)), key=lambda i: (-probability[i], i))[:config.concept_top_k]
-        results.append((attributes, [concepts[i] for i in ranked if probability[i] >= config.concept_min_probability],
-                        scores))
+        ranked = sorted(range(len(concepts)), key=lambda i: (-probability[i], i))
+        ranked = ranked[:config.concept_top_k]
+        results.append(
+            (attributes,
+             [concepts[i] for i in ranked
+              if probability[i] >= config.concept_min_probability], scores))
     return results
 
 
@@ -299,19 +316,23 @@ def test_batched_zero_shot_scores_match_the_row_by_row_rule(tmp_path, floor):
     from pipeline.annotators.image import ZeroShotConfig, ZeroShotImageAnnotator
 
     rng = np.random.default_rng(7)
-    dim, groups, concepts = 16, {"perceived_gender": ("man", "woman"), "perceived_age": ("young", "old")}, \
-        tuple(f"c{i}" for i in range(30))
+    dim, concepts = 16, tuple(f"c{i}" for i in range(30))
+    groups = {"perceived_gender": ("man", "woman"), "perceived_age": ("young", "old")}
     unit = lambda a: a / np.linalg.norm(a, axis=-1, keepdims=True)  # noqa: E731
-    arrays = {"logit_scale": np.float32(30.0), "no_person": unit(rng.standard_normal((3, dim))).astype(np.float32),
-              "group_names": np.array(list(groups)), "concept_names": np.array(concepts),
-              "concepts": unit(rng.standard_normal((30, dim))).astype(np.float32)}
+    arrays = {
+        "logit_scale": np.float32(30.0), "no_person": unit(rng.standard_normal(
+            (3, dim))).astype(np.float32), "group_names": np.array(list(groups)),
+        "concept_names": np.array(concepts), "concepts": unit(rng.standard_normal(
+            (30, dim))).astype(np.float32)
+    }
     for i, (group, values) in enumerate(groups.items()):
         arrays[f"group_{i}"] = unit(rng.standard_normal((len(values), dim))).astype(np.float32)
         arrays[f"group_{i}_values"] = np.array(values)
     np.savez(tmp_path / "prompts.npz", **arrays)
     embeddings = rng.standard_normal((400, dim)).astype(np.float32)
     embeddings[:40] = arrays["group_0"][0] + arrays["group_0"][1]  # man and woman tie
-    embeddings[40:80] = 3 * arrays["concepts"][5] + rng.standard_normal((40, dim)) * 0.1  # a clear concept
+    # a clear concept
+    embeddings[40:80] = 3 * arrays["concepts"][5] + rng.standard_normal((40, dim)) * 0.1
     visible = [None] * 100 + [True] * 100 + [False] * 100 + [None] * 100
     config = ZeroShotConfig(architecture="unused", prompt_embeddings=str(tmp_path / "prompts.npz"),
                             concept_min_probability=floor, person_margin=-0.1)
@@ -320,11 +341,13 @@ def test_batched_zero_shot_scores_match_the_row_by_row_rule(tmp_path, floor):
     batched = annotator.annotate_embeddings(embeddings, visible)
     expected = _reference_scores(state, groups, concepts, config, embeddings, visible)
     assert [(a, c, sorted(s)) for a, c, s in batched] == [(a, c, sorted(s)) for a, c, s in expected]
-    for (_, _, scores), (_, _, reference) in zip(batched, expected):  # float32 sums in another order
+    # float32 sums in another order
+    for (_, _, scores), (_, _, reference) in zip(batched, expected):
         assert all(abs(scores[label] - reference[label]) <= 2e-4 for label in scores)
     assert any(len(a) == 2 for a, _, _ in batched[:40]), "the planted tie gives both values"
     assert all(c[0] == "c5" for _, c, _ in batched[40:80]), "the planted concept comes first"
-    assert any(len(c) < 3 for _, c, _ in batched) == (floor > 0), "a floor leaves some rows fewer than k"
+    assert any(len(c) < 3 for _, c, _ in batched) == (floor
+                                                      > 0), "a floor leaves some rows fewer than k"
 
 
 def test_annotate_caption_returns_copies_that_do_not_change_later_answers():

@@ -20,7 +20,8 @@ TABLE = np.array([[1, 0, 1, 0],
                   [0, 0, 1, 0],
                   [0, 0, 0, 0]], dtype=float)
 ATTRIBUTES, CONCEPTS = TABLE[:, :2], TABLE[:, 2:]
-NAMES = dict(attribute_names=["man", "woman"], concept_names=["kitchen", "ski"], group_names=["perceived_gender"])
+NAMES = dict(attribute_names=["man", "woman"], concept_names=["kitchen", "ski"],
+             group_names=["perceived_gender"])
 
 
 def test_shares_gaps_and_summary_by_hand():
@@ -39,8 +40,9 @@ def test_shares_gaps_and_summary_by_hand():
     assert everything.association_bias_max == pytest.approx(0.5)
     # support-weighted: (3/6 + 3/6 + 2 * 0.5 + 2 * 0) / (3 + 3 + 2 + 2)
     assert everything.association_bias_mean == pytest.approx(0.2)
-    assert everything.worst_association() == {"value": "man", "concept": "ski", "share": 1.0, "target": 0.5,
-                                              "gap": 0.5, "support": 2.0}
+    assert everything.worst_association() == {
+        "value": "man", "concept": "ski", "share": 1.0, "target": 0.5, "gap": 0.5, "support": 2.0
+    }
 
 
 def test_moments_by_hand():
@@ -58,7 +60,8 @@ def test_keep_probabilities_reweight_the_shares():
     assert bias.value_share == pytest.approx([3 / 4, 2 / 4])
     assert bias.concept_share[:, 0] == pytest.approx([0.5, 0.5])
     assert bias.association_bias_max == pytest.approx(0.0)
-    assert bias.kept_weight == pytest.approx(6.0) and bias.summary()["keep_rate"] == pytest.approx(6 / 7)
+    assert bias.kept_weight == pytest.approx(6.0) and bias.summary()["keep_rate"] == pytest.approx(
+        6 / 7)
     # The measured pairs are chosen on the data before q, so before/after compare the same pairs.
     assert bias.kept_support[0, 0] == pytest.approx(2.0) and bias.measured[0, 0]
 
@@ -79,11 +82,13 @@ def test_unconditional_and_preserved_targets():
     assert unconditional.value_share == pytest.approx([3 / 7, 3 / 7])
     assert unconditional.concept_share[:, 0] == pytest.approx([0.25, 0.5])
     preserved = data_bias(ATTRIBUTES, CONCEPTS, targets="preserve")
-    assert preserved.targets == pytest.approx([0.6, 0.6]) and preserved.representation_bias == pytest.approx(0.0)
+    assert preserved.targets == pytest.approx(
+        [0.6, 0.6]) and preserved.representation_bias == pytest.approx(0.0)
 
 
 def test_to_dict_is_json_with_none_for_shares_of_nothing():
-    concepts = np.hstack([CONCEPTS, np.eye(7)[:, [6]]])  # 'tree' only on row 7, which shows no person
+    # 'tree' only on row 7, which shows no person
+    concepts = np.hstack([CONCEPTS, np.eye(7)[:, [6]]])
     bias = data_bias(ATTRIBUTES, concepts, min_support=1, attribute_names=["man", "woman"],
                      concept_names=["kitchen", "ski", "tree"], group_names=["perceived_gender"])
     payload = json.loads(json.dumps(bias.to_dict(), allow_nan=False))

@@ -11,7 +11,8 @@ GAP = 0.05
 
 def web_scale_problem():
     """Rows standing for 1e9 examples: a concept with 50 annotated rows, 80% men; a billion rows
-    that show nobody. In moments (1/W units) the concept weighs 5e-8, under any absolute tolerance."""
+    that show nobody. In moments (1/W units) the concept weighs 5e-8, under any absolute tolerance.
+    """
     attributes = np.array([[1, 0], [0, 1], [1, 0], [0, 1], [0, 0]], dtype=float)
     concepts = np.array([[1], [1], [0], [0], [0]], dtype=float)
     weights = np.array([40, 10, 3000, 3000, 1e9 - 6050])

@@ -32,4 +32,5 @@ def test_help_lists_examples_that_use_known_flags(command, capsys):
         for word in words[2:]:
             if word.startswith("--"):
                 flag = word.split("=", 1)[0]
-                assert flag in known or flag in BEAM_FLAGS, f"{example}: {flag} is not a flag of {command}"
+                assert flag in known or flag in BEAM_FLAGS, (
+                    f"{example}: {flag} is not a flag of {command}")

@@ -18,7 +18,8 @@ OURS = re.compile(r"^(INFO|WARNING|ERROR|CRITICAL) (pipeline|solvers|trainer)(\.
 # What Beam printed before, per worker or per job (the issue's list).
 KNOWN_NOISE = ("apitools not found", "semi_persistent_directory", "Discarding unparseable args",
                "local_job_service", "Logging handler created", "sdk_worker")
-PROGRESS_LINE = re.compile(r"annotate: (\d+) of (\d+) input files read \(\d+%\), ([\d,]+) records so far")
+PROGRESS_LINE = re.compile(
+    r"annotate: (\d+) of (\d+) input files read \(\d+%\), ([\d,]+) records so far")
 
 
 def _environment(**extra):
@@ -27,24 +28,29 @@ def _environment(**extra):
 
 
 def _balancebeam(*argv, **extra_env):
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *argv], capture_output=True, text=True,
-                          env=_environment(**extra_env), timeout=300)
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *argv], capture_output=True,
+                          text=True, env=_environment(**extra_env), timeout=300)
 
 
 @pytest.mark.parametrize("mode", ["in-process", "two workers", "portable"])
-def test_a_job_prints_only_balancebeam_lines_in_every_runner_mode(mode, coco_mini_shards, tmp_path, request):
+def test_a_job_prints_only_balancebeam_lines_in_every_runner_mode(mode, coco_mini_shards, tmp_path,
+                                                                  request):
     runner_args = {"in-process": [], "two workers": TWO_WORKERS}.get(mode)
     if mode == "portable":
         port = request.getfixturevalue("job_service")
-        runner_args = ["--runner=PortableRunner", f"--job_endpoint=localhost:{port}", "--environment_type=LOOPBACK"]
-    result = _balancebeam("annotate", "--input", coco_mini_shards.glob, "--output", str(tmp_path / "out"),
-                          *runner_args)
+        runner_args = [
+            "--runner=PortableRunner", f"--job_endpoint=localhost:{port}",
+            "--environment_type=LOOPBACK"
+        ]
+    result = _balancebeam("annotate", "--input", coco_mini_shards.glob, "--output",
+                          str(tmp_path / "out"), *runner_args)
     assert result.returncode == 0, result.stderr
     lines = (result.stdout + result.stderr).splitlines()
     assert any("annotate: read 159 records" in line for line in lines), lines
     assert [line for line in lines if not OURS.match(line)] == []
     assert [line for line in lines if any(noise in line for noise in KNOWN_NOISE)] == []
-    assert not any(PROGRESS_LINE.search(line) for line in lines)  # not a terminal, not asked: no progress
+    # not a terminal, not asked: no progress
+    assert not any(PROGRESS_LINE.search(line) for line in lines)
 
 
 def test_quiet_leaves_only_problems_and_contradicting_flags_are_refused(coco_mini_shards, tmp_path):
@@ -57,7 +63,8 @@ def test_quiet_leaves_only_problems_and_contradicting_flags_are_refused(coco_min
     assert both.returncode == 2 and both.stderr.count("\n") == 1 and "--quiet" in both.stderr
 
 
-def test_progress_lines_count_finished_input_files_with_two_workers(coco_mini_shards, tmp_path, monkeypatch, caplog):
+def test_progress_lines_count_finished_input_files_with_two_workers(coco_mini_shards, tmp_path,
+                                                                    monkeypatch, caplog):
     """Workers (other processes) mark each range they finished; the driver's lines count whole files
     and their records, end at every file and record, and the marker folder goes with the job."""
     monkeypatch.setattr(progress, "LOG_EVERY_SECONDS", 0.0)
@@ -67,8 +74,13 @@ def test_progress_lines_count_finished_input_files_with_two_workers(coco_mini_sh
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     caplog.set_level(logging.INFO, logger="pipeline.progress")
-    annotate.run(["--input", coco_mini_shards.glob, "--output", str(tmp_path / "out"), *TWO_WORKERS])
-    seen = [PROGRESS_LINE.search(record.getMessage()) for record in caplog.records if record.name == progress.__name__]
+    annotate.run(
+        ["--input", coco_mini_shards.glob, "--output",
+         str(tmp_path / "out"), *TWO_WORKERS])
+    seen = [
+        PROGRESS_LINE.search(record.getMessage()) for record in caplog.records
+        if record.name == progress.__name__
+    ]
     assert seen and all(seen)
     states = [(int(m[1]), int(m[2]), int(m[3].replace(",", ""))) for m in seen]
     per_file = {}
@@ -81,7 +93,8 @@ def test_progress_lines_count_finished_input_files_with_two_workers(coco_mini_sh
         assert total == files and records == done * shard_size
     assert [s[0] for s in states] == sorted(s[0] for s in states)
     assert states[-1] == (files, files, len(coco_mini_shards.records))
-    assert [p for p in scratch.iterdir() if "progress" in p.name] == []  # the markers went with the job
+    # the markers went with the job
+    assert [p for p in scratch.iterdir() if "progress" in p.name] == []
 
 
 def test_progress_is_off_for_remote_runners_and_without_inputs(monkeypatch):
@@ -89,7 +102,8 @@ def test_progress_is_off_for_remote_runners_and_without_inputs(monkeypatch):
 
     monkeypatch.setenv(progress_policy.ENV, "1")
     assert progress.InputProgress("annotate", 3, pipeline_options([])).active
-    assert not progress.InputProgress("resample", 0, pipeline_options([])).active  # subset: nothing read
+    # subset: nothing read
+    assert not progress.InputProgress("resample", 0, pipeline_options([])).active
     dataflow = pipeline_options(["--runner=DataflowRunner"])
     assert not progress.InputProgress("annotate", 3, dataflow).active
     loopback = pipeline_options(["--runner=PortableRunner", "--environment_type=LOOPBACK"])
@@ -113,7 +127,8 @@ def test_many_dropped_concepts_are_one_warning_not_a_line_each(caplog):
     from pipeline import plan
 
     def entries(n):
-        return [{"concept": f"c{i}", "reason": f"'c{i}': all 5 annotated rows are 'man'"} for i in range(n)]
+        return [{"concept": f"c{i}", "reason": f"'c{i}': all 5 annotated rows are 'man'"}
+                for i in range(n)]
 
     caplog.set_level(logging.WARNING, logger="pipeline.balance")
     plan.log_dropped_concepts(entries(2))

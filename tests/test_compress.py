@@ -12,7 +12,8 @@ from solvers.compress import compress_problem
 from solvers.problem import BalanceProblem
 
 ROW_AGREEMENT = 1e-5  # two Clarabel solves at reference tolerances, on different row layouts
-KKT_AGREEMENT = 5e-5  # q from Clarabel's duals vs its primal q (moment-form duals are the least accurate)
+# q from Clarabel's duals vs its primal q (moment-form duals are the least accurate)
+KKT_AGREEMENT = 5e-5
 
 
 def signature_table(rows=4000, seed=0):
@@ -48,7 +49,8 @@ def test_utility_is_part_of_the_signature():
     assert compress(attributes, concepts, utility).num_signatures == 4
     rounded = compress(attributes, concepts, np.round(utility, 1))  # -0.0 and 0.0 are one utility
     assert rounded.num_signatures == 3 and sorted(rounded.utility.tolist()) == [0.0, 0.1, 0.2]
-    assert compress(attributes, np.hstack([concepts, np.eye(4)[:, :1]]), np.zeros(4)).num_signatures == 2
+    assert compress(attributes, np.hstack([concepts, np.eye(4)[:, :1]]),
+                    np.zeros(4)).num_signatures == 2
 
 
 @pytest.mark.parametrize("form", ["share", "moment"])
@@ -56,14 +58,15 @@ def test_compressed_and_full_solves_agree_row_by_row(form):
     attributes, concepts, rng = signature_table()
     weights = rng.integers(1, 4, len(attributes)).astype(float)
     utility = np.round(rng.random(len(attributes)), 1)  # 11 utility levels: still compresses
-    problem = BalanceProblem(attributes, concepts, weights=weights, utility=utility, utility_tilt=0.1,
-                             constraint_form=form, min_support=30, keep_rate=0.7)
+    problem = BalanceProblem(attributes, concepts, weights=weights, utility=utility,
+                             utility_tilt=0.1, constraint_form=form, min_support=30, keep_rate=0.7)
     compressed, inverse = compress_problem(problem)
     assert compressed.num_rows < problem.num_rows / 5
     assert compressed.spec == problem.spec and compressed.total_weight == problem.total_weight
     full = solve(problem, method="exact", compress=False)
     merged = solve(problem, method="exact", compress=True)
-    assert merged.statistics["signatures"] == compressed.num_rows and merged.statistics["rows"] == problem.num_rows
+    assert merged.statistics["signatures"] == compressed.num_rows
+    assert merged.statistics["rows"] == problem.num_rows
     assert merged.q.shape == full.q.shape
     assert np.abs(merged.q - full.q).max() <= ROW_AGREEMENT
     assert merged.objective == pytest.approx(full.objective, rel=1e-7)
@@ -75,8 +78,9 @@ def test_compressed_and_full_solves_agree_row_by_row(form):
 def test_solution_json_round_trip_keeps_q_for():
     attributes, concepts, rng = signature_table(seed=1)
     utility = rng.random(len(attributes))
-    problem = BalanceProblem(attributes, concepts, utility=utility, utility_tilt=0.05, min_support=30, keep_rate=0.7,
-                             attribute_names=["man", "woman"], group_names=["perceived_gender"])
+    problem = BalanceProblem(attributes, concepts, utility=utility, utility_tilt=0.05,
+                             min_support=30, keep_rate=0.7, attribute_names=["man", "woman"],
+                             group_names=["perceived_gender"])
     solution = solve(problem, method="exact")
     restored = BalanceSolution.from_json(solution.to_json())
     assert restored.spec == solution.spec
@@ -84,6 +88,7 @@ def test_solution_json_round_trip_keeps_q_for():
     assert (restored.keep_rate, restored.rate_dual, restored.status, restored.objective) == (
         solution.keep_rate, solution.rate_dual, solution.status, solution.objective)
     assert restored.q is None  # the JSON carries the rule, not the rows
-    assert np.array_equal(restored.q_for(attributes, concepts, utility), solution.q_for(attributes, concepts, utility))
+    assert np.array_equal(restored.q_for(attributes, concepts, utility),
+                          solution.q_for(attributes, concepts, utility))
     with pytest.raises(ValueError, match="utility"):
         restored.q_for(attributes, concepts)

@@ -17,7 +17,8 @@ from solvers.solution import BalanceSolution
 # Acceptance numbers of issue 2: dual and exact agree to 1e-4 in objective, violations <= 1e-6.
 OBJECTIVE_AGREEMENT = 1e-4
 VIOLATION_LIMIT = 1e-6
-STRUCTURES = ("overlap", "unannotated", "two_groups", "utility", "weights", "preserve_unconditional")
+STRUCTURES = ("overlap", "unannotated", "two_groups", "utility", "weights",
+              "preserve_unconditional")
 
 
 def random_rows(rng, rows, *, annotated=0.3, overlap=0.05, concepts=12, association=0.25, values=2):
@@ -67,7 +68,8 @@ def max_rate(problem: BalanceProblem) -> float:
     matrix, bounds = problem.constraint_matrix()
     shares = problem.weights / problem.total_weight
     q = cp.Variable(problem.num_rows)
-    program = cp.Problem(cp.Maximize(shares @ q), [q >= 0, q <= 1, matrix.T @ cp.multiply(shares, q) <= bounds])
+    program = cp.Problem(cp.Maximize(shares @ q),
+                         [q >= 0, q <= 1, matrix.T @ cp.multiply(shares, q) <= bounds])
     program.solve(solver="HIGHS")
     return float(program.value)
 
@@ -96,13 +98,15 @@ def test_dual_matches_exact(structure, form, seed):
     for fraction in (0.85, 0.995):  # comfortable, and near the largest feasible rate
         solution = assert_agrees_with_exact(problem, fraction * highest)
         assert solution.statistics["relative_duality_gap"] <= solution.statistics["tolerance"]
-        assert np.any(solution.constraint_duals > 0), "binding constraints have positive multipliers"
+        assert np.any(
+            solution.constraint_duals > 0), "binding constraints have positive multipliers"
 
 
 def test_constraints_already_met_at_uniform_rate_give_zero_duals():
     rng = np.random.default_rng(3)
     attributes, concepts = random_rows(rng, 2000, association=0.0, overlap=0.0)
-    problem = BalanceProblem(attributes, concepts, representation_gap=0.5, association_gap=0.5, min_support=10)
+    problem = BalanceProblem(attributes, concepts, representation_gap=0.5, association_gap=0.5,
+                             min_support=10)
     solution = solve_dual(problem, 0.7)
     assert solution.status == "optimal"
     np.testing.assert_array_equal(solution.constraint_duals, 0.0)
@@ -115,8 +119,8 @@ def test_rows_with_weights_equal_repeated_rows():
     attributes, concepts = random_rows(rng, 800)
     counts = rng.integers(1, 4, 800)
     weighted = BalanceProblem(attributes, concepts, weights=counts.astype(float), min_support=10)
-    repeated = BalanceProblem(np.repeat(attributes, counts, axis=0), np.repeat(concepts, counts, axis=0),
-                              min_support=10)
+    repeated = BalanceProblem(np.repeat(attributes, counts, axis=0),
+                              np.repeat(concepts, counts, axis=0), min_support=10)
     rate = 0.95 * max_rate(weighted)
     q_weighted = solve_dual(weighted, rate).q
     q_repeated = solve_dual(repeated, rate).q
@@ -126,12 +130,21 @@ def test_rows_with_weights_equal_repeated_rows():
 def test_duals_reproduce_q_on_training_rows_and_survive_json():
     problem = random_problem("utility", "share", 5)
     solution = solve_dual(problem, 0.9 * max_rate(problem))
-    np.testing.assert_allclose(solution.q_for(problem.attributes, problem.concepts, problem.utility), solution.q,
-                               atol=1e-12)
+    np.testing.assert_allclose(
+        solution.q_for(problem.attributes, problem.concepts, problem.utility),
+        solution.q,
+        atol=1e-12,
+    )
     restored = BalanceSolution.from_json(solution.to_json())
-    np.testing.assert_allclose(restored.q_for(problem.attributes, problem.concepts, problem.utility), solution.q,
-                               atol=1e-12)
-    assert restored.method == "dual" and restored.statistics["iterations"] == solution.statistics["iterations"]
+    np.testing.assert_allclose(
+        restored.q_for(problem.attributes, problem.concepts, problem.utility),
+        solution.q,
+        atol=1e-12,
+    )
+    assert (
+        restored.method == "dual"
+        and restored.statistics["iterations"] == solution.statistics["iterations"]
+    )
 
 
 def test_statistics_record_iterations_time_and_certificates():
@@ -140,7 +153,8 @@ def test_statistics_record_iterations_time_and_certificates():
     statistics = solution.statistics
     assert statistics["iterations"] >= 1 and statistics["seconds"] > 0
     assert statistics["max_violation"] <= statistics["tolerance"]
-    assert statistics["constrained_rows"] < problem.num_rows  # unannotated rows merged for the rate search
+    # unannotated rows merged for the rate search
+    assert statistics["constrained_rows"] < problem.num_rows
 
 
 def test_rate_multiplier_is_exact_on_ties_and_weights():

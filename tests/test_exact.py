@@ -19,7 +19,8 @@ def planted_problem(rows=1500, seed=0, **options):
     attributes = np.zeros((rows, 2))
     annotated = rng.random(rows) < 0.4
     attributes[annotated, 0] = rng.random(annotated.sum()) < 0.65
-    attributes[annotated, 1] = (rng.random(annotated.sum()) < 0.45) | (attributes[annotated, 0] == 0)
+    attributes[annotated,
+               1] = (rng.random(annotated.sum()) < 0.45) | (attributes[annotated, 0] == 0)
     concepts = (rng.random((rows, 8)) < 0.1 + 0.3 * attributes[:, :1]).astype(float)
     options.setdefault("min_support", 20)
     options.setdefault("keep_rate", 0.6)
@@ -29,7 +30,8 @@ def planted_problem(rows=1500, seed=0, **options):
 @pytest.mark.parametrize("form", ["share", "moment"])
 def test_duals_reproduce_q_and_constraints_hold(form):
     problem, rng = planted_problem(constraint_form=form)
-    weighted, _ = planted_problem(constraint_form=form, weights=rng.integers(1, 5, 1500).astype(float),
+    weighted, _ = planted_problem(constraint_form=form, weights=rng.integers(1, 5,
+                                                                             1500).astype(float),
                                   utility=rng.random(1500), utility_tilt=0.2)
     for current in (problem, weighted):
         solution = solve_exact(current)
@@ -37,17 +39,25 @@ def test_duals_reproduce_q_and_constraints_hold(form):
         assert solution.q.min() >= 0 and solution.q.max() <= 1
         assert current.weights @ solution.q / current.total_weight == pytest.approx(0.6, abs=1e-8)
         assert solution.max_violation <= 1e-7
-        # 1/2 sum w (q - t)^2 with t = eta + tau (u - mean_w u), written out here, not the problem's formula
+        # 1/2 sum w (q - t)^2 with t = eta + tau (u - mean_w u), written out here, not the problem's
+        # formula
         targets = np.full(current.num_rows, 0.6)
         if current.utility is not None:
-            targets += 0.2 * (current.utility - np.average(current.utility, weights=current.weights))
-        assert solution.objective == pytest.approx(0.5 * np.sum(current.weights * (solution.q - targets) ** 2))
+            targets += 0.2 * (
+                current.utility - np.average(current.utility, weights=current.weights)
+            )
+        assert solution.objective == pytest.approx(
+            0.5 * np.sum(current.weights * (solution.q - targets) ** 2)
+        )
         assert abs(solution.duality_gap) <= 1e-7
         # Stationarity: q = clip(t - C lambda - nu, 0, 1) from the duals alone.
         lam = solution.constraint_duals
         assert (lam >= 0).all() and (lam > 1e-3).any(), "planted associations make constraints bind"
         utility = current.utility
-        assert np.abs(solution.q_for(current.attributes, current.concepts, utility) - solution.q).max() <= KKT_TOLERANCE
+        assert (
+            np.abs(solution.q_for(current.attributes, current.concepts, utility) - solution.q).max()
+            <= KKT_TOLERANCE
+        )
         # Complementary slackness: a positive multiplier only on a constraint that is tight.
         matrix, bounds = current.constraint_matrix()
         slack = bounds - matrix.T @ (current.weights * solution.q) / current.total_weight
@@ -67,8 +77,9 @@ def test_dual_objective_is_a_lower_bound_and_tight_at_the_duals():
     for _ in range(5):
         random_duals = rng.random(len(solution.constraint_duals)) * 0.1
         assert dual_objective(problem, 0.6, random_duals, rng.normal()) <= solution.objective + 1e-9
-    assert dual_objective(problem, 0.6, solution.constraint_duals, solution.rate_dual) == pytest.approx(
-        solution.objective, rel=1e-7)
+    assert dual_objective(
+        problem, 0.6, solution.constraint_duals, solution.rate_dual
+    ) == pytest.approx(solution.objective, rel=1e-7)
 
 
 @pytest.mark.parametrize("solver", ["OSQP", "SCS", "HIGHS"])
@@ -94,8 +105,14 @@ def test_solution_travels_to_unseen_rows():
     fresh, _ = planted_problem(rows=500, seed=4)
     q = solution.q_for(fresh.attributes, fresh.concepts)
     # Rows with the same features as training rows get the same q.
-    training = {tuple(row): value for row, value in zip(np.hstack([problem.attributes, problem.concepts]), solution.q)}
-    matched = [(training[tuple(row)], value) for row, value in zip(np.hstack([fresh.attributes, fresh.concepts]), q)
-               if tuple(row) in training]
+    training = {
+        tuple(row): value
+        for row, value in zip(np.hstack([problem.attributes, problem.concepts]), solution.q)
+    }
+    matched = [
+        (training[tuple(row)], value)
+        for row, value in zip(np.hstack([fresh.attributes, fresh.concepts]), q)
+        if tuple(row) in training
+    ]
     assert len(matched) > 100
     assert np.abs(np.subtract(*np.array(matched).T)).max() <= KKT_TOLERANCE

@@ -34,8 +34,11 @@ def test_every_row_reaches_its_bucket_once_through_files(tmp_path, mode, flush_r
              | beam.Create(list(_parts(2000)))
              | beam.Reshuffle()
              | file_shuffle.GroupTablesByFile(str(spill), flush_rows=flush_rows)
-             | beam.FlatMap(lambda bucket_table: [f"{bucket_table[0]} {k} {v}" for k, v in zip(
-                 bucket_table[1].column("key").to_pylist(), bucket_table[1].column("value").to_pylist())])
+             | beam.FlatMap(lambda bucket_table: [
+                 f"{bucket_table[0]} {k} {v}"
+                 for k, v in zip(bucket_table[1].column("key").to_pylist(), bucket_table[1].column(
+                     "value").to_pylist())
+             ])
              | beam.io.WriteToText(str(out), shard_name_template=""))
     lines = out.read_text().split()
     got = sorted(tuple(lines[i:i + 3]) for i in range(0, len(lines), 3))

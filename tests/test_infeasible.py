@@ -35,7 +35,8 @@ def representation_only(**options):
 def test_max_rate_matches_the_hand_computed_one():
     # Keep every woman and nobody-row; men up to m / (m + 40) = 0.52, m = 0.52 * 40 / 0.48.
     men_kept = 0.52 * 40 / 0.48
-    assert max_keep_rate(representation_only()) == pytest.approx((100 + 40 + men_kept) / 200, abs=1e-7)
+    assert max_keep_rate(representation_only()) == pytest.approx((100 + 40 + men_kept) / 200,
+                                                                 abs=1e-7)
     assert max_keep_rate(representation_only(representation_gap=0.1)) == pytest.approx(1.0)
 
 
@@ -55,13 +56,14 @@ def test_rate_above_achievable_names_the_rate_and_the_binding_share():
 
 def test_binding_association_is_named_with_its_concept():
     attributes, concepts = men_and_women()
-    problem = BalanceProblem(attributes, concepts, representation_gap=0.5, association_gap=0.05, min_support=20,
-                             attribute_names=["man", "woman"], concept_names=["kitchen"],
-                             group_names=["perceived_gender"])
+    problem = BalanceProblem(attributes, concepts, representation_gap=0.5, association_gap=0.05,
+                             min_support=20, attribute_names=["man", "woman"],
+                             concept_names=["kitchen"], group_names=["perceived_gender"])
     # kitchen: 30 men, 10 women; keep all 10 women and 10 * 0.55 / 0.45 men.
     assert max_keep_rate(problem) == pytest.approx((200 - 30 + 10 * 0.55 / 0.45) / 200, abs=1e-7)
-    with pytest.raises(InfeasibleError, match=r"'man' is 75% of perceived_gender-annotated 'kitchen' rows "
-                                              r"\(target 50% ± 5%\)"):
+    with pytest.raises(
+            InfeasibleError, match=r"'man' is 75% of perceived_gender-annotated 'kitchen' rows "
+            r"\(target 50% ± 5%\)"):
         solve(problem, method="exact", keep_rate=0.99)
 
 

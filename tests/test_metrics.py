@@ -35,7 +35,8 @@ def test_association_bias_compares_concept_rates_between_the_two_values():
     attribute = ["woman"] * 4 + ["man"] * 4 + [None]  # the unlabelled last image is ignored
     result = metrics.association_bias(predicted, attribute, concepts, "woman", "man")
     # P(pred | woman) = [2/4, 1/4, 1/4], P(pred | man) = [1/4, 2/4, 1/4]
-    assert result["ab_per_concept"] == pytest.approx({"kitchen": 0.25, "office": -0.25, "beach": 0.0})
+    assert result["ab_per_concept"] == pytest.approx(
+        {"kitchen": 0.25, "office": -0.25, "beach": 0.0})
     assert result["ab_mean_abs"] == pytest.approx(1 / 6)
     assert result["ab_max_abs"] == pytest.approx(0.25)
     assert result["ab_max_concept"] == "kitchen"
@@ -51,7 +52,8 @@ def test_association_bias_along_the_data_direction_separates_stereotype_from_noi
     # value a = woman; the data puts women in kitchens (+1) and men in offices (-1)
     directions = {"kitchen": 1, "office": -1, "beach": 0}
     stereotyped = {"kitchen": 0.25, "office": -0.25, "beach": 0.1}
-    assert metrics.association_bias_along(stereotyped, directions) == pytest.approx(0.25)  # beach has no direction
+    # beach has no direction
+    assert metrics.association_bias_along(stereotyped, directions) == pytest.approx(0.25)
     reversed_ = {"kitchen": -0.1, "office": 0.3, "beach": 0.0}
     assert metrics.association_bias_along(reversed_, directions) == pytest.approx(-0.2)
     # as large as the stereotyped model by mean |AB_r|, but pointing both ways: 0 along the data
@@ -84,9 +86,11 @@ def test_retrieval_with_two_captions_per_image_counts_the_best_one():
     images = np.array([[1.0, 0.0], [0.0, 1.0]])
     texts = np.array([[0.0, 1.0], [1.0, 0.0], [0.6, 0.8]])  # captions 0, 1 describe image 0
     result = metrics.retrieval_recall(images, texts, [0, 0, 1], ks=(1,))
-    # image 0: best correct caption 1 scores 1.0 -> found; image 1: caption 2 (0.8) < caption 0 (1.0)
+    # image 0: best correct caption 1 scores 1.0 -> found; image 1: caption 2 (0.8) < caption 0
+    # (1.0)
     assert result["image_to_text_recall@1"] == pytest.approx(0.5)
-    # caption 0 -> image 1 scores higher (1 vs 0): miss; caption 1 -> image 0: hit; caption 2: 0.8 > 0.6 hit
+    # caption 0 -> image 1 scores higher (1 vs 0): miss; caption 1 -> image 0: hit; caption 2: 0.8 >
+    # 0.6 hit
     assert result["text_to_image_recall@1"] == pytest.approx(2 / 3)
 
 
@@ -102,7 +106,8 @@ def test_weighted_clip_loss_with_equal_weights_is_open_clips_loss():
     text = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
     scale = torch.tensor(7.0)
     expected = ClipLoss()(image, text, scale)
-    assert WeightedClipLoss()(image, text, scale, weights=torch.ones(6)).item() == pytest.approx(expected.item())
+    assert WeightedClipLoss()(image, text, scale,
+                              weights=torch.ones(6)).item() == pytest.approx(expected.item())
     tripled = WeightedClipLoss()(image, text, scale, weights=torch.full((6,), 3.0))
     assert tripled.item() == pytest.approx(expected.item())
 

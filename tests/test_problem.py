@@ -62,8 +62,8 @@ def test_share_rows_state_the_share_gap_of_each_unit():
     attributes, concepts = small_table()
     rng = np.random.default_rng(1)
     weights = rng.integers(1, 4, len(attributes)).astype(float)
-    problem = BalanceProblem(attributes, concepts, weights=weights, targets=[0.45, 0.6], association_gap=0.03,
-                             representation_gap=0.01, min_support=10)
+    problem = BalanceProblem(attributes, concepts, weights=weights, targets=[0.45, 0.6],
+                             association_gap=0.03, representation_gap=0.01, min_support=10)
     q = rng.random(len(attributes))
     matrix, bounds = problem.constraint_matrix()
     rows = matrix.T @ (weights * q) / problem.total_weight
@@ -78,8 +78,10 @@ def test_share_rows_state_the_share_gap_of_each_unit():
         support = kept @ (annotated * y)
         share = kept @ (attributes[:, k] * y) / support
         gap = 0.01 if r == REPRESENTATION else 0.03
-        assert rows[u] == pytest.approx((share - spec.targets[k] - gap) * support / problem.total_weight)
-        assert rows[units + u] == pytest.approx((spec.targets[k] - share - gap) * support / problem.total_weight)
+        assert rows[u] == pytest.approx(
+            (share - spec.targets[k] - gap) * support / problem.total_weight)
+        assert rows[units + u] == pytest.approx(
+            (spec.targets[k] - share - gap) * support / problem.total_weight)
     # The violations are zero exactly where the share is within its gap.
     assert (problem.violations(q) > 0).any()
 
@@ -95,7 +97,9 @@ def test_moment_rows_are_the_moments_of_data_bias():
     units = problem.spec.num_units
     for u in range(units):
         k, r = problem.spec.unit_values[u], problem.spec.unit_concepts[u]
-        moment = bias.representation_moment[k] if r == REPRESENTATION else bias.association_moment[k, r]
+        moment = (
+            bias.representation_moment[k] if r == REPRESENTATION else bias.association_moment[k, r]
+        )
         assert rows[u] == pytest.approx(moment) and rows[units + u] == pytest.approx(-moment)
         assert bounds[u] == bounds[units + u] == (0.01 if r == REPRESENTATION else 0.002)
 
@@ -104,8 +108,13 @@ def test_concepts_below_min_support_are_left_out_and_named():
     attributes, concepts = small_table()
     rare = np.zeros((len(attributes), 1))
     rare[np.flatnonzero(attributes.max(axis=1))[:5]] = 1  # 5 annotated rows
-    problem = BalanceProblem(attributes, np.hstack([concepts, rare]), min_support=6,
-                             concept_names=["a", "b", "c", "d", "rare"], group_names=["perceived_gender"])
+    problem = BalanceProblem(
+        attributes,
+        np.hstack([concepts, rare]),
+        min_support=6,
+        concept_names=["a", "b", "c", "d", "rare"],
+        group_names=["perceived_gender"],
+    )
     assert problem.excluded_concepts == {"perceived_gender": ["rare"]}
     assert 4 not in problem.spec.unit_concepts
     kept = BalanceProblem(attributes, np.hstack([concepts, rare]), min_support=5)
@@ -114,7 +123,9 @@ def test_concepts_below_min_support_are_left_out_and_named():
 
 def test_unconditional_shares_count_every_row():
     attributes, concepts = small_table()
-    problem = BalanceProblem(attributes, concepts, conditional=False, targets=[0.3, 0.3], min_support=10)
+    problem = BalanceProblem(
+        attributes, concepts, conditional=False, targets=[0.3, 0.3], min_support=10
+    )
     base, scale = problem.unit_matrices()
     # a = 1 for every row: the representation unit's support is all rows.
     assert scale[:, 0].sum() == len(attributes)

@@ -21,8 +21,11 @@ TWO_WORKERS = ["--direct_running_mode=multi_processing", "--direct_num_workers=2
 @pytest.fixture(scope="module")
 def release(coco_mini_shards, tmp_path_factory):
     output = tmp_path_factory.mktemp("readers")
-    assert cli.main(["run", "--input", coco_mini_shards.glob, "--output", str(output), "--keep-rate", "0.8",
-                     "--min-support", "2", "--samples-per-shard", "40", *TWO_WORKERS]) == 0
+    assert cli.main([
+        "run", "--input", coco_mini_shards.glob, "--output",
+        str(output), "--keep-rate", "0.8", "--min-support", "2", "--samples-per-shard", "40",
+        *TWO_WORKERS
+    ]) == 0
     directory = output / "release"
     return directory, json.loads((directory / "manifest.json").read_text())
 
@@ -34,7 +37,8 @@ def test_sizes_json_lists_every_shard_with_its_sample_count(release):
     sizes = json.loads((directory / "sizes.json").read_text())
     assert sorted(sizes) == sorted(path.name for path in directory.glob("*.tar"))
     for name, count in sizes.items():  # counted here by reading each shard
-        assert count == sum(1 for _ in webdataset.WebDataset(str(directory / name), shardshuffle=False))
+        assert count == sum(
+            1 for _ in webdataset.WebDataset(str(directory / name), shardshuffle=False))
     assert sum(sizes.values()) == manifest["counts"]["output_samples"]
 
 
@@ -48,30 +52,38 @@ OPEN_CLIP_SIZE = textwrap.dedent("""
         workers=1, world_size=1)
     info = get_wds_dataset(args, preprocess, is_train=True, tokenizer=tokenizer)
     seen = sum(images.shape[0] for images, texts in info.dataloader)
-    print("size", get_dataset_size(sys.argv[1])[0], "num_samples", info.dataloader.num_samples, "seen", seen)
+    print("size", get_dataset_size(sys.argv[1])[0], "num_samples", info.dataloader.num_samples,
+          "seen", seen)
 """)
 
 
 @pytest.mark.slow
 def test_open_clip_finds_the_release_size_by_itself(release, tmp_path):
-    """No --train-num-samples: open_clip_train's get_dataset_size reads sizes.json. (open_clip_train 3.x
-    runs with webdataset 0.2.86, its [training] pin, installed into a private folder.)"""
+    """No --train-num-samples: open_clip_train's get_dataset_size reads sizes.json. (open_clip_train
+    3.x runs with webdataset 0.2.86, its [training] pin, installed into a private folder.)"""
     pytest.importorskip("pandas", reason="open_clip_train.data imports pandas")
     directory, manifest = release
     target = tmp_path / "webdataset-0.2.86"
-    install = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target",
-                              str(target), "webdataset==0.2.86"], capture_output=True, text=True)
+    install = subprocess.run([
+        sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target",
+        str(target), "webdataset==0.2.86"
+    ], capture_output=True, text=True)
     if install.returncode != 0:
-        pytest.skip(f"could not install webdataset 0.2.86 for open_clip_train: {install.stderr[-300:]}")
+        pytest.skip(
+            f"could not install webdataset 0.2.86 for open_clip_train: {install.stderr[-300:]}")
     names = sorted(path.name for path in directory.glob("*.tar"))
     braces = f"{directory}/{names[0][:-9]}{{{names[0][-9:-4]}..{names[-1][-9:-4]}}}.tar"
     environment = dict(os.environ, PYTHONPATH=os.pathsep.join([str(target), str(ROOT)]))
-    run = subprocess.run([sys.executable, "-c", OPEN_CLIP_SIZE, braces], capture_output=True, text=True,
-                         env=environment, timeout=300)
+    run = subprocess.run([sys.executable, "-c", OPEN_CLIP_SIZE, braces], capture_output=True,
+                         text=True, env=environment, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     kept = manifest["counts"]["output_samples"]
     batches = -(-kept // 8)  # open_clip rounds an epoch up to whole batches of 8
-    assert run.stdout.split() == ["size", str(kept), "num_samples", str(8 * batches), "seen", str(8 * batches)]
+    assert run.stdout.split() == [
+        "size", str(kept), "num_samples",
+        str(8 * batches), "seen",
+        str(8 * batches)
+    ]
 
 
 def test_hugging_face_datasets_reads_the_release(release, monkeypatch):

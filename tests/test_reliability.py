@@ -22,8 +22,10 @@ from pipeline import quarantine as quarantine_module
 from pipeline.errors import ReconciliationError
 from pipeline.keys import safe_key
 
-HOSTILE_KEYS = ["../../evil", "a.b.c", "a.b.d", ".", "..", "nul\x00key", "x" * 300, "plain", "with/slash",
-                "back\\slash", "tilde~", "100%", "line\nbreak", "é.jpg"]
+HOSTILE_KEYS = [
+    "../../evil", "a.b.c", "a.b.d", ".", "..", "nul\x00key", "x" * 300, "plain", "with/slash",
+    "back\\slash", "tilde~", "100%", "line\nbreak", "é.jpg"
+]
 
 
 def _write_jsonl(path, rows):
@@ -32,7 +34,8 @@ def _write_jsonl(path, rows):
 
 
 def _balanced_rows(keys):
-    """As many 'a man' as 'a woman' captions, no concepts: balanced already, so keep rate 1 keeps all."""
+    """As many 'a man' as 'a woman' captions, no concepts: balanced already, so keep rate 1 keeps
+    all."""
     return [{"key": key, "caption": "a man" if i % 2 else "a woman"} for i, key in enumerate(keys)]
 
 
@@ -103,7 +106,8 @@ def test_tar_keys_with_dots_get_their_real_reason(tmp_path):
     outputs = list(sources.iter_tar_samples(buffer, "dots.tar"))
     assert len(outputs) == 1
     entry = outputs[0].value
-    assert entry["reason"] == quarantine_module.INVALID_KEY and "must not contain '.'" in entry["detail"]
+    assert entry["reason"] == quarantine_module.INVALID_KEY
+    assert "must not contain '.'" in entry["detail"]
 
 
 # --- table readers --------------------------------------------------------------------------------
@@ -156,14 +160,18 @@ def test_bad_utility_values_count_as_missing_and_are_never_dropped(tmp_path):
     assert cli.main(["run", "--input", str(table), "--output", str(output), "--keep-rate", "0.9",
                      "--utility-field", "score", "--utility-tilt", "0.5", "--mode", "weights",
                      "--min-support", "1"]) == 0
-    annotations = {r["key"]: r["utility"] for r in annotate.read_annotations(output / "annotations").to_pylist()}
+    annotations = {
+        r["key"]: r["utility"]
+        for r in annotate.read_annotations(output / "annotations").to_pylist()
+    }
     expected = {f"k{i}": (float(s) if isinstance(s, float) and math.isfinite(s) else None)
                 for i, s in enumerate(scores)}
     assert annotations == expected
     counts = json.loads((output / "annotations" / "counts.json").read_text())
     assert counts["utility_missing"] == sum(value is None for value in expected.values()) == 7
     manifest = json.loads((output / "release" / "manifest.json").read_text())
-    assert manifest["counts"]["kept"] == len(scores)  # weights mode keeps every q > 0, scored or not
+    # weights mode keeps every q > 0, scored or not
+    assert manifest["counts"]["kept"] == len(scores)
 
 
 def test_keep_probability_is_a_function_of_the_row_not_of_which_row_came_first():
@@ -178,9 +186,9 @@ def test_keep_probability_is_a_function_of_the_row_not_of_which_row_came_first()
         {"attributes": ["g:woman"], "concepts": [], "utility": None, "count": 60},
     ])
     problem = BalanceProblem(table.attributes, table.concepts, groups=table.groups, keep_rate=0.7,
-                             weights=table.weights, utility=table.utility, utility_tilt=0.3, min_support=1,
-                             attribute_names=table.attribute_names, concept_names=table.concept_names,
-                             group_names=table.group_names)
+                             weights=table.weights, utility=table.utility, utility_tilt=0.3,
+                             min_support=1, attribute_names=table.attribute_names,
+                             concept_names=table.concept_names, group_names=table.group_names)
     solution = solve(problem, method="exact")
     rows = [(["g:man"], ["c"], 0.201), (["g:man"], ["c"], 0.204), (["g:man"], ["c"], 0.196)]
     first = release.KeepRule(solution, seed=1)
@@ -195,7 +203,8 @@ def test_keep_probability_is_a_function_of_the_row_not_of_which_row_came_first()
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):
     work = tmp_path_factory.mktemp("small_run")
-    table = _write_jsonl(work / "captions.jsonl", _balanced_rows([f"key{i:03d}" for i in range(40)]))
+    table = _write_jsonl(work / "captions.jsonl",
+                         _balanced_rows([f"key{i:03d}" for i in range(40)]))
     output = work / "run"
     assert cli.main(["run", "--input", str(table), "--output", str(output), "--keep-rate", "1",
                      "--min-support", "1", "--samples-per-shard", "7"]) == 0
@@ -204,17 +213,26 @@ def small_run(tmp_path_factory):
 
 def _resample_again(small_run, release_dir, *args):
     table, output = small_run
-    return cli.main(["resample", "--input", str(table), "--annotations", str(output / "annotations"),
-                     "--solution", str(output / "solution.json"), "--output", str(release_dir),
-                     "--samples-per-shard", "7", *args])
+    return cli.main([
+        "resample", "--input",
+        str(table), "--annotations",
+        str(output / "annotations"), "--solution",
+        str(output / "solution.json"), "--output",
+        str(release_dir), "--samples-per-shard", "7", *args
+    ])
 
 
-@pytest.mark.parametrize("fault", ["shard_loses_a_sample", "bucket_loses_a_copy", "decisions_lose_a_row"])
-def test_a_job_that_loses_records_fails_and_publishes_nothing(small_run, tmp_path, monkeypatch, capsys, fault):
-    """The in-process runner runs DoFns in this process, so a fault injected here happens inside the job."""
+@pytest.mark.parametrize("fault",
+                         ["shard_loses_a_sample", "bucket_loses_a_copy", "decisions_lose_a_row"])
+def test_a_job_that_loses_records_fails_and_publishes_nothing(small_run, tmp_path, monkeypatch,
+                                                              capsys, fault):
+    """The in-process runner runs DoFns in this process, so a fault injected here happens inside the
+    job."""
     if fault == "shard_loses_a_sample":
         write_shard = tars.write_shard
-        monkeypatch.setattr(tars, "write_shard", lambda path, samples: write_shard(path, list(samples)[1:]))
+        monkeypatch.setattr(tars, "write_shard",
+                            lambda path, samples: write_shard(path,
+                                                              list(samples)[1:]))
     elif fault == "bucket_loses_a_copy":
         sort_and_rank = shards.sort_and_rank
 
@@ -228,21 +246,25 @@ def test_a_job_that_loses_records_fails_and_publishes_nothing(small_run, tmp_pat
 
         def decide_but_lose_a_row(self, table, solution_text, thresholds):
             for out in process(self, table, solution_text, thresholds):
-                yield (out[0], {name: values[1:] for name, values in out[1].items()}) if isinstance(out, tuple) \
-                    else out
+                if isinstance(out, tuple):
+                    out = (out[0], {name: values[1:] for name, values in out[1].items()})
+                yield out
 
         monkeypatch.setattr(resample.Decide, "process", decide_but_lose_a_row)
     release_dir = tmp_path / "release"
     assert _resample_again(small_run, release_dir) == 1
     error = capsys.readouterr().err.strip()
     assert error.count("\n") == 0 and "did not account for every record" in error
-    assert not (release_dir / "manifest.json").exists() and not (release_dir / "sizes.json").exists()
+    assert not (release_dir / "manifest.json").exists()
+    assert not (release_dir / "sizes.json").exists()
 
 
 def test_reconcile_names_the_numbers_that_disagree():
-    counts = {"decisions_read": 10, "decisions_grouped": 10, "decisions_joined": 10, "samples_read": 12,
-              "kept": 6, "dropped": 4, "records_quarantined": 1, "output_samples": 6,
-              "quarantined": {"resample:not_annotated": 1}, "kept_signatures": {"[]": 6}}
+    counts = {
+        "decisions_read": 10, "decisions_grouped": 10, "decisions_joined": 10, "samples_read": 12,
+        "kept": 6, "dropped": 4, "records_quarantined": 1, "output_samples": 6,
+        "quarantined": {"resample:not_annotated": 1}, "kept_signatures": {"[]": 6}
+    }
     shards = [{"name": "b-00000.tar", "index": 0, "samples": 6}]
     with pytest.raises(ReconciliationError) as raised:
         resample.reconcile(counts, shards, 10, 1, 10)
@@ -253,7 +275,8 @@ def test_reconcile_names_the_numbers_that_disagree():
     assert resample.reconcile(counts, shards, 10, 2, 10)["kept"] == 6
 
 
-def test_annotate_refuses_to_finish_when_its_files_disagree_with_its_counts(tmp_path, monkeypatch, capsys):
+def test_annotate_refuses_to_finish_when_its_files_disagree_with_its_counts(
+        tmp_path, monkeypatch, capsys):
     table = _write_jsonl(tmp_path / "t.jsonl", _balanced_rows(["a", "b", "c", "d"]))
     monkeypatch.setattr(annotate, "annotation_rows", lambda directory: 3)
     assert cli.main(["annotate", "--input", str(table), "--output", str(tmp_path / "ann")]) == 1
@@ -266,24 +289,32 @@ def test_annotate_refuses_to_finish_when_its_files_disagree_with_its_counts(tmp_
 def test_a_killed_resample_leaves_no_release_and_a_rerun_equals_a_clean_run(small_run, tmp_path):
     table, output = small_run
     release_dir = tmp_path / "release"
-    assert _resample_again(small_run, release_dir, "--samples-per-shard", "3") == 0  # an older release
+    # an older release
+    assert _resample_again(small_run, release_dir, "--samples-per-shard", "3") == 0
     old_manifest = (release_dir / "manifest.json").read_text()
     (release_dir / "report.html").write_text("<p>report of the older release</p>")
-    command = [sys.executable, "-m", "pipeline.cli", "resample", "--input", str(table),
-               "--annotations", str(output / "annotations"), "--solution", str(output / "solution.json"),
-               "--output", str(release_dir), "--samples-per-shard", "7"]
+    command = [
+        sys.executable, "-m", "pipeline.cli", "resample", "--input",
+        str(table), "--annotations",
+        str(output / "annotations"), "--solution",
+        str(output / "solution.json"), "--output",
+        str(release_dir), "--samples-per-shard", "7"
+    ]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
     deadline = time.time() + 120
-    while (release_dir / "manifest.json").exists() and time.time() < deadline and process.poll() is None:
+    manifest = release_dir / "manifest.json"
+    while manifest.exists() and time.time() < deadline and process.poll() is None:
         time.sleep(0.01)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    # killed after it unpublished the old release: no manifest, card or report describes the shards now
+    # killed after it unpublished the old release: no manifest, card or report describes the shards
+    # now
     manifest_now = release_dir / "manifest.json"
     assert not manifest_now.exists() or manifest_now.read_text() != old_manifest
     if not manifest_now.exists():
-        assert not (release_dir / "report.html").exists() and not (release_dir / "README.md").exists()
+        assert not (release_dir / "report.html").exists()
+        assert not (release_dir / "README.md").exists()
     assert _resample_again(small_run, release_dir) == 0
     clean = tmp_path / "clean"
     assert _resample_again(small_run, clean) == 0
@@ -322,7 +353,8 @@ def test_an_output_that_cannot_be_a_directory_is_refused(tmp_path, capsys):
     table = _write_jsonl(tmp_path / "t.jsonl", _balanced_rows(["a", "b"]))
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    for output, words in ((blocker, "is a file, not a directory"), (blocker / "sub", "cannot be created")):
+    for output, words in ((blocker, "is a file, not a directory"), (blocker / "sub",
+                                                                    "cannot be created")):
         assert cli.main(["run", "--input", str(table), "--output", str(output)]) == 2
         error = capsys.readouterr().err.strip()
         assert words in error and error.count("\n") == 0
@@ -338,21 +370,23 @@ def test_a_wide_gap_is_allowed_with_a_warning(caplog):
 # --- smaller defects ------------------------------------------------------------------------------
 
 def test_one_signature_says_nothing_to_balance(tmp_path, capsys):
-    table = _write_jsonl(tmp_path / "t.jsonl", [{"key": f"k{i}", "caption": "a man"} for i in range(5)])
+    table = _write_jsonl(tmp_path / "t.jsonl",
+                         [{"key": f"k{i}", "caption": "a man"} for i in range(5)])
     assert cli.main(["run", "--input", str(table), "--output", str(tmp_path / "out")]) == 1
     error = capsys.readouterr().err.strip()
     assert "nothing to balance" in error and error.count("\n") == 0
 
 
 def test_quarantine_details_are_the_same_in_two_runs(tmp_path, webdataset_writer):
-    shards = webdataset_writer(tmp_path / "in", [
-        {"__key__": f"bad{i}", "jpg": b"not an image at all", "txt": b"a man"} for i in range(3)], 10,
-        prefix="broken")
+    shards = webdataset_writer(
+        tmp_path / "in", [{"__key__": f"bad{i}", "jpg": b"not an image at all", "txt": b"a man"}
+                          for i in range(3)], 10, prefix="broken")
     texts = []
     for run in ("one", "two"):
         output = tmp_path / run
         assert cli.main(["annotate", "--input", str(shards[0]), "--output", str(output)]) == 0
-        texts.append(sorted("".join(p.read_text() for p in output.glob("quarantine-*.jsonl")).splitlines()))
+        texts.append(
+            sorted("".join(p.read_text() for p in output.glob("quarantine-*.jsonl")).splitlines()))
     assert texts[0] == texts[1] and len(texts[0]) == 3
     assert all("undecodable_image" in line and " at 0x" not in line for line in texts[0])
 
@@ -361,9 +395,15 @@ def test_report_and_card_survive_names_that_mean_something_to_matplotlib_and_mar
     from pipeline import report
 
     name = "$\\bogus{x}$ | *bold* <b>"  # not a mathtext formula: matplotlib would raise on it
-    stats = {"shares": {"before": {"concepts": {name: {"support": {"g": 60.0}, "shares": {"g:a": 0.5, "g:b": 0.5}}}},
-                        "realized": {"concepts": {name: {"support": {"g": 60.0}, "shares": {"g:a": 0.5, "g:b": 0.5}}}}},
-             "targets": {"g:a": 0.5, "g:b": 0.5}, "proxies": [{"concept": name, "score": 0.1}]}
+    stats = {
+        "shares": {
+            "before": {
+                "concepts": {name: {"support": {"g": 60.0}, "shares": {"g:a": 0.5, "g:b": 0.5}}}
+            }, "realized": {
+                "concepts": {name: {"support": {"g": 60.0}, "shares": {"g:a": 0.5, "g:b": 0.5}}}
+            }
+        }, "targets": {"g:a": 0.5, "g:b": 0.5}, "proxies": [{"concept": name, "score": 0.1}]
+    }
     assert report.plot_heatmaps(stats) and report.plot_proxies(stats)
     assert report.markdown_text(name) == "$\\\\bogus\\{x\\}$ \\| \\*bold\\* \\<b\\>"
 
@@ -379,7 +419,8 @@ def test_the_trainer_decodes_only_allowed_formats_within_the_pixel_limit():
     gif = io.BytesIO()
     Image.new("RGB", (4, 4)).save(gif, format="GIF")
     with pytest.raises(images.ImageRejected):
-        decode_sample({"__key__": "k", "gif": gif.getvalue(), "jpg": gif.getvalue(), "txt": b"a man"})
+        decode_sample(
+            {"__key__": "k", "gif": gif.getvalue(), "jpg": gif.getvalue(), "txt": b"a man"})
     big = io.BytesIO()
     Image.new("L", (3000, 3000)).save(big, format="PNG")
     with pytest.raises(images.ImageRejected, match="pixels"):
@@ -398,12 +439,14 @@ def test_atomic_create_publishes_whole_files_or_nothing(tmp_path):
         with atomic_create(str(path)) as handle:
             handle.write(b"half of the new")
             raise RuntimeError("the writer died")
-    assert path.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["data.bin"]
+    assert path.read_bytes() == b"old" and sorted(p.name
+                                                  for p in tmp_path.iterdir()) == ["data.bin"]
     with atomic_create(str(path)) as handle:
         handle.write(b"new ")
         assert path.read_bytes() == b"old"  # nothing under the final name until the block ends
         handle.write(b"content")
-    assert path.read_bytes() == b"new content" and sorted(p.name for p in tmp_path.iterdir()) == ["data.bin"]
+    assert path.read_bytes() == b"new content" and sorted(
+        p.name for p in tmp_path.iterdir()) == ["data.bin"]
 
 
 def test_counts_travel_as_data_that_adds_up_and_show_as_beam_counters():
@@ -423,8 +466,10 @@ def test_counts_travel_as_data_that_adds_up_and_show_as_beam_counters():
                            "quarantined_by_reason": {"bad_json": n, "empty": 1}})
 
     pipeline = beam.Pipeline(options=PipelineOptions(["--direct_running_mode=in_memory"]))
-    first = pipeline | "First" >> beam.Create([2, 3]) | "StepA" >> beam.ParDo(Step()).with_outputs(COUNTS_TAG, main="n")
-    second = pipeline | "Second" >> beam.Create([7]) | "StepB" >> beam.ParDo(Step()).with_outputs(COUNTS_TAG, main="n")
+    first = pipeline | "First" >> beam.Create([2, 3]) | "StepA" >> beam.ParDo(Step()).with_outputs(
+        COUNTS_TAG, main="n")
+    second = pipeline | "Second" >> beam.Create([7]) | "StepB" >> beam.ParDo(Step()).with_outputs(
+        COUNTS_TAG, main="n")
     totals = (first[COUNTS_TAG], second[COUNTS_TAG]) | AddCounts()
     assert_that(totals, equal_to([{"records_read": 12, "kept": 1 + 1 + 3, "zero": 0,
                                    "quarantined_by_reason": {"bad_json": 12, "empty": 3}}]))
@@ -432,7 +477,8 @@ def test_counts_travel_as_data_that_adds_up_and_show_as_beam_counters():
     result.wait_until_finish()
 
     def counter(name):
-        found = result.metrics().query(MetricsFilter().with_namespace("balancebeam").with_name(name))["counters"]
+        found = result.metrics().query(
+            MetricsFilter().with_namespace("balancebeam").with_name(name))["counters"]
         return sum(metric.committed for metric in found)
 
     assert (counter("records_read"), counter("kept"), counter("zero")) == (12, 5, 0)

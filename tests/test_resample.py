@@ -1,4 +1,5 @@
-"""The resample job: keyed-hash sampling, copies, shard writing, and the same release on every runner.
+"""The resample job: keyed-hash sampling, copies, shard writing, and the same release on every
+runner.
 
 Pure functions are tested directly; the Beam job runs on real coco_mini shards with 1 and 2
 workers (multi-process DirectRunner) and on the portable runner against a local job service.
@@ -55,7 +56,8 @@ def test_repeat_copies_add_up_exactly_and_follow_q():
             start += mass
         assert sum(copies) == size
         expected = size * np.array(masses) / total
-        assert np.all((np.array(copies) == np.floor(expected)) | (np.array(copies) == np.floor(expected) + 1))
+        assert np.all((np.array(copies) == np.floor(expected))
+                      | (np.array(copies) == np.floor(expected) + 1))
 
 
 def _tiny_solution(keep_rate=0.6):
@@ -64,14 +66,21 @@ def _tiny_solution(keep_rate=0.6):
     from solvers.problem import BalanceProblem
 
     table = SignatureTable.from_records([
-        {"attributes": ["perceived_gender:man"], "concepts": ["kitchen"], "utility": None, "count": 300},
-        {"attributes": ["perceived_gender:woman"], "concepts": ["kitchen"], "utility": None, "count": 100},
+        {
+            "attributes": ["perceived_gender:man"], "concepts": ["kitchen"], "utility": None,
+            "count": 300
+        },
+        {
+            "attributes": ["perceived_gender:woman"], "concepts": ["kitchen"], "utility": None,
+            "count": 100
+        },
         {"attributes": ["perceived_gender:man"], "concepts": [], "utility": None, "count": 100},
         {"attributes": ["perceived_gender:woman"], "concepts": [], "utility": None, "count": 300},
         {"attributes": [], "concepts": [], "utility": None, "count": 400},
     ])
-    problem = BalanceProblem(table.attributes, table.concepts, groups=table.groups, keep_rate=keep_rate,
-                             weights=table.weights, min_support=10, attribute_names=table.attribute_names,
+    problem = BalanceProblem(table.attributes, table.concepts, groups=table.groups,
+                             keep_rate=keep_rate, weights=table.weights, min_support=10,
+                             attribute_names=table.attribute_names,
                              concept_names=table.concept_names, group_names=table.group_names)
     return solve(problem, method="exact")
 
@@ -84,25 +93,27 @@ def test_keep_rule_applies_the_solution_and_ignores_labels_it_does_not_know():
     nobody = rule.keep_probability([], ["kitchen"])
     assert man_kitchen < woman_kitchen <= 1.0
     # Men at 300 and women at 100 kitchen rows: equal kept counts need q_man ~ q_woman / 3.
-    assert abs(300 * man_kitchen - 100 * woman_kitchen) <= 0.02 * 2 * (300 * man_kitchen + 100 * woman_kitchen)
+    men, women = 300 * man_kitchen, 100 * woman_kitchen
+    assert abs(men - women) <= 0.02 * 2 * (men + women)
     assert nobody == rule.keep_probability([], [])
     assert rule.weight(0.5) == 1.0
-    assert release.KeepRule(solution, mode="weights").weight(0.4) == pytest.approx(0.4 / solution.keep_rate)
+    assert release.KeepRule(solution,
+                            mode="weights").weight(0.4) == pytest.approx(0.4 / solution.keep_rate)
 
 
 def test_table_signatures_are_the_row_by_row_ones_and_copies_skip_only_draws_that_cannot_matter():
-    """KeepRule.table_signatures finds a table's label sets in Arrow; each row must get the signature
-    and q the row-by-row path gives it (label order, nulls, labels the solution does not know, and a
-    label holding the separator, which sends the table row by row). fixed_copies answers without a
-    draw only where the keyed draw cannot change the answer."""
+    """KeepRule.table_signatures finds a table's label sets in Arrow; each row must get the
+    signature and q the row-by-row path gives it (label order, nulls, labels the solution does
+    not know, and a label holding the separator, which sends the table row by row). fixed_copies
+    answers without a draw only where the keyed draw cannot change the answer."""
     import pyarrow as pa
 
     solution = BalanceSolution.from_json(_tiny_solution().to_json())
     rule = release.KeepRule(solution, seed=3)
     man, woman = "perceived_gender:man", "perceived_gender:woman"
-    label_sets = [([man], ["kitchen"]), ([woman], ["unseen", "kitchen"]), ([woman], ["kitchen", "unseen"]),
-                  (None, ["kitchen"]), ([], None), ([man, woman], []), (["other:x"], ["kitchen"]),
-                  ([woman], ["kitchen\x1fodd"])]
+    label_sets = [([man], ["kitchen"]), ([woman], ["unseen", "kitchen"]),
+                  ([woman], ["kitchen", "unseen"]), (None, ["kitchen"]), ([], None),
+                  ([man, woman], []), (["other:x"], ["kitchen"]), ([woman], ["kitchen\x1fodd"])]
     for rows in (label_sets[:-1], label_sets):
         rows = rows * 3
         table = pa.table({"key": [f"k{i}" for i in range(len(rows))],
@@ -138,11 +149,15 @@ def test_table_signatures_are_the_row_by_row_ones_and_copies_skip_only_draws_tha
 
 
 def test_release_members_keep_bytes_and_add_balance_to_json():
-    sample = {"key": "k1", "members": {"jpg": b"\xff\xd8jpeg", "txt": b"a man", "json": b'{"a": 1, "key": "k1"}'},
-              "meta": {"a": 1, "key": "k1"}, "caption": "a man"}
+    sample = {
+        "key": "k1",
+        "members": {"jpg": b"\xff\xd8jpeg", "txt": b"a man", "json": b'{"a": 1, "key": "k1"}'},
+        "meta": {"a": 1, "key": "k1"}, "caption": "a man"
+    }
     members = dict(release.release_members(sample, {"q": 0.5, "weight": 1.0}))
     assert members["jpg"] == b"\xff\xd8jpeg" and members["txt"] == b"a man"
-    assert json.loads(members["json"]) == {"a": 1, "key": "k1", "balance": {"q": 0.5, "weight": 1.0}}
+    assert json.loads(
+        members["json"]) == {"a": 1, "key": "k1", "balance": {"q": 0.5, "weight": 1.0}}
     table_row = {"key": "7", "members": {}, "meta": {"image_id": 3}, "caption": "a woman"}
     members = dict(release.release_members(table_row, {"q": 1.0, "weight": 1.0}))
     assert members["txt"] == b"a woman"
@@ -163,7 +178,8 @@ def test_write_shard_is_atomic_deterministic_and_readable(tmp_path):
 
 
 def _tarfile_shard(samples) -> bytes:
-    """The shard tarfile itself writes (PAX format, fixed headers): what tars.tar_bytes must equal."""
+    """The shard tarfile itself writes (PAX format, fixed headers): what tars.tar_bytes must equal.
+    """
     import io
     import tarfile
 
@@ -182,11 +198,12 @@ def test_shard_bytes_are_the_ones_tarfile_writes_for_plain_long_and_non_ascii_na
     rng = np.random.default_rng(5)
     names = ["a", "x" * 96, "y" * 97, "z" * 150, "ключ", "dir/sub/k", "sp ace"]
     for trial in range(40):
-        samples = [(f"{names[rng.integers(len(names))]}{i}",
-                    [(extension, rng.integers(0, 256, int(rng.choice([0, 1, 511, 512, 513, rng.integers(3000)])),
-                                              dtype=np.uint8).tobytes())
-                     for extension in ("jpg", "txt", "json")[:rng.integers(1, 4)]])
-                   for i in range(int(rng.integers(0, 12)))]
+        samples = [(f"{names[rng.integers(len(names))]}{i}", [
+            (extension,
+             rng.integers(0, 256, int(rng.choice([0, 1, 511, 512, 513,
+                                                  rng.integers(3000)])), dtype=np.uint8).tobytes())
+            for extension in ("jpg", "txt", "json")[:rng.integers(1, 4)]
+        ]) for i in range(int(rng.integers(0, 12)))]
         assert tars.tar_bytes(samples) == _tarfile_shard(samples), trial
 
 
@@ -202,26 +219,32 @@ def test_member_offsets_agree_with_tarfile_and_leave_out_what_they_cannot_be_sur
     with tarfile.open(path) as archive:
         truth = {m.name: (m.offset_data, m.size) for m in archive.getmembers()}
     # the long name, written with a pax record, is found by that record
-    assert set(offsets) == {f"k{i}.{e}" for i in range(6) for e in ("jpg", "txt")} | {"p" * 120 + ".jpg"}
+    assert set(offsets) == {f"k{i}.{e}"
+                            for i in range(6)
+                            for e in ("jpg", "txt")} | {"p" * 120 + ".jpg"}
     assert all(offsets[name] == [truth[name]] for name in offsets)
     with open(path, "rb") as raw:
         data = raw.read()
     for key, members in samples[:6]:
         located = tars.locate_members(key, dict(members), offsets)
         kinds = {extension: type(value) for extension, value in located}
-        assert kinds == {"jpg": tuple if len(dict(members)["jpg"]) > tars.INLINE_MEMBER_BYTES else bytes,
-                         "txt": bytes}
+        assert kinds == {
+            "jpg": tuple if len(dict(members)["jpg"]) > tars.INLINE_MEMBER_BYTES else bytes,
+            "txt": bytes
+        }
         back = tars.read_members(located, lambda offset, size: data[offset:offset + size])
         assert back == dict(members)
     # A name seen twice, or a size that differs from what the reader saw, is not trusted: inline.
     big = b"j" * (tars.INLINE_MEMBER_BYTES + 1)
-    assert tars.locate_members("k", {"jpg": big}, {"k.jpg": [(512, len(big)), (9000, len(big))]}) == [("jpg", big)]
-    assert tars.locate_members("k", {"jpg": big}, {"k.jpg": [(512, len(big) + 1)]}) == [("jpg", big)]
+    assert tars.locate_members("k", {"jpg": big}, {"k.jpg": [(512, len(big)),
+                                                             (9000, len(big))]}) == [("jpg", big)]
+    assert tars.locate_members("k", {"jpg": big},
+                               {"k.jpg": [(512, len(big) + 1)]}) == [("jpg", big)]
 
 
 def test_member_offsets_of_webdataset_and_gnu_tars(tmp_path):
-    """webdataset's TarWriter (and so img2dataset) puts a pax header before every member: all of them
-    are indexed, as tarfile sees them; a GNU long name ('L' record) is still left out."""
+    """webdataset's TarWriter (and so img2dataset) puts a pax header before every member: all of
+    them are indexed, as tarfile sees them; a GNU long name ('L' record) is still left out."""
     import tarfile
 
     import webdataset
@@ -229,7 +252,9 @@ def test_member_offsets_of_webdataset_and_gnu_tars(tmp_path):
     path = tmp_path / "wds.tar"
     with webdataset.TarWriter(str(path)) as writer:
         for i in range(5):
-            writer.write({"__key__": f"s{i}", "jpg": bytes([i]) * (5000 + i), "txt": f"caption {i}".encode()})
+            writer.write({
+                "__key__": f"s{i}", "jpg": bytes([i]) * (5000 + i), "txt": f"caption {i}".encode()
+            })
     with tarfile.open(path) as archive:
         truth = {m.name: (m.offset_data, m.size) for m in archive.getmembers()}
         assert archive.pax_headers == {} and any(m.pax_headers for m in archive.getmembers())
@@ -258,9 +283,12 @@ def test_a_member_that_changed_after_it_was_read_stops_the_write():
 
 @pytest.fixture(scope="module")
 def balanced_coco_mini(coco_mini_shards, tmp_path_factory):
-    """coco_mini annotated (2 workers) and balanced: (input glob, annotations dir, solution path)."""
+    """coco_mini annotated (2 workers) and balanced: (input glob, annotations dir, solution path).
+    """
     work = tmp_path_factory.mktemp("resample_coco_mini")
-    annotate.run(["--input", coco_mini_shards.glob, "--output", str(work / "annotations"), *TWO_WORKERS])
+    annotate.run(
+        ["--input", coco_mini_shards.glob, "--output",
+         str(work / "annotations"), *TWO_WORKERS])
     config = plan.BalanceConfig(keep_rate=0.7, min_support=2, method="exact")
     balance.balance(str(work / "annotations"), str(work / "solution.json"), config, TWO_WORKERS)
     return coco_mini_shards.glob, str(work / "annotations"), str(work / "solution.json")
@@ -269,8 +297,8 @@ def balanced_coco_mini(coco_mini_shards, tmp_path_factory):
 def _resample(balanced, output, *pipeline_args, **options):
     input_glob, annotations_dir, solution = balanced
     options.setdefault("samples_per_shard", SAMPLES_PER_SHARD)
-    return resample.resample(options.pop("input_glob", input_glob), annotations_dir, solution, str(output),
-                             seed=11, pipeline_args=list(pipeline_args), **options)
+    return resample.resample(options.pop("input_glob", input_glob), annotations_dir, solution,
+                             str(output), seed=11, pipeline_args=list(pipeline_args), **options)
 
 
 @pytest.fixture(scope="module")
@@ -283,11 +311,13 @@ def test_release_counts_reconcile_and_follow_q(two_worker_release, balanced_coco
     output, manifest = two_worker_release
     counts = manifest["counts"]
     assert counts["samples_read"] == counts["input_records"] == 159
-    assert counts["kept"] + counts["dropped"] + counts["quarantined_total"] == counts["samples_read"]
-    assert counts["output_samples"] == counts["kept"] == sum(s["samples"] for s in manifest["shards"])
+    accounted = counts["kept"] + counts["dropped"] + counts["quarantined_total"]
+    assert accounted == counts["samples_read"]
+    assert counts["output_samples"] == counts["kept"] == sum(s["samples"]
+                                                             for s in manifest["shards"])
     assert all(s["samples"] == SAMPLES_PER_SHARD for s in manifest["shards"][:-1])
-    # Kept iff the keyed hash draw is below the row's planned q. The q here is Clarabel's primal plan
-    # on the counted signatures (balance re-solved in the test), not the duals the job applies.
+    # Kept iff the keyed hash draw is below the row's planned q. The q here is Clarabel's primal
+    # plan on the counted signatures (balance re-solved in the test), not the duals the job applies.
     rows = {r["key"]: r for r in annotate.read_annotations(balanced_coco_mini[1]).to_pylist()}
     table = SignatureTable.from_counts(Counter(
         row_signature(r["attributes"], r["concepts"]) for r in rows.values()).items())
@@ -295,35 +325,43 @@ def test_release_counts_reconcile_and_follow_q(two_worker_release, balanced_coco
                                                                        method="exact"))
     q_of = {}
     for i in range(len(projected.weights)):
-        attributes = frozenset(projected.attribute_names[k] for k in np.flatnonzero(projected.attributes[i]))
-        concepts = frozenset(projected.concept_names[r] for r in np.flatnonzero(projected.concepts[i]))
+        attributes = frozenset(projected.attribute_names[k]
+                               for k in np.flatnonzero(projected.attributes[i]))
+        concepts = frozenset(projected.concept_names[r]
+                             for r in np.flatnonzero(projected.concepts[i]))
         q_of[attributes, concepts] = planned.q[i]
     kept = {s["__key__"]: json.loads(s["json"]) for s in webdataset.WebDataset(
         sorted(str(p) for p in output.glob("*.tar")), shardshuffle=False)}
     checked = 0
     for key, row in rows.items():
         attributes = frozenset(row["attributes"]) & set(projected.attribute_names)
-        concepts = frozenset(row["concepts"]) & set(projected.concept_names) if attributes else frozenset()
+        concepts = frozenset(row["concepts"]) & set(
+            projected.concept_names) if attributes else frozenset()
         q = q_of[attributes, concepts]
         draw = hashing.keyed_uniform(11, key)
         if abs(draw - q) > 1e-6:  # the duals reproduce the primal q to ~1e-7
             assert (key in kept) == (draw < q), key
             checked += 1
         if key in kept:
-            assert kept[key]["balance"]["q"] == pytest.approx(q, abs=1e-6) and kept[key]["balance"]["weight"] == 1.0
+            assert kept[key]["balance"]["q"] == pytest.approx(
+                q, abs=1e-6) and kept[key]["balance"]["weight"] == 1.0
     assert checked >= len(rows) - 2
 
 
 def test_exact_mode_keeps_the_k_smallest_draws_of_each_signature(shared_data, tmp_path):
-    """The default mode: of each constrained signature, exactly balance's k_s rows, those whose keyed
-    hash is smallest; counted here from the shards and the annotations alone."""
+    """The default mode: of each constrained signature, exactly balance's k_s rows, those whose
+    keyed hash is smallest; counted here from the shards and the annotations alone."""
     from pipeline import cli
 
-    captions = [a["caption"] for a in json.loads((shared_data / "coco_val2017_captions.json").read_text())[
-        "annotations"] if " man " in a["caption"] or " woman " in a["caption"]][:300]
+    captions = [
+        a["caption"]
+        for a in json.loads((shared_data / "coco_val2017_captions.json").read_text())["annotations"]
+        if " man " in a["caption"] or " woman " in a["caption"]
+    ][:300]
     table = tmp_path / "captions.jsonl"
-    table.write_text("".join(json.dumps({"key": f"k{i:05d}", "caption": captions[i % len(captions)]}) + "\n"
-                             for i in range(3000)))
+    table.write_text("".join(
+        json.dumps({"key": f"k{i:05d}", "caption": captions[i % len(captions)]}) + "\n"
+        for i in range(3000)))
     output = tmp_path / "run"
     assert cli.main(["run", "--input", str(table), "--output", str(output), "--keep-rate", "max",
                      "--min-support", "20", "--seed", "11", *TWO_WORKERS]) == 0
@@ -331,11 +369,15 @@ def test_exact_mode_keeps_the_k_smallest_draws_of_each_signature(shared_data, tm
     assert manifest["mode"] == "exact"
     solution = BalanceSolution.from_json((output / "solution.json").read_text())
     rule = release.KeepRule(solution, seed=11)
-    kept = {s["__key__"] for s in webdataset.WebDataset(sorted(str(p) for p in (output / "release").glob("*.tar")),
-                                                        shardshuffle=False)}
+    kept = {
+        s["__key__"]
+        for s in webdataset.WebDataset(sorted(
+            str(p) for p in (output / "release").glob("*.tar")), shardshuffle=False)
+    }
     by_signature = {}
     for row in annotate.read_annotations(output / "annotations").to_pylist():
-        by_signature.setdefault(rule.signature(row["attributes"], row["concepts"]), []).append(row["key"])
+        by_signature.setdefault(rule.signature(row["attributes"], row["concepts"]),
+                                []).append(row["key"])
     ranked = 0
     for signature, keys in by_signature.items():
         rows, keep, constrained = solution.exact_counts[signature]
@@ -354,13 +396,16 @@ def test_same_release_with_one_or_two_workers_and_on_the_portable_runner(
     _, two = two_worker_release
     one = _resample(balanced_coco_mini, tmp_path / "one", *ONE_WORKER, mode="bernoulli")
     portable = _resample(balanced_coco_mini, tmp_path / "portable", "--runner=PortableRunner",
-                         f"--job_endpoint=localhost:{job_service}", "--environment_type=LOOPBACK", mode="bernoulli")
+                         f"--job_endpoint=localhost:{job_service}", "--environment_type=LOOPBACK",
+                         mode="bernoulli")
     assert len(two["shards"]) >= 3
-    assert one["shards"] == two["shards"] == portable["shards"]  # names, sizes and sha256 of every shard
+    # names, sizes and sha256 of every shard
+    assert one["shards"] == two["shards"] == portable["shards"]
     assert one["counts"] == two["counts"] == portable["counts"]
 
 
-def test_rerun_into_the_same_directory_gives_the_same_release(two_worker_release, balanced_coco_mini, tmp_path):
+def test_rerun_into_the_same_directory_gives_the_same_release(two_worker_release,
+                                                              balanced_coco_mini, tmp_path):
     _, reference = two_worker_release
     output = tmp_path / "rerun"
     # an earlier, different run into the same folder
@@ -372,18 +417,21 @@ def test_rerun_into_the_same_directory_gives_the_same_release(two_worker_release
     assert not stale_quarantine.exists()
     assert [p.name for p in (output / "quarantine").iterdir()] == ["resample-00000-of-00001.jsonl"]
     assert again["shards"] == reference["shards"]
-    assert sorted(p.name for p in output.glob("balanced-*")) == [s["name"] for s in reference["shards"]]
+    assert sorted(p.name
+                  for p in output.glob("balanced-*")) == [s["name"] for s in reference["shards"]]
     for shard in again["shards"]:
         assert release.file_sha256(str(output / shard["name"])) == shard["sha256"]
 
 
 def test_repeat_mode_writes_exactly_the_size_asked_and_unannotated_records_are_quarantined(
         balanced_coco_mini, coco_mini_shards, webdataset_writer, tmp_path):
-    extra = webdataset_writer(tmp_path / "extra", [
-        {"__key__": f"extra{i}", "txt": b"a woman riding a horse", "json": b"{}"} for i in range(3)], 10,
-        prefix="extra")
-    manifest = _resample(balanced_coco_mini, tmp_path / "repeat", *TWO_WORKERS, mode="repeat", output_size=250,
-                         input_glob=[coco_mini_shards.glob, str(extra[0])])
+    extra = webdataset_writer(
+        tmp_path / "extra",
+        [{"__key__": f"extra{i}", "txt": b"a woman riding a horse", "json": b"{}"}
+         for i in range(3)], 10, prefix="extra")
+    manifest = _resample(balanced_coco_mini, tmp_path / "repeat", *TWO_WORKERS, mode="repeat",
+                         output_size=250, input_glob=[coco_mini_shards.glob,
+                                                      str(extra[0])])
     counts = manifest["counts"]
     assert counts["output_samples"] == 250 == sum(s["samples"] for s in manifest["shards"])
     assert counts["quarantined"] == {"resample:not_annotated": 3}
@@ -401,38 +449,45 @@ def test_repeat_mode_writes_exactly_the_size_asked_and_unannotated_records_are_q
     assert len(keys) == len(set(keys)) == 250
 
 
-def test_annotated_records_missing_from_the_input_leave_no_holes_and_kept_images_are_the_input_bytes(
+def test_annotated_records_missing_from_the_input_leave_no_holes_and_kept_images_are_input_bytes(
         balanced_coco_mini, coco_mini_shards, tmp_path):
-    read_now = [str(path) for path in coco_mini_shards.paths[:2]]  # the third shard's annotations stay
+    # the third shard's annotations stay
+    read_now = [str(path) for path in coco_mini_shards.paths[:2]]
     manifest = _resample(balanced_coco_mini, tmp_path / "part", *TWO_WORKERS, samples_per_shard=15,
                          input_glob=read_now)
     counts = manifest["counts"]
     originals = {r["key"]: r for r in coco_mini_shards.records if r["shard"] in read_now}
     left_out = [r for r in coco_mini_shards.records if r["shard"] not in read_now]
     assert counts["samples_read"] == len(originals)
-    assert counts["kept"] + counts["dropped"] + counts["records_quarantined"] == counts["samples_read"]
+    accounted = counts["kept"] + counts["dropped"] + counts["records_quarantined"]
+    assert accounted == counts["samples_read"]
     # The third shard's annotation rows have no record now: each is counted and quarantined by name.
-    assert counts["missing_from_input"] == len(left_out) == counts["quarantined"]["resample:missing_from_input"]
+    assert counts["missing_from_input"] == len(
+        left_out) == counts["quarantined"]["resample:missing_from_input"]
     entries = [json.loads(line) for path in (tmp_path / "part" / "quarantine").glob("*.jsonl")
                for line in path.read_text().splitlines()]
     assert sorted(e["key"] for e in entries if e["reason"] == "missing_from_input") == sorted(
         r["key"] for r in left_out)
-    assert counts["output_samples"] == counts["kept"] == sum(s["samples"] for s in manifest["shards"])
-    assert all(s["samples"] == 15 for s in manifest["shards"][:-1]) and manifest["shards"][-1]["samples"] <= 15
+    assert counts["output_samples"] == counts["kept"] == sum(s["samples"]
+                                                             for s in manifest["shards"])
+    assert all(s["samples"] == 15
+               for s in manifest["shards"][:-1]) and manifest["shards"][-1]["samples"] <= 15
     released = list(webdataset.WebDataset(sorted(str(p) for p in (tmp_path / "part").glob("*.tar")),
                                           shardshuffle=False))
     assert len(released) == counts["kept"]
     for sample in released:
         source = originals[sample["__key__"]]
         assert sample["jpg"] == source["jpg"] and sample["txt"] == source["caption"].encode("utf-8")
-        assert {k: v for k, v in json.loads(sample["json"]).items() if k != "balance"} == source["json"]
+        assert {k: v
+                for k, v in json.loads(sample["json"]).items() if k != "balance"} == source["json"]
 
 
-def test_ranking_buckets_bound_bytes_and_do_not_change_the_release(two_worker_release, balanced_coco_mini,
-                                                                     tmp_path, monkeypatch):
-    """Inline members count against a bucket's bytes (Beam's data plane refuses an element over 2 GiB):
-    with tiny limits the job ranks in many buckets and sends many small elements, and the release is
-    the same, byte for byte."""
+def test_ranking_buckets_bound_bytes_and_do_not_change_the_release(two_worker_release,
+                                                                   balanced_coco_mini, tmp_path,
+                                                                   monkeypatch):
+    """Inline members count against a bucket's bytes (Beam's data plane refuses an element over 2
+    GiB): with tiny limits the job ranks in many buckets and sends many small elements, and the
+    release is the same, byte for byte."""
     from pipeline import shards
 
     assert shards.rank_buckets(150_000, 0) == 2
@@ -441,10 +496,11 @@ def test_ranking_buckets_bound_bytes_and_do_not_change_the_release(two_worker_re
     monkeypatch.setattr(shards, "RANK_BUCKET_BYTES", 64 * 1024)
     monkeypatch.setattr(shards, "ELEMENT_BYTES", 16 * 1024)
     chosen = []
-    monkeypatch.setattr(resample, "rank_buckets", lambda *args: chosen.append(shards.rank_buckets(*args)) or chosen[-1])
+    monkeypatch.setattr(resample, "rank_buckets",
+                        lambda *args: chosen.append(shards.rank_buckets(*args)) or chosen[-1])
     # in one process, so the limits patched here are the ones the DoFns read
-    small = _resample(balanced_coco_mini, tmp_path / "small-buckets", "--direct_running_mode=in_memory",
-                      mode="bernoulli")
+    small = _resample(balanced_coco_mini, tmp_path / "small-buckets",
+                      "--direct_running_mode=in_memory", mode="bernoulli")
     assert chosen[0] > 10
     assert small["shards"] == reference["shards"] and small["counts"] == reference["counts"]
 
@@ -477,8 +533,10 @@ def test_exact_thresholds_from_windows_equal_the_k_smallest_of_all_draws():
     parts = []
     for start in range(0, len(keys), 7000):
         chunk = slice(start, start + 7000)
-        table = pa.table({"key": keys[chunk], "attributes": [[] for _ in keys[chunk]],
-                          "concepts": [[s] for s in signature_of[chunk]], "utility": [None for _ in keys[chunk]]})
+        table = pa.table({
+            "key": keys[chunk], "attributes": [[] for _ in keys[chunk]],
+            "concepts": [[s] for s in signature_of[chunk]], "utility": [None for _ in keys[chunk]]
+        })
         parts += list(ranker.process(table, "solution text"))
     # merged the way the runner may: each worker its own bundles, then the workers' accumulators
     merge = decide.MergeWindows()
@@ -492,10 +550,13 @@ def test_exact_thresholds_from_windows_equal_the_k_smallest_of_all_draws():
         if signature == "b":
             b = merge.add_input(b, part)
     by_signature["b"] = merge.extract_output(b)
-    thresholds = dict(decide.threshold(signature, merged) for signature, merged in by_signature.items())
+    thresholds = dict(
+        decide.threshold(signature, merged) for signature, merged in by_signature.items())
     for signature in ("a", "b"):
-        draws = sorted((hashing.keyed_uniform(5, key), key) for key, s in zip(keys, signature_of) if s == signature)
+        draws = sorted((hashing.keyed_uniform(5, key), key) for key, s in zip(keys, signature_of)
+                       if s == signature)
         assert tuple(thresholds[signature]) == draws[keep[signature] - 1]
-    assert sum(len(window) for _, (_, _, window) in parts) < len(keys) / 20, "most draws are only counted"
+    assert sum(len(window)
+               for _, (_, _, window) in parts) < len(keys) / 20, "most draws are only counted"
     with pytest.raises(DataError, match="outside its window"):
         decide.threshold("a", (10, 10, [(0.5, "k")]))

@@ -1,4 +1,5 @@
-"""Exact counts: whole rows per signature that meet the gaps, as close to M4's plan as integers allow.
+"""Exact counts: whole rows per signature that meet the gaps, as close to M4's plan as integers
+allow.
 
 Shares are recomputed here from the counts with plain numpy, not with the solver's matrices.
 """
@@ -15,11 +16,13 @@ from solvers.rounding import allocate
 
 
 def _shares_within(table, counts, gap, targets, min_support):
-    """Largest |share - target| over the (value, concept) pairs with at least min_support annotated rows
-    in the original table, measured on `counts` kept rows per signature (and over values alone)."""
+    """Largest |share - target| over the (value, concept) pairs with at least min_support annotated
+    rows in the original table, measured on `counts` kept rows per signature (and over values
+    alone)."""
     annotated = table.attributes.max(axis=1) > 0
     worst = 0.0
-    columns = [np.ones(len(counts))] + [table.concepts[:, r] for r in range(table.concepts.shape[1])]
+    columns = [np.ones(len(counts))
+               ] + [table.concepts[:, r] for r in range(table.concepts.shape[1])]
     for column in columns:
         support_before = (table.weights * annotated * column).sum()
         if column is not columns[0] and support_before < min_support:
@@ -69,11 +72,12 @@ def test_nothing_to_round_when_no_signature_is_constrained():
         {"attributes": ["g:b"], "concepts": [], "utility": None, "count": 10},
         {"attributes": [], "concepts": [], "utility": None, "count": 33},
     ])
-    problem, *_ = plan.build_problem(table, plan.BalanceConfig(keep_rate=0.5, representation_gap=1.0,
-                                                                     min_support=1))
+    problem, *_ = plan.build_problem(
+        table, plan.BalanceConfig(keep_rate=0.5, representation_gap=1.0, min_support=1))
     q = np.full(len(table.weights), 0.5)
     allocation = allocate(problem, q)
-    assert allocation.counts.tolist() == np.clip(np.round(table.weights * q), 0, table.weights).astype(int).tolist()
+    assert allocation.counts.tolist() == np.clip(np.round(table.weights * q), 0,
+                                                 table.weights).astype(int).tolist()
 
 
 def test_weights_must_be_row_counts():

@@ -24,11 +24,14 @@ GAP = 0.02
 
 
 def _release_samples(release_dir):
-    return list(webdataset.WebDataset(sorted(str(p) for p in release_dir.glob("*.tar")), shardshuffle=False))
+    return list(
+        webdataset.WebDataset(sorted(str(p) for p in release_dir.glob("*.tar")),
+                              shardshuffle=False))
 
 
 def _release_bias(release_dir, solution, min_support):
-    """Data bias computed from the release alone: its captions re-annotated, weighted by balance.weight."""
+    """Data bias computed from the release alone: its captions re-annotated, weighted by
+    balance.weight."""
     attributes, concepts, weights = [], [], []
     for sample in _release_samples(release_dir):
         found, found_concepts, _ = annotate_caption(sample["txt"].decode("utf-8"))
@@ -37,16 +40,20 @@ def _release_bias(release_dir, solution, min_support):
         weights.append(json.loads(sample["json"])["balance"]["weight"])
     spec = solution.spec
     return data_bias(encode(attributes, spec.attribute_names), encode(concepts, spec.concept_names),
-                     weights=np.array(weights), targets=np.asarray(spec.targets), groups=spec.groups,
-                     min_support=min_support, attribute_names=spec.attribute_names,
-                     concept_names=spec.concept_names, group_names=spec.group_names)
+                     weights=np.array(weights), targets=np.asarray(spec.targets),
+                     groups=spec.groups, min_support=min_support,
+                     attribute_names=spec.attribute_names, concept_names=spec.concept_names,
+                     group_names=spec.group_names)
 
 
 @pytest.fixture(scope="session")
 def coco_mini_run(coco_mini_shards, tmp_path_factory):
     output = tmp_path_factory.mktemp("run_coco_mini")
-    code = cli.main(["run", "--input", coco_mini_shards.glob, "--output", str(output), "--keep-rate", "0.7",
-                     "--min-support", "2", "--samples-per-shard", "50", "--method", "exact", *TWO_WORKERS])
+    code = cli.main([
+        "run", "--input", coco_mini_shards.glob, "--output",
+        str(output), "--keep-rate", "0.7", "--min-support", "2", "--samples-per-shard", "50",
+        "--method", "exact", *TWO_WORKERS
+    ])
     assert code == 0
     return output
 
@@ -86,15 +93,17 @@ def test_run_release_data_bias_respects_the_gap(coco_mini_run, coco_mini_shards,
     sampling noise of the planned release."""
     solution = BalanceSolution.from_json((coco_mini_run / "solution.json").read_text())
     weighted = tmp_path / "weighted"
-    resample.resample(coco_mini_shards.glob, str(coco_mini_run / "annotations"), str(coco_mini_run / "solution.json"),
-                      str(weighted), mode="weights", pipeline_args=TWO_WORKERS)
+    resample.resample(coco_mini_shards.glob, str(coco_mini_run / "annotations"),
+                      str(coco_mini_run / "solution.json"), str(weighted), mode="weights",
+                      pipeline_args=TWO_WORKERS)
     bias = _release_bias(weighted, solution, min_support=2)
     assert bias.summary()["pairs_measured"] >= 4
     assert bias.association_bias_max <= GAP + 1e-6
     assert bias.representation_bias <= GAP + 1e-6
     stats = json.loads((coco_mini_run / "release" / "stats.json").read_text())
     before = stats["data_bias"]["before"]["summary"]
-    assert before["representation_bias"] > 0.2  # coco_mini captions name men far more often than women
+    # coco_mini captions name men far more often than women
+    assert before["representation_bias"] > 0.2
     realized = _release_bias(coco_mini_run / "release", solution, min_support=2).summary()
     reported = stats["data_bias"]["realized"]["summary"]
     assert realized["representation_bias"] == pytest.approx(reported["representation_bias"])
@@ -113,8 +122,11 @@ def test_run_writes_report_and_card_next_to_the_release(coco_mini_run):
 
 def test_run_is_reproducible_into_the_same_directory(coco_mini_run, coco_mini_shards):
     before = json.loads((coco_mini_run / "release" / "manifest.json").read_text())
-    assert cli.main(["run", "--input", coco_mini_shards.glob, "--output", str(coco_mini_run), "--keep-rate", "0.7",
-                     "--min-support", "2", "--samples-per-shard", "50", "--method", "exact", *TWO_WORKERS]) == 0
+    assert cli.main([
+        "run", "--input", coco_mini_shards.glob, "--output",
+        str(coco_mini_run), "--keep-rate", "0.7", "--min-support", "2", "--samples-per-shard", "50",
+        "--method", "exact", *TWO_WORKERS
+    ]) == 0
     after = json.loads((coco_mini_run / "release" / "manifest.json").read_text())
     assert after == before
 
@@ -143,9 +155,13 @@ def test_coco_val_captions_released_within_the_gap_by_exact_counts(shared_data, 
     largest feasible keep rate; the Bernoulli draw of the same plan does not."""
     output = tmp_path / "coco_val"
     gap = 0.05
-    assert cli.main(["run", "--input", str(shared_data / "coco_val2017_captions.json"), "--output", str(output),
-                     "--keep-rate", "max", "--association-gap", str(gap), "--representation-gap", str(gap),
-                     "--samples-per-shard", "5000", *TWO_WORKERS]) == 0
+    assert cli.main([
+        "run", "--input",
+        str(shared_data / "coco_val2017_captions.json"), "--output",
+        str(output), "--keep-rate", "max", "--association-gap",
+        str(gap), "--representation-gap",
+        str(gap), "--samples-per-shard", "5000", *TWO_WORKERS
+    ]) == 0
     release = output / "release"
     manifest = json.loads((release / "manifest.json").read_text())
     assert manifest["counts"]["samples_read"] == 25014 and manifest["mode"] == "exact"
@@ -160,8 +176,8 @@ def test_coco_val_captions_released_within_the_gap_by_exact_counts(shared_data, 
     assert stats["data_bias"]["before"]["summary"]["association_bias_max"] > 0.2
     bernoulli = tmp_path / "bernoulli"
     resample.resample(str(shared_data / "coco_val2017_captions.json"), str(output / "annotations"),
-                      str(output / "solution.json"), str(bernoulli), mode="bernoulli", samples_per_shard=5000,
-                      pipeline_args=TWO_WORKERS)
+                      str(output / "solution.json"), str(bernoulli), mode="bernoulli",
+                      samples_per_shard=5000, pipeline_args=TWO_WORKERS)
     assert _worst_gap_excess(bernoulli, solution) > 0.01
 
 
@@ -172,15 +188,16 @@ def test_demo_makes_its_data_and_prints_where_the_release_is(tmp_path, capsys):
     assert f"release:      {release}/" in printed and "report.html" in printed
     lines = {line.split()[0]: line.split()[1:] for line in printed.splitlines()
              if line.startswith(("before ", "planned ", "realized "))}
-    assert float(lines["before"][1]) > 0.3 and float(lines["realized"][1]) < float(lines["before"][1])
+    assert float(lines["before"][1]) > 0.3 and float(lines["realized"][1]) < float(
+        lines["before"][1])
     # The plan itself meets the default 2-point share gap; only the Bernoulli draw adds noise.
     assert float(lines["planned"][1]) <= 0.02 + 1e-3
     assert (release / "README.md").exists() and (release / "manifest.json").exists()
 
 
 def test_commands_log_what_they_do_and_not_beams_bigquery_warning(tmp_path):
-    """Each step says what it did in words; Beam's import-time BigQuery warning (balancebeam never uses
-    BigQuery; google-apitools, a dependency, keeps Beam from logging it) does not show."""
+    """Each step says what it did in words; Beam's import-time BigQuery warning (balancebeam never
+    uses BigQuery; google-apitools, a dependency, keeps Beam from logging it) does not show."""
     demo = subprocess.run([sys.executable, "-m", "pipeline.cli", "demo", "--output", str(tmp_path),
                            "--num-samples", "300"], capture_output=True, text=True, check=True)
     assert "apitools" not in demo.stderr
@@ -192,20 +209,26 @@ def test_commands_log_what_they_do_and_not_beams_bigquery_warning(tmp_path):
 
 
 def test_local_worker_logs_are_quiet_unless_asked_for(coco_mini_shards, tmp_path):
-    """Multi-process DirectRunner workers log ~100 INFO lines per job; the job's summary must show."""
+    """Multi-process DirectRunner workers log ~100 INFO lines per job; the job's summary must show.
+    """
     from pipeline import options
 
     def stderr_of(*extra):
         output = tmp_path / f"out{len(extra)}"
-        command = [sys.executable, "-m", "pipeline.cli", "annotate", "--input", coco_mini_shards.glob,
-                   "--output", str(output), *TWO_WORKERS, *extra]
+        command = [
+            sys.executable, "-m", "pipeline.cli", "annotate", "--input", coco_mini_shards.glob,
+            "--output",
+            str(output), *TWO_WORKERS, *extra
+        ]
         return subprocess.run(command, capture_output=True, text=True, check=True).stderr
 
-    worker_line = "local_job_service: Worker: severity: INFO"  # the runner relays the workers' records
+    # the runner relays the workers' records
+    worker_line = "local_job_service: Worker: severity: INFO"
     assert worker_line not in stderr_of()
     assert worker_line in stderr_of(f"{options.WORKER_LOG_FLAG}=INFO")  # the user's choice stands
     # other runners keep Beam's own default: their workers' logs go to the service's log viewer
-    for runner, expected in ((None, "WARNING"), ("DirectRunner", "WARNING"), ("DataflowRunner", None)):
+    for runner, expected in ((None, "WARNING"), ("DirectRunner", "WARNING"), ("DataflowRunner",
+                                                                              None)):
         args = [] if runner is None else [f"--runner={runner}"]
         level = options.pipeline_options(args).get_all_options()["default_sdk_harness_log_level"]
         assert level == expected, runner

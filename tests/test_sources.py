@@ -67,7 +67,8 @@ def test_caption_and_image_id_come_from_json_when_there_is_no_txt():
 
 @pytest.mark.parametrize("damage, reason", [
     (lambda data: data[:512 * 4 + 100], quarantine.TRUNCATED_TAR),     # cut inside a member's data
-    (lambda data: data[:data.index(b"k2.txt") // 512 * 512], quarantine.TRUNCATED_TAR),  # at a header
+    # at a header
+    (lambda data: data[:data.index(b"k2.txt") // 512 * 512], quarantine.TRUNCATED_TAR),
 ])
 def test_truncated_tar_keeps_complete_samples_and_quarantines_the_rest(damage, reason):
     data = _tar_bytes(_three_samples())
@@ -102,7 +103,8 @@ def test_bad_text_and_json_members_are_quarantined():
     members = [("a.jpg", b"j"), ("a.txt", b"caf\xe9"), ("b.jpg", b"j"), ("b.json", b"{not json"),
                ("c.jpg", b"j"), ("c.txt", "café".encode())]
     samples, entries = _read_tar(_tar_bytes(members))
-    assert [(e["key"], e["reason"]) for e in entries] == [("a", quarantine.NON_UTF8_TEXT), ("b", quarantine.BAD_JSON)]
+    assert [(e["key"], e["reason"]) for e in entries] == [("a", quarantine.NON_UTF8_TEXT),
+                                                          ("b", quarantine.BAD_JSON)]
     assert [s["caption"] for s in samples] == ["café"]
 
 
@@ -122,10 +124,12 @@ def test_jsonl_csv_and_parquet_tables(tmp_path):
 
     jsonl = b'{"key": "a", "caption": "A man"}\n{"key": "b"}\nnot json\n' \
             b'{"key": "c", "caption": "caf\xe9"}\n[1]\n{"caption": "no key"}\n'
-    samples, entries = _read(sources.iter_jsonl_samples(io.BytesIO(jsonl), "t.jsonl", "key", "caption"))
+    samples, entries = _read(
+        sources.iter_jsonl_samples(io.BytesIO(jsonl), "t.jsonl", "key", "caption"))
     assert [(s["key"], s["caption"]) for s in samples] == [("a", "A man"), ("b", None)]
-    assert [e["reason"] for e in entries] == [quarantine.BAD_JSON, quarantine.NON_UTF8_TEXT, quarantine.BAD_JSON,
-                                              quarantine.MISSING_KEY]
+    assert [e["reason"] for e in entries] == [
+        quarantine.BAD_JSON, quarantine.NON_UTF8_TEXT, quarantine.BAD_JSON, quarantine.MISSING_KEY
+    ]
 
     csv = b'id,text,score\nx,"A woman, smiling",0.5\ny,caf\xe9,1\nz,too,many,fields\n'
     samples, entries = _read(sources.iter_csv_samples(io.BytesIO(csv), "t.csv", "id", "text"))
@@ -176,13 +180,22 @@ def test_planned_ranges_read_in_another_pipeline_are_byte_exact(coco_mini_shards
     with beam.Pipeline(options=options) as pipeline:
         read = (pipeline
                 | splits.PlanRanges([coco_mini_shards.glob, coco_mini_shards.glob])
-                | beam.ParDo(splits.ReadRangeBatches()).with_outputs("quarantine", "counts", main="batches"))
+                | beam.ParDo(splits.ReadRangeBatches()).with_outputs("quarantine", "counts",
+                                                                     main="batches"))
         (read.batches
-         | beam.FlatMap(lambda batch: [json.dumps([s["key"], s["shard"], {
-             ext: hashlib.sha256(data).hexdigest() for ext, data in s["members"].items()}]) for s in batch])
+         | beam.FlatMap(lambda batch: [
+             json.dumps([
+                 s["key"], s["shard"],
+                 {ext: hashlib.sha256(data).hexdigest()
+                  for ext, data in s["members"].items()}
+             ]) for s in batch
+         ])
          | beam.io.WriteToText(str(out)))
         read.quarantine | "Quarantine" >> beam.io.WriteToText(str(tmp_path / "quarantine"))
-    lines = [json.loads(line) for path in tmp_path.glob("digests*") for line in path.read_text().splitlines()]
+    lines = [
+        json.loads(line) for path in tmp_path.glob("digests*")
+        for line in path.read_text().splitlines()
+    ]
     expected = {r["key"]: (r["shard"], hashlib.sha256(r["jpg"]).hexdigest(),
                            hashlib.sha256(r["caption"].encode()).hexdigest())
                 for r in coco_mini_shards.records}
@@ -210,8 +223,8 @@ def test_a_jsonl_file_cut_in_ranges_reads_like_the_whole_file(tmp_path, monkeypa
     path.write_text("\n".join(lines))  # no newline after the last line
 
     def flat(records):
-        return [(r.value["position"], r.value["reason"]) if hasattr(r, "tag") else (r["position"], r["key"])
-                for r in records]
+        return [(r.value["position"], r.value["reason"]) if hasattr(r, "tag")
+                else (r["position"], r["key"]) for r in records]
 
     whole = flat(inputs.iter_file_records(str(path)))
     monkeypatch.setattr(splits, "RANGE_BYTES", range_bytes)
@@ -226,11 +239,12 @@ def test_a_parquet_file_is_cut_at_row_groups(tmp_path, monkeypatch):
     from pipeline import splits
 
     path = tmp_path / "t.parquet"
-    pq.write_table(pa.table({"key": [f"k{i}" for i in range(1000)], "caption": ["a woman"] * 1000}), path,
-                   row_group_size=150)
+    pq.write_table(pa.table({"key": [f"k{i}" for i in range(1000)], "caption": ["a woman"] * 1000}),
+                   path, row_group_size=150)
     monkeypatch.setattr(splits, "PARQUET_RANGE_ROWS", 300)
     ranges = splits.plan_ranges(str(path))
-    assert [(r["start"], r["end"], r["first_position"]) for r in ranges] == [(0, 2, 0), (2, 4, 300), (4, 6, 600),
-                                                                              (6, 7, 900)]
+    assert [(r["start"], r["end"], r["first_position"]) for r in ranges] == [(0, 2, 0), (2, 4, 300),
+                                                                             (4, 6, 600),
+                                                                             (6, 7, 900)]
     records = [r for rng in ranges for r in splits.iter_range_records(rng)]
     assert [(r["position"], r["key"]) for r in records] == [(i, f"k{i}") for i in range(1000)]

@@ -44,12 +44,14 @@ def moderate_problem():
 
 def test_streaming_reaches_stated_accuracy_against_exact(moderate_problem):
     exact = solve_exact(moderate_problem, 0.9)
-    streaming = solve_streaming(moderate_problem, 0.9, batch_size=1024, epochs=STREAMING_EPOCHS, seed=0)
+    streaming = solve_streaming(moderate_problem, 0.9, batch_size=1024, epochs=STREAMING_EPOCHS,
+                                seed=0)
     gap = abs(streaming.objective - exact.objective) / exact.objective
     assert gap <= STREAMING_OBJECTIVE_AGREEMENT
     assert streaming.max_violation <= STREAMING_VIOLATION_LIMIT
     assert float(moderate_problem.violations(streaming.q).max()) <= STREAMING_VIOLATION_LIMIT
-    assert abs(streaming.q.mean() - 0.9) <= 1e-6, "the rate passes correct nu so the kept share is eta"
+    assert abs(streaming.q.mean() - 0.9) <= 1e-6, (
+        "the rate passes correct nu so the kept share is eta")
     assert 0 <= streaming.q.min() and streaming.q.max() <= 1
     # The data starts far from balanced: the unbalanced violation is orders of magnitude larger.
     unbalanced = moderate_problem.violations(np.full(moderate_problem.num_rows, 0.9))
@@ -68,18 +70,20 @@ def test_same_seed_same_result_and_seed_matters(moderate_problem):
 def test_stream_spec_equals_the_in_memory_spec(moderate_problem):
     def batches():
         for start in range(0, moderate_problem.num_rows, 5000):
-            yield (moderate_problem.attributes[start:start + 5000], moderate_problem.concepts[start:start + 5000],
-                   None, None)
+            yield (moderate_problem.attributes[start:start + 5000],
+                   moderate_problem.concepts[start:start + 5000], None, None)
 
     for options in ({"min_support": 50}, {"min_support": 400, "targets": "preserve"},
                     {"constraint_form": "moment", "conditional": False}):
         from_stream = stream_spec(batches, **options)
-        in_memory = BalanceProblem(moderate_problem.attributes, moderate_problem.concepts, **options).spec
+        in_memory = BalanceProblem(moderate_problem.attributes, moderate_problem.concepts,
+                                   **options).spec
         assert from_stream.unit_concepts == in_memory.unit_concepts
         assert from_stream.unit_values == in_memory.unit_values
         assert from_stream.unit_gaps == in_memory.unit_gaps
         np.testing.assert_allclose(from_stream.targets, in_memory.targets)
-    assert len(stream_spec(batches, min_support=400).unit_concepts) < len(stream_spec(batches).unit_concepts)
+    assert len(stream_spec(batches, min_support=400).unit_concepts) < len(
+        stream_spec(batches).unit_concepts)
 
 
 def _generated_stream(total_rows, batch_rows=50_000, seed=0):
@@ -116,7 +120,8 @@ def test_dual_and_streaming_share_the_solution_format(moderate_problem):
     dual = solve_dual(moderate_problem, 0.9)
     streaming = solve_streaming(moderate_problem, 0.9, batch_size=4096, epochs=1)
     assert streaming.constraint_duals.shape == dual.constraint_duals.shape
-    assert streaming.method == "streaming" and streaming.statistics["rows"] == moderate_problem.num_rows
+    assert streaming.method == "streaming"
+    assert streaming.statistics["rows"] == moderate_problem.num_rows
     # Its duals applied to the rows give a plan much nearer the dual solver's optimum than uniform
     # subsampling at the same rate is (one epoch of a stochastic method; not merely its own q back).
     applied = streaming.q_for(moderate_problem.attributes, moderate_problem.concepts)

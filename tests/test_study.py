@@ -1,4 +1,5 @@
-"""`balancebeam study` on a tiny config: every variant and evaluation, the table, resumption, data AB.
+"""`balancebeam study` on a tiny config: every variant and evaluation, the table, resumption, data
+AB.
 
 The whole study (synthetic data, two Beam balancing runs, 10 training runs) runs once per session
 (~60 s on 2 cores); a second run must train nothing.
@@ -20,14 +21,26 @@ SCHEDULE = "original-to-balanced-at-50pct"
 TINY = {
     "seeds": SEEDS,
     "variants": VARIANTS,
-    "data": {"synthetic": {"num_samples": 800, "image_size": 32, "seed": 0, "samples_per_shard": 400,
-                           "eval_per_cell": 8}},
-    "balance": {"keep_rate": "max", "mode": "bernoulli", "min_support": 20, "proxies": 2, "samples_per_shard": 400},
-    "train": {"steps": STEPS, "warmup_steps": 4, "batch_size": 32, "checkpoints": CHECKPOINTS, "threads": 1},
+    "data": {
+        "synthetic": {
+            "num_samples": 800, "image_size": 32, "seed": 0, "samples_per_shard": 400,
+            "eval_per_cell": 8
+        }
+    },
+    "balance": {
+        "keep_rate": "max", "mode": "bernoulli", "min_support": 20, "proxies": 2,
+        "samples_per_shard": 400
+    },
+    "train": {
+        "steps": STEPS, "warmup_steps": 4, "batch_size": 32, "checkpoints": CHECKPOINTS,
+        "threads": 1
+    },
     "schedules": [{"first": "original", "then": "balanced", "switch_at": 0.5}],
 }
-METRIC_KEYS = {"rb", "rb_neutral", "ab_mean", "ab_max", "ab_aligned", "concept_accuracy", "attribute_accuracy",
-               "image_to_text_recall@5", "text_to_image_recall@5"}
+METRIC_KEYS = {
+    "rb", "rb_neutral", "ab_mean", "ab_max", "ab_aligned", "concept_accuracy", "attribute_accuracy",
+    "image_to_text_recall@5", "text_to_image_recall@5"
+}
 
 
 def write_config(directory: Path, overrides=None) -> Path:
@@ -55,7 +68,7 @@ def test_every_variant_is_produced(finished_study):
     balanced_done = json.loads((output / "variants" / "balanced" / study.DONE_FILE).read_text())
     assert random_done["keep_rate"] == balanced_done["keep_rate"]
     # the keyed-hash draw keeps about keep_rate of the 800 samples (3 binomial standard deviations)
-    assert abs(random_done["rows"]["kept"] - 800 * random_done["keep_rate"]) < 3 * (800 * 0.25) ** 0.5
+    assert abs(random_done["rows"]["kept"] - 800 * random_done["keep_rate"]) < 3 * (800 * 0.25)**0.5
 
 
 @pytest.mark.slow
@@ -76,14 +89,16 @@ def test_balanced_data_has_lower_association_bias_than_the_original(finished_stu
 
 @pytest.mark.slow
 def test_image_labels_show_the_association_that_text_annotation_cannot_see(finished_study):
-    """A quarter of the synthetic captions say "a person": those rows stay skewed after balancing."""
+    """A quarter of the synthetic captions say "a person": those rows stay skewed after balancing.
+    """
     results = json.loads((finished_study["output"] / study_results.RESULTS_JSON).read_text())
     labelled = {name: v["labelled_data_bias"] for name, v in results["variants"].items()}
     annotated = {name: v["data_bias"]["after"] for name, v in results["variants"].items()}
     assert labelled["original"]["association_bias_max"] == pytest.approx(0.4, abs=0.1)  # as planted
     assert labelled["random"]["association_bias_max"] > 0.3
     for name in ("balanced", "balanced_proxies"):
-        assert labelled[name]["association_bias_mean"] < labelled["original"]["association_bias_mean"]
+        assert labelled[name]["association_bias_mean"] < labelled["original"][
+            "association_bias_mean"]
         assert labelled[name]["association_bias_mean"] > annotated[name]["association_bias_mean"]
     table = (finished_study["output"] / study_results.RESULTS_MD).read_text()
     assert "image-label AB max" in table
@@ -100,8 +115,10 @@ def test_model_association_is_also_measured_along_the_original_datas_direction(f
         run = finished_study["output"] / "runs" / "original" / f"seed-{seed}"
         done = json.loads((run / study.DONE_FILE).read_text())
         per_concept = done["evaluations"][str(STEPS)]["ab_per_concept"]
-        expected = sum(-CONCEPTS[c][4] * value for c, value in per_concept.items()) / len(per_concept)
-        assert results["arms"]["original"]["final"]["ab_aligned"]["values"][seed_index] == pytest.approx(expected)
+        expected = sum(-CONCEPTS[c][4] * value
+                       for c, value in per_concept.items()) / len(per_concept)
+        assert results["arms"]["original"]["final"]["ab_aligned"]["values"][
+            seed_index] == pytest.approx(expected)
     assert "AB along data" in (finished_study["output"] / study_results.RESULTS_MD).read_text()
 
 
@@ -117,14 +134,16 @@ def test_labelled_data_bias_against_hand_counts(tmp_path):
 
     from trainer.evaluate import EvalConfig
 
-    rows = [("woman", "kitchen", 1.0), ("woman", "kitchen", 1.0), ("woman", "kitchen", 1.0), ("man", "kitchen", 3.0),
-            ("man", "office", 1.0), ("woman", "office", 1.0), (None, "office", 1.0), ("man", "dog", 1.0)]
+    rows = [("woman", "kitchen", 1.0), ("woman", "kitchen", 1.0), ("woman", "kitchen", 1.0),
+            ("man", "kitchen", 3.0), ("man", "office", 1.0), ("woman", "office", 1.0),
+            (None, "office", 1.0), ("man", "dog", 1.0)]
     with wds.TarWriter(str(tmp_path / "labelled-00000.tar"), encoder=False) as writer:
         for index, (gender, concept, weight) in enumerate(rows):
             writer.write(labelled_sample(f"{index:04d}", gender, concept, weight))
     config = EvalConfig(concepts=["kitchen", "office"])  # "dog" is not a label of interest
     shards = str(tmp_path / "*.tar")
-    # counted: kitchen 3 women of 4 people -> |0.75 - 0.5| = 0.25; office 1 of 2 -> 0; overall 4 of 7
+    # counted: kitchen 3 women of 4 people -> |0.75 - 0.5| = 0.25; office 1 of 2 -> 0; overall 4 of
+    # 7
     counted = study.labelled_data_bias(shards, config, min_support=0, weighted=False)
     assert counted["association_bias_max"] == pytest.approx(0.25)
     assert counted["representation_bias"] == pytest.approx(4 / 7 - 0.5)
@@ -132,8 +151,8 @@ def test_labelled_data_bias_against_hand_counts(tmp_path):
     weighted = study.labelled_data_bias(shards, config, min_support=0, weighted=True)
     assert weighted["association_bias_max"] == pytest.approx(0.0)
     # office has 2 annotated rows: below a support of 3 it is left out, kitchen (4) stays
-    assert study.labelled_data_bias(shards, config, min_support=3, weighted=False)["association_bias_max"] \
-        == pytest.approx(0.25)
+    unweighted = study.labelled_data_bias(shards, config, min_support=3, weighted=False)
+    assert unweighted["association_bias_max"] == pytest.approx(0.25)
     # data without labels gives no number rather than a wrong one
     with wds.TarWriter(str(tmp_path / "plain.tar"), encoder=False) as writer:
         writer.write({"__key__": "x", "txt": b"a caption", "json": b"{}"})
@@ -153,10 +172,12 @@ def test_every_run_and_checkpoint_is_evaluated(finished_study):
         assert arm["progress"]["fraction"] == pytest.approx(expected), name
     for name in VARIANTS:
         for seed in SEEDS:
-            evals = sorted((finished_study["output"] / "evals" / name / f"seed-{seed}").glob("step-*.json"))
+            evals = sorted(
+                (finished_study["output"] / "evals" / name / f"seed-{seed}").glob("step-*.json"))
             assert len(evals) == CHECKPOINTS
     # the schedule fine-tunes from the original run's half-way checkpoint, which is kept for it
-    done = json.loads((finished_study["output"] / "runs" / SCHEDULE / "seed-0" / study.DONE_FILE).read_text())
+    done = json.loads(
+        (finished_study["output"] / "runs" / SCHEDULE / "seed-0" / study.DONE_FILE).read_text())
     assert done["init_checkpoint"].endswith("runs/original/seed-0/checkpoints/step-0000020.pt")
     assert done["steps"] == STEPS // 2
 
@@ -184,10 +205,12 @@ def test_rerun_skips_every_finished_unit(finished_study, caplog):
     checkpoints = sorted(output.glob("runs/**/*.pt"))
     before = {path: path.stat().st_mtime_ns for path in markers + checkpoints}
     config = study_config.load(finished_study["dir"] / "study.yaml", str(output))
-    with caplog.at_level(logging.INFO, logger="pipeline"), caplog.at_level(logging.INFO, logger="trainer"):
+    with caplog.at_level(logging.INFO,
+                         logger="pipeline"), caplog.at_level(logging.INFO, logger="trainer"):
         study.run_study(config)
     messages = [record.getMessage() for record in caplog.records]
-    assert not [m for m in messages if m.startswith("training ") or m.startswith("variant ")], messages
+    assert not [m for m in messages if m.startswith("training ") or m.startswith("variant ")
+                ], messages
     assert sum("(done)" in m for m in messages) == 1 + 3 + len(VARIANTS) * len(SEEDS) + len(SEEDS)
     assert {path: path.stat().st_mtime_ns for path in markers + checkpoints} == before
 
@@ -196,21 +219,26 @@ def test_rerun_skips_every_finished_unit(finished_study, caplog):
     recorded = json.loads(marker.read_text())
     marker.unlink()
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="pipeline"), caplog.at_level(logging.INFO, logger="trainer"):
+    with caplog.at_level(logging.INFO,
+                         logger="pipeline"), caplog.at_level(logging.INFO, logger="trainer"):
         study.run_study(config)
     messages = [record.getMessage() for record in caplog.records]
     assert "training balanced seed 1 finished before; evaluating its checkpoints" in messages
     assert not [m for m in messages if m.startswith("training ") and "steps" in m], messages
     assert json.loads(marker.read_text())["evaluations"] == recorded["evaluations"]
-    assert {path: path.stat().st_mtime_ns for path in checkpoints} == {p: before[p] for p in checkpoints}
+    assert {path: path.stat().st_mtime_ns
+            for path in checkpoints} == {p: before[p]
+                                         for p in checkpoints}
 
 
 def test_config_errors_are_plain(tmp_path):
     with pytest.raises(ValueError, match="unknown keys"):
         study_config.load(write_config(tmp_path, {"train": {"stepz": 3}}))
     with pytest.raises(ValueError, match="must fall on a checkpoint"):
-        study_config.load(write_config(tmp_path, {"schedules": [{"first": "original", "then": "balanced",
-                                                                  "switch_at": 0.3}]}))
+        study_config.load(
+            write_config(
+                tmp_path,
+                {"schedules": [{"first": "original", "then": "balanced", "switch_at": 0.3}]}))
     with pytest.raises(ValueError, match="random control"):
         study_config.load(write_config(tmp_path, {"variants": ["original", "random"]}))
     assert study.run(["--config", str(write_config(tmp_path, {"colour": 1}))]) == 2
@@ -226,37 +254,48 @@ def test_shipped_config_is_valid():
     assert synthetic["proxy_rate"] > 0 and synthetic["concept_proxy_rate"] > 0
     assert synthetic["neutral_eval_per_concept"] > 0 and len(config["seeds"]) >= 5
     # docs/study.md's ambiguous-figures run is the shipped config plus that one knob
-    ambiguous = study_config.load(study_config.SHIPPED_CONFIG.with_name("study-ambiguous-figures.yaml"))
+    ambiguous = study_config.load(
+        study_config.SHIPPED_CONFIG.with_name("study-ambiguous-figures.yaml"))
     assert ambiguous["data"]["synthetic"] == {**synthetic, "ambiguous_figure_rate": 0.3}
     assert {k: v for k, v in ambiguous.items() if k not in ("data", "output")} == {
         k: v for k, v in config.items() if k not in ("data", "output")}
     # the README's ablations build on the association-only benchmark: the same data except that
     # every caption names the person
     config = study_config.load(study_config.SHIPPED_CONFIG.with_name("study-association-only.yaml"))
-    ablation = study_config.load(study_config.SHIPPED_CONFIG.with_name("study-every-caption-names.yaml"))
-    assert ablation["data"]["synthetic"] == {**config["data"]["synthetic"], "caption_attribute_rate": 1.0}
+    ablation = study_config.load(
+        study_config.SHIPPED_CONFIG.with_name("study-every-caption-names.yaml"))
+    assert ablation["data"]["synthetic"] == {
+        **config["data"]["synthetic"], "caption_attribute_rate": 1.0
+    }
     assert ablation["train"] == config["train"] and ablation["seeds"] == config["seeds"]
     # the second stage annotates images with the association-only study's own original model
     stage = study_config.load(study_config.SHIPPED_CONFIG.with_name("study-image-annotator.yaml"))
-    assert stage["data"]["synthetic"] == config["data"]["synthetic"] and stage["train"] == config["train"]
+    assert stage["data"]["synthetic"] == config["data"]["synthetic"]
+    assert stage["train"] == config["train"]
     extra = stage["balance"]["extra_args"]
     checkpoint = extra[extra.index("--image-checkpoint") + 1]
     first_seed = config["seeds"][0]
-    assert checkpoint == f"{config['output']}/runs/original/seed-{first_seed}/checkpoints/{study.FINAL_CHECKPOINT}"
+    run_dir = f"{config['output']}/runs/original/seed-{first_seed}"
+    assert checkpoint == f"{run_dir}/checkpoints/{study.FINAL_CHECKPOINT}"
     assert extra[extra.index("--image-model") + 1] == config["train"]["model"]
 
 
 @pytest.mark.slow
 def test_given_shards_and_eval_set_instead_of_synthetic(finished_study, tmp_path):
-    """Your own data: shards, an evaluation set and the labels of interest; original only, one seed."""
+    """Your own data: shards, an evaluation set and the labels of interest; original only, one seed.
+    """
     data = finished_study["output"] / "data"
     concepts = tmp_path / "concepts.txt"
     concepts.write_text("kitchen\noffice\ngarden\nstreet\nbeach\nbicycle\ndog\nhorse\n")
     config_path = tmp_path / "given.yaml"
-    config_path.write_text(yaml.safe_dump({
-        "seeds": [3], "variants": ["original"],
-        "data": {"train": str(data / "train" / "*.tar"), "eval": str(data), "concepts": str(concepts)},
-        "train": {"steps": 4, "warmup_steps": 1, "batch_size": 16, "checkpoints": 2, "threads": 1}}))
+    config_path.write_text(
+        yaml.safe_dump({
+            "seeds": [3], "variants": ["original"], "data": {
+                "train": str(data / "train" / "*.tar"), "eval": str(data), "concepts": str(concepts)
+            }, "train": {
+                "steps": 4, "warmup_steps": 1, "batch_size": 16, "checkpoints": 2, "threads": 1
+            }
+        }))
     output = tmp_path / "out"
     assert study.run(["--config", str(config_path), "--output", str(output)]) == 0
     assert not (output / "data").exists()  # nothing generated
@@ -275,14 +314,20 @@ def test_partial_synthetic_settings_keep_the_other_defaults(tmp_path):
 
 
 def test_half_change_steps_against_hand_counts():
-    """Switch at step 100; RB goes 0.30 -> 0.10 (half reached at step 130), AB 0.20 -> 0.10 (half at 190)."""
-    curve = {0: {"rb": 0.5, "ab_mean": 0.3}, 100: {"rb": 0.30, "ab_mean": 0.20}, 130: {"rb": 0.19, "ab_mean": 0.19},
-             160: {"rb": 0.12, "ab_mean": 0.16}, 190: {"rb": 0.11, "ab_mean": 0.15}, 220: {"rb": 0.10, "ab_mean": 0.10}}
+    """Switch at step 100; RB goes 0.30 -> 0.10 (half reached at step 130), AB 0.20 -> 0.10 (half at
+    190)."""
+    curve = {
+        0: {"rb": 0.5, "ab_mean": 0.3}, 100: {"rb": 0.30, "ab_mean": 0.20},
+        130: {"rb": 0.19, "ab_mean": 0.19}, 160: {"rb": 0.12, "ab_mean": 0.16},
+        190: {"rb": 0.11, "ab_mean": 0.15}, 220: {"rb": 0.10, "ab_mean": 0.10}
+    }
     assert study_results.half_change_steps(curve, 100, "rb") == (pytest.approx(-0.2), 30)
     assert study_results.half_change_steps(curve, 100, "ab_mean") == (pytest.approx(-0.1), 90)
     flat = {100: {"rb": 0.2}, 200: {"rb": 0.2}}
-    assert study_results.half_change_steps(flat, 100, "rb") == (0.0, None)  # no change: no step to name
-    assert study_results.half_change_steps({100: {"rb": None}, 200: {"rb": 0.1}}, 100, "rb") == (None, None)
+    # no change: no step to name
+    assert study_results.half_change_steps(flat, 100, "rb") == (0.0, None)
+    assert study_results.half_change_steps({100: {"rb": None}, 200: {"rb": 0.1}}, 100,
+                                           "rb") == (None, None)
 
 
 @pytest.mark.slow

@@ -1,4 +1,5 @@
-"""The trainer on real synthetic shards: it learns, the evaluator sees planted bias, checkpoints work.
+"""The trainer on real synthetic shards: it learns, the evaluator sees planted bias, checkpoints
+work.
 
 Two tiny CPU models are trained once per module (planted vs unplanted data, same size and seed).
 """
@@ -26,15 +27,20 @@ CHANCE_RECALL_AT_10 = 10 / 320  # 320 balanced evaluation images, one caption ea
 
 
 def train_on(output, association_strength, people_woman_share=0.5):
-    make_synthetic(output, SynthConfig(num_samples=TRAIN_SAMPLES, image_size=32, seed=SEED,
-                                       association_strength=association_strength, samples_per_shard=500,
-                                       people_woman_share=people_woman_share))
+    make_synthetic(
+        output,
+        SynthConfig(num_samples=TRAIN_SAMPLES, image_size=32, seed=SEED,
+                    association_strength=association_strength, samples_per_shard=500,
+                    people_woman_share=people_woman_share))
     summary = train(TrainConfig(data=str(output), output=str(output / "run"), steps=TRAIN_STEPS,
                                 warmup_steps=TRAIN_STEPS // 10, seed=SEED, threads=1, log_every=25,
                                 progress=False))
     model, tokenizer, preprocess, _ = models.load_checkpoint(summary["checkpoint"])
     result = evaluate.evaluate_model(model, tokenizer, preprocess, data.read_labelled(output))
-    losses = [json.loads(line)["loss"] for line in (output / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [
+        json.loads(line)["loss"]
+        for line in (output / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
     return {"summary": summary, "evaluation": result, "losses": losses, "data": output}
 
 
@@ -51,7 +57,8 @@ def planted(tmp_path_factory):
 @pytest.fixture(scope="module")
 def skewed(tmp_path_factory):
     """Representation bias planted, no association: women are 10% of the people."""
-    return train_on(tmp_path_factory.mktemp("skewed"), association_strength=0.0, people_woman_share=0.1)
+    return train_on(tmp_path_factory.mktemp("skewed"), association_strength=0.0,
+                    people_woman_share=0.1)
 
 
 @pytest.mark.slow
@@ -70,18 +77,22 @@ def test_model_trained_on_planted_data_has_larger_association_bias(planted, unpl
     unplanted_ab = unplanted["evaluation"]["association_bias"]
     assert planted_ab["ab_mean_abs"] > unplanted_ab["ab_mean_abs"] + 0.1
     # the direction is the planted one: women are predicted "kitchen" more often than men
-    assert planted_ab["ab_per_concept"]["kitchen"] < 0 < planted_ab["ab_per_concept"]["office"]  # a=man, b=woman
+    # a=man, b=woman
+    assert planted_ab["ab_per_concept"]["kitchen"] < 0 < planted_ab["ab_per_concept"]["office"]
 
 
 @pytest.mark.slow
 def test_model_trained_on_skewed_data_has_larger_representation_bias(skewed, unplanted):
     """Same seed and size: the model that saw women as 10% of the people names fewer of the balanced
     evaluation set's people women (measured 0.04 vs 0.00 at seed 0, 0.05 vs 0.01 at seed 1)."""
-    skewed_rb, unplanted_rb = (run["evaluation"]["representation_bias"] for run in (skewed, unplanted))
+    skewed_rb, unplanted_rb = (run["evaluation"]["representation_bias"]
+                               for run in (skewed, unplanted))
     assert skewed_rb["image_set"] == unplanted_rb["image_set"] == "labelled"
     assert skewed_rb["rb"] > unplanted_rb["rb"] + 0.02
-    assert skewed_rb["predicted_share"]["woman"] < 0.5  # the skew's direction: the rarer value is missed
-    assert skewed["evaluation"]["attribute_accuracy"] < unplanted["evaluation"]["attribute_accuracy"]
+    # the skew's direction: the rarer value is missed
+    assert skewed_rb["predicted_share"]["woman"] < 0.5
+    assert skewed["evaluation"]["attribute_accuracy"] < unplanted["evaluation"][
+        "attribute_accuracy"]
 
 
 @pytest.mark.slow
@@ -97,15 +108,18 @@ def test_checkpoint_loads_with_weights_only_and_resume_continues(unplanted, tmp_
     assert train_main(common + ["--steps", "6", "--resume", "auto"]) == 0
     resumed = torch.load(tmp_path / "checkpoints" / "final.pt", weights_only=True)
     assert resumed["step"] == 6 and resumed["scheduler"]["last_epoch"] == 6
-    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [
+        json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+    ]
     assert steps == [1, 2, 3, 4, 5, 6]  # the resumed run started at step 5, not from scratch
 
 
 @pytest.mark.slow
 def test_init_checkpoint_starts_from_the_trained_weights(unplanted, tmp_path):
-    summary = train(TrainConfig(data=str(unplanted["data"] / "train" / "synth-00000.tar"), output=str(tmp_path),
-                                init_checkpoint=unplanted["summary"]["checkpoint"], steps=1, lr=1e-12,
-                                batch_size=8, threads=1, progress=False))
+    summary = train(
+        TrainConfig(data=str(unplanted["data"] / "train" / "synth-00000.tar"), output=str(tmp_path),
+                    init_checkpoint=unplanted["summary"]["checkpoint"], steps=1, lr=1e-12,
+                    batch_size=8, threads=1, progress=False))
     before = torch.load(unplanted["summary"]["checkpoint"], weights_only=True)["model"]
     after = torch.load(summary["checkpoint"], weights_only=True)
     assert after["step"] == 1 and after["model_name"] == "bb-tiny-vit"
@@ -141,8 +155,8 @@ def test_loader_reads_balance_weights_and_applies_the_bad_sample_policy(tmp_path
     model, tokenizer, preprocess, _ = models.create_model("bb-tiny-vit")
 
     def read(policy):
-        pipeline = data.training_pipeline([str(tmp_path / "weighted.tar")], preprocess, tokenizer, 1,
-                                          shuffle_buffer=0, on_bad_sample=policy)
+        pipeline = data.training_pipeline([str(tmp_path / "weighted.tar")], preprocess, tokenizer,
+                                          1, shuffle_buffer=0, on_bad_sample=policy)
         return [batch for batch in data.training_loader(pipeline, workers=0)]
 
     batches = read("warn")
@@ -161,9 +175,10 @@ def test_weighted_training_runs(tmp_path):
         metadata["balance"] = {"q": 0.8, "weight": 1.25 if i % 2 else 0.5}
         sample["json"] = json.dumps(metadata).encode()
     write_shard(tmp_path / "release-00000.tar", samples)
-    summary = train(TrainConfig(data=str(tmp_path / "release-*.tar"), output=str(tmp_path / "run"), steps=3,
-                                batch_size=16, sample_weights=True, loss="siglip", model="bb-tiny-sigmoid",
-                                threads=1, progress=False))
+    summary = train(
+        TrainConfig(data=str(tmp_path / "release-*.tar"), output=str(tmp_path / "run"), steps=3,
+                    batch_size=16, sample_weights=True, loss="siglip", model="bb-tiny-sigmoid",
+                    threads=1, progress=False))
     assert summary["steps"] == 3
 
 
@@ -174,8 +189,8 @@ OPEN_CLIP_LOADER = textwrap.dedent("""
     from trainer import models
     model, tokenizer, preprocess, _ = models.create_model("bb-tiny-vit")
     args = argparse.Namespace(train_data=sys.argv[1], val_data=None, dataset_resampled=False,
-        train_num_samples=int(sys.argv[2]), train_data_upsampling_factors=None, seed=0, batch_size=50,
-        workers=1, world_size=1)
+        train_num_samples=int(sys.argv[2]), train_data_upsampling_factors=None, seed=0,
+        batch_size=50, workers=1, world_size=1)
     info = get_wds_dataset(args, preprocess, is_train=True, tokenizer=tokenizer)
     seen = 0
     for images, texts in info.dataloader:
@@ -191,10 +206,13 @@ def test_open_clips_own_loader_reads_our_shards(unplanted, tmp_path):
     supports, installed from PyPI into a private folder."""
     pytest.importorskip("pandas", reason="open_clip_train.data imports pandas")
     target = tmp_path / "webdataset-0.2.86"
-    install = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target",
-                              str(target), "webdataset==0.2.86"], capture_output=True, text=True)
+    install = subprocess.run([
+        sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target",
+        str(target), "webdataset==0.2.86"
+    ], capture_output=True, text=True)
     if install.returncode != 0:
-        pytest.skip(f"could not install webdataset 0.2.86 for open_clip_train: {install.stderr[-300:]}")
+        pytest.skip(
+            f"could not install webdataset 0.2.86 for open_clip_train: {install.stderr[-300:]}")
     shards = str(unplanted["data"] / "train" / "synth-{00000..00004}.tar")
     environment = dict(os.environ, PYTHONPATH=os.pathsep.join([str(target), str(ROOT)]))
     run = subprocess.run([sys.executable, "-c", OPEN_CLIP_LOADER, shards, str(TRAIN_SAMPLES)],

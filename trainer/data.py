@@ -42,7 +42,9 @@ def expand_shards(spec) -> list:
             found = sorted(glob.glob(str(path / "*.tar")))
             manifest = path / "manifest.json"
             if not found and manifest.exists():
-                found = [str(path / s["path"]) for s in json.loads(manifest.read_text())["train_shards"]]
+                found = [
+                    str(path / s["path"]) for s in json.loads(manifest.read_text())["train_shards"]
+                ]
             urls.extend(found)
         elif any(ch in part for ch in "*?[") and "://" not in part:
             urls.extend(sorted(glob.glob(part)))
@@ -57,10 +59,13 @@ def decode_sample(sample: dict) -> dict:
     """Decode one raw WebDataset sample: image via PIL, caption text, json metadata (if any)."""
     image_key = next((ext for ext in IMAGE_EXTENSIONS if ext in sample), None)
     if image_key is None:
-        raise ValueError(f"sample {sample.get('__key__')!r} in {sample.get('__url__')!r} has no image")
+        raise ValueError(
+            f"sample {sample.get('__key__')!r} in {sample.get('__url__')!r} has no image")
     if "txt" not in sample:
-        raise ValueError(f"sample {sample.get('__key__')!r} in {sample.get('__url__')!r} has no txt caption")
-    rgb = decode_image(sample[image_key])  # allowed formats only, bounded pixels (trainer/images.py)
+        raise ValueError(
+            f"sample {sample.get('__key__')!r} in {sample.get('__url__')!r} has no txt caption")
+    # allowed formats only, bounded pixels (trainer/images.py)
+    rgb = decode_image(sample[image_key])
     metadata = json.loads(sample["json"]) if "json" in sample else {}
     return {"key": sample["__key__"], "image": rgb, "text": sample["txt"].decode("utf-8"),
             "metadata": metadata, "image_bytes": sample[image_key]}
@@ -83,7 +88,8 @@ def _rank_and_worker() -> tuple:
 
 
 def seeded_sample_shuffle(bufsize: int, seed: int):
-    """A shuffle stage seeded by (seed, rank, worker), so a run is reproducible for a given layout."""
+    """A shuffle stage seeded by (seed, rank, worker), so a run is reproducible for a given layout.
+    """
     def stage(source):
         rank, worker = _rank_and_worker()
         rng = random.Random(f"{seed}/{rank}/{worker}")
@@ -101,7 +107,8 @@ def training_pipeline(urls, preprocess, tokenizer, batch_size, seed=0, epoch=0,
     handler = HANDLERS[on_bad_sample]
 
     def to_training_tuple(sample):
-        return preprocess(sample["image"]), tokenizer([sample["text"]])[0], balance_weight(sample["metadata"])
+        return preprocess(sample["image"]), tokenizer([sample["text"]
+                                                       ])[0], balance_weight(sample["metadata"])
 
     stages = [
         wds.SimpleShardList(list(urls), seed=seed * 1_000_003 + epoch),
@@ -127,12 +134,14 @@ def collate_training_batch(samples):
 def training_loader(pipeline, workers: int):
     """A DataLoader over an already-batched pipeline (batching happens inside the workers)."""
     return torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=workers,
-                                       persistent_workers=False, pin_memory=torch.cuda.is_available())
+                                       persistent_workers=False,
+                                       pin_memory=torch.cuda.is_available())
 
 
 @dataclass
 class LabelledSet:
-    """Images (encoded bytes, decoded lazily in batches), captions and label dicts, for evaluation."""
+    """Images (encoded bytes, decoded lazily in batches), captions and label dicts, for evaluation.
+    """
 
     keys: list = field(default_factory=list)
     image_bytes: list = field(default_factory=list)
@@ -183,7 +192,8 @@ def read_labelled_shards(spec, on_bad_sample="warn") -> LabelledSet:
 
 
 def read_image_folders(root, label_key: str) -> LabelledSet:
-    """Read root/LABEL/*.jpg|png|webp as images labelled {label_key: LABEL}; KEY.txt is the caption."""
+    """Read root/LABEL/*.jpg|png|webp as images labelled {label_key: LABEL}; KEY.txt is the caption.
+    """
     root = Path(root)
     result = LabelledSet()
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
@@ -205,11 +215,13 @@ def read_image_folders(root, label_key: str) -> LabelledSet:
 
 
 def read_labelled(source, label_key="perceived_gender", on_bad_sample="warn") -> LabelledSet:
-    """Read an evaluation set: a synth output dir (its eval shards), shard spec, or label folders."""
+    """Read an evaluation set: a synth output dir (its eval shards), shard spec, or label folders.
+    """
     path = Path(str(source))
     if path.is_dir() and (path / "manifest.json").exists() and (path / "eval").is_dir():
         manifest = json.loads((path / "manifest.json").read_text())
-        return read_labelled_shards([str(path / s["path"]) for s in manifest["eval_shards"]], on_bad_sample)
+        return read_labelled_shards([str(path / s["path"]) for s in manifest["eval_shards"]],
+                                    on_bad_sample)
     if path.is_dir() and not glob.glob(os.path.join(str(path), "*.tar")):
         return read_image_folders(path, label_key)
     return read_labelled_shards(str(source), on_bad_sample)

@@ -16,7 +16,9 @@ def _engine():
     import typeguard
 
     checked = typeguard.typechecked
-    typeguard.typechecked = lambda target=None, **_: target if target is not None else (lambda fn: fn)
+    typeguard.typechecked = lambda target=None, **_: (
+        target if target is not None else (lambda fn: fn)
+    )
     try:
         import inflect
     finally:
@@ -25,7 +27,7 @@ def _engine():
 
 
 def plural(term: str) -> str:
-    """"police officer" -> "police officers", "postman" -> "postmen", "businessperson" ->
+    """ "police officer" -> "police officers", "postman" -> "postmen", "businessperson" ->
     "businesspeople", "potato" -> "potatoes", "sheep" -> "sheep"."""
     return _engine().plural_noun(term)
 

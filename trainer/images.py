@@ -1,6 +1,7 @@
 """Image decoding with safety limits: which formats, how many pixels, what counts as broken.
 
-PIL only (no torch, no Beam): the annotate job checks images with it and the trainer decodes with it.
+PIL only (no torch, no Beam): the annotate job checks images with it and the trainer decodes with
+it.
 """
 import io
 import warnings
@@ -49,7 +50,8 @@ def check_image(data, level="full", max_pixels=DEFAULT_MAX_IMAGE_PIXELS) -> None
             image.draft("RGB", DRAFT_SIZE)
         image.load()
     except Exception as error:
-        raise ImageRejected("undecodable_image", f"{image.format} data is broken: {error}") from None
+        raise ImageRejected("undecodable_image",
+                            f"{image.format} data is broken: {error}") from None
 
 
 def open_image(data, max_pixels=DEFAULT_MAX_IMAGE_PIXELS):
@@ -76,4 +78,5 @@ def decode_image(data, max_pixels=DEFAULT_MAX_IMAGE_PIXELS, mode="RGB"):
         image.load()  # truncated or corrupt data fails here
         return image.convert(mode) if image.mode != mode else image
     except Exception as error:
-        raise ImageRejected("undecodable_image", f"{image.format} data is broken: {error}") from None
+        raise ImageRejected("undecodable_image",
+                            f"{image.format} data is broken: {error}") from None

@@ -1,6 +1,7 @@
 """Model bias and quality metrics on embeddings (DESIGN.md, "Bias of a model"); plain NumPy.
 
-Inputs are L2-normalised embeddings or predicted class indices, so every number can be checked by hand.
+Inputs are L2-normalised embeddings or predicted class indices, so every number can be checked by
+hand.
 """
 import numpy as np
 
@@ -21,7 +22,9 @@ def representation_bias(predicted, values, targets=None) -> dict:
     predicted = np.asarray(predicted)
     if predicted.size == 0:
         raise ValueError("representation bias needs at least one image")
-    targets = np.full(len(values), 1.0 / len(values)) if targets is None else np.asarray(targets, float)
+    targets = (
+        np.full(len(values), 1.0 / len(values)) if targets is None else np.asarray(targets, float)
+    )
     shares = np.bincount(predicted, minlength=len(values))[: len(values)] / predicted.size
     gaps = shares - targets
     return {
@@ -33,7 +36,8 @@ def representation_bias(predicted, values, targets=None) -> dict:
 
 
 def association_bias(predicted_concepts, attribute, concepts, value_a, value_b) -> dict:
-    """AB_r = P(pred = r | k = a) - P(pred = r | k = b) for each concept r, from zero-shot predictions.
+    """AB_r = P(pred = r | k = a) - P(pred = r | k = b) for each concept r, from zero-shot
+    predictions.
 
     predicted_concepts: concept index per image; attribute: the labelled value per image (images of
     other values are ignored). Reports every AB_r, the mean of |AB_r| and the largest |AB_r|.
@@ -43,8 +47,12 @@ def association_bias(predicted_concepts, attribute, concepts, value_a, value_b) 
     in_a, in_b = attribute == value_a, attribute == value_b
     if not in_a.any() or not in_b.any():
         raise ValueError(f"association bias needs images labelled {value_a!r} and {value_b!r}")
-    rate_a = np.bincount(predicted_concepts[in_a], minlength=len(concepts))[: len(concepts)] / in_a.sum()
-    rate_b = np.bincount(predicted_concepts[in_b], minlength=len(concepts))[: len(concepts)] / in_b.sum()
+    rate_a = (
+        np.bincount(predicted_concepts[in_a], minlength=len(concepts))[: len(concepts)] / in_a.sum()
+    )
+    rate_b = (
+        np.bincount(predicted_concepts[in_b], minlength=len(concepts))[: len(concepts)] / in_b.sum()
+    )
     per_concept = rate_a - rate_b
     worst = int(np.abs(per_concept).argmax())
     return {
@@ -62,12 +70,15 @@ def association_bias_along(ab_per_concept: dict, directions: dict):
     """Mean of d_r * AB_r over the concepts with a data direction d_r in {-1, +1}; None if none.
 
     d_r = +1 where the training data over-represents value a in concept r (share_a|r above a's
-    share in all the data), -1 where it under-represents it. Positive: the model reproduces the data's
-    association; about 0: whatever dependence it has points nowhere in particular (mean |AB_r|
-    still counts that); negative: it is reversed.
+    share in all the data), -1 where it under-represents it. Positive: the model reproduces the
+    data's association; about 0: whatever dependence it has points nowhere in particular
+    (mean |AB_r| still counts that); negative: it is reversed.
     """
-    terms = [directions[concept] * value for concept, value in ab_per_concept.items()
-             if directions.get(concept) in (-1, 1)]
+    terms = [
+        directions[concept] * value
+        for concept, value in ab_per_concept.items()
+        if directions.get(concept) in (-1, 1)
+    ]
     return float(np.mean(terms)) if terms else None
 
 

@@ -26,6 +26,7 @@ def register_model_configs() -> None:
 
 
 def strip_ddp_prefix(state_dict: dict) -> dict:
-    """Remove DistributedDataParallel's 'module.' prefix so single-process models load the weights."""
+    """Remove DistributedDataParallel's 'module.' prefix so single-process models load the weights.
+    """
     return {key[len("module."):] if key.startswith("module.") else key: value
             for key, value in state_dict.items()}

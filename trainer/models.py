@@ -11,8 +11,10 @@ import torch
 # annotator uses them without the trainer); re-exported here for the trainer's callers.
 from trainer.model_configs import DEFAULT_MODEL, register_model_configs, strip_ddp_prefix
 
-__all__ = ["DEFAULT_MODEL", "create_model", "load_checkpoint", "read_checkpoint", "register_model_configs",
-           "strip_ddp_prefix"]
+__all__ = [
+    "DEFAULT_MODEL", "create_model", "load_checkpoint", "read_checkpoint", "register_model_configs",
+    "strip_ddp_prefix"
+]
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +37,8 @@ def create_model(model_name: str = DEFAULT_MODEL, device="cpu"):
     Weights are random: no model zoo is contacted. Use load_checkpoint to load trained weights.
     """
     if model_name not in open_clip.list_models():
-        raise ValueError(f"unknown model {model_name!r}; known: {', '.join(open_clip.list_models())}")
+        raise ValueError(
+            f"unknown model {model_name!r}; known: {', '.join(open_clip.list_models())}")
     root, quiet = logging.getLogger(), _DropRandomInitWarning()
     root.addFilter(quiet)
     try:

@@ -27,18 +27,18 @@ ATTRIBUTE_VALUES = ("man", "woman")
 # name -> (caption phrases with people, caption without people, pair index, tint sign,
 #          default planted direction: +1 leans woman, -1 leans man)
 CONCEPTS = {
-    "kitchen": (("{s} cooking in a kitchen", "{s} standing in a kitchen", "a photo of {s} in a kitchen"),
-                "an empty kitchen", 0, +1, +1),
-    "office": (("{s} working in an office", "{s} sitting in an office", "a photo of {s} in an office"),
-               "an empty office", 0, -1, -1),
-    "garden": (("{s} working in a garden", "{s} standing in a garden", "a photo of {s} in a garden"),
-               "a quiet garden", 1, +1, +1),
+    "kitchen": (("{s} cooking in a kitchen", "{s} standing in a kitchen",
+                 "a photo of {s} in a kitchen"), "an empty kitchen", 0, +1, +1),
+    "office": (("{s} working in an office", "{s} sitting in an office",
+                "a photo of {s} in an office"), "an empty office", 0, -1, -1),
+    "garden": (("{s} working in a garden", "{s} standing in a garden",
+                "a photo of {s} in a garden"), "a quiet garden", 1, +1, +1),
     "street": (("{s} walking down a street", "{s} crossing a street", "a photo of {s} on a street"),
                "an empty street", 1, -1, -1),
     "beach": (("{s} walking on a beach", "{s} standing on a beach", "a photo of {s} on a beach"),
               "an empty beach", 2, +1, +1),
-    "bicycle": (("{s} riding a bicycle", "{s} standing next to a bicycle", "a photo of {s} with a bicycle"),
-                "a parked bicycle", 2, -1, -1),
+    "bicycle": (("{s} riding a bicycle", "{s} standing next to a bicycle",
+                 "a photo of {s} with a bicycle"), "a parked bicycle", 2, -1, -1),
     "dog": (("{s} walking a dog", "{s} playing with a dog", "a photo of {s} with a dog"),
             "a dog lying on the ground", 3, +1, +1),
     "horse": (("{s} riding a horse", "{s} standing next to a horse", "a photo of {s} with a horse"),
@@ -63,7 +63,9 @@ PROXIES = {"handbag": ("woman", (120, 40, 130)), "tie": ("man", (225, 200, 40))}
 # A proxy whose lean depends on the concept: concept -> the value it goes with there; absent in the
 # other concepts. Balancing gender within each concept leaves it leaning (women among aprons stay
 # about two in three); only a constraint on the proxy itself removes that.
-CONCEPT_PROXIES = {"apron": ({"kitchen": "woman", "garden": "woman", "horse": "man"}, (245, 245, 235))}
+CONCEPT_PROXIES = {
+    "apron": ({"kitchen": "woman", "garden": "woman", "horse": "man"}, (245, 245, 235))
+}
 NEUTRAL_KINDS = ("no_person", "ambiguous")
 AMBIGUOUS_COLOUR = (110, 110, 110)  # neither value's figure colour
 JPEG_QUALITY = 90  # img2dataset's default
@@ -94,7 +96,8 @@ class SynthConfig:
     # times (1 - proxy_strength) for the other value. 0 draws none.
     concept_proxy_rate: float = 0.0
     share_without_people: float = 0.1
-    caption_attribute_rate: float = 0.75  # captions that name the attribute ("a woman" vs "a person")
+    # captions that name the attribute ("a woman" vs "a person")
+    caption_attribute_rate: float = 0.75
     # P(a training person is drawn with the ambiguous figure, neither value's): the caption still
     # names the value it names, so a model can only learn these people's value from the data's
     # shares, a prior that shows as model RB on ambiguous evaluation figures. 0 draws none.
@@ -110,15 +113,18 @@ class SynthConfig:
             raise ValueError(f"unknown concepts {sorted(unknown)}; known: {', '.join(CONCEPTS)}")
         unknown = set(self.woman_share) - set(self.concepts)
         if unknown:
-            raise ValueError(f"woman_share names concepts that are not generated: {sorted(unknown)}")
+            raise ValueError(
+                f"woman_share names concepts that are not generated: {sorted(unknown)}")
         for name in ("association_strength", "people_woman_share", "proxy_rate", "proxy_strength",
-                     "concept_proxy_rate", "share_without_people", "caption_attribute_rate", "ambiguous_figure_rate",
-                     *[f"woman_share[{c}]" for c in self.woman_share]):
-            value = self.woman_share[name[12:-1]] if name.startswith("woman_share[") else getattr(self, name)
+                     "concept_proxy_rate", "share_without_people", "caption_attribute_rate",
+                     "ambiguous_figure_rate", *[f"woman_share[{c}]" for c in self.woman_share]):
+            value = self.woman_share[name[12:-1]] if name.startswith("woman_share[") else getattr(
+                self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {value}")
         if self.num_samples < 0 or self.samples_per_shard < 1 or self.image_size < 8:
-            raise ValueError("num_samples >= 0, samples_per_shard >= 1 and image_size >= 8 are required")
+            raise ValueError(
+                "num_samples >= 0, samples_per_shard >= 1 and image_size >= 8 are required")
         if self.eval_per_cell < 0 or self.neutral_eval_per_concept < 0:
             raise ValueError("eval_per_cell and neutral_eval_per_concept must be >= 0")
 
@@ -135,7 +141,8 @@ def draw_scene(rng, concept, gender, proxies, image_size) -> Image.Image:
     base = np.array(PAIR_BASE_COLOURS[pair], dtype=float)
     tint = tint_sign * CONCEPT_TINT * np.array([1.0, 0.0, -1.0])
     background = base + tint + rng.uniform(-COLOUR_JITTER, COLOUR_JITTER, size=3)
-    image = Image.new("RGB", (DRAW_SIZE, DRAW_SIZE), tuple(int(c) for c in np.clip(background, 0, 255)))
+    image = Image.new("RGB", (DRAW_SIZE, DRAW_SIZE),
+                      tuple(int(c) for c in np.clip(background, 0, 255)))
     draw = ImageDraw.Draw(image)
     # The concept's object, in a random corner region.
     ox, oy = rng.integers(2, 16), rng.integers(2, 16)
@@ -156,7 +163,8 @@ def draw_scene(rng, concept, gender, proxies, image_size) -> Image.Image:
         top = int(rng.integers(22, 30))
         colour = GLYPH_COLOURS.get(gender, AMBIGUOUS_COLOUR)
         draw.ellipse([x - 4, top - 9, x + 4, top - 1], fill=(235, 200, 170))  # head
-        if gender == "ambiguous":  # a plain grey column: neither the trousers nor the dress and hair
+        # a plain grey column: neither the trousers nor the dress and hair
+        if gender == "ambiguous":
             draw.rectangle([x - 6, top, x + 6, top + 28], fill=colour)
         elif gender == "man":  # straight torso and two legs
             draw.rectangle([x - 5, top, x + 5, top + 16], fill=colour)
@@ -176,7 +184,8 @@ def draw_scene(rng, concept, gender, proxies, image_size) -> Image.Image:
                 draw.rectangle([x - 1, top + 1, x + 1, top + 9], fill=proxy_colour)
     if image_size != DRAW_SIZE:
         image = image.resize((image_size, image_size), Image.BILINEAR)
-    pixels = np.asarray(image, dtype=float) + rng.normal(0, PIXEL_NOISE, size=(image_size, image_size, 3))
+    pixels = np.asarray(image, dtype=float) + rng.normal(0, PIXEL_NOISE,
+                                                         size=(image_size, image_size, 3))
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
@@ -216,14 +225,16 @@ def training_sample(config: SynthConfig, index: int) -> dict:
     name_attribute = bool(rng.random() < config.caption_attribute_rate)
     for name, (leans, _) in CONCEPT_PROXIES.items():
         if config.concept_proxy_rate > 0 and gender is not None and concept in leans:
-            rate = config.concept_proxy_rate * (1.0 if gender == leans[concept] else 1.0 - config.proxy_strength)
+            lean = 1.0 if gender == leans[concept] else 1.0 - config.proxy_strength
+            rate = config.concept_proxy_rate * lean
             if rng.random() < rate:
                 proxies.append(name)
     caption = write_caption(rng, concept, gender, proxies, name_attribute)
     # from a stream of its own, so every other sample (and every sample at rate 0) keeps its bytes
-    ambiguous = (gender is not None and config.ambiguous_figure_rate > 0
-                 and np.random.default_rng([config.seed, 4, index]).random() < config.ambiguous_figure_rate)
-    image = draw_scene(rng, concept, "ambiguous" if ambiguous else gender, proxies, config.image_size)
+    ambiguous = (gender is not None and config.ambiguous_figure_rate > 0 and np.random.default_rng(
+        [config.seed, 4, index]).random() < config.ambiguous_figure_rate)
+    image = draw_scene(rng, concept, "ambiguous" if ambiguous else gender, proxies,
+                       config.image_size)
     labels = {ATTRIBUTE_GROUP: gender, "concept": concept, "proxies": proxies,
               "caption_names_attribute": name_attribute and gender is not None}
     if ambiguous:
@@ -232,20 +243,24 @@ def training_sample(config: SynthConfig, index: int) -> dict:
 
 
 def evaluation_sample(config: SynthConfig, index: int) -> dict:
-    """Balanced evaluation image: every (value, concept) cell gets eval_per_cell images, no proxies."""
+    """Balanced evaluation image: every (value, concept) cell gets eval_per_cell images, no proxies.
+    """
     cell, _ = divmod(index, config.eval_per_cell)
     concept = config.concepts[cell // len(ATTRIBUTE_VALUES)]
     gender = ATTRIBUTE_VALUES[cell % len(ATTRIBUTE_VALUES)]
     rng = np.random.default_rng([config.seed, 2, index])
     caption = write_caption(rng, concept, gender, [], True)
     image = draw_scene(rng, concept, gender, [], config.image_size)
-    labels = {ATTRIBUTE_GROUP: gender, "concept": concept, "proxies": [], "caption_names_attribute": True}
+    labels = {
+        ATTRIBUTE_GROUP: gender, "concept": concept, "proxies": [], "caption_names_attribute": True
+    }
     return encode_sample(f"eval{index:06d}", image, caption, labels, {"woman_share": 0.5})
 
 
 def neutral_sample(config: SynthConfig, index: int) -> dict:
-    """Evaluation image with no perceived attribute, for model RB: per concept, neutral_eval_per_concept
-    scenes without people, then as many people drawn ambiguously (captioned "a person ...")."""
+    """Evaluation image with no perceived attribute, for model RB: per concept,
+    neutral_eval_per_concept scenes without people, then as many people drawn ambiguously (captioned
+    "a person ...")."""
     per_concept = 2 * config.neutral_eval_per_concept
     concept = config.concepts[index // per_concept]
     kind = NEUTRAL_KINDS[(index % per_concept) // config.neutral_eval_per_concept]
@@ -253,8 +268,10 @@ def neutral_sample(config: SynthConfig, index: int) -> dict:
     figure = "ambiguous" if kind == "ambiguous" else None
     caption = write_caption(rng, concept, figure, [], False)
     image = draw_scene(rng, concept, figure, [], config.image_size)
-    labels = {ATTRIBUTE_GROUP: None, "concept": concept, "proxies": [], "caption_names_attribute": False,
-              "neutral": kind}
+    labels = {
+        ATTRIBUTE_GROUP: None, "concept": concept, "proxies": [], "caption_names_attribute": False,
+        "neutral": kind
+    }
     return encode_sample(f"neutral{index:06d}", image, caption, labels, {"woman_share": None})
 
 
@@ -290,28 +307,35 @@ def make_synthetic(output, config: SynthConfig = None) -> dict:
                               config.samples_per_shard)
     neutral_size = 2 * config.neutral_eval_per_concept * len(config.concepts)
     neutral = write_shards(str(output / "eval" / "neutral-%05d.tar"),
-                           (neutral_sample(config, i) for i in range(neutral_size)), config.samples_per_shard)
+                           (neutral_sample(config, i) for i in range(neutral_size)),
+                           config.samples_per_shard)
     manifest = {
         "generator": "balancebeam synth",
         "config": {**asdict(config), "concepts": list(config.concepts)},
         "attribute_group": ATTRIBUTE_GROUP,
         "attribute_values": list(ATTRIBUTE_VALUES),
         "concepts": list(config.concepts),
-        "proxies": {name: value for name, (value, _) in PROXIES.items()},
-        "concept_proxies": {name: leans for name, (leans, _) in CONCEPT_PROXIES.items()}
+        "proxies": {name: value
+                    for name, (value, _) in PROXIES.items()},
+        "concept_proxies": {name: leans
+                            for name, (leans, _) in CONCEPT_PROXIES.items()}
         if config.concept_proxy_rate > 0 else {},
-        "planted_woman_share": {c: config.planted_woman_share(c) for c in config.concepts},
+        "planted_woman_share": {c: config.planted_woman_share(c)
+                                for c in config.concepts},
         "train_shards": [{**s, "path": str(Path(s["path"]).relative_to(output))} for s in train],
         # the balanced set, then the neutral one (no perceived attribute, for model RB)
-        "eval_shards": [{**s, "path": str(Path(s["path"]).relative_to(output))} for s in evaluation + neutral],
+        "eval_shards": [{**s, "path": str(Path(s["path"]).relative_to(output))}
+                        for s in evaluation + neutral],
         "train_samples": sum(s["samples"] for s in train),
         "eval_samples": sum(s["samples"] for s in evaluation),
         "neutral_eval_samples": sum(s["samples"] for s in neutral),
     }
     (output / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    log.info("wrote %d training samples in %d shards, %d balanced and %d neutral evaluation samples to %s",
-             manifest["train_samples"], len(train), manifest["eval_samples"], manifest["neutral_eval_samples"],
-             output)
+    log.info(
+        "wrote %d training samples in %d shards, %d balanced and %d neutral evaluation samples to "
+        "%s",
+        manifest["train_samples"], len(train), manifest["eval_samples"],
+        manifest["neutral_eval_samples"], output)
     return manifest
 
 
@@ -321,7 +345,8 @@ def parse_args(argv):
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  balancebeam synth --output synth/\n"
                "  balancebeam synth --output synth/ --num-samples 6000 --woman-share 0.3\n")
-    parser.add_argument("--output", required=True, help="directory for train/, eval/ and manifest.json")
+    parser.add_argument("--output", required=True,
+                        help="directory for train/, eval/ and manifest.json")
     parser.add_argument("--num-samples", type=int, default=defaults.num_samples)
     parser.add_argument("--image-size", type=int, default=defaults.image_size)
     parser.add_argument("--seed", type=int, default=defaults.seed)
@@ -330,22 +355,27 @@ def parse_args(argv):
                         help="0 plants no gender-concept association, 1 a perfect one")
     parser.add_argument("--people-woman-share", type=float, default=defaults.people_woman_share,
                         help="share of women among all people: 0.5 plants no representation bias")
-    parser.add_argument("--woman-share", action="append", default=[], metavar="CONCEPT=SHARE",
-                        help="share of women among people in CONCEPT (repeatable; overrides the strength)")
-    parser.add_argument("--concepts", default=",".join(CONCEPTS), help="comma-separated subset of concepts")
+    parser.add_argument(
+        "--woman-share", action="append", default=[], metavar="CONCEPT=SHARE",
+        help="share of women among people in CONCEPT (repeatable; overrides the strength)")
+    parser.add_argument("--concepts", default=",".join(CONCEPTS),
+                        help="comma-separated subset of concepts")
     parser.add_argument("--proxy-rate", type=float, default=defaults.proxy_rate)
     parser.add_argument("--proxy-strength", type=float, default=defaults.proxy_strength)
     parser.add_argument("--share-without-people", type=float, default=defaults.share_without_people)
-    parser.add_argument("--caption-attribute-rate", type=float, default=defaults.caption_attribute_rate)
+    parser.add_argument("--caption-attribute-rate", type=float,
+                        default=defaults.caption_attribute_rate)
     parser.add_argument("--concept-proxy-rate", type=float, default=defaults.concept_proxy_rate,
                         help="rate of the concept-dependent proxy (an apron); 0 draws none")
-    parser.add_argument("--ambiguous-figure-rate", type=float, default=defaults.ambiguous_figure_rate,
-                        help="share of training people drawn with the ambiguous figure (their caption "
-                             "still names them): plants a prior that shows as model RB; 0 draws none")
+    parser.add_argument(
+        "--ambiguous-figure-rate", type=float, default=defaults.ambiguous_figure_rate,
+        help="share of training people drawn with the ambiguous figure (their caption "
+        "still names them): plants a prior that shows as model RB; 0 draws none")
     parser.add_argument("--eval-per-cell", type=int, default=defaults.eval_per_cell)
-    parser.add_argument("--neutral-eval-per-concept", type=int, default=defaults.neutral_eval_per_concept,
-                        help="evaluation images per concept without a perceived attribute, of each kind "
-                             "(no person; an ambiguous figure), for model RB")
+    parser.add_argument(
+        "--neutral-eval-per-concept", type=int, default=defaults.neutral_eval_per_concept,
+        help="evaluation images per concept without a perceived attribute, of each kind "
+        "(no person; an ambiguous figure), for model RB")
     return parser.parse_args(argv)
 
 
@@ -363,12 +393,12 @@ def main(argv=None) -> int:
     config = SynthConfig(
         num_samples=args.num_samples, image_size=args.image_size, seed=args.seed,
         samples_per_shard=args.samples_per_shard, association_strength=args.association_strength,
-        people_woman_share=args.people_woman_share, woman_share=woman_share,
-        concepts=tuple(c.strip() for c in args.concepts.split(",") if c.strip()),
-        proxy_rate=args.proxy_rate, proxy_strength=args.proxy_strength,
-        share_without_people=args.share_without_people,
+        people_woman_share=args.people_woman_share, woman_share=woman_share, concepts=tuple(
+            c.strip() for c in args.concepts.split(",") if c.strip()), proxy_rate=args.proxy_rate,
+        proxy_strength=args.proxy_strength, share_without_people=args.share_without_people,
         caption_attribute_rate=args.caption_attribute_rate, eval_per_cell=args.eval_per_cell,
-        concept_proxy_rate=args.concept_proxy_rate, neutral_eval_per_concept=args.neutral_eval_per_concept,
+        concept_proxy_rate=args.concept_proxy_rate,
+        neutral_eval_per_concept=args.neutral_eval_per_concept,
         ambiguous_figure_rate=args.ambiguous_figure_rate)
     try:
         manifest = make_synthetic(args.output, config)

@@ -31,7 +31,8 @@ MAX_LOGIT_SCALE = math.log(100)
 class TrainConfig:
     data: str = ""  # shard spec: glob, brace pattern, directory, comma-separated list
     output: str = ""
-    model: str = None  # open_clip architecture; None = the init checkpoint's, else models.DEFAULT_MODEL
+    # open_clip architecture; None = the init checkpoint's, else models.DEFAULT_MODEL
+    model: str = None
     loss: str = "clip"  # clip (softmax) or siglip (sigmoid)
     steps: int = 300
     batch_size: int = 64
@@ -40,7 +41,8 @@ class TrainConfig:
     warmup_steps: int = 30
     grad_clip: float = 1.0  # max gradient L2 norm; 0 turns clipping off
     workers: int = 0
-    threads: int = 0  # torch intra-op threads; 0 keeps torch's default. 1 avoids oversubscription on busy CPUs
+    # torch intra-op threads; 0 keeps torch's default. 1 avoids oversubscription on busy CPUs
+    threads: int = 0
     seed: int = 0
     shuffle_buffer: int = shard_data.DEFAULT_SHUFFLE_BUFFER
     sample_weights: bool = False  # weight each sample's loss by its json balance.weight
@@ -71,14 +73,17 @@ def cosine_with_warmup(warmup_steps: int, total_steps: int):
 
 
 def parameter_groups(model, weight_decay):
-    """No weight decay on gains, biases, embeddings of position and the logit scale (as open_clip)."""
+    """No weight decay on gains, biases, embeddings of position and the logit scale (as open_clip).
+    """
     decay, no_decay = [], []
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
-        exclude = parameter.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+        exclude = parameter.ndim < 2 or any(part in name
+                                            for part in ("bn", "ln", "bias", "logit_scale"))
         (no_decay if exclude else decay).append(parameter)
-    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+    return [{"params": no_decay, "weight_decay": 0.0},
+            {"params": decay, "weight_decay": weight_decay}]
 
 
 def setup_distributed(device_name):
@@ -121,9 +126,11 @@ def train(config: TrainConfig) -> dict:
     if config.resume == "auto" and not resume_path.exists():
         resume_path = None
     resumed = models.read_checkpoint(resume_path) if resume_path else None
-    initial = models.read_checkpoint(config.init_checkpoint) if config.init_checkpoint and not resumed else None
+    initial = models.read_checkpoint(
+        config.init_checkpoint) if config.init_checkpoint and not resumed else None
 
-    model_name = config.model or (resumed or initial or {}).get("model_name") or models.DEFAULT_MODEL
+    stored = (resumed or initial or {}).get("model_name")
+    model_name = config.model or stored or models.DEFAULT_MODEL
     for source in (resumed, initial):
         if source and source["model_name"] != model_name:
             raise ValueError(f"checkpoint is a {source['model_name']} model, not {model_name}")
@@ -141,7 +148,8 @@ def train(config: TrainConfig) -> dict:
         optimizer.load_state_dict(resumed["optimizer"])
         scheduler.load_state_dict(resumed["scheduler"])
         step, epoch, batch_in_epoch = resumed["step"], resumed["epoch"], resumed["batch_in_epoch"]
-        log.info("resumed from %s at step %d (epoch %d, batch %d)", resume_path, step, epoch, batch_in_epoch)
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", resume_path, step, epoch,
+                 batch_in_epoch)
     trained_model = torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
     use_bf16 = device.type == "cuda" and config.precision in ("auto", "bf16")
     if config.precision == "bf16" and device.type != "cuda":
@@ -152,7 +160,8 @@ def train(config: TrainConfig) -> dict:
              model_name, config.loss, len(urls), config.batch_size, world_size, config.steps)
     metrics_file = open(output / "metrics.jsonl", "a") if rank == 0 else None
     show_progress = rank == 0 and progress_policy.enabled(config.progress)
-    progress = tqdm(total=config.steps, initial=step, disable=not show_progress, desc="train", unit="step")
+    progress = tqdm(total=config.steps, initial=step, disable=not show_progress, desc="train",
+                    unit="step")
     recent_losses, started, started_step = [], time.perf_counter(), step
 
     def state():
@@ -163,23 +172,25 @@ def train(config: TrainConfig) -> dict:
 
     model.train()
     while step < config.steps:
-        pipeline = shard_data.training_pipeline(urls, train_preprocess, tokenizer, config.batch_size,
-                                          seed=config.seed, epoch=epoch,
-                                          shuffle_buffer=config.shuffle_buffer,
-                                          on_bad_sample=config.on_bad_sample)
+        pipeline = shard_data.training_pipeline(urls, train_preprocess, tokenizer,
+                                                config.batch_size, seed=config.seed, epoch=epoch,
+                                                shuffle_buffer=config.shuffle_buffer,
+                                                on_bad_sample=config.on_bad_sample)
         batches_seen = 0
         for images, texts, weights in shard_data.training_loader(pipeline, config.workers):
             batches_seen += 1
             if batches_seen <= batch_in_epoch:  # resuming mid-epoch: skip what was trained on
                 continue
-            images, texts = images.to(device, non_blocking=True), texts.to(device, non_blocking=True)
+            images, texts = images.to(device,
+                                      non_blocking=True), texts.to(device, non_blocking=True)
             weights = weights.to(device) if config.sample_weights else None
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 out = trained_model(images, texts)
                 loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"],
                                weights=weights, logit_bias=out.get("logit_bias"))
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()} at step {step}; lower --lr or check the data")
+                raise FloatingPointError(
+                    f"loss is {loss.item()} at step {step}; lower --lr or check the data")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.grad_clip > 0:
@@ -194,25 +205,32 @@ def train(config: TrainConfig) -> dict:
             progress.update(1)
             if rank == 0 and (step % config.log_every == 0 or step == config.steps):
                 elapsed = time.perf_counter() - started
-                record = {"step": step, "epoch": epoch, "loss": sum(recent_losses) / len(recent_losses),
-                          "lr": scheduler.get_last_lr()[0], "logit_scale": model.logit_scale.exp().item(),
-                          "steps_per_s": (step - started_step) / elapsed,
-                          "samples_per_s": (step - started_step) * config.batch_size * world_size / elapsed}
+                record = {
+                    "step": step, "epoch": epoch, "loss": sum(recent_losses) / len(recent_losses),
+                    "lr": scheduler.get_last_lr()[0], "logit_scale": model.logit_scale.exp().item(),
+                    "steps_per_s": (step - started_step) / elapsed,
+                    "samples_per_s":
+                        (step - started_step) * config.batch_size * world_size / elapsed
+                }
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
-                progress.set_postfix(loss=f"{record['loss']:.3f}", steps_s=f"{record['steps_per_s']:.1f}")
-                log.info("step %d/%d  loss %.4f  lr %.2e  %.1f steps/s  %.0f samples/s", step, config.steps,
-                         record["loss"], record["lr"], record["steps_per_s"], record["samples_per_s"])
+                progress.set_postfix(loss=f"{record['loss']:.3f}",
+                                     steps_s=f"{record['steps_per_s']:.1f}")
+                log.info("step %d/%d  loss %.4f  lr %.2e  %.1f steps/s  %.0f samples/s", step,
+                         config.steps, record["loss"], record["lr"], record["steps_per_s"],
+                         record["samples_per_s"])
                 recent_losses = []
-            if rank == 0 and config.save_every and step % config.save_every == 0 and step < config.steps:
+            periodic = config.save_every and step % config.save_every == 0
+            if rank == 0 and periodic and step < config.steps:
                 save_checkpoint(checkpoint_dir / f"step-{step:07d}.pt", state())
                 save_checkpoint(checkpoint_dir / "latest.pt", state())
             if step >= config.steps:
                 break
         else:  # the epoch ran out of batches before the step budget
             if batches_seen == 0:
-                raise RuntimeError(f"no full batch of {config.batch_size} samples could be read from "
-                                   f"{config.data} by this process (rank {rank})")
+                raise RuntimeError(
+                    f"no full batch of {config.batch_size} samples could be read from "
+                    f"{config.data} by this process (rank {rank})")
             log.info("epoch %d done: %d batches", epoch, batches_seen)
             epoch, batch_in_epoch = epoch + 1, 0
     progress.close()
@@ -231,27 +249,37 @@ def train(config: TrainConfig) -> dict:
 
 def parse_args(argv) -> TrainConfig:
     defaults = TrainConfig()
-    parser = argparse.ArgumentParser(prog="balancebeam train", description=__doc__.splitlines()[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n"
-               "  balancebeam train --data 'out/release/*.tar' --output runs/balanced --steps 300\n"
-               "  balancebeam train --data 'out/release/*.tar' --output runs/weighted --sample-weights --device cuda\n")
-    parser.add_argument("--data", required=True, help="shards: glob, {a..b} pattern, directory or list")
-    parser.add_argument("--output", required=True, help="directory for checkpoints/ and metrics.jsonl")
-    parser.add_argument("--model", default=None,
-                        help=f"open_clip architecture (default: the checkpoint's, else {models.DEFAULT_MODEL})")
+    parser = argparse.ArgumentParser(
+        prog="balancebeam train", description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog="examples:\n"
+        "  balancebeam train --data 'out/release/*.tar' --output runs/balanced --steps 300\n"
+        "  balancebeam train --data 'out/release/*.tar' --output runs/weighted --sample-weights "
+        "--device cuda\n"
+    )
+    parser.add_argument("--data", required=True,
+                        help="shards: glob, {a..b} pattern, directory or list")
+    parser.add_argument("--output", required=True,
+                        help="directory for checkpoints/ and metrics.jsonl")
+    parser.add_argument(
+        "--model", default=None,
+        help=f"open_clip architecture (default: the checkpoint's, else {models.DEFAULT_MODEL})")
     parser.add_argument("--loss", choices=sorted(losses.LOSSES), default=defaults.loss)
-    for name in ("steps", "batch_size", "warmup_steps", "workers", "threads", "seed", "shuffle_buffer",
-                 "save_every", "log_every"):
-        parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
+    for name in ("steps", "batch_size", "warmup_steps", "workers", "threads", "seed",
+                 "shuffle_buffer", "save_every", "log_every"):
+        parser.add_argument("--" + name.replace("_", "-"), type=int,
+                            default=getattr(defaults, name))
     for name in ("lr", "weight_decay", "grad_clip"):
-        parser.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(defaults, name))
-    parser.add_argument("--sample-weights", action="store_true", help="weight the loss by json balance.weight")
+        parser.add_argument("--" + name.replace("_", "-"), type=float,
+                            default=getattr(defaults, name))
+    parser.add_argument("--sample-weights", action="store_true",
+                        help="weight the loss by json balance.weight")
     parser.add_argument("--init-checkpoint", help="start from these weights (fine-tuning)")
-    parser.add_argument("--resume", help="checkpoint to resume, or 'auto' for OUTPUT/checkpoints/latest.pt")
+    parser.add_argument("--resume",
+                        help="checkpoint to resume, or 'auto' for OUTPUT/checkpoints/latest.pt")
     parser.add_argument("--device", default=defaults.device)
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=defaults.precision)
-    parser.add_argument("--on-bad-sample", choices=sorted(shard_data.HANDLERS), default=defaults.on_bad_sample)
+    parser.add_argument("--on-bad-sample", choices=sorted(shard_data.HANDLERS),
+                        default=defaults.on_bad_sample)
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
     return TrainConfig(**vars(parser.parse_args(argv)))
 

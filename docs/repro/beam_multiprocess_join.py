@@ -5,7 +5,8 @@ records), ReadFromParquet reads two Parquet files holding the same keys, CoGroup
 key, and each side is counted after the join. Every count must equal the number of rows; see
 docs/beam-data-loss.md for what was observed and when.
 
-Usage: python docs/repro/beam_multiprocess_join.py [--rows 1000000] [--workers 4] [--runs 3] [--work DIR]
+Usage: python docs/repro/beam_multiprocess_join.py [--rows 1000000] [--workers 4] [--runs 3] \
+           [--work DIR]
 """
 import argparse
 import json
@@ -14,7 +15,8 @@ import sys
 import tempfile
 import time
 
-COCO_CAPTIONS = pathlib.Path(__file__).resolve().parents[3] / "shared" / "data" / "coco_val2017_captions.json"
+COCO_CAPTIONS = pathlib.Path(
+    __file__).resolve().parents[3] / "shared" / "data" / "coco_val2017_captions.json"
 
 
 def make_data(work: pathlib.Path, rows: int):
@@ -49,7 +51,10 @@ def read_jsonl(path):
 
 def count_sides(element):
     _, groups = element
-    return {"samples": len(list(groups["samples"])), "decisions": len(list(groups["decisions"])), "keys": 1}
+    return {
+        "samples": len(list(groups["samples"])), "decisions": len(list(groups["decisions"])),
+        "keys": 1
+    }
 
 
 def add(dicts):
@@ -64,10 +69,13 @@ def run_once(jsonl, parquet_glob, workers, output):
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    options = PipelineOptions(["--direct_running_mode=multi_processing", f"--direct_num_workers={workers}",
-                               "--default_sdk_harness_log_level=ERROR"])
+    options = PipelineOptions([
+        "--direct_running_mode=multi_processing", f"--direct_num_workers={workers}",
+        "--default_sdk_harness_log_level=ERROR"
+    ])
     with beam.Pipeline(options=options) as pipeline:
-        samples = pipeline | "Path" >> beam.Create([str(jsonl)]) | "ReadJsonl" >> beam.FlatMap(read_jsonl)
+        samples = pipeline | "Path" >> beam.Create([str(jsonl)
+                                                    ]) | "ReadJsonl" >> beam.FlatMap(read_jsonl)
         decisions = (pipeline
                      | beam.io.ReadFromParquet(parquet_glob, columns=["key", "position"])
                      | beam.Map(lambda row: (row["key"], row["position"])))
@@ -93,7 +101,10 @@ def main(argv=None):
     for run in range(args.runs):
         started = time.time()
         counts = run_once(jsonl, parquet_glob, args.workers, work / "counts.json")
-        lost = {side: args.rows - counts[side] for side in ("samples", "decisions") if counts[side] != args.rows}
+        lost = {
+            side: args.rows - counts[side]
+            for side in ("samples", "decisions") if counts[side] != args.rows
+        }
         lost_runs += bool(lost)
         print(f"run {run + 1}: {counts} in {time.time() - started:.0f} s; "
               + (f"LOST {lost}" if lost else "complete"), flush=True)

@@ -48,7 +48,8 @@ class ZeroShotConfig:
     batch_size: int = DEFAULT_BATCH_SIZE
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     torch_threads: int = 0       # 0: torch's default
-    prompt_embeddings: str = None  # prompts.npz from `balancebeam embed-prompts`: score embeddings, no model
+    # prompts.npz from `balancebeam embed-prompts`: score embeddings, no model
+    prompt_embeddings: str = None
 
 
 def _read_bytes(path):
@@ -59,8 +60,9 @@ def _read_bytes(path):
 
 
 def checkpoint_state_dict(state, config):
-    """The model weights in a loaded checkpoint: a plain state dict, {"state_dict": ...} (open_clip's
-    trainer) or a `balancebeam train` checkpoint ({"model": ..., "model_name": ...})."""
+    """The model weights in a loaded checkpoint: a plain state dict, {"state_dict": ...}
+    (open_clip's trainer) or a `balancebeam train` checkpoint ({"model": ..., "model_name": ...}).
+    """
     if isinstance(state, dict) and "state_dict" in state:
         return state["state_dict"]
     if isinstance(state, dict) and "model" in state and "model_name" in state:
@@ -88,10 +90,12 @@ def load_model(config):
             json.loads(open(local, encoding="utf-8").read())  # a clear error if it is not JSON
             open_clip.add_model_config(local)
     elif config.architecture not in open_clip.list_models():
-        from trainer.model_configs import register_model_configs  # balancebeam's own configs (bb-tiny-vit, ...)
+        # balancebeam's own configs (bb-tiny-vit, ...)
+        from trainer.model_configs import register_model_configs
 
         register_model_configs()
-    model, _, preprocess = open_clip.create_model_and_transforms(config.architecture, pretrained=None)
+    model, _, preprocess = open_clip.create_model_and_transforms(config.architecture,
+                                                                 pretrained=None)
     if config.checkpoint:
         state = torch.load(io.BytesIO(_read_bytes(config.checkpoint)), map_location="cpu",
                            weights_only=True)
@@ -124,7 +128,8 @@ class ZeroShotImageAnnotator:
 
     def _loaded(self):
         if self._state is None and self.config.prompt_embeddings:
-            self._state = load_prompt_embeddings(self.config.prompt_embeddings, self.groups, self.concepts)
+            self._state = load_prompt_embeddings(self.config.prompt_embeddings, self.groups,
+                                                 self.concepts)
         if self._state is None:
             import torch
 
@@ -157,10 +162,13 @@ class ZeroShotImageAnnotator:
     def prompt_arrays(self) -> dict:
         """The prompts' embeddings and names as plain arrays: what prompts.npz holds."""
         state = self._loaded()
-        arrays = {"logit_scale": np.float32(state["logit_scale"]), "no_person": state["no_person"],
-                  "group_names": np.array(list(self.groups), dtype=str),
-                  "concept_names": np.array(self.concepts, dtype=str),
-                  "concepts": state["concepts"] if state["concepts"] is not None else np.zeros((0, self.embed_dim))}
+        arrays = {
+            "logit_scale": np.float32(state["logit_scale"]), "no_person": state["no_person"],
+            "group_names": np.array(list(self.groups),
+                                    dtype=str), "concept_names": np.array(self.concepts, dtype=str),
+            "concepts": state["concepts"] if state["concepts"] is not None else np.zeros(
+                (0, self.embed_dim))
+        }
         for index, (group, values) in enumerate(self.groups.items()):
             arrays[f"group_{index}"] = state["groups"][group]
             arrays[f"group_{index}_values"] = np.array(values, dtype=str)
@@ -172,8 +180,9 @@ class ZeroShotImageAnnotator:
 
         state = self._loaded()
         if "model" not in state:
-            raise ValueError("this annotator scores precomputed embeddings only (--prompt-embeddings); the "
-                             "sample has an image but no embedding: pass --embeddings-field, or --image-model")
+            raise ValueError(
+                "this annotator scores precomputed embeddings only (--prompt-embeddings); the "
+                "sample has an image but no embedding: pass --embeddings-field, or --image-model")
         pixels = torch.stack([state["preprocess"](decode_image(data, self.config.max_image_pixels))
                               for data in images_bytes])
         with torch.no_grad():
@@ -182,8 +191,8 @@ class ZeroShotImageAnnotator:
     def annotate_embeddings(self, embeddings, person_visible=None):
         """[(attributes, concepts, scores)] per row of `embeddings` (batch, dim).
 
-        person_visible: per row True / False / None; where given (e.g. from DataComp's face_bboxes), it
-        decides whether anybody is shown instead of the prompts' margin rule.
+        person_visible: per row True / False / None; where given (e.g. from DataComp's face_bboxes),
+        it decides whether anybody is shown instead of the prompts' margin rule.
         """
         state = self._loaded()
         embeddings = np.asarray(embeddings, dtype=np.float32)
@@ -211,7 +220,8 @@ class ZeroShotImageAnnotator:
             chosen = (best[:, None] - similarity <= self.config.overlap_margin) & visible[:, None]
             labels = [f"{group}:{value}" for value in values]
             rows, indices = np.nonzero(chosen)  # row by row, values in order
-            for row, index, score in zip(rows.tolist(), indices.tolist(), probability[rows, indices].tolist()):
+            for row, index, score in zip(rows.tolist(), indices.tolist(),
+                                         probability[rows, indices].tolist()):
                 attributes, _, scores = results[row]
                 attributes.append(labels[index])
                 scores[labels[index]] = round(score, 4)
@@ -227,24 +237,31 @@ class ZeroShotImageAnnotator:
 
 
 def load_prompt_embeddings(path: str, groups: dict, concepts: tuple) -> dict:
-    """prompts.npz -> the annotator's scoring state; its groups, values and concepts must be the lexicon's."""
+    """prompts.npz -> the annotator's scoring state; its groups, values and concepts must be the
+    lexicon's."""
     with np.load(io.BytesIO(_read_bytes(path)), allow_pickle=False) as stored:
         arrays = {name: stored[name] for name in stored.files}
     found_groups = {str(name): tuple(str(v) for v in arrays[f"group_{i}_values"])
                     for i, name in enumerate(arrays["group_names"])}
     found_concepts = tuple(str(c) for c in arrays["concept_names"])
     if found_groups != dict(groups) or found_concepts != tuple(concepts):
-        raise ValueError(f"{path} was made for other labels ({len(found_groups)} groups, {len(found_concepts)} "
-                         f"concepts) than this lexicon's ({len(groups)} groups, {len(concepts)} concepts): run "
-                         "`balancebeam embed-prompts` again with the same --lexicon")
-    return {"logit_scale": float(arrays["logit_scale"]), "no_person": arrays["no_person"].astype(np.float32),
-            "groups": {group: arrays[f"group_{i}"].astype(np.float32) for i, group in enumerate(found_groups)},
-            "concepts": arrays["concepts"].astype(np.float32) if len(found_concepts) else None}
+        raise ValueError(
+            f"{path} was made for other labels ({len(found_groups)} groups, {len(found_concepts)} "
+            f"concepts) than this lexicon's ({len(groups)} groups, {len(concepts)} concepts): run "
+            "`balancebeam embed-prompts` again with the same --lexicon")
+    return {
+        "logit_scale": float(arrays["logit_scale"]),
+        "no_person": arrays["no_person"].astype(np.float32), "groups": {
+            group: arrays[f"group_{i}"].astype(np.float32)
+            for i, group in enumerate(found_groups)
+        }, "concepts": arrays["concepts"].astype(np.float32) if len(found_concepts) else None
+    }
 
 
 def _top_concepts(probability, k, floor):
     """(row, concept index) of each row's k most probable concepts with probability >= floor, in
-    decreasing probability (ties: lower index first), as a stable argsort of -probability gives them.
+    decreasing probability (ties: lower index first), as a stable argsort of -probability gives
+    them.
 
     With floor > 0 only the concepts at or above it are sorted: they are a prefix of that order.
     """

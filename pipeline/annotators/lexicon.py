@@ -78,7 +78,8 @@ class Lexicon:
 
 
 def parse_lexicon_file(path):
-    """Returns (kind, {label: terms}) for one file; raises LexiconError with the line on mistakes."""
+    """Returns (kind, {label: terms}) for one file; raises LexiconError with the line on mistakes.
+    """
     path = pathlib.Path(path)
     directives = {"kind": None, "group": path.stem, "plurals": "none"}
     logical_lines = []  # (line number, text); indented lines continue the previous entry
@@ -114,5 +115,6 @@ def parse_lexicon_file(path):
         # A generated plural never overrides a term listed explicitly elsewhere ("glasses").
         listed = {term for terms in explicit.values() for term in terms}
         for terms in explicit.values():
-            terms.extend(p for p in map(plural_of, list(terms)) if p not in listed and p not in terms)
+            terms.extend(p for p in map(plural_of, list(terms))
+                         if p not in listed and p not in terms)
     return kind, {label: tuple(terms) for label, terms in explicit.items()}

@@ -23,7 +23,8 @@ def normalise_caption(text):
 
 
 class TextAnnotator:
-    """Callable: caption -> (attributes, concepts, evidence). Picklable; builds its automaton lazily.
+    """Callable: caption -> (attributes, concepts, evidence). Picklable; builds its automaton
+    lazily.
 
     attributes: sorted "group:value" labels; concepts: sorted concept names;
     evidence: {"text": {label: [words]}, "concepts": {concept: "text"}} as the caption wrote them.
@@ -52,8 +53,8 @@ class TextAnnotator:
         return automaton
 
     def __call__(self, text):
-        """(attributes, concepts, evidence) of one caption; shared with other captions of the same hits,
-        so callers read them and do not modify them."""
+        """(attributes, concepts, evidence) of one caption; shared with other captions of the same
+        hits, so callers read them and do not modify them."""
         return self.labels(text)[:3]
 
     def labels(self, text):

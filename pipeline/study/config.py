@@ -28,7 +28,9 @@ DEFAULTS = {
         "synthetic": {"num_samples": 6000, "image_size": 32, "seed": 0},
         # ... or give shards: train (shard spec), eval (synth dir, shards or label folders),
         # concepts (labels of interest: a list, or a file with one per line)
-        "train": None, "eval": None, "concepts": None,
+        "train": None,
+        "eval": None,
+        "concepts": None,
     },
     "balance": {
         "keep_rate": "max",  # a fraction, or the largest feasible
@@ -39,13 +41,20 @@ DEFAULTS = {
         "extra_args": [],  # more `balancebeam run` flags, e.g. [--association-gap, "0.02"]
     },
     "train": {
-        "model": "bb-tiny-vit", "loss": "clip", "steps": 300, "warmup_steps": 30, "batch_size": 64,
-        "lr": 1e-3, "threads": 0,
+        "model": "bb-tiny-vit",
+        "loss": "clip",
+        "steps": 300,
+        "warmup_steps": 30,
+        "batch_size": 64,
+        "lr": 1e-3,
+        "threads": 0,
         "checkpoints": 10,  # evaluation points per run: a checkpoint every steps / checkpoints
         "sample_weights": None,  # None: on exactly when balance.mode is weights
     },
     "schedules": [],  # [{first: original, then: balanced, switch_at: 0.1}, ...]
-    "evaluation": {"attribute_template": "a photo of a {}.", "concept_template": "a photo of a {}."},
+    "evaluation": {
+        "attribute_template": "a photo of a {}.", "concept_template": "a photo of a {}."
+    },
     "beam_args": ["--direct_running_mode=multi_processing", "--direct_num_workers=2"],
 }
 SYNTH_KEYS = {f.name for f in fields(SynthConfig)}  # data.synthetic: SynthConfig's own fields
@@ -67,12 +76,15 @@ def _merge(defaults: dict, given: dict, where: str) -> dict:
         raise ValueError(f"{where or 'the config'} must be a mapping, got {type(given).__name__}")
     unknown = set(given) - set(defaults)
     if unknown:
-        raise ValueError(f"{where or 'config'}: unknown keys {sorted(unknown)}; known: {sorted(defaults)}")
+        raise ValueError(
+            f"{where or 'config'}: unknown keys {sorted(unknown)}; known: {sorted(defaults)}")
     merged = copy.deepcopy(defaults)
     for key, value in given.items():
-        if key == "synthetic":  # SynthConfig fields, checked in validate(); unset ones keep our defaults
+        # SynthConfig fields, checked in validate(); unset ones keep our defaults
+        if key == "synthetic":
             if not isinstance(value, dict):
-                raise ValueError("data.synthetic must be a mapping of trainer.synth.SynthConfig fields")
+                raise ValueError(
+                    "data.synthetic must be a mapping of trainer.synth.SynthConfig fields")
             merged[key] = {**defaults[key], **value}
         elif isinstance(defaults[key], dict):
             merged[key] = _merge(defaults[key], value or {}, f"{where}.{key}".lstrip("."))
@@ -94,7 +106,8 @@ def validate(config: dict) -> dict:
             raise ValueError("data.synthetic must be a mapping of trainer.synth.SynthConfig fields")
         unknown = set(synthetic) - SYNTH_KEYS
         if unknown:
-            raise ValueError(f"data.synthetic: unknown keys {sorted(unknown)}; known: {sorted(SYNTH_KEYS)}")
+            raise ValueError(
+                f"data.synthetic: unknown keys {sorted(unknown)}; known: {sorted(SYNTH_KEYS)}")
     elif data["eval"] is None or data["concepts"] is None:
         raise ValueError("with data.train given, data.eval and data.concepts are required too")
     seeds = config["seeds"]
@@ -103,33 +116,53 @@ def validate(config: dict) -> dict:
         raise ValueError(f"seeds must be a non-empty list of distinct integers, got {seeds!r}")
     unknown = [v for v in config["variants"] if v not in VARIANTS]
     if unknown or ORIGINAL not in config["variants"]:
-        raise ValueError(f"variants must include {ORIGINAL!r} and be among {list(VARIANTS)}; got {config['variants']}")
+        raise ValueError(
+            f"variants must include {ORIGINAL!r} and be among {list(VARIANTS)}; got "
+            f"{config['variants']}"
+        )
     if RANDOM in config["variants"] and BALANCED not in config["variants"]:
-        raise ValueError("the random control takes the balanced variant's keep rate: add 'balanced' to variants")
+        raise ValueError(
+            "the random control takes the balanced variant's keep rate: add 'balanced' to variants")
     train = config["train"]
     steps, checkpoints = int(train["steps"]), int(train["checkpoints"])
     if steps < 1 or checkpoints < 1 or steps % checkpoints:
-        raise ValueError(f"train.steps ({steps}) must be a positive multiple of train.checkpoints ({checkpoints})")
+        raise ValueError(
+            f"train.steps ({steps}) must be a positive multiple of train.checkpoints "
+            f"({checkpoints})"
+        )
     schedules = []
     for index, item in enumerate(config["schedules"] or []):
-        if not isinstance(item, dict) or set(item) - SCHEDULE_KEYS or not {"first", "then", "switch_at"} <= set(item):
-            raise ValueError(f"schedules[{index}] needs first, then, switch_at (and optionally name); got {item!r}")
+        if not isinstance(item, dict) or set(item) - SCHEDULE_KEYS or not {
+                "first", "then", "switch_at"
+        } <= set(item):
+            raise ValueError(
+                f"schedules[{index}] needs first, then, switch_at (and optionally name); got "
+                f"{item!r}"
+            )
         first, then, switch_at = item["first"], item["then"], float(item["switch_at"])
         for name in (first, then):
             if name not in config["variants"]:
-                raise ValueError(f"schedules[{index}] names {name!r}, which is not among variants {config['variants']}")
+                raise ValueError(
+                    f"schedules[{index}] names {name!r}, which is not among variants "
+                    f"{config['variants']}"
+                )
         switch_step = switch_at * steps
         every = steps // checkpoints
-        if not 0 < switch_at < 1 or abs(switch_step - round(switch_step)) > 1e-9 or round(switch_step) % every:
-            raise ValueError(f"schedules[{index}]: switch_at {switch_at} must fall on a checkpoint in (0, 1): "
-                             f"a multiple of {every} steps out of {steps}")
-        schedules.append(Schedule(item.get("name") or schedule_name(first, then, switch_at), first, then, switch_at))
+        whole = abs(switch_step - round(switch_step)) <= 1e-9
+        if not 0 < switch_at < 1 or not whole or round(switch_step) % every:
+            raise ValueError(
+                f"schedules[{index}]: switch_at {switch_at} must fall on a checkpoint in (0, 1): "
+                f"a multiple of {every} steps out of {steps}")
+        schedules.append(
+            Schedule(
+                item.get("name") or schedule_name(first, then, switch_at), first, then, switch_at))
     names = [s.name for s in schedules]
     if len(set(names)) != len(names) or set(names) & set(VARIANTS):
         raise ValueError(f"schedule names must be distinct and differ from variant names: {names}")
     config["schedules"] = schedules
     if config["balance"]["mode"] not in ("bernoulli", "repeat", "weights"):
-        raise ValueError(f"balance.mode must be bernoulli, repeat or weights, got {config['balance']['mode']!r}")
+        raise ValueError(
+            f"balance.mode must be bernoulli, repeat or weights, got {config['balance']['mode']!r}")
     return config
 
 

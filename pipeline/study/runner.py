@@ -1,7 +1,9 @@
-"""`balancebeam study`: does balancing remove a model's bias, and what does it cost? (the paper's study)
+"""`balancebeam study`: does balancing remove a model's bias, and what does it cost? (the paper's
+study)
 
 Makes (or takes) data, builds the variants, trains a model per variant, schedule and seed, evaluates
-every checkpoint and writes results.json, results.md and plots. Resumable: finished units are skipped.
+every checkpoint and writes results.json, results.md and plots. Resumable: finished units are
+skipped.
 """
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ from solvers import progress as progress_policy
 log = logging.getLogger(__name__)
 
 DONE_FILE = "done.json"  # a unit of work is finished iff its directory holds this marker
-RANDOM_PURPOSE = "study-random"  # keyed-hash purpose: independent of the balanced release's own draws
+# keyed-hash purpose: independent of the balanced release's own draws
+RANDOM_PURPOSE = "study-random"
 FINAL_CHECKPOINT = "final.pt"
 # what the study keeps of a solvers.data_bias summary
 DATA_BIAS_KEYS = ("representation_bias", "association_bias_max", "association_bias_mean")
@@ -38,7 +41,7 @@ def finished(directory: Path, what: str):
     return None
 
 
-# ---------------------------------------------------------------------------------------------- data
+# ---------------------------------------------------------------------------------------------- dat
 def prepare_data(config: dict, output: Path) -> dict:
     """Generate the synthetic data, or describe the given data; returns train/eval/concepts."""
     directory = output / "data"
@@ -64,7 +67,7 @@ def prepare_data(config: dict, output: Path) -> dict:
     return done
 
 
-# ------------------------------------------------------------------------------------------ variants
+# ------------------------------------------------------------------------------------------ variant
 def balance_variant(name: str, config: dict, data: dict, output: Path) -> dict:
     """M4-balanced release of the training data via `balancebeam run` (annotate -> report)."""
     from pipeline import run_all
@@ -75,15 +78,21 @@ def balance_variant(name: str, config: dict, data: dict, output: Path) -> dict:
         return done
     directory.mkdir(parents=True, exist_ok=True)
     concepts_file = directory / "concepts.txt"
-    concepts_file.write_text("# labels of interest\n" + "\n".join(data["concepts"]) + "\n", encoding="utf-8")
+    concepts_file.write_text("# labels of interest\n" + "\n".join(data["concepts"]) + "\n",
+                             encoding="utf-8")
     settings = config["balance"]
     proxies = settings["proxies"] if name == BALANCED_PROXIES else 0
     run_dir = directory / "run"
-    argv = ["--input", data["train"], "--output", str(run_dir), "--concepts", str(concepts_file),
-            "--proxies", str(proxies), "--keep-rate", str(settings["keep_rate"]),
-            "--min-support", str(settings["min_support"]), "--mode", settings["mode"],
-            "--samples-per-shard", str(settings["samples_per_shard"]), "--seed", str(config["seeds"][0]),
-            *[str(a) for a in settings["extra_args"]]]
+    argv = [
+        "--input", data["train"], "--output",
+        str(run_dir), "--concepts",
+        str(concepts_file), "--proxies",
+        str(proxies), "--keep-rate",
+        str(settings["keep_rate"]), "--min-support",
+        str(settings["min_support"]), "--mode", settings["mode"], "--samples-per-shard",
+        str(settings["samples_per_shard"]), "--seed",
+        str(config["seeds"][0]), *[str(a) for a in settings["extra_args"]]
+    ]
     args, rest = run_all.build_parser().parse_known_args(argv)
     annotate_args, extra_beam_args = run_all.split_annotate_args(rest)
     log.info("variant %s: M4 balancing with proxies: %s", name, proxies)
@@ -91,11 +100,14 @@ def balance_variant(name: str, config: dict, data: dict, output: Path) -> dict:
                             [*extra_beam_args, *config["beam_args"]])
     paths = run_all.layout(str(run_dir))
     head = _headline(stats)
-    done = {"shards": str(Path(paths["release"]) / "*.tar"), "keep_rate": stats["keep_rate"], "run": str(run_dir),
-            "rows": stats["rows"], "proxies": [p.get("concept", p) if isinstance(p, dict) else p
-                                               for p in stats.get("proxies", [])],
-            "data_bias": {"before": head["before"], "after": head["realized"], "planned": head["planned"]},
-            "stats": str(Path(paths["release"]) / "stats.json")}
+    done = {
+        "shards": str(Path(paths["release"]) / "*.tar"), "keep_rate": stats["keep_rate"],
+        "run": str(run_dir), "rows": stats["rows"], "proxies": [
+            p.get("concept", p) if isinstance(p, dict) else p for p in stats.get("proxies", [])
+        ], "data_bias": {
+            "before": head["before"], "after": head["realized"], "planned": head["planned"]
+        }, "stats": str(Path(paths["release"]) / "stats.json")
+    }
     write_json_atomically(directory / DONE_FILE, done, indent=2, sort_keys=True)
     return done
 
@@ -161,17 +173,21 @@ def labelled_data_bias(shards: str, eval_config, min_support: float, weighted: b
             return None
         attributes.append([labels[eval_config.attribute_key] == value for value in values])
         concept_rows.append([labels[eval_config.concept_key] == concept for concept in concepts])
-        weights.append(float((metadata.get("balance") or {}).get("weight", 1.0)) if weighted else 1.0)
+        weights.append(
+            float((metadata.get("balance") or {}).get("weight", 1.0)) if weighted else 1.0)
     if not attributes:
         return None
-    bias = data_bias(np.array(attributes, dtype=float), np.array(concept_rows, dtype=float),
-                     weights=np.array(weights), min_support=min_support, attribute_names=values,
-                     concept_names=concepts, group_names=[eval_config.attribute_key]).to_dict()["summary"]
+    bias = data_bias(np.array(attributes,
+                              dtype=float), np.array(concept_rows,
+                                                     dtype=float), weights=np.array(weights),
+                     min_support=min_support, attribute_names=values, concept_names=concepts,
+                     group_names=[eval_config.attribute_key]).to_dict()["summary"]
     return {key: bias.get(key) for key in DATA_BIAS_KEYS}
 
 
 def data_directions(stats_path: str, value_a: str) -> dict:
-    """d_r = sign(share_a|r - share_a) in the original data, per concept measured with enough support.
+    """d_r = sign(share_a|r - share_a) in the original data, per concept measured with enough
+    support.
 
     Read from a balanced release's stats.json ("before"): the direction of each association the
     original data teaches, for metrics.association_bias_along. Against a's overall share, not its
@@ -183,12 +199,16 @@ def data_directions(stats_path: str, value_a: str) -> dict:
     if key is None:
         return {}
     overall = before["values"][key]["share"]
-    return {concept: int(np.sign(entry["shares"][key] - overall)) for concept, entry in before["concepts"].items()
-            if (entry.get("measured") or {}).get(key) and entry["shares"].get(key) is not None}
+    return {
+        concept: int(np.sign(entry["shares"][key] - overall))
+        for concept, entry in before["concepts"].items()
+        if (entry.get("measured") or {}).get(key) and entry["shares"].get(key) is not None
+    }
 
 
 def random_variant(config: dict, data: dict, balanced: dict, output: Path) -> dict:
-    """The control: each example kept iff keyed_uniform(seed, key) < keep_rate (no look at content)."""
+    """The control: each example kept iff keyed_uniform(seed, key) < keep_rate (no look at content).
+    """
     import webdataset as wds
 
     from trainer.data import expand_shards
@@ -208,12 +228,14 @@ def random_variant(config: dict, data: dict, balanced: dict, output: Path) -> di
                                wds.tarfile_to_samples(handler=wds.reraise_exception))
     for sample in samples:
         read += 1
-        if not hashing.keep_bernoulli(keep_rate, hashing.keyed_uniform(seed, sample["__key__"], RANDOM_PURPOSE)):
+        if not hashing.keep_bernoulli(
+                keep_rate, hashing.keyed_uniform(seed, sample["__key__"], RANDOM_PURPOSE)):
             continue
         if len(kept_keys) % per_shard == 0:
             if writer is not None:
                 writer.close()
-            writer = wds.TarWriter(str(shard_dir / f"random-{shard_index:05d}.tar"), encoder=False, mtime=0)
+            shard_path = shard_dir / f"random-{shard_index:05d}.tar"
+            writer = wds.TarWriter(str(shard_path), encoder=False, mtime=0)
             shard_index += 1
         writer.write({k: v for k, v in sample.items() if k == "__key__" or not k.startswith("__")})
         kept_keys.add(sample["__key__"])
@@ -221,9 +243,10 @@ def random_variant(config: dict, data: dict, balanced: dict, output: Path) -> di
     if writer is not None:
         writer.close()
     if kept == 0:
-        raise ValueError(f"the random control kept nothing of {read} samples at keep rate {keep_rate:.3f}")
-    log.info("variant %s: kept %d of %d samples (keep rate %.3f, the balanced variant's)", RANDOM, kept, read,
-             keep_rate)
+        raise ValueError(
+            f"the random control kept nothing of {read} samples at keep rate {keep_rate:.3f}")
+    log.info("variant %s: kept %d of %d samples (keep rate %.3f, the balanced variant's)", RANDOM,
+             kept, read, keep_rate)
     done = {"shards": str(shard_dir / "*.tar"), "keep_rate": keep_rate,
             "rows": {"samples_read": read, "kept": kept, "rate_kept": kept / read},
             "data_bias": {"after": subset_data_bias(balanced["run"], kept_keys)}}
@@ -243,32 +266,39 @@ def prepare_variants(config: dict, data: dict, output: Path) -> dict:
     return variants
 
 
-# ----------------------------------------------------------------------------------- train + evaluate
+# ----------------------------------------------------------------------------------- train + evalua
 def checkpoint_step(path: Path, steps: int) -> int:
     return steps if path.name == FINAL_CHECKPOINT else int(path.stem.split("-")[1])
 
 
-def evaluate_checkpoints(run_dir: Path, eval_dir: Path, evaluation_set, eval_config, steps: int) -> dict:
-    """Evaluate every checkpoint of a run once (cached as JSON per step); returns {step: metrics}."""
+def evaluate_checkpoints(run_dir: Path, eval_dir: Path, evaluation_set, eval_config,
+                         steps: int) -> dict:
+    """Evaluate every checkpoint of a run once (cached as JSON per step); returns {step: metrics}.
+    """
     from trainer import evaluate, models
 
     results = {}
-    checkpoints = sorted((run_dir / "checkpoints").glob("step-*.pt")) + [run_dir / "checkpoints" / FINAL_CHECKPOINT]
+    checkpoints = sorted(
+        (run_dir / "checkpoints").glob("step-*.pt")) + [run_dir / "checkpoints" / FINAL_CHECKPOINT]
     for path in checkpoints:
         step = checkpoint_step(path, steps)
         target = eval_dir / f"step-{step:07d}.json"
         if not target.exists():
             model, tokenizer, preprocess, _ = models.load_checkpoint(path)
-            result = evaluate.evaluate_model(model, tokenizer, preprocess, evaluation_set, eval_config)
-            write_json_atomically(target, study_results.summarize_evaluation(result), indent=2, sort_keys=True)
-    for target in sorted(eval_dir.glob("step-*.json")):  # also those of checkpoints pruned after evaluation
+            result = evaluate.evaluate_model(model, tokenizer, preprocess, evaluation_set,
+                                             eval_config)
+            write_json_atomically(target, study_results.summarize_evaluation(result), indent=2,
+                                  sort_keys=True)
+    # also those of checkpoints pruned after evaluation
+    for target in sorted(eval_dir.glob("step-*.json")):
         results[int(target.stem.split("-")[1])] = json.loads(target.read_text(encoding="utf-8"))
     return results
 
 
 def train_run(name: str, seed: int, shards: str, config: dict, output: Path, steps: int,
               init_checkpoint: str | None, keep_steps: set, evaluation) -> dict:
-    """One training run (resumes a half-done one), its evaluations, then prune unneeded checkpoints."""
+    """One training run (resumes a half-done one), its evaluations, then prune unneeded checkpoints.
+    """
     from trainer.train import TrainConfig, train
 
     run_dir = output / "runs" / name / f"seed-{seed}"
@@ -291,33 +321,40 @@ def train_run(name: str, seed: int, shards: str, config: dict, output: Path, ste
     else:
         log.info("training %s seed %d: %d steps%s", name, seed, steps,
                  f" from {init_checkpoint}" if init_checkpoint else "")
-        summary = train(TrainConfig(
-            data=shards, output=str(run_dir), model=settings["model"], loss=settings["loss"], steps=steps,
-            batch_size=int(settings["batch_size"]), lr=float(settings["lr"]), warmup_steps=warmup, seed=seed,
-            threads=int(settings["threads"]), save_every=every, log_every=every, progress=False, resume="auto",
-            init_checkpoint=init_checkpoint, sample_weights=bool(sample_weights)))
+        summary = train(
+            TrainConfig(data=shards, output=str(run_dir), model=settings["model"],
+                        loss=settings["loss"], steps=steps, batch_size=int(settings["batch_size"]),
+                        lr=float(settings["lr"]), warmup_steps=warmup, seed=seed,
+                        threads=int(settings["threads"]), save_every=every, log_every=every,
+                        progress=False, resume="auto", init_checkpoint=init_checkpoint,
+                        sample_weights=bool(sample_weights)))
     evaluation_set, eval_config = evaluation
-    evaluations = evaluate_checkpoints(run_dir, output / "evals" / name / f"seed-{seed}", evaluation_set,
-                                       eval_config, steps)
+    evaluations = evaluate_checkpoints(run_dir, output / "evals" / name / f"seed-{seed}",
+                                       evaluation_set, eval_config, steps)
     for path in (run_dir / "checkpoints").glob("*.pt"):  # ~75 MB each with the optimizer state
         if path.name == "latest.pt" or (path.name != FINAL_CHECKPOINT
                                         and checkpoint_step(path, steps) not in keep_steps):
             path.unlink()
-    done = {"name": name, "seed": seed, "steps": summary["steps"], "checkpoint": summary["checkpoint"],
-            "init_checkpoint": init_checkpoint, "steps_per_s": summary["steps_per_s"],
-            "evaluations": {str(step): value for step, value in sorted(evaluations.items())}}
+    done = {
+        "name": name, "seed": seed, "steps": summary["steps"], "checkpoint": summary["checkpoint"],
+        "init_checkpoint": init_checkpoint, "steps_per_s": summary["steps_per_s"],
+        "evaluations": {str(step): value
+                        for step, value in sorted(evaluations.items())}
+    }
     write_json_atomically(run_dir / DONE_FILE, done, indent=2, sort_keys=True)
     return done
 
 
 def run_study(config: dict) -> dict:
-    """Every unit in order: data, variants, variant runs, schedule runs, results. Returns results."""
+    """Every unit in order: data, variants, variant runs, schedule runs, results. Returns results.
+    """
     from trainer import data as shard_data
     from trainer.evaluate import EvalConfig
 
     output = Path(config["output"])
     output.mkdir(parents=True, exist_ok=True)
-    write_json_atomically(output / "config.json", {**config, "schedules": [s.__dict__ for s in config["schedules"]]},
+    write_json_atomically(output / "config.json",
+                          {**config, "schedules": [s.__dict__ for s in config["schedules"]]},
                           indent=2, sort_keys=True)
     data = prepare_data(config, output)
     variants = prepare_variants(config, data, output)
@@ -329,31 +366,36 @@ def run_study(config: dict) -> dict:
     weighted = config["balance"]["mode"] == "weights"
     for variant in variants.values():  # a second, content-level view of each variant's data bias
         variant["labelled_data_bias"] = labelled_data_bias(variant["shards"], eval_config,
-                                                           float(config["balance"]["min_support"]), weighted)
+                                                           float(config["balance"]["min_support"]),
+                                                           weighted)
     steps = int(config["train"]["steps"])
     runs = {}
     seeds = config["seeds"]
-    bar = progress_policy.bar(progress_policy.enabled(), (len(config["variants"]) + len(config["schedules"]))
-                              * len(seeds), "study", "run", leave=True)
+    bar = progress_policy.bar(progress_policy.enabled(),
+                              (len(config["variants"]) + len(config["schedules"])) * len(seeds),
+                              "study", "run", leave=True)
     for name in config["variants"]:
         keep = {round(s.switch_at * steps) for s in config["schedules"] if s.first == name}
         for seed in seeds:
-            runs[(name, seed)] = train_run(name, seed, variants[name]["shards"], config, output, steps, None,
-                                           keep, evaluation)
+            runs[(name, seed)] = train_run(name, seed, variants[name]["shards"], config, output,
+                                           steps, None, keep, evaluation)
             if bar is not None:
                 bar.update(1)
     for schedule in config["schedules"]:
         switch = round(schedule.switch_at * steps)
         for seed in seeds:
-            init = output / "runs" / schedule.first / f"seed-{seed}" / "checkpoints" / f"step-{switch:07d}.pt"
-            runs[(schedule.name, seed)] = train_run(schedule.name, seed, variants[schedule.then]["shards"], config,
-                                                    output, steps - switch, str(init), set(), evaluation)
+            run_dir = output / "runs" / schedule.first / f"seed-{seed}"
+            init = run_dir / "checkpoints" / f"step-{switch:07d}.pt"
+            runs[(schedule.name,
+                  seed)] = train_run(schedule.name, seed, variants[schedule.then]["shards"], config,
+                                     output, steps - switch, str(init), set(), evaluation)
             if bar is not None:
                 bar.update(1)
     if bar is not None:
         bar.close()
     balanced = next((variants[name] for name in M4_VARIANTS if name in variants), None)
-    directions = data_directions(balanced["stats"], eval_config.attribute_values[0]) if balanced else {}
+    directions = data_directions(balanced["stats"],
+                                 eval_config.attribute_values[0]) if balanced else {}
     results = study_results.collect(config, variants, runs, directions)
     study_results.write_outputs(results, output)
     return results
@@ -361,11 +403,15 @@ def run_study(config: dict) -> dict:
 
 def run(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    for name in ("pipeline", "trainer"):  # open_clip logs every model creation at INFO on the root logger
+    # open_clip logs every model creation at INFO on the root logger
+    for name in ("pipeline", "trainer"):
         logging.getLogger(name).setLevel(logging.INFO)
-    parser = argparse.ArgumentParser(prog="balancebeam study", description=__doc__.splitlines()[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n  balancebeam study\n  balancebeam study --config my-study.yaml --output runs/study\n")
+    parser = argparse.ArgumentParser(
+        prog="balancebeam study", description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=
+        "examples:\n  balancebeam study\n  balancebeam study --config my-study.yaml --output "
+        "runs/study\n"
+    )
     parser.add_argument("--config", default=str(study_config.SHIPPED_CONFIG),
                         help="study YAML (default: the shipped pipeline/study/configs/study.yaml)")
     parser.add_argument("--output", help="working directory (overrides the config's output)")
@@ -387,4 +433,3 @@ def run(argv=None) -> int:
     print(f"results: {output / study_results.RESULTS_JSON}, {output / study_results.RESULTS_MD}, "
           f"{output / study_results.PLOT_FILE}")
     return 0
-
