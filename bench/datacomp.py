@@ -179,8 +179,7 @@ def main(argv=None) -> int:
     for r in results:
         print(
             f"| {r['rows']:,} | {r['run']} | {r['seconds']:.0f} | {r['rows'] / r['seconds']:,.0f} "
-            "| "
-            f"{r['peak_mib']:,.0f} | {r['kept']:,} | {r['keep_rate']:.4f} |")
+            f"| {r['peak_mib']:,.0f} | {r['kept']:,} | {r['keep_rate']:.4f} |")
     return 0
 
 

@@ -189,8 +189,7 @@ def main(argv=None):
     for name, samples, seconds in rows:
         print(
             f"| {name} | {samples} | {seconds:.2f} | {samples / seconds:.0f} | "
-            f"{input_bytes / 1e6 / seconds:.1f} | "
-            f"{copy_seconds / seconds:.3f} |")
+            f"{input_bytes / 1e6 / seconds:.1f} | {copy_seconds / seconds:.3f} |")
     print(f"(target ratio >= {TARGET_RATIO})")
     same = all(releases[0]["shards"] == other["shards"] for other in releases[1:])
     print(

@@ -432,8 +432,7 @@ def print_table(runs, cores, load):
         reference.setdefault(run["dataset"], rate)
         print(
             f"| {run['dataset']} | {run['run']} | {run['records']} | {run['seconds']:.1f} | "
-            f"{rate:,.0f} | "
-            f"{run['mb'] / run['seconds']:.1f} | {run['peak_mib']:,.0f} | "
+            f"{rate:,.0f} | {run['mb'] / run['seconds']:.1f} | {run['peak_mib']:,.0f} | "
             f"{rate / reference[run['dataset']]:.2f} |"
         )
     if promises:

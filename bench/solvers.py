@@ -243,8 +243,7 @@ def main(argv=None) -> int:
     )
     print(
         "| problem | rows | signatures | plan | Bernoulli release | exact-count release | kept / "
-        "LP max | "
-        "integer program s |")
+        "LP max | integer program s |")
     print("|---|---|---|---|---|---|---|---|")
     realized_cases = ([] if args.skip_coco else [("coco", 0)]) + [
         ("web", int(float(s))) for s in args.realized_sizes.split(",") if s

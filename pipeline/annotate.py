@@ -276,8 +276,7 @@ def reconcile(counts: dict, rows_written: int, quarantine_lines: int, label_set_
     if failed:
         raise ReconciliationError(
             "annotate did not account for every record, so its output is incomplete (no "
-            "counts.json was "
-            "written and balance and resample will refuse it; re-run the job): " +
+            "counts.json was written and balance and resample will refuse it; re-run the job): " +
             "; ".join(failed) + ". All counts: " + ", ".join(f"{k} {v}"
                                                              for k, v in numbers.items()), numbers)
 

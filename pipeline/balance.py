@@ -103,9 +103,8 @@ def count_signatures(annotations_dir: str, work_prefix: str, pipeline_args: Sequ
     if counted != rows_written:
         raise ReconciliationError(
             f"balance counted {counted} annotation rows but the Parquet files in {annotations_dir} "
-            "hold "
-            f"{rows_written}: the count lost or repeated rows, so nothing was solved or written; "
-            "re-run the job",
+            f"hold {rows_written}: the count lost or repeated rows, so nothing was solved or "
+            "written; re-run the job",
             {"rows_counted": counted, "annotation_rows_written": rows_written})
     return SignatureTable.from_counts(counts)
 

@@ -201,8 +201,7 @@ def threshold(signature: str, merged) -> tuple:
         raise DataError(
             f"exact-count sampling: the {count}-th smallest draw of signature {signature} lies "
             f"outside its window ({below} draws below it, {len(inside)} inside), which happens "
-            "with "
-            "probability below 1e-13; re-run resample with another --seed")
+            "with probability below 1e-13; re-run resample with another --seed")
     return signature, heapq.nsmallest(rank, inside)[-1]
 
 

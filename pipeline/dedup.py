@@ -124,8 +124,7 @@ def read_spilled(path_and_rows):
     if table.num_rows != rows:
         raise DataError(
             f"{path} holds {table.num_rows} rows, {rows} were written: the job's work folder "
-            "changed "
-            "under it; re-run annotate")
+            "changed under it; re-run annotate")
     return table
 
 

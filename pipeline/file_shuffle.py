@@ -101,8 +101,7 @@ def read_bucket(bucket_and_references):
         if sum(batch.num_rows for batch in part) != rows:
             raise DataError(
                 f"{path} holds {sum(b.num_rows for b in part)} rows of bucket {bucket}, {rows} "
-                "were "
-                "written: the job's work folder changed under it; re-run the job")
+                "were written: the job's work folder changed under it; re-run the job")
         batches.extend(part)
     return bucket, pa.Table.from_batches(batches, schema=schema)
 

@@ -98,8 +98,7 @@ def check_pipeline_args(beam_args, command: str = "balancebeam") -> None:
     if words:
         hint = (
             " (words without a flag: an unquoted glob such as --input data/*.tar is expanded by "
-            "the "
-            "shell and only its first file would be read; quote it: --input 'data/*.tar')")
+            "the shell and only its first file would be read; quote it: --input 'data/*.tar')")
     raise UsageError(
         f"{command}: unrecognised arguments: {' '.join(unknown)}{hint}; see {command} --help")
 

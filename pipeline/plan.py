@@ -30,10 +30,8 @@ log = logging.getLogger(__name__)
 METHODS = tuple(method for method in SOLVER_METHODS if method != "streaming")
 STREAMING_REFUSED = (
     "--method streaming is not offered by balance: balance solves on counted signatures, which fit "
-    "in "
-    "memory whatever the number of rows, so 'dual' reaches the exact optimum, faster; the "
-    "streaming "
-    "solver (solvers.solve_stream) is for rows that do not fit in memory, from Python")
+    "in memory whatever the number of rows, so 'dual' reaches the exact optimum, faster; the "
+    "streaming solver (solvers.solve_stream) is for rows that do not fit in memory, from Python")
 DEFAULT_METHOD = "dual"
 # With two values at 50% each a share can be at most 0.5 from its target: a wider gap binds nothing.
 WIDE_SHARE_GAP = 0.5
@@ -324,14 +322,12 @@ def dropped_concepts(problem, solution, after) -> list[dict]:
         elif share == 0.0:
             reason = (
                 f"'{concept}': none of its {support:.0f} annotated rows is '{short}'; balancing it "
-                "to "
-                f"{target:.0%} ± {gap:.0%} is only possible by dropping it")
+                f"to {target:.0%} ± {gap:.0%} is only possible by dropping it")
         else:
             reason = (
                 f"'{concept}': {share:.0%} of its {support:.0f} annotated rows are '{short}'; at "
-                "keep rate "
-                f"{solution.keep_rate:.3f} the plan meets {target:.0%} ± {gap:.0%} by keeping none "
-                "of them"
+                f"keep rate {solution.keep_rate:.3f} the plan meets {target:.0%} ± {gap:.0%} by "
+                "keeping none of them"
             )
         entries.append(
             {"concept": concept, "support": support, "shares": before_shares, "reason": reason})

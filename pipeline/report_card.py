@@ -49,11 +49,9 @@ def _reading_it(manifest: dict) -> list[str]:
     if manifest.get("format") == "subset":
         return [
             "subset.npy is DataComp's subset file (sorted uids as two uint64 each); hand it to "
-            "DataComp's "
-            "resharder (`--subset-file subset.npy`). keep.parquet, a folder of Parquet part files "
-            "read as one "
-            "table, has one row per annotated record: key, q (keep probability), copies (0 = "
-            "dropped), weight.",
+            "DataComp's resharder (`--subset-file subset.npy`). keep.parquet, a folder of Parquet "
+            "part files read as one table, has one row per annotated record: key, q (keep "
+            "probability), copies (0 = dropped), weight.",
             "", "```python", "import numpy as np", "import pyarrow.parquet as pq",
             "uids = np.load(\"subset.npy\", mmap_mode=\"r\")",
             "keep = pq.read_table(\"keep.parquet\").to_pandas()", "```", "",
@@ -95,8 +93,7 @@ def dataset_card(stats: dict, manifest: dict, solution: BalanceSolution) -> str:
         "1. annotate: perceived attributes and concepts of every caption (and image, if "
         "configured).",
         "2. balance: Multi-Modal Moment Matching (M4, Alabdulmohsin et al., ICLR 2024) chose keep "
-        "probabilities "
-        "closest to uniform subsampling under share-gap constraints.",
+        "probabilities closest to uniform subsampling under share-gap constraints.",
         "3. resample: keyed-hash sampling (blake2b of seed and key), so the kept set is the same "
         "on any runner.",
         "",
@@ -138,8 +135,7 @@ def dataset_card(stats: dict, manifest: dict, solution: BalanceSolution) -> str:
     lines += [
         "", "## Annotation coverage", "",
         "Share of rows with an annotated value of each group. Balancing constrains these rows "
-        "only; "
-        "every other row is kept at one common rate.", "",
+        "only; every other row is kept at one common rate.", "",
         "| group | before | planned | released |", "|---|---|---|---|"
     ]
     lines += [

@@ -38,13 +38,10 @@ STATUSES = (CONSTRAINED, PROXY, DROPPED, LOW_SUPPORT, EXEMPT)
 
 PERCEIVED = (
     "\"Perceived\" means what a caption (or an image classifier) *suggests* about the people it "
-    "shows: "
-    "a caption that says \"a woman\" is counted as perceived-gender woman. These labels are never "
-    "a "
-    "person's identity, they miss people the caption does not describe, and they carry the biases "
-    "of "
-    "the words people use. Balancing makes the *data* agree with the requested shares under these "
-    "labels; it says nothing certain about any individual.")
+    "shows: a caption that says \"a woman\" is counted as perceived-gender woman. These labels are "
+    "never a person's identity, they miss people the caption does not describe, and they carry the "
+    "biases of the words people use. Balancing makes the *data* agree with the requested shares "
+    "under these labels; it says nothing certain about any individual.")
 
 
 def _table_in_space(records, attribute_names, concept_names) -> SignatureTable:
@@ -206,8 +203,7 @@ def _status(name: str, statistics: dict, spec, min_support: float) -> tuple[str,
     if name in exempt:
         return EXEMPT, (
             "exempted with --unconstrained-concepts (its association is taken as part of what it "
-            "is): "
-            "not constrained, kept like any row without a constrained concept")
+            "is): not constrained, kept like any row without a constrained concept")
     if name in dropped:
         return DROPPED, f"dropped by the plan: {dropped[name]['reason']}"
     low = [group for group in spec.group_names if name in excluded.get(group, [])]
@@ -281,10 +277,8 @@ def release_summary(manifest: dict) -> str:
         files = manifest["files"]
         return (
             f"subset.npy ({files['subset.npy']['rows']} uids) and keep.parquet "
-            f"({files['keep.parquet']['rows']} "
-            f"rows in {len(files['keep.parquet']['parts'])} part files), {manifest['total_bytes']} "
-            "bytes; no image "
-            "was read or copied")
+            f"({files['keep.parquet']['rows']} rows in {len(files['keep.parquet']['parts'])} part "
+            f"files), {manifest['total_bytes']} bytes; no image was read or copied")
     shards = manifest["shards"]
     return (f"{manifest['counts']['output_samples']} samples in {len(shards)} WebDataset shards, "
             f"{manifest['total_bytes']} bytes")
@@ -415,11 +409,9 @@ def coverage_warnings(stats: dict, name=str) -> list[str]:
         if share is not None and share < LOW_COVERAGE:
             warnings.append(
                 f"only {share:.0%} of the released rows have a {name(group)} annotation: balancing "
-                "constrains those "
-                f"rows alone, and the other {1 - share:.0%} keep whatever association they carry "
-                "(people a "
-                "caption does not name are among them; an image annotator, `--image-model`, can "
-                "see them)"
+                f"constrains those rows alone, and the other {1 - share:.0%} keep whatever "
+                "association they carry (people a caption does not name are among them; an image "
+                "annotator, `--image-model`, can see them)"
             )
     return warnings
 

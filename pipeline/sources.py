@@ -184,9 +184,8 @@ def _finish_tar_sample(pending, shard, caption_field):
     if caption is None and dotted:
         yield quarantine.quarantined(
             quarantine.STAGE_READ, quarantine.INVALID_KEY, key, shard, position,
-            f"members {', '.join(f'{key}.{name}' for name in dotted)}: WebDataset reads "
-            f"{key!r} as the key and {dotted[0]!r} as the extension; a key must not "
-            "contain '.'")
+            f"members {', '.join(f'{key}.{name}' for name in dotted)}: WebDataset reads {key!r} as "
+            f"the key and {dotted[0]!r} as the extension; a key must not contain '.'")
         return
     image_id = meta.get("image_id")
     yield _sample(key, shard, position, caption, members, meta,

@@ -39,8 +39,7 @@ def explain_infeasible(problem: BalanceProblem, keep_rate: float) -> InfeasibleE
         described += f"; and {len(binding) - MESSAGE_BINDING_LIMIT} more"
     message = (
         f"keep rate {keep_rate:.4g} is infeasible: at most {answer.rate:.4g} of the data can be "
-        "kept "
-        f"under the requested constraints (use keep_rate='max' to take it, or widen the gaps).")
+        "kept under the requested constraints (use keep_rate='max' to take it, or widen the gaps).")
     if described:
         message += f" Binding: {described}."
     return InfeasibleError(message, requested_rate=float(keep_rate), achievable_rate=answer.rate,

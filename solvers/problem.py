@@ -284,8 +284,7 @@ class BalanceProblem:
             if self.concepts[:, r].all():
                 raise ValueError(
                     f"concept '{concept_names[r]}' is present in every row: its association "
-                    "constraint would "
-                    "only repeat the representation constraint; leave it out")
+                    "constraint would only repeat the representation constraint; leave it out")
         if representation_gap is None:
             representation_gap = (DEFAULT_SHARE_GAP if constraint_form == "share"
                                   else DEFAULT_MOMENT_REPRESENTATION_EPS)
@@ -341,9 +340,8 @@ class BalanceProblem:
             if self.spec.conditional and targets[columns].sum() < 1 - 1e-9:
                 raise ValueError(
                     f"targets of group '{self.spec.group_names[g]}' add up to "
-                    f"{targets[columns].sum():.3f} < 1; "
-                    "every annotated row shows at least one value, so these shares are "
-                    "contradictory"
+                    f"{targets[columns].sum():.3f} < 1; every annotated row shows at least one "
+                    "value, so these shares are contradictory"
                 )
         return targets
 

@@ -58,12 +58,10 @@ class BalanceSolution:
         if self.status == "optimal":
             return (
                 f"optimal ({self.method}): every constrained value is within its gap (largest "
-                "excess "
-                f"{measured:.1e} as {units})")
+                f"excess {measured:.1e} as {units})")
         return (
             f"{self.status} ({self.method}): NOT certified; a constrained value is off its gap by "
-            "up to "
-            f"{measured:.3g} as {units}")
+            f"up to {measured:.3g} as {units}")
 
     def q_for(self, attributes, concepts, utility=None) -> np.ndarray:
         """Keep probability of any rows, seen or not, from their features and the duals."""

@@ -191,8 +191,7 @@ def markdown_table(results: dict) -> str:
     seeds = results["seeds"]
     lines = [
         f"Final checkpoints, mean ± standard deviation over {len(seeds)} seeds "
-        f"({', '.join(map(str, seeds))}); "
-        f"{results['steps']} steps per arm.", "",
+        f"({', '.join(map(str, seeds))}); {results['steps']} steps per arm.", "",
         "| arm | " + " | ".join(title for _, title in METRICS) + " |",
         "|---" * (len(METRICS) + 1) + "|"
     ]
@@ -205,15 +204,12 @@ def markdown_table(results: dict) -> str:
     lines += [
         "",
         "Data bias of each variant's training data. \"annotated\": as its release report measures "
-        "it, "
-        "perceived gender x the labels of interest (plus the balanced proxies for "
-        "balanced_proxies) on the "
-        "rows the annotator labelled; \"image labels\": from every sample's own labels (what the "
-        "image "
-        "shows, captioned or not), n/a when the data carries none:", "",
+        "it, perceived gender x the labels of interest (plus the balanced proxies for "
+        "balanced_proxies) on the rows the annotator labelled; \"image labels\": from every "
+        "sample's own labels (what the image shows, captioned or not), n/a when the data carries "
+        "none:", "",
         "| variant | keep rate | samples kept | proxies balanced | annotated RB | annotated AB max "
-        "| "
-        "annotated AB mean | image-label AB max | image-label AB mean |", "|---" * 9 + "|"
+        "| annotated AB mean | image-label AB max | image-label AB mean |", "|---" * 9 + "|"
     ]
     for name, variant in results["variants"].items():
         after = (variant.get("data_bias") or {}).get("after") or {}
@@ -232,10 +228,9 @@ def markdown_table(results: dict) -> str:
         lines += [
             "",
             "Fine-tuning schedules: each bias's change from the switch to the end, and the steps "
-            "after "
-            "the switch until it first had half of that change (mean ± standard deviation over "
-            "seeds); "
-            "the last column pairs RB's steps with AB's by seed (negative: RB moves first).", "",
+            "after the switch until it first had half of that change (mean ± standard deviation "
+            "over seeds); the last column pairs RB's steps with AB's by seed (negative: RB moves "
+            "first).", "",
             "| schedule | " + " | ".join(f"{title} change | {title} steps to half"
                                          for _, title in RECOVERY_METRICS) + " | RB - AB steps |",
             "|---" * (2 * len(RECOVERY_METRICS) + 2) + "|"
@@ -253,8 +248,7 @@ def markdown_table(results: dict) -> str:
     lines += [
         "",
         "Paired t-tests over seeds (scipy.stats.ttest_rel): mean difference (arm - baseline), "
-        "p-value; "
-        f"* marks p < {SIGNIFICANCE_LEVEL}.", "",
+        f"p-value; * marks p < {SIGNIFICANCE_LEVEL}.", "",
         "| arm vs baseline | " + " | ".join(title for _, title in METRICS) + " |",
         "|---" * (len(METRICS) + 1) + "|"
     ]
