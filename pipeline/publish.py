@@ -12,8 +12,9 @@ import logging
 
 from apache_beam.io.filesystems import FileSystems
 
-from pipeline.errors import ReconciliationError, UsageError
-from pipeline.files import ensure_writable_directory, write_text_atomically
+from pipeline.errors import DataError, ReconciliationError, UsageError
+from pipeline.files import (count_lines, delete_matching, ensure_writable_directory,
+                            write_json_atomically, write_text_atomically)
 from pipeline.quarantine import STAGE_READ
 
 log = logging.getLogger(__name__)
@@ -153,8 +154,7 @@ def _raise_if_failed(failed: list[str], numbers: dict, what_was_written: str) ->
     if failed:
         raise ReconciliationError(
             "resample did not account for every record, so no manifest was published "
-            f"({what_was_written}; "
-            "re-run the job): " + "; ".join(failed) + ". All counts: " +
+            f"({what_was_written}; re-run the job): " + "; ".join(failed) + ". All counts: " +
             ", ".join(f"{name} {value}" for name, value in numbers.items()), numbers)
 
 
@@ -204,3 +204,26 @@ def write_kept_signatures(counts: dict, output_dir: str) -> None:
     ]
     write_text_atomically(FileSystems.join(output_dir, KEPT_SIGNATURES_FILE),
                           "".join(line + "\n" for line in lines))
+
+
+def publish_shards(counts, shards, rows_written, exact_counts, output_dir, prefix, details,
+                   quarantine_prefix, samples_per_shard, annotations_dir) -> dict:
+    """Reconcile a WebDataset release, remove an earlier run's shards, write sizes.json; the
+    manifest."""
+    numbers = reconcile(counts, shards, rows_written, count_lines(quarantine_prefix + "-*.jsonl"),
+                        samples_per_shard, exact_counts)
+    if not numbers["decisions_joined"] and numbers["samples_read"] and numbers["decisions_read"]:
+        raise DataError(
+            f"none of the {numbers['samples_read']} records read has an annotation row among the "
+            f"{numbers['decisions_read']} in {annotations_dir}: resample finds a record's "
+            "annotation by its input file and place in it, so --input must name the files "
+            "annotate read, where it read them")
+    shard_entries = [{name: shard[name] for name in ("name", "samples", "bytes", "sha256")}
+                     for shard in sorted(shards, key=lambda s: s["index"])]
+    listed = {shard["name"] for shard in shard_entries}
+    stale = delete_matching(FileSystems.join(output_dir, f"{prefix}-*"), keep=listed)
+    if stale:
+        log.info("removed %d files of an earlier run that this release does not list", len(stale))
+    write_json_atomically(FileSystems.join(output_dir, SIZES_FILE),
+                          {s["name"]: s["samples"] for s in shard_entries}, indent=1)
+    return manifest(counts, numbers, shard_entries, details)

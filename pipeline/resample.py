@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import posixpath
 import sys
 import uuid
 
@@ -21,16 +20,14 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline import hashing, release, tars
-from pipeline.annotate import ANNOTATIONS_GLOB, annotation_rows, parquet_rows, read_counts
-from pipeline.counts import AddCounts
-from pipeline.counts import COUNTS_TAG
+from pipeline.annotate import ANNOTATIONS_GLOB, annotation_rows, read_counts
+from pipeline.counts import COUNTS_TAG, AddCounts
 from pipeline.decide import Decide, ExactThresholds, RepeatCopies
 from pipeline.errors import DataError, UsageError
-from pipeline.files import count_lines, delete_matching, read_text, write_json_atomically
+from pipeline.files import delete_matching, read_text, write_json_atomically
 from pipeline.options import pipeline_options
 from pipeline import publish
-from pipeline.publish import (KEPT_SIGNATURES_FILE, MANIFEST_FILE, SIZES_FILE, prepare_release_dir,
-                              reconcile)
+from pipeline.publish import KEPT_SIGNATURES_FILE, MANIFEST_FILE, SIZES_FILE, prepare_release_dir
 from pipeline.quarantine import WriteQuarantine
 from pipeline.shards import MISSING_FROM_INPUT, WriteShards, rank_buckets
 from pipeline.sources import FORMATS
@@ -236,11 +233,13 @@ def resample(input_glob, annotations_dir, solution_path, output_dir, *, seed=rel
         "certificate": solution.certificate()
     }
     if subset:
-        manifest = _publish_subset(counts, written, rows_written, exact_counts, output_dir, prefix,
-                                   details)
+        manifest = subset_release.publish_subset(counts, written, rows_written, exact_counts,
+                                                 output_dir, prefix,
+                                                 {"format": FORMAT_SUBSET, **details})
     else:
-        manifest = _publish_shards(counts, written, rows_written, exact_counts, output_dir, prefix,
-                                   details, quarantine_prefix, samples_per_shard, annotations_dir)
+        manifest = publish.publish_shards(counts, written, rows_written, exact_counts, output_dir,
+                                          prefix, {"format": FORMAT_WEBDATASET, **details},
+                                          quarantine_prefix, samples_per_shard, annotations_dir)
     publish.write_kept_signatures(counts.get("kept_signatures", {}), output_dir)
     write_json_atomically(FileSystems.join(output_dir, MANIFEST_FILE), manifest, indent=1)
     c = manifest["counts"]
@@ -249,8 +248,7 @@ def resample(input_glob, annotations_dir, solution_path, output_dir, *, seed=rel
         subset_file, keep_dir = subset_release.SUBSET_FILE, subset_release.KEEP_DIR
         log.info(
             "decided %d annotated records: kept %d, dropped %d; wrote %s (%d uids) and %s (%d "
-            "rows) to %s, "
-            "no image read (every record accounted for)", c["samples_read"], c["kept"],
+            "rows) to %s, no image read (every record accounted for)", c["samples_read"], c["kept"],
             c["dropped"], subset_file, files[subset_file]["rows"], keep_dir,
             files[keep_dir]["rows"], output_dir)
         if c["kept_not_uid"]:
@@ -265,64 +263,6 @@ def resample(input_glob, annotations_dir, solution_path, output_dir, *, seed=rel
     if c["missing_from_input"]:
         log.warning("%d annotated records were not in the input read now (quarantined as %s)",
                     c["missing_from_input"], MISSING_FROM_INPUT)
-    return manifest
-
-
-def _publish_shards(counts, shards, rows_written, exact_counts, output_dir, prefix, details,
-                    quarantine_prefix, samples_per_shard, annotations_dir) -> dict:
-    """Reconcile a WebDataset release, remove an earlier run's shards, write sizes.json; the
-    manifest."""
-    numbers = reconcile(counts, shards, rows_written, count_lines(quarantine_prefix + "-*.jsonl"),
-                        samples_per_shard, exact_counts)
-    if not numbers["decisions_joined"] and numbers["samples_read"] and numbers["decisions_read"]:
-        raise DataError(
-            f"none of the {numbers['samples_read']} records read has an annotation row among the "
-            f"{numbers['decisions_read']} in {annotations_dir}: resample finds a record's "
-            "annotation by its "
-            "input file and place in it, so --input must name the files annotate read, where it "
-            "read them"
-        )
-    shard_entries = [{name: shard[name] for name in ("name", "samples", "bytes", "sha256")}
-                     for shard in sorted(shards, key=lambda s: s["index"])]
-    listed = {shard["name"] for shard in shard_entries}
-    stale = delete_matching(FileSystems.join(output_dir, f"{prefix}-*"), keep=listed)
-    if stale:
-        log.info("removed %d files of an earlier run that this release does not list", len(stale))
-    write_json_atomically(FileSystems.join(output_dir, SIZES_FILE),
-                          {s["name"]: s["samples"] for s in shard_entries}, indent=1)
-    return publish.manifest(counts, numbers, shard_entries,
-                            {"format": FORMAT_WEBDATASET, **details})
-
-
-def _publish_subset(counts, written, rows_written, exact_counts, output_dir, prefix,
-                    details) -> dict:
-    """Reconcile a subset release with the files on disk, remove an earlier release's shards; the
-    manifest."""
-    parts = sorted(written["buckets"], key=lambda entry: entry["part"])
-    on_disk = {posixpath.basename(m.path): m.path for m in FileSystems.match(
-        [FileSystems.join(output_dir, subset_release.KEEP_DIR, "*.parquet")])[0].metadata_list}
-    footer_rows = sum(parquet_rows(path) for path in on_disk.values())
-    numbers = publish.reconcile_subset(
-        counts, {
-            "keep_rows_written": footer_rows, "subset_rows_written": written["subset"]["rows"],
-            "keep_parts_on_disk": sorted(on_disk),
-            "keep_parts_written": [entry["part"] for entry in parts]
-        }, rows_written, exact_counts)
-    stale = delete_matching(FileSystems.join(output_dir, f"{prefix}-*"))
-    if stale:
-        log.info("removed %d shard files of an earlier release (a subset release has none)",
-                 len(stale))
-    files = {
-        subset_release.SUBSET_FILE: written["subset"], subset_release.KEEP_DIR: {
-            "rows": footer_rows, "bytes": sum(entry["bytes"] for entry in parts),
-            "parts": [{name: entry[name]
-                       for name in ("part", "rows", "bytes", "sha256")} for entry in parts]
-        }
-    }
-    manifest = publish.manifest(counts, numbers, [], {"format": FORMAT_SUBSET, **details})
-    manifest["counts"]["kept_not_uid"] = numbers["kept_not_uid"]
-    manifest["files"] = files
-    manifest["total_bytes"] = sum(entry["bytes"] for entry in files.values())
     return manifest
 
 

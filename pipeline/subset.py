@@ -18,6 +18,8 @@ from __future__ import annotations
 import collections
 import hashlib
 import io
+import logging
+import posixpath
 import re
 import zlib
 
@@ -28,7 +30,11 @@ from apache_beam.io.filesystems import FileSystems
 from pipeline.counts import COUNTS_TAG, counted
 from pipeline.file_shuffle import GroupTablesByFile, parts_by_bucket
 from pipeline.files import atomic_create, delete_matching, write_bytes_atomically
+from pipeline import publish
+from pipeline.annotate import parquet_rows
 from pipeline.publish import SUBSET_FILES
+
+log = logging.getLogger(__name__)
 
 SUBSET_FILE, KEEP_DIR = SUBSET_FILES
 # DataComp's subset dtype: a uid's upper and lower 64 bits.
@@ -185,3 +191,35 @@ def assemble_subset(buckets_written: list[dict], work_dir: str, output_dir: str)
 def _read(path: str) -> bytes:
     with FileSystems.open(path, compression_type="uncompressed") as handle:
         return handle.read()
+
+
+def publish_subset(counts, written, rows_written, exact_counts, output_dir, prefix,
+                   details) -> dict:
+    """Reconcile a subset release with the files on disk, remove an earlier release's shards; the
+    manifest."""
+    parts = sorted(written["buckets"], key=lambda entry: entry["part"])
+    on_disk = {posixpath.basename(m.path): m.path for m in FileSystems.match(
+        [FileSystems.join(output_dir, KEEP_DIR, "*.parquet")])[0].metadata_list}
+    footer_rows = sum(parquet_rows(path) for path in on_disk.values())
+    numbers = publish.reconcile_subset(
+        counts, {
+            "keep_rows_written": footer_rows, "subset_rows_written": written["subset"]["rows"],
+            "keep_parts_on_disk": sorted(on_disk),
+            "keep_parts_written": [entry["part"] for entry in parts]
+        }, rows_written, exact_counts)
+    stale = delete_matching(FileSystems.join(output_dir, f"{prefix}-*"))
+    if stale:
+        log.info("removed %d shard files of an earlier release (a subset release has none)",
+                 len(stale))
+    files = {
+        SUBSET_FILE: written["subset"], KEEP_DIR: {
+            "rows": footer_rows, "bytes": sum(entry["bytes"] for entry in parts),
+            "parts": [{name: entry[name]
+                       for name in ("part", "rows", "bytes", "sha256")} for entry in parts]
+        }
+    }
+    manifest = publish.manifest(counts, numbers, [], details)
+    manifest["counts"]["kept_not_uid"] = numbers["kept_not_uid"]
+    manifest["files"] = files
+    manifest["total_bytes"] = sum(entry["bytes"] for entry in files.values())
+    return manifest
