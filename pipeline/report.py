@@ -3,8 +3,9 @@ card.
 
 Reads the counted signatures (before), the solution (planned), the release's kept signatures and
 manifest (what was actually written) and the quarantine files; no Beam pipeline is needed, the
-inputs are small. The numbers are built in report_stats (stats.json), the page in report_page
-(report.html, from templates/), the card in report_card (README.md), the plots in report_plots.
+inputs are small. The numbers are built in report_stats (stats.json; its per-concept rows in
+report_concepts), the page in report_page (report.html, from templates/), the card in report_card
+(README.md), the plots in report_plots.
 """
 from __future__ import annotations
 
@@ -20,9 +21,10 @@ from pipeline.files import read_text, write_json_atomically, write_text_atomical
 from pipeline.publish import MANIFEST_FILE
 from pipeline.report_card import code, dataset_card, markdown_text  # noqa: F401  (the report's API)
 from pipeline.report_page import render_html
-from pipeline.report_plots import (plain_text, plot_heatmaps, plot_price_of_balance, plot_proxies,  # noqa: F401
-                                   plot_q)
-from pipeline.report_stats import (HEATMAP_MAX_CONCEPTS, LOW_COVERAGE, PERCEIVED, build_statistics,  # noqa: F401
+from pipeline.report_concepts import HEATMAP_MAX_CONCEPTS  # noqa: F401
+from pipeline.report_plots import (plain_text, plot_heatmaps, plot_price_of_balance,  # noqa: F401
+                                   plot_proxies, plot_q)
+from pipeline.report_stats import (LOW_COVERAGE, PERCEIVED, build_statistics,  # noqa: F401
                                    coverage_rows, coverage_warnings, headline, kept_records, number,
                                    quarantine_entries, read_jsonl, release_summary)
 from solvers.solution import BalanceSolution

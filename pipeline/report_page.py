@@ -15,8 +15,8 @@ import jinja2
 import markupsafe
 
 from pipeline.report_plots import plot_heatmaps, plot_price_of_balance, plot_proxies, plot_q
-from pipeline.report_stats import (CONSTRAINED, DROPPED, EXEMPT, LOW_SUPPORT, PROXY, STAGES,
-                                   coverage_warnings, number, percent)
+from pipeline.report_concepts import CONSTRAINED, DROPPED, EXEMPT, LOW_SUPPORT, PROXY, STAGES
+from pipeline.report_stats import coverage_warnings, number, percent
 
 TEMPLATE = "report.html"
 

@@ -10,7 +10,7 @@ import io
 
 import numpy as np
 
-from pipeline.report_stats import HEATMAP_MAX_CONCEPTS
+from pipeline.report_concepts import HEATMAP_MAX_CONCEPTS
 
 BLUE, ORANGE = "#4a7bb7", "#b7794a"
 

@@ -283,11 +283,9 @@ def _measure(batches_factory, batch_terms, lam, nu, bounds, total_weight) -> dic
         kept += float(weighted.sum())
         free += float(weights[(excess > 0) & (excess < 1)].sum())
         objective += 0.5 * float((weights * (q - targets) ** 2).sum())
-    return {
-        "kept_share": kept / total_weight, "free_weight": free / total_weight,
-        "violations": np.maximum(moments / total_weight - bounds,
-                                 0.0), "objective": objective / total_weight
-    }
+    return {"kept_share": kept / total_weight, "free_weight": free / total_weight,
+            "violations": np.maximum(moments / total_weight - bounds, 0.0),
+            "objective": objective / total_weight}
 
 
 def _constraint_bounds(spec: ConstraintSpec) -> np.ndarray:

@@ -319,12 +319,10 @@ def test_batched_zero_shot_scores_match_the_row_by_row_rule(tmp_path, floor):
     dim, concepts = 16, tuple(f"c{i}" for i in range(30))
     groups = {"perceived_gender": ("man", "woman"), "perceived_age": ("young", "old")}
     unit = lambda a: a / np.linalg.norm(a, axis=-1, keepdims=True)  # noqa: E731
-    arrays = {
-        "logit_scale": np.float32(30.0), "no_person": unit(rng.standard_normal(
-            (3, dim))).astype(np.float32), "group_names": np.array(list(groups)),
-        "concept_names": np.array(concepts), "concepts": unit(rng.standard_normal(
-            (30, dim))).astype(np.float32)
-    }
+    arrays = {"logit_scale": np.float32(30.0),
+              "no_person": unit(rng.standard_normal((3, dim))).astype(np.float32),
+              "group_names": np.array(list(groups)), "concept_names": np.array(concepts),
+              "concepts": unit(rng.standard_normal((30, dim))).astype(np.float32)}
     for i, (group, values) in enumerate(groups.items()):
         arrays[f"group_{i}"] = unit(rng.standard_normal((len(values), dim))).astype(np.float32)
         arrays[f"group_{i}_values"] = np.array(values)

@@ -9,7 +9,7 @@ import re
 import pytest
 from report_checks import check_page_against_stats, shown_stats
 
-from pipeline import plan, report, report_stats
+from pipeline import plan, report, report_concepts
 from pipeline.signatures import SignatureTable
 
 MAN, WOMAN = "perceived_gender:man", "perceived_gender:woman"
@@ -231,7 +231,7 @@ def test_the_heat_map_holds_the_constrained_concepts_that_moved_most(mixed):
     assert report.plot_heatmaps(stats)
     many = [{"concept": f"c{i:02d}", "status": "constrained", "gap": {"before": i / 100}}
             for i in range(45)]
-    ranked = report_stats.heatmap_concepts(many)
+    ranked = report_concepts.heatmap_concepts(many)
     assert len(ranked) == report.HEATMAP_MAX_CONCEPTS == 30 and ranked[:2] == ["c44", "c43"]
 
 

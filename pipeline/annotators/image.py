@@ -162,13 +162,11 @@ class ZeroShotImageAnnotator:
     def prompt_arrays(self) -> dict:
         """The prompts' embeddings and names as plain arrays: what prompts.npz holds."""
         state = self._loaded()
-        arrays = {
-            "logit_scale": np.float32(state["logit_scale"]), "no_person": state["no_person"],
-            "group_names": np.array(list(self.groups),
-                                    dtype=str), "concept_names": np.array(self.concepts, dtype=str),
-            "concepts": state["concepts"] if state["concepts"] is not None else np.zeros(
-                (0, self.embed_dim))
-        }
+        concepts = state["concepts"]
+        arrays = {"logit_scale": np.float32(state["logit_scale"]), "no_person": state["no_person"],
+                  "group_names": np.array(list(self.groups), dtype=str),
+                  "concept_names": np.array(self.concepts, dtype=str),
+                  "concepts": concepts if concepts is not None else np.zeros((0, self.embed_dim))}
         for index, (group, values) in enumerate(self.groups.items()):
             arrays[f"group_{index}"] = state["groups"][group]
             arrays[f"group_{index}_values"] = np.array(values, dtype=str)
