@@ -82,8 +82,8 @@ def _source_pairs():
     pairs = []
     for index in range(64):
         buffer = io.BytesIO()
-        Image.effect_mandelbrot((384, 288), (-2 + index / 64, -1.2, 1, 1.2),
-                                64).convert("RGB").save(buffer, format="JPEG", quality=90)
+        fractal = Image.effect_mandelbrot((384, 288), (-2 + index / 64, -1.2, 1, 1.2), 64)
+        fractal.convert("RGB").save(buffer, format="JPEG", quality=90)
         pairs.append((buffer.getvalue(), f"A man and a woman look at picture {index} on a table"))
     return pairs
 

@@ -55,9 +55,9 @@ def make_pool(directory: pathlib.Path, rows: int, shards: int, embeddings: dict 
         index = np.arange(start, end)
         uids = [uid_of(int(i)) for i in index]
         text = [captions[i % len(captions)] for i in index]
-        faces = [[[0.1, 0.1, 0.3, 0.3]] if any(w in t.lower().split()
-                                               for w in ("man", "woman", "person",
-                                                         "people")) else [] for t in text]
+        people = ("man", "woman", "person", "people")
+        faces = [[[0.1, 0.1, 0.3, 0.3]] if any(w in t.lower().split() for w in people) else []
+                 for t in text]
         table = pa.table({
             "uid": uids, "url": [f"https://example.invalid/{u}.jpg" for u in uids], "text": text,
             "original_width": rng.integers(200, 2000, len(index)),

@@ -47,8 +47,8 @@ def _tarfile_write(raw, samples) -> None:
         for key, members in samples:
             for extension, data in members:
                 info = tarfile.TarInfo(f"{key}.{extension}")
-                info.size, info.mtime, info.mode, info.uname, info.gname = len(
-                    data), 0, 0o444, "", ""
+                info.size, info.mtime, info.mode = len(data), 0, 0o444
+                info.uname = info.gname = ""
                 archive.addfile(info, io.BytesIO(data))
 
 

@@ -171,8 +171,8 @@ def open_clip_loader_runs(model_name, urls, batch_size, runs, repeats):
                          capture_output=True, text=True, env=environment)
     lines = [line for line in run.stdout.splitlines() if line.startswith(RESULT_MARK)]
     if run.returncode != 0 or not lines:
-        tail = (run.stderr.strip() or run.stdout.strip())[-300:].replace("\n",
-                                                                         " ").replace("|", "/")
+        tail = (run.stderr.strip() or run.stdout.strip())[-300:]
+        tail = tail.replace("\n", " ").replace("|", "/")
         return {"error": f"open_clip subprocess failed (exit {run.returncode}): {tail}"}
     result = json.loads(lines[-1][len(RESULT_MARK):])
     if "error" not in result and not str(result["webdataset_file"]).startswith(str(folder)):

@@ -150,11 +150,11 @@ class Annotate(beam.PTransform):
         read = (
             pbegin
             | "PlanRanges" >> PlanRanges(args.input, args.input_format)
-            | "ReadRanges" >> beam.ParDo(
-                ReadRangeBatches(args.key_column, args.caption_column, args.image_embedding_field
-                                 if use_images else None, getattr(args, "progress_dir", None),
-                                 _used_columns(args))).with_outputs(quarantine.QUARANTINE_TAG,
-                                                                    COUNTS_TAG, main="batches"))
+            | "ReadRanges" >> beam.ParDo(ReadRangeBatches(
+                args.key_column, args.caption_column,
+                args.image_embedding_field if use_images else None,
+                getattr(args, "progress_dir", None), _used_columns(args))).with_outputs(
+                    quarantine.QUARANTINE_TAG, COUNTS_TAG, main="batches"))
         checked = read.batches | "CheckSamples" >> beam.ParDo(
             CheckSamples(args.max_image_pixels, args.validate_images)).with_outputs(
                 quarantine.QUARANTINE_TAG, main="samples")

@@ -123,8 +123,11 @@ def main(argv=None) -> int:
 
 def _one_line(error: BaseException) -> str:
     text = " ".join(str(error).split())
-    return text.removeprefix("balancebeam ").split(
-        ": ", 1)[-1] if text.startswith("balancebeam ") else text
+    return (
+        text.removeprefix("balancebeam ").split(": ", 1)[-1]
+        if text.startswith("balancebeam ")
+        else text
+    )
 
 
 if __name__ == "__main__":

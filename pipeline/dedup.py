@@ -158,17 +158,16 @@ class DropDuplicates(beam.DoFn):
         import numpy as np
         import pyarrow.compute as pc
 
-        distinct = None if pc.any(pc.is_valid(
-            table.column("utility"))).as_py() else distinct_label_sets(table)
+        has_utility = pc.any(pc.is_valid(table.column("utility"))).as_py()
+        distinct = None if has_utility else distinct_label_sets(table)
         if distinct is None:  # utilities are part of a label set: row by row
             return collections.Counter(map(self._label_set, table.column("attributes").to_pylist(),
                                            table.column("concepts").to_pylist(),
                                            table.column("utility").to_pylist()))
         codes, label_sets = distinct
         counts = collections.Counter()
-        for (attributes,
-             concepts), rows in zip(label_sets,
-                                    np.bincount(codes, minlength=len(label_sets)).tolist()):
+        rows_per_set = np.bincount(codes, minlength=len(label_sets)).tolist()
+        for (attributes, concepts), rows in zip(label_sets, rows_per_set):
             counts[self._label_set(attributes, concepts, None)] += rows
         return counts
 

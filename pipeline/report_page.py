@@ -63,10 +63,10 @@ def sort_key(value) -> str:
 
 
 def _environment() -> jinja2.Environment:
-    environment = jinja2.Environment(loader=jinja2.PackageLoader("pipeline",
-                                                                 "templates"), autoescape=True,
-                                     undefined=jinja2.StrictUndefined, trim_blocks=True,
-                                     lstrip_blocks=True, keep_trailing_newline=True)
+    environment = jinja2.Environment(loader=jinja2.PackageLoader("pipeline", "templates"),
+                                     autoescape=True, undefined=jinja2.StrictUndefined,
+                                     trim_blocks=True, lstrip_blocks=True,
+                                     keep_trailing_newline=True)
     environment.filters.update(num=number, pct=percent, count=count, short=short, sort_key=sort_key,
                                code_spans=code_spans)
     return environment

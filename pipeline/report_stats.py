@@ -87,10 +87,9 @@ def quarantine_table(entries_by_job: dict) -> list[dict]:
             order = (shard, -1 if position is None else int(position), str(entry.get("key") or ""))
             found = examples[group]
             if len(found) < QUARANTINE_EXAMPLES or order < found[-1][0]:
-                bisect.insort(found, (order, {
-                    "key": entry.get("key"), "shard": shard or None, "position": position,
-                    "detail": entry.get("detail", "")
-                }), key=lambda item: item[0])
+                example = {"key": entry.get("key"), "shard": shard or None, "position": position,
+                           "detail": entry.get("detail", "")}
+                bisect.insort(found, (order, example), key=lambda item: item[0])
                 del found[QUARANTINE_EXAMPLES:]
     # job, most first
     ordered = sorted(counts.items(), key=lambda item: (item[0][0], -item[1], item[0][1:]))

@@ -162,8 +162,10 @@ def resample(input_glob, annotations_dir, solution_path, output_dir, *, seed=rel
             f"--output-format must be one of {', '.join(OUTPUT_FORMATS)}, got {output_format!r}")
     tars.check_prefix(prefix)
     subset = output_format == FORMAT_SUBSET
-    globs = [] if input_glob is None else [input_glob] if isinstance(input_glob,
-                                                                     str) else list(input_glob)
+    if input_glob is None:
+        globs = []
+    else:
+        globs = [input_glob] if isinstance(input_glob, str) else list(input_glob)
     if not globs and not subset:
         raise UsageError(
             "--input is needed to write WebDataset shards (only --output-format subset reads none)")
@@ -285,11 +287,10 @@ def _annotate_read_options(annotations_dir: str, input_format: str, rows_written
             f"{counts['annotated']}: the folder changed since; re-run annotate into an empty folder"
         )
     recorded = counts.get("read_options", {})
-    return {
-        "input_format": input_format if input_format != "auto" else recorded.get(
-            "input_format", "auto"), "key_column": recorded.get("key_column", "key"),
-        "caption_column": recorded.get("caption_column", "caption")
-    }
+    if input_format == "auto":
+        input_format = recorded.get("input_format", "auto")
+    return {"input_format": input_format, "key_column": recorded.get("key_column", "key"),
+            "caption_column": recorded.get("caption_column", "caption")}
 
 
 def add_release_arguments(parser: argparse.ArgumentParser) -> None:

@@ -198,25 +198,36 @@ def publish_subset(counts, written, rows_written, exact_counts, output_dir, pref
     """Reconcile a subset release with the files on disk, remove an earlier release's shards; the
     manifest."""
     parts = sorted(written["buckets"], key=lambda entry: entry["part"])
-    on_disk = {posixpath.basename(m.path): m.path for m in FileSystems.match(
-        [FileSystems.join(output_dir, KEEP_DIR, "*.parquet")])[0].metadata_list}
+    parts_glob = FileSystems.join(output_dir, KEEP_DIR, "*.parquet")
+    on_disk = {posixpath.basename(m.path): m.path
+               for m in FileSystems.match([parts_glob])[0].metadata_list}
     footer_rows = sum(parquet_rows(path) for path in on_disk.values())
     numbers = publish.reconcile_subset(
-        counts, {
-            "keep_rows_written": footer_rows, "subset_rows_written": written["subset"]["rows"],
+        counts,
+        {
+            "keep_rows_written": footer_rows,
+            "subset_rows_written": written["subset"]["rows"],
             "keep_parts_on_disk": sorted(on_disk),
-            "keep_parts_written": [entry["part"] for entry in parts]
-        }, rows_written, exact_counts)
+            "keep_parts_written": [entry["part"] for entry in parts],
+        },
+        rows_written,
+        exact_counts,
+    )
     stale = delete_matching(FileSystems.join(output_dir, f"{prefix}-*"))
     if stale:
-        log.info("removed %d shard files of an earlier release (a subset release has none)",
-                 len(stale))
+        log.info(
+            "removed %d shard files of an earlier release (a subset release has none)", len(stale)
+        )
     files = {
-        SUBSET_FILE: written["subset"], KEEP_DIR: {
-            "rows": footer_rows, "bytes": sum(entry["bytes"] for entry in parts),
-            "parts": [{name: entry[name]
-                       for name in ("part", "rows", "bytes", "sha256")} for entry in parts]
-        }
+        SUBSET_FILE: written["subset"],
+        KEEP_DIR: {
+            "rows": footer_rows,
+            "bytes": sum(entry["bytes"] for entry in parts),
+            "parts": [
+                {name: entry[name] for name in ("part", "rows", "bytes", "sha256")}
+                for entry in parts
+            ],
+        },
     }
     manifest = publish.manifest(counts, numbers, [], details)
     manifest["counts"]["kept_not_uid"] = numbers["kept_not_uid"]

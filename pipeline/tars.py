@@ -83,8 +83,8 @@ def tar_member_offsets(raw_file) -> dict[str, list[tuple[int, int]]]:
             size = pax["size"]
         if member_type in (b"0", b"\0") and trust_next_name:
             name = header[:100].split(b"\0", 1)[0]
-            prefix = header[345:500].split(b"\0",
-                                           1)[0] if header[257:265] == tarfile.POSIX_MAGIC else b""
+            ustar = header[257:265] == tarfile.POSIX_MAGIC
+            prefix = header[345:500].split(b"\0", 1)[0] if ustar else b""
             if prefix:
                 name = prefix + b"/" + name
             name = pax.get("path", name.decode("utf-8", "surrogateescape"))

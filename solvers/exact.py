@@ -72,8 +72,9 @@ def solve_exact(problem: BalanceProblem, keep_rate=None, solver: str = DEFAULT_S
     # Stationarity of row i: w_i (q_i - t_i) + (w_i / W) (C D mu)_i + nu w_i = 0 with mu the dual of
     # the scaled `moments` and nu that of `rate`; so lambda = D mu / W in q = clip(t - C lambda -
     # nu, 0, 1).
-    constraint_duals = d * np.maximum(
-        np.asarray(moments.dual_value, dtype=np.float64).reshape(-1), 0.0) / W
+    constraint_duals = (
+        d * np.maximum(np.asarray(moments.dual_value, dtype=np.float64).reshape(-1), 0.0) / W
+    )
     rate_dual = float(np.asarray(rate.dual_value).reshape(()))
     keep_probability = np.clip(np.asarray(q.value, dtype=np.float64), 0.0, 1.0)
     objective_value = problem.objective(keep_probability, eta)
@@ -135,8 +136,9 @@ def max_violation(problem: BalanceProblem, q: np.ndarray, keep_rate: float) -> f
     return max(moment_violation, rate_error, bound_violation)
 
 
-def dual_objective(problem: BalanceProblem, keep_rate: float, constraint_duals: np.ndarray,
-                   rate_dual: float) -> float:
+def dual_objective(
+    problem: BalanceProblem, keep_rate: float, constraint_duals: np.ndarray, rate_dual: float
+) -> float:
     """Lagrange dual function at (lambda, nu): a lower bound on the optimum for any lambda >= 0.
 
     L(q, lambda, nu) = 1/2 sum w (q - t)^2 + lambda.(C^T (w q) - W b) + nu (sum w q - eta W),
@@ -149,5 +151,6 @@ def dual_objective(problem: BalanceProblem, keep_rate: float, constraint_duals: 
     lam = np.maximum(constraint_duals, 0.0)
     shift = C @ lam
     q = np.clip(t - shift - rate_dual, 0.0, 1.0)
-    return float(0.5 * w @ (q - t)**2 + w @ (q * shift) - W * lam @ b
-                 + rate_dual * (w @ q - keep_rate * W))
+    return float(
+        0.5 * w @ (q - t) ** 2 + w @ (q * shift) - W * lam @ b + rate_dual * (w @ q - keep_rate * W)
+    )

@@ -400,13 +400,13 @@ class BalanceProblem:
         support = self.unit_supports(q)
         excess = np.zeros(self.spec.num_units)
         present = ~self.dropped_units(q)
-        excess[present] = np.abs(offset[present]) / support[present] - np.asarray(
-            self.spec.unit_gaps)[present]
+        excess[present] = (
+            np.abs(offset[present]) / support[present] - np.asarray(self.spec.unit_gaps)[present]
+        )
         return np.maximum(excess, 0.0)
 
     def certified_violation(self, q: np.ndarray) -> float:
-        """The largest constraint violation in the user's units: a share (share form) or a moment.
-        """
+        """The largest constraint violation in the user's units: a share (share form) or a moment."""
         if self.spec.constraint_form == "share":
             return float(self.share_excess(q).max(initial=0.0))
         return float(self.violations(q).max(initial=0.0))

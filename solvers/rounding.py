@@ -99,14 +99,16 @@ def allocate(problem: BalanceProblem, q: np.ndarray,
                       total_change=None if answer.x is None else float(answer.fun))
     if answer.x is None:
         raise RuntimeError(f"the exact-count integer program found no solution: {answer.message}")
-    result[constrained] = np.clip(np.round(answer.x[:size]), 0,
-                                  counts[constrained]).astype(np.int64)
+    result[constrained] = np.clip(np.round(answer.x[:size]), 0, counts[constrained]).astype(
+        np.int64
+    )
     violation = _violation(matrix, bounds, result, problem)
     status = "optimal" if answer.status == 0 else "time_limit"
     if violation > _FEASIBILITY_CHECK:
         raise RuntimeError(
             f"the exact-count integer program returned counts that break a constraint by "
-            f"{violation:.3g} rows ({answer.message})")
+            f"{violation:.3g} rows ({answer.message})"
+        )
     return Allocation(result, status, float(target.sum()), violation, statistics)
 
 

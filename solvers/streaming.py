@@ -191,8 +191,8 @@ def stream_spec(batches_factory: BatchesFactory, *, groups=None, targets="unifor
     present = annotated_weight = support = None
     for batch in batches_factory():
         attributes, concepts, weights, _ = _unpack(batch)
-        attributes, concepts = np.asarray(attributes,
-                                          dtype=np.float64), np.asarray(concepts, dtype=np.float64)
+        attributes = np.asarray(attributes, dtype=np.float64)
+        concepts = np.asarray(concepts, dtype=np.float64)
         if present is None:
             column_groups = [list(range(attributes.shape[1]))
                              ] if groups is None else [list(g) for g in groups]
@@ -209,10 +209,9 @@ def stream_spec(batches_factory: BatchesFactory, *, groups=None, targets="unifor
     # A two-row stand-in with the stream's sums lets BalanceProblem check and resolve everything
     # that does not depend on single rows (names, groups, gaps, explicit targets).
     num_values, num_concepts = len(present), support.shape[1]
-    stand_in = BalanceProblem(np.vstack([np.ones(num_values),
-                                         np.zeros(num_values)]),
-                              np.vstack([np.ones(num_concepts),
-                                         np.zeros(num_concepts)]), groups=groups,
+    stand_in = BalanceProblem(np.vstack([np.ones(num_values), np.zeros(num_values)]),
+                              np.vstack([np.ones(num_concepts), np.zeros(num_concepts)]),
+                              groups=groups,
                               targets="uniform" if isinstance(targets, str) else targets,
                               representation_gap=representation_gap,
                               association_gap=association_gap, constraint_form=constraint_form,

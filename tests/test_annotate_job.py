@@ -151,8 +151,8 @@ def broken_inputs(coco_mini_shards, webdataset_writer, tmp_path_factory):
     write_webdataset_shards(folder, [], 100, "d-empty")
     (folder / "d-empty-00000.tar").write_bytes(b"")
     (folder / "e-garbage.tar").write_bytes(b"not a tar at all\n" * 100)
-    write_webdataset_shards(folder, [{"__key__": "../../evil", "txt": b"x"},
-                                     sample(r[15])], 100, "f-unsafe")
+    unsafe = [{"__key__": "../../evil", "txt": b"x"}, sample(r[15])]
+    write_webdataset_shards(folder, unsafe, 100, "f-unsafe")
     write_webdataset_shards(folder, [sample(r[1])], 100, "g-duplicate")
     (folder / "h-table.jsonl").write_bytes(
         b'{"key": "j1", "caption": "A man cooking in a kitchen", "score": 0.75}\n'
@@ -160,8 +160,9 @@ def broken_inputs(coco_mini_shards, webdataset_writer, tmp_path_factory):
         b'{"key": "j3", "score": 1}\nnot json\n')
     (folder / "i-table.csv").write_text("key,caption,score\nc1,A girl with a kite,0.5\n"
                                         "c2,\"Two dogs, one ball\",2\n")
-    pq.write_table(pa.table({"key": ["p1", "p2"], "caption": ["A boy and his bicycle", "A pizza"],
-                             "score": [0.1, None]}), folder / "j-table.parquet")
+    table = pa.table({"key": ["p1", "p2"], "caption": ["A boy and his bicycle", "A pizza"],
+                      "score": [0.1, None]})
+    pq.write_table(table, folder / "j-table.parquet")
     expected_reasons = {
         quarantine.DUPLICATE_KEY: 2, quarantine.UNDECODABLE_IMAGE: 1, quarantine.EMPTY_CAPTION: 1,
         quarantine.MISSING_CAPTION: 2, quarantine.NON_UTF8_TEXT: 1, quarantine.MISSING_IMAGE: 1,
@@ -280,9 +281,9 @@ def test_zero_shot_job_with_a_tiny_model_and_precomputed_embeddings(
         assert row["attributes"] == sorted(set(text_attributes) | set(image_attributes))  # union
         assert row["concepts"] == sorted(set(text_concepts) | set(image_concepts))
         assert evidence["image"] == pytest.approx(scores, abs=1e-3)
-        assert {c
-                for c, found_by in evidence["concepts"].items()
-                if "image" in found_by} == set(image_concepts)
+        assert {c for c, found_by in evidence["concepts"].items() if "image" in found_by} == set(
+            image_concepts
+        )
     from_embeddings = direct.annotate_embeddings(np.array(embeddings))
     for i, (image_attributes, _, _) in enumerate(from_embeddings):
         assert set(image_attributes) <= set(rows[f"e{i}"]["attributes"])

@@ -225,12 +225,8 @@ def test_zero_shot_reads_balancebeam_training_checkpoints(tiny_clip, tmp_path):
                        str(tiny_clip.config_path)))
     state = torch.load(tiny_clip.checkpoint_path, weights_only=True)["state_dict"]
     trained = tmp_path / "final.pt"
-    torch.save(
-        {
-            "model": {f"module.{k}": v
-                      for k, v in state.items()}, "model_name": tiny_clip.architecture, "step": 7,
-            "optimizer": {}
-        }, trained)
+    torch.save({"model": {f"module.{k}": v for k, v in state.items()},
+                "model_name": tiny_clip.architecture, "step": 7, "optimizer": {}}, trained)
     loaded, _, _ = load_model(
         ZeroShotConfig(tiny_clip.architecture, str(trained), str(tiny_clip.config_path)))
     for name, tensor in reference.state_dict().items():
@@ -344,8 +340,9 @@ def test_batched_zero_shot_scores_match_the_row_by_row_rule(tmp_path, floor):
         assert all(abs(scores[label] - reference[label]) <= 2e-4 for label in scores)
     assert any(len(a) == 2 for a, _, _ in batched[:40]), "the planted tie gives both values"
     assert all(c[0] == "c5" for _, c, _ in batched[40:80]), "the planted concept comes first"
-    assert any(len(c) < 3 for _, c, _ in batched) == (floor
-                                                      > 0), "a floor leaves some rows fewer than k"
+    assert any(len(c) < 3 for _, c, _ in batched) == (floor > 0), (
+        "a floor leaves some rows fewer than k"
+    )
 
 
 def test_annotate_caption_returns_copies_that_do_not_change_later_answers():

@@ -59,8 +59,8 @@ def test_proxy_discovery_ranks_common_skewed_concepts_beyond_the_labels_of_inter
     proxies = plan.discover_proxies(table, interest=["dog"], k=2, min_support=10)
     assert [p["concept"] for p in proxies] == ["tie", "cup"]
     assert proxies[0]["shares"][MAN] == pytest.approx(0.9)
-    assert plan.discover_proxies(table, interest=["tie"], k=5,
-                                 min_support=10)[0]["concept"] == "cup"
+    proxies = plan.discover_proxies(table, interest=["tie"], k=5, min_support=10)
+    assert proxies[0]["concept"] == "cup"
     config = plan.BalanceConfig(concepts=["dog", "unknown"], proxies=1, min_support=10)
     concepts, chosen, not_seen = plan.choose_concepts(table, config)
     assert concepts == ["dog", "tie"] and not_seen == ["unknown"]

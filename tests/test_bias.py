@@ -82,8 +82,8 @@ def test_unconditional_and_preserved_targets():
     assert unconditional.value_share == pytest.approx([3 / 7, 3 / 7])
     assert unconditional.concept_share[:, 0] == pytest.approx([0.25, 0.5])
     preserved = data_bias(ATTRIBUTES, CONCEPTS, targets="preserve")
-    assert preserved.targets == pytest.approx(
-        [0.6, 0.6]) and preserved.representation_bias == pytest.approx(0.0)
+    assert preserved.targets == pytest.approx([0.6, 0.6])
+    assert preserved.representation_bias == pytest.approx(0.0)
 
 
 def test_to_dict_is_json_with_none_for_shares_of_nothing():

@@ -49,8 +49,8 @@ def test_utility_is_part_of_the_signature():
     assert compress(attributes, concepts, utility).num_signatures == 4
     rounded = compress(attributes, concepts, np.round(utility, 1))  # -0.0 and 0.0 are one utility
     assert rounded.num_signatures == 3 and sorted(rounded.utility.tolist()) == [0.0, 0.1, 0.2]
-    assert compress(attributes, np.hstack([concepts, np.eye(4)[:, :1]]),
-                    np.zeros(4)).num_signatures == 2
+    with_first_concept = np.hstack([concepts, np.eye(4)[:, :1]])
+    assert compress(attributes, with_first_concept, np.zeros(4)).num_signatures == 2
 
 
 @pytest.mark.parametrize("form", ["share", "moment"])

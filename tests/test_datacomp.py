@@ -215,19 +215,18 @@ def test_prompt_file_and_float16_embeddings_label_like_the_images(coco_mini_shar
     assert cli.main(["embed-prompts", *model, "--output", str(tmp_path / "prompts.npz")]) == 0
 
     lexicon = Lexicon.load()
-    direct = ZeroShotImageAnnotator(
-        ZeroShotConfig(tiny_clip.architecture, str(tiny_clip.checkpoint_path),
-                       str(tiny_clip.config_path)), lexicon.groups, lexicon.concepts)
+    model = ZeroShotConfig(tiny_clip.architecture, str(tiny_clip.checkpoint_path),
+                           str(tiny_clip.config_path))
+    direct = ZeroShotImageAnnotator(model, lexicon.groups, lexicon.concepts)
     records = coco_mini_shards.records
     embeddings = np.concatenate([direct.embed_images([r["jpg"] for r in records[i:i + 32]])
                                  for i in range(0, len(records), 32)])
     pool = tmp_path / "pool"
     pool.mkdir()
-    pq.write_table(
-        pa.table({
-            "uid": [r["key"] for r in records], "text": [r["caption"] for r in records],
-            "face_bboxes": pa.array([[] for _ in records], type=pa.list_(pa.list_(pa.float64())))
-        }), pool / "00000000.parquet")
+    no_faces = pa.array([[] for _ in records], type=pa.list_(pa.list_(pa.float64())))
+    table = pa.table({"uid": [r["key"] for r in records], "text": [r["caption"] for r in records],
+                      "face_bboxes": no_faces})
+    pq.write_table(table, pool / "00000000.parquet")
     for name, vectors in (("float16", embeddings.astype(np.float16)), ("float32", embeddings)):
         np.savez(pool / "00000000.npz", l14_img=vectors)
         assert cli.main([

@@ -98,15 +98,17 @@ def test_dual_matches_exact(structure, form, seed):
     for fraction in (0.85, 0.995):  # comfortable, and near the largest feasible rate
         solution = assert_agrees_with_exact(problem, fraction * highest)
         assert solution.statistics["relative_duality_gap"] <= solution.statistics["tolerance"]
-        assert np.any(
-            solution.constraint_duals > 0), "binding constraints have positive multipliers"
+        assert np.any(solution.constraint_duals > 0), (
+            "binding constraints have positive multipliers"
+        )
 
 
 def test_constraints_already_met_at_uniform_rate_give_zero_duals():
     rng = np.random.default_rng(3)
     attributes, concepts = random_rows(rng, 2000, association=0.0, overlap=0.0)
-    problem = BalanceProblem(attributes, concepts, representation_gap=0.5, association_gap=0.5,
-                             min_support=10)
+    problem = BalanceProblem(
+        attributes, concepts, representation_gap=0.5, association_gap=0.5, min_support=10
+    )
     solution = solve_dual(problem, 0.7)
     assert solution.status == "optimal"
     np.testing.assert_array_equal(solution.constraint_duals, 0.0)
@@ -119,8 +121,9 @@ def test_rows_with_weights_equal_repeated_rows():
     attributes, concepts = random_rows(rng, 800)
     counts = rng.integers(1, 4, 800)
     weighted = BalanceProblem(attributes, concepts, weights=counts.astype(float), min_support=10)
-    repeated = BalanceProblem(np.repeat(attributes, counts, axis=0),
-                              np.repeat(concepts, counts, axis=0), min_support=10)
+    repeated = BalanceProblem(
+        np.repeat(attributes, counts, axis=0), np.repeat(concepts, counts, axis=0), min_support=10
+    )
     rate = 0.95 * max_rate(weighted)
     q_weighted = solve_dual(weighted, rate).q
     q_repeated = solve_dual(repeated, rate).q

@@ -36,11 +36,14 @@ def test_command_line_writes_json_and_png(synthetic, tmp_path):
     assert result["images"] == 32 + 16
     assert result["association_bias"]["images"] == {"man": 16, "woman": 16}
     # RB on the labelled (balanced) images; apart, on the 16 whose value nothing settles
-    assert result["representation_bias"]["images"] == 32 and result["representation_bias"][
-        "image_set"] == "labelled"
+    assert (
+        result["representation_bias"]["images"] == 32
+        and result["representation_bias"]["image_set"] == "labelled"
+    )
     neutral = result["representation_bias_neutral"]
-    assert neutral["images"] == 16 and sum(
-        neutral["predicted_share"].values()) == pytest.approx(1.0)
+    assert neutral["images"] == 16 and sum(neutral["predicted_share"].values()) == pytest.approx(
+        1.0
+    )
     # the labelled images: the empty scenes share captions
     assert result["retrieval"]["images"] == 32
     assert "an office" in " ".join(result["association_bias"]["prompts"])
@@ -50,8 +53,9 @@ def test_command_line_writes_json_and_png(synthetic, tmp_path):
 
 def test_labelled_shards_and_image_folders_give_the_same_labels(synthetic, tmp_path, random_model):
     shards = data.read_labelled(str(synthetic / "eval" / "eval-*.tar"))  # the balanced set only
-    for key, image, caption, labels in zip(shards.keys, shards.image_bytes, shards.captions,
-                                           shards.labels):
+    for key, image, caption, labels in zip(
+        shards.keys, shards.image_bytes, shards.captions, shards.labels
+    ):
         folder = tmp_path / labels["perceived_gender"]
         folder.mkdir(exist_ok=True)
         (folder / f"{key}.jpg").write_bytes(image)
@@ -60,8 +64,9 @@ def test_labelled_shards_and_image_folders_give_the_same_labels(synthetic, tmp_p
     folders = data.read_labelled(tmp_path)
     assert len(folders) == len(shards) == 32
     assert [s for s, _ in folders.skipped] == [str(tmp_path / "woman" / "broken.jpg")]
-    assert sorted(l["perceived_gender"] for l in folders.labels) == sorted(l["perceived_gender"]
-                                                                           for l in shards.labels)
+    assert sorted(l["perceived_gender"] for l in folders.labels) == sorted(
+        l["perceived_gender"] for l in shards.labels
+    )
     result = evaluate.evaluate_model(*random_model, folders)
     assert "association_bias" in result["skipped"]  # folders carry no concept labels
     assert result["representation_bias"]["images"] == 32 and "retrieval" in result
@@ -69,8 +74,10 @@ def test_labelled_shards_and_image_folders_give_the_same_labels(synthetic, tmp_p
 
 def test_yaml_config_sets_prompts_and_rejects_unknown_keys(synthetic, tmp_path, random_model):
     good = tmp_path / "good.yaml"
-    good.write_text("attribute_template: 'an image of a {}'\nconcepts: [kitchen, office]\n"
-                    "attribute_targets: [0.3, 0.7]\n")
+    good.write_text(
+        "attribute_template: 'an image of a {}'\nconcepts: [kitchen, office]\n"
+        "attribute_targets: [0.3, 0.7]\n"
+    )
     config = EvalConfig.from_yaml(good)
     result = evaluate.evaluate_model(*random_model, data.read_labelled(synthetic), config)
     assert result["representation_bias"]["prompts"] == ["an image of a man", "an image of a woman"]

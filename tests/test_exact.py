@@ -19,8 +19,9 @@ def planted_problem(rows=1500, seed=0, **options):
     attributes = np.zeros((rows, 2))
     annotated = rng.random(rows) < 0.4
     attributes[annotated, 0] = rng.random(annotated.sum()) < 0.65
-    attributes[annotated,
-               1] = (rng.random(annotated.sum()) < 0.45) | (attributes[annotated, 0] == 0)
+    attributes[annotated, 1] = (rng.random(annotated.sum()) < 0.45) | (
+        attributes[annotated, 0] == 0
+    )
     concepts = (rng.random((rows, 8)) < 0.1 + 0.3 * attributes[:, :1]).astype(float)
     options.setdefault("min_support", 20)
     options.setdefault("keep_rate", 0.6)
@@ -30,9 +31,12 @@ def planted_problem(rows=1500, seed=0, **options):
 @pytest.mark.parametrize("form", ["share", "moment"])
 def test_duals_reproduce_q_and_constraints_hold(form):
     problem, rng = planted_problem(constraint_form=form)
-    weighted, _ = planted_problem(constraint_form=form, weights=rng.integers(1, 5,
-                                                                             1500).astype(float),
-                                  utility=rng.random(1500), utility_tilt=0.2)
+    weighted, _ = planted_problem(
+        constraint_form=form,
+        weights=rng.integers(1, 5, 1500).astype(float),
+        utility=rng.random(1500),
+        utility_tilt=0.2,
+    )
     for current in (problem, weighted):
         solution = solve_exact(current)
         assert solution.status == "optimal" and solution.method == "exact"

@@ -30,18 +30,24 @@ def test_every_row_reaches_its_bucket_once_through_files(tmp_path, mode, flush_r
     out = tmp_path / "out.txt"
     options = PipelineOptions(["--direct_running_mode", mode, "--direct_num_workers", "2"])
     with beam.Pipeline(options=options) as pipeline:
-        _ = (pipeline
-             | beam.Create(list(_parts(2000)))
-             | beam.Reshuffle()
-             | file_shuffle.GroupTablesByFile(str(spill), flush_rows=flush_rows)
-             | beam.FlatMap(lambda bucket_table: [
-                 f"{bucket_table[0]} {k} {v}"
-                 for k, v in zip(bucket_table[1].column("key").to_pylist(), bucket_table[1].column(
-                     "value").to_pylist())
-             ])
-             | beam.io.WriteToText(str(out), shard_name_template=""))
+        _ = (
+            pipeline
+            | beam.Create(list(_parts(2000)))
+            | beam.Reshuffle()
+            | file_shuffle.GroupTablesByFile(str(spill), flush_rows=flush_rows)
+            | beam.FlatMap(
+                lambda bucket_table: [
+                    f"{bucket_table[0]} {k} {v}"
+                    for k, v in zip(
+                        bucket_table[1].column("key").to_pylist(),
+                        bucket_table[1].column("value").to_pylist(),
+                    )
+                ]
+            )
+            | beam.io.WriteToText(str(out), shard_name_template="")
+        )
     lines = out.read_text().split()
-    got = sorted(tuple(lines[i:i + 3]) for i in range(0, len(lines), 3))
+    got = sorted(tuple(lines[i : i + 3]) for i in range(0, len(lines), 3))
     assert got == sorted((str(i % 7), f"k{i:05d}", str(i)) for i in range(2000))
     files = list(spill.glob(file_shuffle.SPILL_FILE_PREFIX + "*.arrow"))
     assert files and all(path.stat().st_size for path in files)
@@ -50,7 +56,7 @@ def test_every_row_reaches_its_bucket_once_through_files(tmp_path, mode, flush_r
 
 
 def test_a_spill_file_that_changed_under_the_job_stops_it(tmp_path):
-    spiller = file_shuffle._SpillParts(str(tmp_path), flush_rows=10 ** 9)
+    spiller = file_shuffle._SpillParts(str(tmp_path), flush_rows=10**9)
     spiller.start_bundle()
     for part in _parts(100):
         assert list(spiller.process(part)) == []

@@ -106,8 +106,9 @@ def test_weighted_clip_loss_with_equal_weights_is_open_clips_loss():
     text = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
     scale = torch.tensor(7.0)
     expected = ClipLoss()(image, text, scale)
-    assert WeightedClipLoss()(image, text, scale,
-                              weights=torch.ones(6)).item() == pytest.approx(expected.item())
+    assert WeightedClipLoss()(image, text, scale, weights=torch.ones(6)).item() == pytest.approx(
+        expected.item()
+    )
     tripled = WeightedClipLoss()(image, text, scale, weights=torch.full((6,), 3.0))
     assert tripled.item() == pytest.approx(expected.item())
 
@@ -135,6 +136,11 @@ def test_weighted_siglip_loss_by_hand():
     image, text = _features()
     # logits [[0.6, 0.0], [0.8, 1.0]] - 1; image 0 row: positive pair (0, 0), negative pair (0, 1)
     row_0 = -math.log(1 / (1 + math.exp(-(0.6 - 1)))) - math.log(1 / (1 + math.exp(0.0 - 1)))
-    loss = WeightedSigLipLoss()(image, text, torch.tensor(1.0), weights=torch.tensor([2.0, 0.0]),
-                                logit_bias=torch.tensor(-1.0))
+    loss = WeightedSigLipLoss()(
+        image,
+        text,
+        torch.tensor(1.0),
+        weights=torch.tensor([2.0, 0.0]),
+        logit_bias=torch.tensor(-1.0),
+    )
     assert loss.item() == pytest.approx(row_0, rel=1e-6)

@@ -395,15 +395,9 @@ def test_report_and_card_survive_names_that_mean_something_to_matplotlib_and_mar
     from pipeline import report
 
     name = "$\\bogus{x}$ | *bold* <b>"  # not a mathtext formula: matplotlib would raise on it
-    stats = {
-        "shares": {
-            "before": {
-                "concepts": {name: {"support": {"g": 60.0}, "shares": {"g:a": 0.5, "g:b": 0.5}}}
-            }, "realized": {
-                "concepts": {name: {"support": {"g": 60.0}, "shares": {"g:a": 0.5, "g:b": 0.5}}}
-            }
-        }, "targets": {"g:a": 0.5, "g:b": 0.5}, "proxies": [{"concept": name, "score": 0.1}]
-    }
+    shares = {"concepts": {name: {"support": {"g": 60.0}, "shares": {"g:a": 0.5, "g:b": 0.5}}}}
+    stats = {"shares": {"before": shares, "realized": shares},
+             "targets": {"g:a": 0.5, "g:b": 0.5}, "proxies": [{"concept": name, "score": 0.1}]}
     assert report.plot_heatmaps(stats) and report.plot_proxies(stats)
     assert report.markdown_text(name) == "$\\\\bogus\\{x\\}$ \\| \\*bold\\* \\<b\\>"
 
@@ -478,7 +472,8 @@ def test_counts_travel_as_data_that_adds_up_and_show_as_beam_counters():
 
     def counter(name):
         found = result.metrics().query(
-            MetricsFilter().with_namespace("balancebeam").with_name(name))["counters"]
+            MetricsFilter().with_namespace("balancebeam").with_name(name)
+        )["counters"]
         return sum(metric.committed for metric in found)
 
     assert (counter("records_read"), counter("kept"), counter("zero")) == (12, 5, 0)

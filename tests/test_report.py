@@ -53,8 +53,8 @@ def test_statistics_before_planned_and_realized(solved):
     stats = report.build_statistics(solution, records, kept, _manifest(276),
                                     {"quarantined_by_reason": {"empty_caption": 2}})
     before = stats["shares"]["before"]["concepts"]["kitchen"]
-    assert before["shares"][WOMAN] == pytest.approx(
-        0.75) and before["support"]["perceived_gender"] == 120
+    assert before["shares"][WOMAN] == pytest.approx(0.75)
+    assert before["support"]["perceived_gender"] == 120
     realized = stats["shares"]["realized"]["concepts"]
     assert realized["kitchen"]["shares"][WOMAN] == pytest.approx(0.5)
     assert realized["office"]["support"]["perceived_gender"] == 80
@@ -173,15 +173,15 @@ def _mixed_records():
 def mixed():
     records = _mixed_records()
     config = plan.BalanceConfig(keep_rate=0.8, association_gap=0.05, min_support=10, method="exact",
-                                concepts=["kitchen", "beard",
-                                          "tiara"], proxies=1, unconstrained=["bride"])
+                                concepts=["kitchen", "beard", "tiara"], proxies=1,
+                                unconstrained=["bride"])
     solution, _ = plan.solve_table(SignatureTable.from_records(records), config)
     # What a release of that plan could hold (its signatures know the solution's concepts only).
     kept = [{"attributes": a, "concepts": c, "utility": None, "count": n}
             for a, c, n in (([MAN], ["kitchen"], 60), ([WOMAN], ["kitchen"], 66),
                             ([MAN], ["office"], 40), ([WOMAN], ["office"], 40),
-                            ([WOMAN], ["tiara"], 3), ([WOMAN], [], 30 + 300), ([MAN], [],
-                                                                               380), ([], [], 800))]
+                            ([WOMAN], ["tiara"], 3), ([WOMAN], [], 30 + 300), ([MAN], [], 380),
+                            ([], [], 800))]
     total = sum(r["count"] for r in kept)
     manifest = _manifest(total)
     manifest["counts"].update(samples_read=2149, dropped=2149 - total)
@@ -201,16 +201,16 @@ def test_every_concept_has_its_status_support_shares_and_rows_kept(mixed):
     for name, share in WOMAN_SHARE_BEFORE.items():
         assert rows[name]["shares"]["before"][WOMAN] == pytest.approx(share), name
         assert rows[name]["gap"]["before"] == pytest.approx(abs(share - 0.5)), name
-    assert rows["kitchen"]["support"] == {"perceived_gender": 200
-                                          } and rows["tiara"]["support"]["perceived_gender"] == 3
+    assert rows["kitchen"]["support"] == {"perceived_gender": 200}
+    assert rows["tiara"]["support"]["perceived_gender"] == 3
     # realized: counted in the kept signatures by hand
     assert rows["kitchen"]["shares"]["realized"][WOMAN] == pytest.approx(66 / 126)
     assert rows["kitchen"]["rows"]["realized"] == 126 and rows["office"]["rows"]["realized"] == 80
     assert rows["beard"]["rows"]["realized"] == 0 and rows["beard"]["shares"]["realized"][
         MAN] is None
     # the release does not record an exempt concept: no realized numbers, rather than wrong ones
-    assert rows["bride"]["shares"]["realized"] == {MAN: None, WOMAN: None
-                                                   } and rows["bride"]["rows"]["realized"] is None
+    assert rows["bride"]["shares"]["realized"] == {MAN: None, WOMAN: None}
+    assert rows["bride"]["rows"]["realized"] is None
     # planned: the report's q (from the duals) against the solver's own primal q
     after = solution.statistics["data_bias_after"]["concepts"]
     for name in ("kitchen", "office"):

@@ -163,8 +163,8 @@ def test_the_coco_report_shows_the_numbers_of_stats_json_and_of_the_release(coco
     spec = solution.spec
     annotated = [annotate_caption(text) for text in captions.values()]
     realized = data_bias(encode([a for a, _, _ in annotated], spec.attribute_names),
-                         encode([c for _, c, _ in annotated],
-                                spec.concept_names), weights=np.ones(len(annotated)),
+                         encode([c for _, c, _ in annotated], spec.concept_names),
+                         weights=np.ones(len(annotated)),
                          targets=np.asarray(spec.targets), groups=spec.groups,
                          min_support=stats["min_support"], attribute_names=spec.attribute_names,
                          concept_names=spec.concept_names, group_names=spec.group_names)
@@ -301,6 +301,9 @@ def test_quarantined_records_are_shown_by_stage_and_reason_with_examples(
             assert set(listed) <= set(keys), (reason, listed, keys)
         else:  # a record without a key is shown by its file
             assert all(item.startswith("captions.jsonl") for item in listed)
-    assert ("resample", "resample", "not_annotated") in expected and ("resample", "read",
-                                                                      "bad_json") in expected
+    assert ("resample", "resample", "not_annotated") in expected and (
+        "resample",
+        "read",
+        "bad_json",
+    ) in expected
     report.close()

@@ -97,8 +97,8 @@ def test_keep_rule_applies_the_solution_and_ignores_labels_it_does_not_know():
     assert abs(men - women) <= 0.02 * 2 * (men + women)
     assert nobody == rule.keep_probability([], [])
     assert rule.weight(0.5) == 1.0
-    assert release.KeepRule(solution,
-                            mode="weights").weight(0.4) == pytest.approx(0.4 / solution.keep_rate)
+    weights_rule = release.KeepRule(solution, mode="weights")
+    assert weights_rule.weight(0.4) == pytest.approx(0.4 / solution.keep_rate)
 
 
 def test_table_signatures_are_the_row_by_row_ones_and_copies_skip_only_draws_that_cannot_matter():
@@ -198,12 +198,14 @@ def test_shard_bytes_are_the_ones_tarfile_writes_for_plain_long_and_non_ascii_na
     rng = np.random.default_rng(5)
     names = ["a", "x" * 96, "y" * 97, "z" * 150, "ключ", "dir/sub/k", "sp ace"]
     for trial in range(40):
-        samples = [(f"{names[rng.integers(len(names))]}{i}", [
-            (extension,
-             rng.integers(0, 256, int(rng.choice([0, 1, 511, 512, 513,
-                                                  rng.integers(3000)])), dtype=np.uint8).tobytes())
-            for extension in ("jpg", "txt", "json")[:rng.integers(1, 4)]
-        ]) for i in range(int(rng.integers(0, 12)))]
+        def payload():
+            size = int(rng.choice([0, 1, 511, 512, 513, rng.integers(3000)]))
+            return rng.integers(0, 256, size, dtype=np.uint8).tobytes()
+
+        samples = [(f"{names[rng.integers(len(names))]}{i}",
+                    [(extension, payload())
+                     for extension in ("jpg", "txt", "json")[:rng.integers(1, 4)]])
+                   for i in range(int(rng.integers(0, 12)))]
         assert tars.tar_bytes(samples) == _tarfile_shard(samples), trial
 
 
@@ -343,8 +345,8 @@ def test_release_counts_reconcile_and_follow_q(two_worker_release, balanced_coco
             assert (key in kept) == (draw < q), key
             checked += 1
         if key in kept:
-            assert kept[key]["balance"]["q"] == pytest.approx(
-                q, abs=1e-6) and kept[key]["balance"]["weight"] == 1.0
+            assert kept[key]["balance"]["q"] == pytest.approx(q, abs=1e-6)
+            assert kept[key]["balance"]["weight"] == 1.0
     assert checked >= len(rows) - 2
 
 
@@ -376,8 +378,8 @@ def test_exact_mode_keeps_the_k_smallest_draws_of_each_signature(shared_data, tm
     }
     by_signature = {}
     for row in annotate.read_annotations(output / "annotations").to_pylist():
-        by_signature.setdefault(rule.signature(row["attributes"], row["concepts"]),
-                                []).append(row["key"])
+        signature = rule.signature(row["attributes"], row["concepts"])
+        by_signature.setdefault(signature, []).append(row["key"])
     ranked = 0
     for signature, keys in by_signature.items():
         rows, keep, constrained = solution.exact_counts[signature]
@@ -556,7 +558,8 @@ def test_exact_thresholds_from_windows_equal_the_k_smallest_of_all_draws():
         draws = sorted((hashing.keyed_uniform(5, key), key) for key, s in zip(keys, signature_of)
                        if s == signature)
         assert tuple(thresholds[signature]) == draws[keep[signature] - 1]
-    assert sum(len(window)
-               for _, (_, _, window) in parts) < len(keys) / 20, "most draws are only counted"
+    assert sum(len(window) for _, (_, _, window) in parts) < len(keys) / 20, (
+        "most draws are only counted"
+    )
     with pytest.raises(DataError, match="outside its window"):
         decide.threshold("a", (10, 10, [(0.5, "k")]))

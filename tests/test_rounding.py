@@ -21,8 +21,9 @@ def _shares_within(table, counts, gap, targets, min_support):
     alone)."""
     annotated = table.attributes.max(axis=1) > 0
     worst = 0.0
-    columns = [np.ones(len(counts))
-               ] + [table.concepts[:, r] for r in range(table.concepts.shape[1])]
+    columns = [np.ones(len(counts))] + [
+        table.concepts[:, r] for r in range(table.concepts.shape[1])
+    ]
     for column in columns:
         support_before = (table.weights * annotated * column).sum()
         if column is not columns[0] and support_before < min_support:
@@ -67,23 +68,31 @@ def test_exact_counts_meet_the_gap_on_coco_captions_where_rounding_alone_does_no
 
 
 def test_nothing_to_round_when_no_signature_is_constrained():
-    table = SignatureTable.from_records([
-        {"attributes": ["g:a"], "concepts": [], "utility": None, "count": 10},
-        {"attributes": ["g:b"], "concepts": [], "utility": None, "count": 10},
-        {"attributes": [], "concepts": [], "utility": None, "count": 33},
-    ])
+    table = SignatureTable.from_records(
+        [
+            {"attributes": ["g:a"], "concepts": [], "utility": None, "count": 10},
+            {"attributes": ["g:b"], "concepts": [], "utility": None, "count": 10},
+            {"attributes": [], "concepts": [], "utility": None, "count": 33},
+        ]
+    )
     problem, *_ = plan.build_problem(
-        table, plan.BalanceConfig(keep_rate=0.5, representation_gap=1.0, min_support=1))
+        table, plan.BalanceConfig(keep_rate=0.5, representation_gap=1.0, min_support=1)
+    )
     q = np.full(len(table.weights), 0.5)
     allocation = allocate(problem, q)
-    assert allocation.counts.tolist() == np.clip(np.round(table.weights * q), 0,
-                                                 table.weights).astype(int).tolist()
+    assert (
+        allocation.counts.tolist()
+        == np.clip(np.round(table.weights * q), 0, table.weights).astype(int).tolist()
+    )
 
 
 def test_weights_must_be_row_counts():
-    table = SignatureTable.from_records([
-        {"attributes": ["g:a"], "concepts": [], "utility": None, "count": 10},
-        {"attributes": ["g:b"], "concepts": [], "utility": None, "count": 10}])
+    table = SignatureTable.from_records(
+        [
+            {"attributes": ["g:a"], "concepts": [], "utility": None, "count": 10},
+            {"attributes": ["g:b"], "concepts": [], "utility": None, "count": 10},
+        ]
+    )
     problem, *_ = plan.build_problem(table, plan.BalanceConfig(keep_rate=0.5, min_support=1))
     problem.weights = problem.weights + 0.5
     with pytest.raises(ValueError, match="whole row counts"):

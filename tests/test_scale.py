@@ -33,8 +33,11 @@ def test_200k_caption_rows_reconcile_and_match_across_runners(shared_data, tmp_p
     assert counts["samples_read"] == ROWS and counts["quarantined_total"] == 0
     assert two_workers["annotate_quarantined"] == 0
     assert counts["kept"] + counts["dropped"] == ROWS
-    assert sum(shard["samples"]
-               for shard in two_workers["shards"]) == counts["output_samples"] == counts["kept"]
+    assert (
+        sum(shard["samples"] for shard in two_workers["shards"])
+        == counts["output_samples"]
+        == counts["kept"]
+    )
     assert 0.8 * ROWS < counts["kept"] < ROWS
     assert in_process["shards"] == two_workers["shards"]  # names, sizes and sha256 of every shard
     assert in_process["counts"] == counts

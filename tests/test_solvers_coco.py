@@ -13,8 +13,8 @@ import pytest
 
 from solvers import BalanceProblem, data_bias, max_keep_rate, solve
 
-COCO_CAPTIONS = pathlib.Path(
-    __file__).resolve().parents[1].parent / "shared" / "data" / "coco_val2017_captions.json"
+SHARED = pathlib.Path(__file__).resolve().parents[1].parent / "shared"
+COCO_CAPTIONS = SHARED / "data" / "coco_val2017_captions.json"
 REQUESTED_RATE = 0.9
 SHARE_GAP = 0.02
 MIN_SUPPORT = 50  # issue 2: data AB over concepts with support >= 50
@@ -60,8 +60,8 @@ def coco_problem(shared_data):  # skips (or fails in CI) without ../shared/data
          for w in caption_words], dtype=float)
     frequent = np.argsort(-present.sum(axis=0), kind="stable")[:NUM_CONCEPTS]
     concepts = present[:, frequent]
-    names = dict(attribute_names=["man",
-                                  "woman"], concept_names=[CANDIDATE_CONCEPTS[j] for j in frequent],
+    names = dict(attribute_names=["man", "woman"],
+                 concept_names=[CANDIDATE_CONCEPTS[j] for j in frequent],
                  group_names=["perceived_gender"])
     problem = BalanceProblem(attributes, concepts, keep_rate=REQUESTED_RATE,
                              representation_gap=SHARE_GAP, association_gap=SHARE_GAP,
@@ -95,5 +95,6 @@ def test_balancing_coco_captions_meets_the_requested_share_gap(coco_problem):
         solution.keep_rate, abs=1e-7)
     assert after.association_bias_max <= SHARE_GAP + GAP_TOLERANCE
     assert after.representation_bias <= SHARE_GAP + GAP_TOLERANCE
-    assert before.measured.sum(
-    ) >= 40, "enough concepts reach the support threshold to make this meaningful"
+    assert before.measured.sum() >= 40, (
+        "enough concepts reach the support threshold to make this meaningful"
+    )

@@ -76,14 +76,16 @@ def test_stream_spec_equals_the_in_memory_spec(moderate_problem):
     for options in ({"min_support": 50}, {"min_support": 400, "targets": "preserve"},
                     {"constraint_form": "moment", "conditional": False}):
         from_stream = stream_spec(batches, **options)
-        in_memory = BalanceProblem(moderate_problem.attributes, moderate_problem.concepts,
-                                   **options).spec
+        in_memory = BalanceProblem(
+            moderate_problem.attributes, moderate_problem.concepts, **options
+        ).spec
         assert from_stream.unit_concepts == in_memory.unit_concepts
         assert from_stream.unit_values == in_memory.unit_values
         assert from_stream.unit_gaps == in_memory.unit_gaps
         np.testing.assert_allclose(from_stream.targets, in_memory.targets)
     assert len(stream_spec(batches, min_support=400).unit_concepts) < len(
-        stream_spec(batches).unit_concepts)
+        stream_spec(batches).unit_concepts
+    )
 
 
 def _generated_stream(total_rows, batch_rows=50_000, seed=0):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.study import config as study_config, results as study_results, runner as study
+from pipeline.study import config as study_config, data_bias, results as study_results, runner as study
 
 VARIANTS = ["original", "balanced", "balanced_proxies", "random"]
 SEEDS = [0, 1]
@@ -144,19 +144,19 @@ def test_labelled_data_bias_against_hand_counts(tmp_path):
     shards = str(tmp_path / "*.tar")
     # counted: kitchen 3 women of 4 people -> |0.75 - 0.5| = 0.25; office 1 of 2 -> 0; overall 4 of
     # 7
-    counted = study.labelled_data_bias(shards, config, min_support=0, weighted=False)
+    counted = data_bias.labelled_data_bias(shards, config, min_support=0, weighted=False)
     assert counted["association_bias_max"] == pytest.approx(0.25)
     assert counted["representation_bias"] == pytest.approx(4 / 7 - 0.5)
     # weighted (weights mode): the man in the kitchen counts 3 times -> 3 of 6 -> 0
-    weighted = study.labelled_data_bias(shards, config, min_support=0, weighted=True)
+    weighted = data_bias.labelled_data_bias(shards, config, min_support=0, weighted=True)
     assert weighted["association_bias_max"] == pytest.approx(0.0)
     # office has 2 annotated rows: below a support of 3 it is left out, kitchen (4) stays
-    unweighted = study.labelled_data_bias(shards, config, min_support=3, weighted=False)
+    unweighted = data_bias.labelled_data_bias(shards, config, min_support=3, weighted=False)
     assert unweighted["association_bias_max"] == pytest.approx(0.25)
     # data without labels gives no number rather than a wrong one
     with wds.TarWriter(str(tmp_path / "plain.tar"), encoder=False) as writer:
         writer.write({"__key__": "x", "txt": b"a caption", "json": b"{}"})
-    assert study.labelled_data_bias(str(tmp_path / "plain.tar"), config, 0, False) is None
+    assert data_bias.labelled_data_bias(str(tmp_path / "plain.tar"), config, 0, False) is None
 
 
 @pytest.mark.slow
@@ -205,8 +205,8 @@ def test_rerun_skips_every_finished_unit(finished_study, caplog):
     checkpoints = sorted(output.glob("runs/**/*.pt"))
     before = {path: path.stat().st_mtime_ns for path in markers + checkpoints}
     config = study_config.load(finished_study["dir"] / "study.yaml", str(output))
-    with caplog.at_level(logging.INFO,
-                         logger="pipeline"), caplog.at_level(logging.INFO, logger="trainer"):
+    with (caplog.at_level(logging.INFO, logger="pipeline"),
+          caplog.at_level(logging.INFO, logger="trainer")):
         study.run_study(config)
     messages = [record.getMessage() for record in caplog.records]
     assert not [m for m in messages if m.startswith("training ") or m.startswith("variant ")
@@ -219,8 +219,8 @@ def test_rerun_skips_every_finished_unit(finished_study, caplog):
     recorded = json.loads(marker.read_text())
     marker.unlink()
     caplog.clear()
-    with caplog.at_level(logging.INFO,
-                         logger="pipeline"), caplog.at_level(logging.INFO, logger="trainer"):
+    with (caplog.at_level(logging.INFO, logger="pipeline"),
+          caplog.at_level(logging.INFO, logger="trainer")):
         study.run_study(config)
     messages = [record.getMessage() for record in caplog.records]
     assert "training balanced seed 1 finished before; evaluating its checkpoints" in messages
@@ -326,8 +326,10 @@ def test_half_change_steps_against_hand_counts():
     flat = {100: {"rb": 0.2}, 200: {"rb": 0.2}}
     # no change: no step to name
     assert study_results.half_change_steps(flat, 100, "rb") == (0.0, None)
-    assert study_results.half_change_steps({100: {"rb": None}, 200: {"rb": 0.1}}, 100,
-                                           "rb") == (None, None)
+    assert study_results.half_change_steps({100: {"rb": None}, 200: {"rb": 0.1}}, 100, "rb") == (
+        None,
+        None,
+    )
 
 
 @pytest.mark.slow

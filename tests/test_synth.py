@@ -66,10 +66,11 @@ def test_planted_association_and_captions_match_the_labels(planted):
             assert proxy in words
     # strength 0.8 plants 90% women in woman-leaning concepts and 10% in the others
     by_concept = Counter((s["labels"]["concept"], s["labels"]["perceived_gender"]) for s in people)
-    kitchen = by_concept["kitchen",
-                         "woman"] / (by_concept["kitchen", "woman"] + by_concept["kitchen", "man"])
-    office = by_concept["office",
-                        "woman"] / (by_concept["office", "woman"] + by_concept["office", "man"])
+    def woman_share(concept):
+        return by_concept[concept, "woman"] / (by_concept[concept, "woman"]
+                                               + by_concept[concept, "man"])
+
+    kitchen, office = woman_share("kitchen"), woman_share("office")
     assert manifest["planted_woman_share"]["kitchen"] == pytest.approx(0.9)
     assert kitchen > 0.75 and office < 0.25
     handbags = Counter(s["labels"]["perceived_gender"] for s in people
@@ -83,11 +84,9 @@ def test_no_planted_association_at_strength_zero(tmp_path):
         json.loads(s["json"])
         for s in read_all(tmp_path / s["path"] for s in manifest["train_shards"])
     ]
-    women = [
-        s["labels"]["perceived_gender"] == "woman" for s in samples
-        if s["labels"]["concept"] in ("kitchen", "garden", "beach",
-                                      "dog") and s["labels"]["perceived_gender"]
-    ]
+    leaning_woman = ("kitchen", "garden", "beach", "dog")
+    women = [s["labels"]["perceived_gender"] == "woman" for s in samples
+             if s["labels"]["concept"] in leaning_woman and s["labels"]["perceived_gender"]]
     assert 0.4 < sum(women) / len(women) < 0.6
 
 
@@ -139,8 +138,8 @@ def test_ambiguous_figures_hide_the_value_for_the_requested_share_of_people_only
         before, after = synth.training_sample(plain, index), synth.training_sample(hidden, index)
         assert before == synth.training_sample(SynthConfig(**base, ambiguous_figure_rate=0.0),
                                                index)
-        labels, labels_after = json.loads(before["json"])["labels"], json.loads(
-            after["json"])["labels"]
+        labels = json.loads(before["json"])["labels"]
+        labels_after = json.loads(after["json"])["labels"]
         assert after["txt"] == before["txt"]
         assert {k: v for k, v in labels_after.items() if k != "ambiguous_figure"} == labels
         if labels["perceived_gender"] is None:
@@ -201,8 +200,7 @@ def test_command_line_writes_shards_and_manifest(tmp_path):
         for s in read_all(tmp_path / s["path"] for s in manifest["train_shards"])
     ]
     assert {
-        s["labels"]["perceived_gender"]
-        for s in samples if s["labels"]["concept"] == "kitchen"
+        s["labels"]["perceived_gender"] for s in samples if s["labels"]["concept"] == "kitchen"
     } <= {"woman", None}
 
 
@@ -214,8 +212,9 @@ def _labels(config):
 
 
 def test_planted_representation_skew_sets_the_share_of_women_among_people():
-    config = SynthConfig(num_samples=3000, image_size=8, seed=4, people_woman_share=0.3,
-                         association_strength=0.8)
+    config = SynthConfig(
+        num_samples=3000, image_size=8, seed=4, people_woman_share=0.3, association_strength=0.8
+    )
     people = [l for l in _labels(config) if l["perceived_gender"]]
     women = sum(l["perceived_gender"] == "woman" for l in people) / len(people)
     assert abs(women - 0.3) < 0.03  # 2,700 people: the binomial standard error is 0.009
@@ -231,14 +230,16 @@ def test_the_concept_dependent_proxy_survives_balancing_within_concepts_unless_i
     gardens, with men at horses); adding the apron as a constrained column balances it too."""
     from solvers import BalanceProblem, solve
 
-    config = SynthConfig(num_samples=4000, image_size=8, seed=2, people_woman_share=0.3,
-                         concept_proxy_rate=0.4)
+    config = SynthConfig(
+        num_samples=4000, image_size=8, seed=2, people_woman_share=0.3, concept_proxy_rate=0.4
+    )
     people = [l for l in _labels(config) if l["perceived_gender"]]
     apron = np.array([["apron" in l["proxies"]] for l in people], dtype=float)
     leans = synth.CONCEPT_PROXIES["apron"][0]
     assert {l["concept"] for l in people if "apron" in l["proxies"]} <= set(leans)
-    attributes = np.array([[l["perceived_gender"] == v for v in synth.ATTRIBUTE_VALUES]
-                           for l in people], float)
+    attributes = np.array(
+        [[l["perceived_gender"] == v for v in synth.ATTRIBUTE_VALUES] for l in people], float
+    )
     concepts = np.array([[l["concept"] == c for c in synth.CONCEPTS] for l in people], float)
     woman = attributes[:, 1]
 
@@ -248,8 +249,9 @@ def test_the_concept_dependent_proxy_survives_balancing_within_concepts_unless_i
     gap = 0.02
     options = dict(keep_rate="max", representation_gap=gap, association_gap=gap, min_support=20)
     within = solve(BalanceProblem(attributes, concepts, **options), method="exact").q
-    constrained = solve(BalanceProblem(attributes, np.hstack([concepts, apron]), **options),
-                        method="exact").q
+    constrained = solve(
+        BalanceProblem(attributes, np.hstack([concepts, apron]), **options), method="exact"
+    ).q
     # the plan does balance gender within every concept
     for r, concept in enumerate(synth.CONCEPTS):
         rows = concepts[:, r] > 0

@@ -107,8 +107,8 @@ def training_pipeline(urls, preprocess, tokenizer, batch_size, seed=0, epoch=0,
     handler = HANDLERS[on_bad_sample]
 
     def to_training_tuple(sample):
-        return preprocess(sample["image"]), tokenizer([sample["text"]
-                                                       ])[0], balance_weight(sample["metadata"])
+        text = tokenizer([sample["text"]])[0]
+        return preprocess(sample["image"]), text, balance_weight(sample["metadata"])
 
     stages = [
         wds.SimpleShardList(list(urls), seed=seed * 1_000_003 + epoch),

@@ -105,8 +105,8 @@ def evaluate_model(model, tokenizer, preprocess, dataset, config: EvalConfig = N
         truth = np.array([values.index(v) for v in attribute[has_value]])
         result["attribute_accuracy"] = metrics.top1_accuracy(predicted_value[has_value], truth)
     else:
-        result["skipped"][
-            "attribute_accuracy"] = f"no image is labelled with {config.attribute_key} in {values}"
+        result["skipped"]["attribute_accuracy"] = (
+            f"no image is labelled with {config.attribute_key} in {values}")
 
     concept_labels = [labels.get(config.concept_key) for labels in dataset.labels]
     concepts = list(config.concepts or sorted({c for c in concept_labels if isinstance(c, str)}))
@@ -125,11 +125,11 @@ def evaluate_model(model, tokenizer, preprocess, dataset, config: EvalConfig = N
                 predicted_concept, attribute, concepts, values[0], values[1])
             result["association_bias"]["prompts"] = concept_prompts
         else:
-            result["skipped"][
-                "association_bias"] = f"needs images labelled {values[0]!r} and {values[1]!r}"
+            result["skipped"]["association_bias"] = (
+                f"needs images labelled {values[0]!r} and {values[1]!r}")
     else:
-        result["skipped"][
-            "association_bias"] = f"no concepts given and no {config.concept_key!r} labels"
+        result["skipped"]["association_bias"] = (
+            f"no concepts given and no {config.concept_key!r} labels")
 
     # the labelled images (as RB): the neutral set's empty scenes share one caption per concept
     captioned = [i for i, caption in enumerate(dataset.captions) if caption and labelled_set[i]]

@@ -50,8 +50,9 @@ def check_image(data, level="full", max_pixels=DEFAULT_MAX_IMAGE_PIXELS) -> None
             image.draft("RGB", DRAFT_SIZE)
         image.load()
     except Exception as error:
-        raise ImageRejected("undecodable_image",
-                            f"{image.format} data is broken: {error}") from None
+        raise ImageRejected(
+            "undecodable_image", f"{image.format} data is broken: {error}"
+        ) from None
 
 
 def open_image(data, max_pixels=DEFAULT_MAX_IMAGE_PIXELS):
@@ -66,8 +67,9 @@ def open_image(data, max_pixels=DEFAULT_MAX_IMAGE_PIXELS):
         raise ImageRejected("undecodable_image", f"cannot identify image: {error}") from None
     width, height = image.size
     if width * height > max_pixels:
-        raise ImageRejected("image_too_large",
-                            f"{width}x{height} = {width * height} pixels, limit {max_pixels}")
+        raise ImageRejected(
+            "image_too_large", f"{width}x{height} = {width * height} pixels, limit {max_pixels}"
+        )
     return image
 
 
@@ -78,5 +80,6 @@ def decode_image(data, max_pixels=DEFAULT_MAX_IMAGE_PIXELS, mode="RGB"):
         image.load()  # truncated or corrupt data fails here
         return image.convert(mode) if image.mode != mode else image
     except Exception as error:
-        raise ImageRejected("undecodable_image",
-                            f"{image.format} data is broken: {error}") from None
+        raise ImageRejected(
+            "undecodable_image", f"{image.format} data is broken: {error}"
+        ) from None

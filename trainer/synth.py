@@ -231,8 +231,9 @@ def training_sample(config: SynthConfig, index: int) -> dict:
                 proxies.append(name)
     caption = write_caption(rng, concept, gender, proxies, name_attribute)
     # from a stream of its own, so every other sample (and every sample at rate 0) keeps its bytes
-    ambiguous = (gender is not None and config.ambiguous_figure_rate > 0 and np.random.default_rng(
-        [config.seed, 4, index]).random() < config.ambiguous_figure_rate)
+    draw = np.random.default_rng([config.seed, 4, index]).random()
+    ambiguous = (gender is not None and config.ambiguous_figure_rate > 0
+                 and draw < config.ambiguous_figure_rate)
     image = draw_scene(rng, concept, "ambiguous" if ambiguous else gender, proxies,
                        config.image_size)
     labels = {ATTRIBUTE_GROUP: gender, "concept": concept, "proxies": proxies,

@@ -181,8 +181,8 @@ def train(config: TrainConfig) -> dict:
             batches_seen += 1
             if batches_seen <= batch_in_epoch:  # resuming mid-epoch: skip what was trained on
                 continue
-            images, texts = images.to(device,
-                                      non_blocking=True), texts.to(device, non_blocking=True)
+            images = images.to(device, non_blocking=True)
+            texts = texts.to(device, non_blocking=True)
             weights = weights.to(device) if config.sample_weights else None
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 out = trained_model(images, texts)

@@ -15,8 +15,8 @@ import sys
 import tempfile
 import time
 
-COCO_CAPTIONS = pathlib.Path(
-    __file__).resolve().parents[3] / "shared" / "data" / "coco_val2017_captions.json"
+SHARED = pathlib.Path(__file__).resolve().parents[3] / "shared"
+COCO_CAPTIONS = SHARED / "data" / "coco_val2017_captions.json"
 
 
 def make_data(work: pathlib.Path, rows: int):
@@ -74,8 +74,9 @@ def run_once(jsonl, parquet_glob, workers, output):
         "--default_sdk_harness_log_level=ERROR"
     ])
     with beam.Pipeline(options=options) as pipeline:
-        samples = pipeline | "Path" >> beam.Create([str(jsonl)
-                                                    ]) | "ReadJsonl" >> beam.FlatMap(read_jsonl)
+        samples = (pipeline
+                   | "Path" >> beam.Create([str(jsonl)])
+                   | "ReadJsonl" >> beam.FlatMap(read_jsonl))
         decisions = (pipeline
                      | beam.io.ReadFromParquet(parquet_glob, columns=["key", "position"])
                      | beam.Map(lambda row: (row["key"], row["position"])))

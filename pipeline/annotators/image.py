@@ -249,10 +249,11 @@ def load_prompt_embeddings(path: str, groups: dict, concepts: tuple) -> dict:
             "`balancebeam embed-prompts` again with the same --lexicon")
     return {
         "logit_scale": float(arrays["logit_scale"]),
-        "no_person": arrays["no_person"].astype(np.float32), "groups": {
-            group: arrays[f"group_{i}"].astype(np.float32)
-            for i, group in enumerate(found_groups)
-        }, "concepts": arrays["concepts"].astype(np.float32) if len(found_concepts) else None
+        "no_person": arrays["no_person"].astype(np.float32),
+        "groups": {
+            group: arrays[f"group_{i}"].astype(np.float32) for i, group in enumerate(found_groups)
+        },
+        "concepts": arrays["concepts"].astype(np.float32) if len(found_concepts) else None,
     }
 
 
@@ -265,8 +266,12 @@ def _top_concepts(probability, k, floor):
     """
     if floor <= 0:
         top = np.argsort(-probability, axis=1, kind="stable")[:, :k]
-        return [(row, int(index)) for row in range(len(top)) for index in top[row]
-                if probability[row, index] >= floor]
+        return [
+            (row, int(index))
+            for row in range(len(top))
+            for index in top[row]
+            if probability[row, index] >= floor
+        ]
     rows, indices = np.nonzero(probability >= floor)
     order = np.lexsort((indices, -probability[rows, indices], rows))
     found, taken, previous = [], 0, -1

@@ -6,5 +6,6 @@ It lives apart from the Beam jobs because it drives them and the trainer from ab
 
 - `config`: the study's YAML (`configs/study.yaml` is the shipped one), checked and typed;
 - `runner`: builds the variants, trains and evaluates every unit, resumable (`balancebeam study`);
+- `data_bias`: the data's RB / AB as the study measures them (subsets, labels, directions);
 - `results`: paired comparisons across seeds, results.json, results.md and the plot.
 """

@@ -117,7 +117,7 @@ def with_aligned_bias(evaluations: dict, directions: dict) -> dict:
 def collect(config: dict, variants: dict, runs: dict, directions: dict | None = None) -> dict:
     """results.json's content from the variants' data bias and every run's evaluations.
 
-    directions: the original data's association direction per concept (study.data_directions).
+    directions: the original data's association direction per concept (data_bias.data_directions).
     """
     directions = directions or {}
     steps = int(config["train"]["steps"])
