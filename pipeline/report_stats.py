@@ -19,7 +19,7 @@ from pipeline.files import read_text
 from pipeline.publish import KEPT_SIGNATURES_FILE
 from pipeline.report_concepts import HEATMAP_MAX_CONCEPTS, STAGES, concept_rows, heatmap_concepts
 from pipeline.signatures import SignatureTable, encode
-from solvers.problem import REPRESENTATION
+from solvers.spec import REPRESENTATION
 from solvers.solution import BalanceSolution
 
 Q_HISTOGRAM_BINS = 20

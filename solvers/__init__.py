@@ -8,7 +8,8 @@ from solvers.bias import DataBias, data_bias
 from solvers.compress import CompressedRows, compress
 from solvers.errors import InfeasibleError
 from solvers.max_rate import max_keep_rate
-from solvers.problem import BalanceProblem, ConstraintSpec
+from solvers.problem import BalanceProblem
+from solvers.spec import ConstraintSpec
 from solvers.solution import BalanceSolution
 
 __all__ = [

@@ -9,8 +9,8 @@ from typing import Sequence
 
 import numpy as np
 
-from solvers.problem import (DEFAULT_MIN_SUPPORT, DROPPED_FRACTION, DROPPED_SUPPORT, _as_indicator,
-                             _as_vector)
+from solvers.problem import DEFAULT_MIN_SUPPORT, DROPPED_FRACTION, DROPPED_SUPPORT
+from solvers.spec import as_indicator, as_vector
 
 
 @dataclasses.dataclass
@@ -146,13 +146,13 @@ def data_bias(attributes, concepts, q=None, weights=None, targets="uniform", gro
     share_k = sum w q s_k / sum w q a_g(k),  share_k|r = sum w q s_k y_r / sum w q a y_r,
     R_k = (1/W) sum w q (s_k - pi_k a),  A_kr = (1/W) sum w q (s_k - pi_k a) y_r,  W = sum w.
     """
-    attributes = _as_indicator(attributes, "attributes")
+    attributes = as_indicator(attributes, "attributes")
     rows, num_values = attributes.shape
-    concepts = _as_indicator(concepts, "concepts", rows)
-    weights = np.ones(rows) if weights is None else _as_vector(weights, "weights", rows)
+    concepts = as_indicator(concepts, "concepts", rows)
+    weights = np.ones(rows) if weights is None else as_vector(weights, "weights", rows)
     if (weights < 0).any():
         raise ValueError("weights must be >= 0")
-    q = np.ones(rows) if q is None else _as_vector(q, "q", rows)
+    q = np.ones(rows) if q is None else as_vector(q, "q", rows)
     if ((q < 0) | (q > 1)).any():
         raise ValueError("q holds keep probabilities and must lie in [0, 1]")
     groups = [list(range(num_values))] if groups is None else [list(map(int, g)) for g in groups]

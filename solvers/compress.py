@@ -9,7 +9,8 @@ import dataclasses
 
 import numpy as np
 
-from solvers.problem import BalanceProblem, _as_indicator, _as_vector
+from solvers.problem import BalanceProblem
+from solvers.spec import as_indicator, as_vector
 
 
 @dataclasses.dataclass
@@ -43,16 +44,16 @@ class CompressedRows:
 def compress(attributes, concepts, utility=None, weights=None) -> CompressedRows:
     """Group rows by signature, the utility (when given) part of it: exact, so q is the full
     problem's. A caller wanting fewer signatures rounds its utility first."""
-    attributes = _as_indicator(attributes, "attributes")
+    attributes = as_indicator(attributes, "attributes")
     rows = attributes.shape[0]
-    concepts = _as_indicator(concepts, "concepts", rows)
-    weights = np.ones(rows) if weights is None else _as_vector(weights, "weights", rows,
+    concepts = as_indicator(concepts, "concepts", rows)
+    weights = np.ones(rows) if weights is None else as_vector(weights, "weights", rows,
                                                                positive=True)
     # One byte string per row: the indicator bits packed 8 to a byte, then the utility's float
     # bytes.
     parts = [np.packbits(attributes != 0, axis=1), np.packbits(concepts != 0, axis=1)]
     if utility is not None:
-        utility = _as_vector(utility, "utility", rows)
+        utility = as_vector(utility, "utility", rows)
         utility = utility + 0.0  # -0.0 and 0.0 are the same utility
         parts.append(utility.astype(np.float64).reshape(rows, 1).view(np.uint8))
     packed = np.ascontiguousarray(np.hstack(parts))

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from solvers.problem import REPRESENTATION, BalanceProblem
+from solvers.problem import BalanceProblem
+from solvers.spec import REPRESENTATION
 
 # How many binding constraints the message spells out (all of them stay in `.binding`).
 MESSAGE_BINDING_LIMIT = 5

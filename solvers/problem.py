@@ -1,14 +1,16 @@
 """The M4 problem: data, targets and constraints, reduced to one canonical linear form.
 
-Every solver (exact, dual, streaming, max rate) reads the same `ConstraintSpec` (DESIGN.md, "M4").
+Every solver (exact, dual, streaming, max rate) reads the same `ConstraintSpec` (solvers/spec.py;
+DESIGN.md, "M4").
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Sequence
 
 import numpy as np
 import scipy.sparse as sp
+
+from solvers.spec import CONSTRAINT_FORMS, REPRESENTATION, ConstraintSpec, as_indicator, as_vector
 
 # Share-gap defaults: "women are 52% of kitchen captions" is within 2 points of a 50% target.
 DEFAULT_SHARE_GAP = 0.02
@@ -27,136 +29,6 @@ SHARE_TOLERANCE = 1e-6
 # on the way there), and a ratio of two rounding errors says nothing. In a release that is no row.
 DROPPED_FRACTION = 1e-4
 DROPPED_SUPPORT = 1e-6
-CONSTRAINT_FORMS = ("share", "moment")
-REPRESENTATION = -1  # concept index of a representation unit
-
-
-def _as_indicator(array, name: str, rows: int | None = None) -> np.ndarray:
-    """Check a 0/1 matrix and return it as float64 (N, k)."""
-    array = np.asarray(array)
-    if array.ndim != 2:
-        raise ValueError(
-            f"{name} must be a 2-D (rows x columns) 0/1 array, got shape {array.shape}")
-    if rows is not None and array.shape[0] != rows:
-        raise ValueError(f"{name} has {array.shape[0]} rows but attributes has {rows}")
-    values = array.astype(np.float64, copy=False)
-    if np.isnan(values).any():
-        raise ValueError(f"{name} contains NaN; indicators must be 0 or 1")
-    if not np.isin(values, (0.0, 1.0)).all():
-        raise ValueError(f"{name} must contain only 0 and 1")
-    return values
-
-
-def _as_vector(values, name: str, rows: int, *, positive: bool = False) -> np.ndarray:
-    values = np.asarray(values, dtype=np.float64)
-    if values.shape != (rows,):
-        raise ValueError(f"{name} must have shape ({rows},), got {values.shape}")
-    if not np.isfinite(values).all():
-        raise ValueError(f"{name} contains NaN or infinite values")
-    if positive and (values <= 0).any():
-        raise ValueError(f"{name} must be positive")
-    return values
-
-
-@dataclasses.dataclass
-class ConstraintSpec:
-    """Everything needed to turn (attributes, concepts) rows into constraint coefficients.
-
-    Constraint *units* u are (value k, concept r) pairs, r = REPRESENTATION (-1) for the
-    representation unit of k. Each unit has an upper and a lower row, so J = 2 U rows in all:
-
-        (1/W) sum_i w_i q_i C_ij <= b_j        with  C = [B - G*S, -B - G*S]  (share form)
-                                                      C = [B, -B], b = eps    (moment form)
-
-    where B_iu = v_ik y_ir (v_ik = s_ik - pi_k a_ig(k)), S_iu = a_ig(k) y_ir and G the unit's gap.
-    """
-
-    groups: list[list[int]]
-    targets: list[float]
-    constraint_form: str
-    conditional: bool
-    unit_values: list[int]
-    unit_concepts: list[int]
-    unit_gaps: list[float]
-    attribute_names: list[str]
-    concept_names: list[str]
-    group_names: list[str]
-
-    @property
-    def num_units(self) -> int:
-        return len(self.unit_values)
-
-    @property
-    def num_constraints(self) -> int:
-        return 2 * self.num_units
-
-    def value_group(self) -> np.ndarray:
-        """Index of the group of each attribute column."""
-        group_of = np.empty(sum(len(columns) for columns in self.groups), dtype=np.int64)
-        for g, columns in enumerate(self.groups):
-            group_of[columns] = g
-        return group_of
-
-    def annotated(self, attributes: np.ndarray) -> np.ndarray:
-        """a_ig: (N, n_groups), 1 where any value of group g is present (all 1 if unconditional)."""
-        rows = attributes.shape[0]
-        if not self.conditional:
-            return np.ones((rows, len(self.groups)))
-        return np.stack([attributes[:, cols].max(axis=1) for cols in self.groups], axis=1)
-
-    def unit_matrices(self, attributes, concepts) -> tuple[sp.csr_matrix, sp.csr_matrix]:
-        """B (N, U) = v_k y_r and S (N, U) = a_g(k) y_r for every unit, as sparse matrices."""
-        attributes = _as_indicator(attributes, "attributes")
-        concepts = _as_indicator(concepts, "concepts", attributes.shape[0])
-        if attributes.shape[1] != len(self.targets):
-            raise ValueError(
-                f"attributes has {attributes.shape[1]} columns, the problem has {len(self.targets)}"
-            )
-        if concepts.shape[1] != len(self.concept_names):
-            raise ValueError(
-                f"concepts has {concepts.shape[1]} columns, the problem has "
-                f"{len(self.concept_names)}"
-            )
-        annotated_by_value = self.annotated(attributes)[:, self.value_group()]  # (N, m)
-        centred = attributes - np.asarray(self.targets) * annotated_by_value  # v (N, m)
-        values = np.asarray(self.unit_values)
-        unit_concepts = np.asarray(self.unit_concepts)
-        # y_ir for each unit; representation units use y = 1 (and need no concept column at all).
-        is_representation = unit_concepts == REPRESENTATION
-        ones = sp.csc_matrix(np.ones((attributes.shape[0], int(is_representation.sum()))))
-        concept_columns = sp.csc_matrix(concepts)[:, unit_concepts[~is_representation]]
-        unit_y = sp.hstack([ones, concept_columns], format="csc")
-        order = np.concatenate(
-            [np.flatnonzero(is_representation),
-             np.flatnonzero(~is_representation)])
-        inverse = np.empty_like(order)
-        inverse[order] = np.arange(len(order))
-        unit_y = unit_y[:, inverse]
-        base = sp.csr_matrix(unit_y.multiply(centred[:, values]))
-        scale = sp.csr_matrix(unit_y.multiply(annotated_by_value[:, values]))
-        base.eliminate_zeros()
-        scale.eliminate_zeros()
-        return base, scale
-
-    def constraint_matrix(self, attributes, concepts) -> tuple[sp.csr_matrix, np.ndarray]:
-        """C (N, J) and b (J,) of  (1/W) sum_i w_i q_i C_ij <= b_j."""
-        base, scale = self.unit_matrices(attributes, concepts)
-        gaps = np.asarray(self.unit_gaps)
-        if self.constraint_form == "share":
-            gap_scale = scale @ sp.diags(gaps)
-            matrix = sp.hstack([base - gap_scale, -base - gap_scale], format="csr")
-            bounds = np.zeros(self.num_constraints)
-        else:
-            matrix = sp.hstack([base, -base], format="csr")
-            bounds = np.concatenate([gaps, gaps])
-        return matrix, bounds
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "ConstraintSpec":
-        return cls(**data)
 
 
 def check_keep_rate(keep_rate):
@@ -222,18 +94,18 @@ class BalanceProblem:
                             utility_tilt=utility_tilt, conditional=conditional,
                             attribute_names=attribute_names, concept_names=concept_names,
                             group_names=group_names)
-        self.attributes = _as_indicator(attributes, "attributes")
+        self.attributes = as_indicator(attributes, "attributes")
         rows, num_values = self.attributes.shape
-        self.concepts = _as_indicator(concepts, "concepts", rows)
+        self.concepts = as_indicator(concepts, "concepts", rows)
         num_concepts = self.concepts.shape[1]
         if rows == 0:
             raise ValueError("the problem has no rows")
         if num_values == 0:
             raise ValueError("attributes has no columns: nothing to balance")
-        self.weights = np.ones(rows) if weights is None else _as_vector(
+        self.weights = np.ones(rows) if weights is None else as_vector(
             weights, "weights", rows, positive=True)
         self.total_weight = float(self.weights.sum())
-        self.utility = None if utility is None else _as_vector(utility, "utility", rows)
+        self.utility = None if utility is None else as_vector(utility, "utility", rows)
         if utility_tilt < 0 or not np.isfinite(utility_tilt):
             raise ValueError(f"utility_tilt must be a finite number >= 0, got {utility_tilt}")
         self.utility_tilt = float(utility_tilt)

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from solvers.problem import ConstraintSpec
+from solvers.spec import ConstraintSpec
 
 SOLUTION_FORMAT_VERSION = 1
 

@@ -10,8 +10,9 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from solvers import progress as progress_bars
-from solvers.problem import (DEFAULT_MIN_SUPPORT, REPRESENTATION, BalanceProblem, ConstraintSpec,
-                             check_keep_rate, resolve_keep_rate)
+from solvers.problem import (DEFAULT_MIN_SUPPORT, BalanceProblem, check_keep_rate,
+                             resolve_keep_rate)
+from solvers.spec import REPRESENTATION, ConstraintSpec
 from solvers.solution import BalanceSolution
 
 # One batch: (attributes (n, m) 0/1, concepts (n, c) 0/1, weights (n,) or None, utility (n,) or

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from solvers.bias import data_bias
-from solvers.problem import REPRESENTATION, BalanceProblem
+from solvers.problem import BalanceProblem
+from solvers.spec import REPRESENTATION
 
 
 def small_table(rows=400, seed=0):
