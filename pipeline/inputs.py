@@ -17,8 +17,9 @@ from apache_beam.io.filesystems import FileSystems
 
 from pipeline import quarantine
 from pipeline.sources import (FORMAT_AUTO, FORMAT_COCO, FORMAT_CSV, FORMAT_JSONL, FORMAT_PARQUET,
-                              FORMAT_WEBDATASET, iter_coco_samples, iter_csv_samples,
-                              iter_jsonl_samples, iter_parquet_samples, iter_tar_samples)
+                              FORMAT_WEBDATASET, iter_tar_samples)
+from pipeline.table_sources import (iter_coco_samples, iter_csv_samples, iter_jsonl_samples,
+                                    iter_parquet_samples)
 
 _FORMAT_BY_SUFFIX = {".tar": FORMAT_WEBDATASET, ".parquet": FORMAT_PARQUET, ".jsonl": FORMAT_JSONL,
                      ".ndjson": FORMAT_JSONL, ".csv": FORMAT_CSV, ".json": FORMAT_COCO}

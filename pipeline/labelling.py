@@ -17,7 +17,7 @@ from pipeline import quarantine
 from pipeline.annotators import combine
 from pipeline.annotators.text import TextAnnotator
 from pipeline.records import ANNOTATION_SCHEMA, annotation_row
-from pipeline.sources import IMAGE_EXTENSIONS
+from trainer.images import IMAGE_EXTENSIONS
 from trainer.images import DEFAULT_MAX_IMAGE_PIXELS, ImageRejected, check_image
 
 

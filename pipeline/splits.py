@@ -17,8 +17,8 @@ from pipeline.counts import counted
 from pipeline.progress import mark_range_read
 from pipeline.worker_tuning import relax_gc
 from pipeline.inputs import MatchInputFiles, detect_format, iter_file_records
-from pipeline.sources import (FORMAT_AUTO, FORMAT_JSONL, FORMAT_PARQUET, iter_parquet_samples,
-                              jsonl_record)
+from pipeline.sources import FORMAT_AUTO, FORMAT_JSONL, FORMAT_PARQUET
+from pipeline.table_sources import iter_parquet_samples, jsonl_record
 
 # About 40k caption rows of JSONL: big enough that a range's fixed cost is small, small enough
 # that a 200k-row file already keeps two workers busy to the end (16 MiB left one waiting).

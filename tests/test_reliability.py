@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import webdataset
 
-from pipeline import annotate, cli, release, resample, shards, sources, tars
+from pipeline import annotate, cli, publish, release, resample, shards, sources, table_sources, tars
 from pipeline import quarantine as quarantine_module
 from pipeline.errors import ReconciliationError
 from pipeline.keys import safe_key
@@ -121,7 +121,7 @@ def _read_all(iterator):
 
 def test_csv_keeps_reading_after_a_huge_field_and_reports_an_unterminated_quote(tmp_path):
     path = tmp_path / "table.csv"
-    huge = "x" * (sources.MAX_CSV_FIELD + 10)
+    huge = "x" * (table_sources.MAX_CSV_FIELD + 10)
     path.write_text("key,caption\n"
                     "k0,a man\n"
                     f"k1,{huge}\n"
@@ -131,7 +131,7 @@ def test_csv_keeps_reading_after_a_huge_field_and_reports_an_unterminated_quote(
                     "k5,swallowed\n"
                     "k6,swallowed too\n")
     with open(path, "rb") as handle:
-        samples, entries = _read_all(sources.iter_csv_samples(handle, str(path), "key", "caption"))
+        samples, entries = _read_all(table_sources.iter_csv_samples(handle, str(path), "key", "caption"))
     assert [s["key"] for s in samples] == ["k0", "k2", "k3"]
     assert [(e["reason"], e["position"]) for e in entries] == [("bad_row", 1), ("bad_row", 4)]
     assert "field larger than field limit" in entries[0]["detail"]
@@ -143,7 +143,7 @@ def test_csv_fields_up_to_the_limit_are_read_whole(tmp_path):
     caption = "a man " + "y" * 200_000  # above csv's own 128 KiB default
     path.write_text(f"key,caption\nk0,{caption}\nk1,a woman\n")
     with open(path, "rb") as handle:
-        samples, entries = _read_all(sources.iter_csv_samples(handle, str(path), "key", "caption"))
+        samples, entries = _read_all(table_sources.iter_csv_samples(handle, str(path), "key", "caption"))
     assert entries == [] and [s["caption"] for s in samples] == [caption, "a woman"]
 
 
@@ -267,12 +267,12 @@ def test_reconcile_names_the_numbers_that_disagree():
     }
     shards = [{"name": "b-00000.tar", "index": 0, "samples": 6}]
     with pytest.raises(ReconciliationError) as raised:
-        resample.reconcile(counts, shards, 10, 1, 10)
+        publish.reconcile(counts, shards, 10, 1, 10)
     assert "kept + dropped + quarantined at resample = records read: 11 != 12" in str(raised.value)
     assert raised.value.counts["samples_read"] == 12
     counts["records_quarantined"] = 2
     counts["quarantined"] = {"resample:not_annotated": 2}
-    assert resample.reconcile(counts, shards, 10, 2, 10)["kept"] == 6
+    assert publish.reconcile(counts, shards, 10, 2, 10)["kept"] == 6
 
 
 def test_annotate_refuses_to_finish_when_its_files_disagree_with_its_counts(

@@ -13,7 +13,7 @@ import pytest
 from apache_beam.pvalue import TaggedOutput
 
 from pipeline import quarantine
-from pipeline import inputs, sources
+from pipeline import inputs, sources, table_sources
 
 
 def _tar_bytes(members):
@@ -125,14 +125,14 @@ def test_jsonl_csv_and_parquet_tables(tmp_path):
     jsonl = b'{"key": "a", "caption": "A man"}\n{"key": "b"}\nnot json\n' \
             b'{"key": "c", "caption": "caf\xe9"}\n[1]\n{"caption": "no key"}\n'
     samples, entries = _read(
-        sources.iter_jsonl_samples(io.BytesIO(jsonl), "t.jsonl", "key", "caption"))
+        table_sources.iter_jsonl_samples(io.BytesIO(jsonl), "t.jsonl", "key", "caption"))
     assert [(s["key"], s["caption"]) for s in samples] == [("a", "A man"), ("b", None)]
     assert [e["reason"] for e in entries] == [
         quarantine.BAD_JSON, quarantine.NON_UTF8_TEXT, quarantine.BAD_JSON, quarantine.MISSING_KEY
     ]
 
     csv = b'id,text,score\nx,"A woman, smiling",0.5\ny,caf\xe9,1\nz,too,many,fields\n'
-    samples, entries = _read(sources.iter_csv_samples(io.BytesIO(csv), "t.csv", "id", "text"))
+    samples, entries = _read(table_sources.iter_csv_samples(io.BytesIO(csv), "t.csv", "id", "text"))
     assert [(s["key"], s["caption"], s["meta"]["score"]) for s in samples] == [
         ("x", "A woman, smiling", "0.5")]
     assert [e["reason"] for e in entries] == [quarantine.NON_UTF8_TEXT, quarantine.BAD_ROW]
@@ -140,7 +140,7 @@ def test_jsonl_csv_and_parquet_tables(tmp_path):
     path = tmp_path / "t.parquet"
     pq.write_table(pa.table({"caption": ["A dog", None], "image_id": [1, 2]}), path)
     with open(path, "rb") as handle:
-        samples, entries = _read(sources.iter_parquet_samples(handle, str(path), "key", "caption"))
+        samples, entries = _read(table_sources.iter_parquet_samples(handle, str(path), "key", "caption"))
     # keys.py encodes the dot
     assert entries == [] and [s["key"] for s in samples] == ["t%2Eparquet#0", "t%2Eparquet#1"]
     assert [s["image_id"] for s in samples] == ["1", "2"]
@@ -150,12 +150,12 @@ def test_coco_caption_json(shared_data):
     path = shared_data / "coco_mini" / "captions_val2017.json"
     document = json.loads(path.read_text())
     with open(path, "rb") as handle:
-        samples, entries = _read(sources.iter_coco_samples(handle, str(path)))
+        samples, entries = _read(table_sources.iter_coco_samples(handle, str(path)))
     assert entries == [] and len(samples) == len(document["annotations"])
     first = document["annotations"][0]
     assert (samples[0]["key"], samples[0]["caption"], samples[0]["image_id"]) == (
         str(first["id"]), first["caption"], str(first["image_id"]))
-    _, entries = _read(sources.iter_coco_samples(io.BytesIO(b'{"images": []}'), "x.json"))
+    _, entries = _read(table_sources.iter_coco_samples(io.BytesIO(b'{"images": []}'), "x.json"))
     assert [e["reason"] for e in entries] == [quarantine.BAD_JSON]
 
 

@@ -13,11 +13,10 @@ from pathlib import Path
 
 import torch
 import webdataset as wds
-from trainer.images import decode_image
+from trainer.images import IMAGE_EXTENSIONS, decode_image
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 # Samples held in each worker's shuffle buffer; open_clip_train uses 5000 for web-scale data,
 # our CPU runs are small so a smaller buffer starts faster and still mixes several shards.
 DEFAULT_SHUFFLE_BUFFER = 2000

@@ -10,6 +10,8 @@ from PIL import Image
 
 # Decoders allowed on data from the web; PIL will not try any other plug-in on these bytes.
 ALLOWED_IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")
+# The members (tar extensions) and files that hold an image: img2dataset writes these.
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 # Decompression-bomb limit. PIL's own default (Image.MAX_IMAGE_PIXELS = 89,478,485, about
 # 0.25 GB of RGB) is far above a web image; img2dataset resizes to 256-1024 px per side, so
 # 64 megapixels is generous and still bounds one decoded image to about 200 MB.
