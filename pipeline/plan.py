@@ -121,13 +121,10 @@ def discover_proxies(table: SignatureTable, interest: Sequence[str], k: int,
                 continue
             score = float(support[r] / annotated_rows * deviation[r])
             if score > scored.get(name, {"score": -1.0})["score"]:
-                scored[name] = {
-                    "concept": name, "group": group, "score": score, "support": float(support[r]),
-                    "deviation": float(deviation[r]), "shares": {
-                        table.attribute_names[c]: float(share[j, r])
-                        for j, c in enumerate(columns)
-                    }
-                }
+                shares = {table.attribute_names[c]: float(share[j, r]) for j, c in enumerate(columns)}
+                scored[name] = {"concept": name, "group": group, "score": score,
+                                "support": float(support[r]), "deviation": float(deviation[r]),
+                                "shares": shares}
     ranked = sorted(scored.values(), key=lambda entry: (-entry["score"], entry["concept"]))
     return ranked[:k]
 
@@ -169,10 +166,8 @@ def choose_concepts(table: SignatureTable,
     if config.concepts is None:
         interest, not_seen = [c for c in table.concept_names if c not in exempt], []
     else:
-        interest = [
-            c for c in dict.fromkeys(config.concepts)
-            if c in table.concept_names and c not in exempt
-        ]
+        interest = [c for c in dict.fromkeys(config.concepts)
+                    if c in table.concept_names and c not in exempt]
         not_seen = [c for c in dict.fromkeys(config.concepts) if c not in table.concept_names]
     if isinstance(config.proxies, int):
         proxies = discover_proxies(table, interest + sorted(exempt), config.proxies,
@@ -237,22 +232,18 @@ def solve_table(table: SignatureTable, config: BalanceConfig):
     before = data_bias(projected.attributes, projected.concepts, **bias_options)
     after = data_bias(projected.attributes, projected.concepts, q=solution.q, **bias_options)
     kept = float(projected.weights @ solution.q)
+    proxy_names = {p["concept"] for p in proxies}
     solution.statistics = {
         **solution.statistics,
         "rows": table.num_rows,
         "signatures_counted": int(len(table.weights)),
         "signatures_solved": int(len(projected.weights)),
-        "rows_with_attributes": {
-            g: float(table.attributes[:, cols].max(axis=1) @ table.weights)
-            for g, cols in zip(table.group_names, table.groups)
-        },
+        "rows_with_attributes": {g: float(table.attributes[:, cols].max(axis=1) @ table.weights)
+                                 for g, cols in zip(table.group_names, table.groups)},
         "keep_rate_requested": config.keep_rate,
         "keep_rate": solution.keep_rate,
         "expected_rows_kept": kept,
-        "concepts_of_interest": [
-            c for c in projected.concept_names if c not in {p["concept"]
-                                                            for p in proxies}
-        ],
+        "concepts_of_interest": [c for c in projected.concept_names if c not in proxy_names],
         "proxies": proxies,
         "concepts_not_seen": not_seen,
         "excluded_low_support": problem.excluded_concepts,

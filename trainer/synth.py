@@ -63,9 +63,7 @@ PROXIES = {"handbag": ("woman", (120, 40, 130)), "tie": ("man", (225, 200, 40))}
 # A proxy whose lean depends on the concept: concept -> the value it goes with there; absent in the
 # other concepts. Balancing gender within each concept leaves it leaning (women among aprons stay
 # about two in three); only a constraint on the proxy itself removes that.
-CONCEPT_PROXIES = {
-    "apron": ({"kitchen": "woman", "garden": "woman", "horse": "man"}, (245, 245, 235))
-}
+CONCEPT_PROXIES = {"apron": ({"kitchen": "woman", "garden": "woman", "horse": "man"}, (245, 245, 235))}
 NEUTRAL_KINDS = ("no_person", "ambiguous")
 AMBIGUOUS_COLOUR = (110, 110, 110)  # neither value's figure colour
 JPEG_QUALITY = 90  # img2dataset's default
@@ -96,8 +94,7 @@ class SynthConfig:
     # times (1 - proxy_strength) for the other value. 0 draws none.
     concept_proxy_rate: float = 0.0
     share_without_people: float = 0.1
-    # captions that name the attribute ("a woman" vs "a person")
-    caption_attribute_rate: float = 0.75
+    caption_attribute_rate: float = 0.75  # captions that name the value ("a woman", not "a person")
     # P(a training person is drawn with the ambiguous figure, neither value's): the caption still
     # names the value it names, so a model can only learn these people's value from the data's
     # shares, a prior that shows as model RB on ambiguous evaluation figures. 0 draws none.
@@ -115,11 +112,12 @@ class SynthConfig:
         if unknown:
             raise ValueError(
                 f"woman_share names concepts that are not generated: {sorted(unknown)}")
-        for name in ("association_strength", "people_woman_share", "proxy_rate", "proxy_strength",
-                     "concept_proxy_rate", "share_without_people", "caption_attribute_rate",
-                     "ambiguous_figure_rate", *[f"woman_share[{c}]" for c in self.woman_share]):
-            value = self.woman_share[name[12:-1]] if name.startswith("woman_share[") else getattr(
-                self, name)
+        shares = {name: getattr(self, name)
+                  for name in ("association_strength", "people_woman_share", "proxy_rate",
+                               "proxy_strength", "concept_proxy_rate", "share_without_people",
+                               "caption_attribute_rate", "ambiguous_figure_rate")}
+        shares.update({f"woman_share[{c}]": share for c, share in self.woman_share.items()})
+        for name, value in shares.items():
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {value}")
         if self.num_samples < 0 or self.samples_per_shard < 1 or self.image_size < 8:
@@ -184,8 +182,8 @@ def draw_scene(rng, concept, gender, proxies, image_size) -> Image.Image:
                 draw.rectangle([x - 1, top + 1, x + 1, top + 9], fill=proxy_colour)
     if image_size != DRAW_SIZE:
         image = image.resize((image_size, image_size), Image.BILINEAR)
-    pixels = np.asarray(image, dtype=float) + rng.normal(0, PIXEL_NOISE,
-                                                         size=(image_size, image_size, 3))
+    noise = rng.normal(0, PIXEL_NOISE, size=(image_size, image_size, 3))
+    pixels = np.asarray(image, dtype=float) + noise
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
@@ -244,17 +242,15 @@ def training_sample(config: SynthConfig, index: int) -> dict:
 
 
 def evaluation_sample(config: SynthConfig, index: int) -> dict:
-    """Balanced evaluation image: every (value, concept) cell gets eval_per_cell images, no proxies.
-    """
+    """Balanced evaluation image: eval_per_cell images in every (value, concept) cell, no proxies."""
     cell, _ = divmod(index, config.eval_per_cell)
     concept = config.concepts[cell // len(ATTRIBUTE_VALUES)]
     gender = ATTRIBUTE_VALUES[cell % len(ATTRIBUTE_VALUES)]
     rng = np.random.default_rng([config.seed, 2, index])
     caption = write_caption(rng, concept, gender, [], True)
     image = draw_scene(rng, concept, gender, [], config.image_size)
-    labels = {
-        ATTRIBUTE_GROUP: gender, "concept": concept, "proxies": [], "caption_names_attribute": True
-    }
+    labels = {ATTRIBUTE_GROUP: gender, "concept": concept, "proxies": [],
+              "caption_names_attribute": True}
     return encode_sample(f"eval{index:06d}", image, caption, labels, {"woman_share": 0.5})
 
 
@@ -269,10 +265,8 @@ def neutral_sample(config: SynthConfig, index: int) -> dict:
     figure = "ambiguous" if kind == "ambiguous" else None
     caption = write_caption(rng, concept, figure, [], False)
     image = draw_scene(rng, concept, figure, [], config.image_size)
-    labels = {
-        ATTRIBUTE_GROUP: None, "concept": concept, "proxies": [], "caption_names_attribute": False,
-        "neutral": kind
-    }
+    labels = {ATTRIBUTE_GROUP: None, "concept": concept, "proxies": [],
+              "caption_names_attribute": False, "neutral": kind}
     return encode_sample(f"neutral{index:06d}", image, caption, labels, {"woman_share": None})
 
 
@@ -316,13 +310,10 @@ def make_synthetic(output, config: SynthConfig = None) -> dict:
         "attribute_group": ATTRIBUTE_GROUP,
         "attribute_values": list(ATTRIBUTE_VALUES),
         "concepts": list(config.concepts),
-        "proxies": {name: value
-                    for name, (value, _) in PROXIES.items()},
-        "concept_proxies": {name: leans
-                            for name, (leans, _) in CONCEPT_PROXIES.items()}
+        "proxies": {name: value for name, (value, _) in PROXIES.items()},
+        "concept_proxies": {name: leans for name, (leans, _) in CONCEPT_PROXIES.items()}
         if config.concept_proxy_rate > 0 else {},
-        "planted_woman_share": {c: config.planted_woman_share(c)
-                                for c in config.concepts},
+        "planted_woman_share": {c: config.planted_woman_share(c) for c in config.concepts},
         "train_shards": [{**s, "path": str(Path(s["path"]).relative_to(output))} for s in train],
         # the balanced set, then the neutral one (no perceived attribute, for model RB)
         "eval_shards": [{**s, "path": str(Path(s["path"]).relative_to(output))}
@@ -332,11 +323,9 @@ def make_synthetic(output, config: SynthConfig = None) -> dict:
         "neutral_eval_samples": sum(s["samples"] for s in neutral),
     }
     (output / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    log.info(
-        "wrote %d training samples in %d shards, %d balanced and %d neutral evaluation samples to "
-        "%s",
-        manifest["train_samples"], len(train), manifest["eval_samples"],
-        manifest["neutral_eval_samples"], output)
+    log.info("wrote %d training samples in %d shards, %d balanced and %d neutral evaluation "
+             "samples to %s", manifest["train_samples"], len(train), manifest["eval_samples"],
+             manifest["neutral_eval_samples"], output)
     return manifest
 
 
@@ -346,8 +335,7 @@ def parse_args(argv):
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  balancebeam synth --output synth/\n"
                "  balancebeam synth --output synth/ --num-samples 6000 --woman-share 0.3\n")
-    parser.add_argument("--output", required=True,
-                        help="directory for train/, eval/ and manifest.json")
+    parser.add_argument("--output", required=True, help="directory for train/, eval/, manifest.json")
     parser.add_argument("--num-samples", type=int, default=defaults.num_samples)
     parser.add_argument("--image-size", type=int, default=defaults.image_size)
     parser.add_argument("--seed", type=int, default=defaults.seed)
@@ -394,8 +382,9 @@ def main(argv=None) -> int:
     config = SynthConfig(
         num_samples=args.num_samples, image_size=args.image_size, seed=args.seed,
         samples_per_shard=args.samples_per_shard, association_strength=args.association_strength,
-        people_woman_share=args.people_woman_share, woman_share=woman_share, concepts=tuple(
-            c.strip() for c in args.concepts.split(",") if c.strip()), proxy_rate=args.proxy_rate,
+        people_woman_share=args.people_woman_share, woman_share=woman_share,
+        concepts=tuple(c.strip() for c in args.concepts.split(",") if c.strip()),
+        proxy_rate=args.proxy_rate,
         proxy_strength=args.proxy_strength, share_without_people=args.share_without_people,
         caption_attribute_rate=args.caption_attribute_rate, eval_per_cell=args.eval_per_cell,
         concept_proxy_rate=args.concept_proxy_rate,
