@@ -133,9 +133,8 @@ def run_size(pattern: str, output: pathlib.Path, prompts: pathlib.Path) -> dict:
     sampler = MemorySampler()
     started = time.perf_counter()
     code = cli.main([
-        "run", "--input", pattern, "--output",
-        str(output), "--prompt-embeddings",
-        str(prompts), *RUN_FLAGS, *TWO_WORKERS
+        "run", "--input", pattern, "--output", str(output), "--prompt-embeddings", str(prompts),
+        *RUN_FLAGS, *TWO_WORKERS
     ])
     seconds = time.perf_counter() - started
     peak = sampler.stop()

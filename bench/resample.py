@@ -163,8 +163,7 @@ def main(argv=None):
         return
     if not (work / "annotations").exists():
         annotate.run([
-            "--input",
-            str(work / "data" / "train" / "*.tar"), "--output",
+            "--input", str(work / "data" / "train" / "*.tar"), "--output",
             str(work / "annotations"), *WORKERS[2]
         ])
     config = plan.BalanceConfig(keep_rate="max", min_support=20, method="dual")
@@ -207,11 +206,8 @@ def main(argv=None):
         rows_count = replicate_annotations(work / "annotations", directory, copies,
                                            args.balance_rows)
         seconds, solution = timed(
-            balance.balance,
-            str(directory),
-            str(work / f"solution-x{copies}" / "solution.json"),
-            config,
-            WORKERS[2],
+            balance.balance, str(directory), str(work / f"solution-x{copies}" / "solution.json"),
+            config, WORKERS[2]
         )
         print(
             f"| {rows_count} | {solution.statistics['signatures_counted']} | {seconds:.2f} | "

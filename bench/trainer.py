@@ -142,8 +142,8 @@ def open_clip_webdataset_folder():
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
     install = subprocess.run([
-        sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target",
-        str(staging), f"webdataset=={OPEN_CLIP_WEBDATASET}"
+        sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(staging),
+        f"webdataset=={OPEN_CLIP_WEBDATASET}"
     ], capture_output=True, text=True)
     if install.returncode != 0:
         shutil.rmtree(staging, ignore_errors=True)
