@@ -43,11 +43,9 @@ def demo(output: str, num_samples: int = DEFAULT_NUM_SAMPLES, keep_rate: str = "
                      "\n".join(manifest["concepts"]) + "\n")
     inputs = [os.path.join(data_dir, "train", "*.tar")]
     argv = [
-        "--input", inputs[0], "--output",
-        os.path.join(output, "run"), "--concepts", concepts_file, "--proxies",
-        str(DEMO_PROXIES), "--keep-rate", keep_rate, "--min-support",
-        str(DEMO_MIN_SUPPORT), "--samples-per-shard",
-        str(DEMO_SAMPLES_PER_SHARD), "--seed",
+        "--input", inputs[0], "--output", os.path.join(output, "run"), "--concepts", concepts_file,
+        "--proxies", str(DEMO_PROXIES), "--keep-rate", keep_rate, "--min-support",
+        str(DEMO_MIN_SUPPORT), "--samples-per-shard", str(DEMO_SAMPLES_PER_SHARD), "--seed",
         str(seed)
     ]
     args, _ = run_all.build_parser().parse_known_args(argv)

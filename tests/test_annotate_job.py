@@ -178,10 +178,8 @@ def broken_job(broken_inputs, tmp_path_factory):
     folder, _, _ = broken_inputs
     output = tmp_path_factory.mktemp("annotate_broken")
     exit_code = cli.main([
-        "annotate", "--input",
-        str(folder / "*.tar"), "--input",
-        str(folder / "*-table.*"), "--output",
-        str(output), "--utility-field", "score", *TWO_WORKERS
+        "annotate", "--input", str(folder / "*.tar"), "--input", str(folder / "*-table.*"),
+        "--output", str(output), "--utility-field", "score", *TWO_WORKERS
     ])
     return exit_code, output, annotate.read_annotations(output), annotate.read_counts(output)
 
@@ -233,10 +231,8 @@ def test_missing_input_is_a_clear_error(tmp_path, capsys):
 
     with pytest.raises(FileNotFoundError, match="no input files match"):
         annotate.run(["--input", str(tmp_path / "nothing-*.tar"), "--output", str(tmp_path / "o")])
-    assert cli.main(
-        ["annotate", "--input",
-         str(tmp_path / "nothing-*.tar"), "--output",
-         str(tmp_path / "o")]) == 1
+    missing = ["annotate", "--input", str(tmp_path / "nothing-*.tar"), "--output", str(tmp_path / "o")]
+    assert cli.main(missing) == 1
     error = capsys.readouterr().err.strip()
     assert error.startswith("balancebeam annotate: no input files match") and error.count("\n") == 0
 
@@ -257,10 +253,10 @@ def test_zero_shot_job_with_a_tiny_model_and_precomputed_embeddings(
         json.dumps({"key": f"e{i}", "caption": "A man on a bench", "emb": vector}) + "\n"
         for i, vector in enumerate(embeddings + [[1.0, 2.0]])))  # the last one has the wrong size
     image_flags = [
-        "--image-model", tiny_clip.architecture, "--image-model-config",
-        str(tiny_clip.config_path), "--image-checkpoint",
-        str(tiny_clip.checkpoint_path), "--image-embedding-field", "emb", "--person-margin", "-10",
-        "--concept-top-k", "2", "--concept-min-probability", "0", "--image-batch-size", "16"
+        "--image-model", tiny_clip.architecture, "--image-model-config", str(tiny_clip.config_path),
+        "--image-checkpoint", str(tiny_clip.checkpoint_path), "--image-embedding-field", "emb",
+        "--person-margin", "-10", "--concept-top-k", "2", "--concept-min-probability", "0",
+        "--image-batch-size", "16"
     ]
     table, counts = _run_job([coco_mini_shards.glob, table_path], tmp_path / "out",
                              *image_flags, *TWO_WORKERS)

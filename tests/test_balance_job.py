@@ -136,8 +136,7 @@ def test_infeasible_keep_rate_fails_with_the_achievable_rate(coco_mini_annotatio
     from pipeline import cli
 
     code = cli.main([
-        "balance", "--annotations",
-        str(coco_mini_annotations), "--output",
+        "balance", "--annotations", str(coco_mini_annotations), "--output",
         str(tmp_path / "s.json"), "--keep-rate", "0.99", "--min-support", "2", "--method", "exact",
         *TWO_WORKERS
     ])
@@ -151,9 +150,8 @@ def test_infeasible_keep_rate_fails_with_the_achievable_rate(coco_mini_annotatio
 def coco_val_annotations(shared_data, tmp_path_factory):
     output = tmp_path_factory.mktemp("coco_val_annotations")
     annotate.run([
-        "--input",
-        str(shared_data / "coco_val2017_captions.json"), "--output",
-        str(output), *TWO_WORKERS
+        "--input", str(shared_data / "coco_val2017_captions.json"), "--output", str(output),
+        *TWO_WORKERS
     ])
     return output
 
@@ -166,7 +164,8 @@ def test_coco_val_captions_balanced_at_the_max_keep_rate_within_the_gap(
     solution = balance.balance(
         str(coco_val_annotations), str(tmp_path / "solution.json"),
         plan.BalanceConfig(keep_rate="max", association_gap=0.02, min_support=50, method="dual"),
-        TWO_WORKERS)
+        TWO_WORKERS
+    )
     stats = solution.statistics
     assert stats["rows"] == 25014 and 0.85 <= solution.keep_rate < 0.9
     assert stats["data_bias_before"]["summary"]["association_bias_max"] > 0.2

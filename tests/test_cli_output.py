@@ -75,8 +75,7 @@ def test_progress_lines_count_finished_input_files_with_two_workers(coco_mini_sh
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     caplog.set_level(logging.INFO, logger="pipeline.progress")
     annotate.run(
-        ["--input", coco_mini_shards.glob, "--output",
-         str(tmp_path / "out"), *TWO_WORKERS])
+        ["--input", coco_mini_shards.glob, "--output", str(tmp_path / "out"), *TWO_WORKERS])
     seen = [
         PROGRESS_LINE.search(record.getMessage()) for record in caplog.records
         if record.name == progress.__name__

@@ -43,11 +43,9 @@ def pool(shared_data, tmp_path_factory):
 def subset_run(pool, tmp_path_factory):
     output = tmp_path_factory.mktemp("subset_run")
     assert cli.main([
-        "run", "--input",
-        str(pool / "*.parquet"), "--output",
-        str(output), "--keep-rate", "max", "--association-gap",
-        str(GAP), "--representation-gap",
-        str(GAP), "--output-format", "subset", *TWO_WORKERS
+        "run", "--input", str(pool / "*.parquet"), "--output", str(output), "--keep-rate", "max",
+        "--association-gap", str(GAP), "--representation-gap", str(GAP), "--output-format",
+        "subset", *TWO_WORKERS
     ]) == 0
     return output
 
@@ -109,21 +107,19 @@ def test_subset_and_shards_keep_the_same_records_and_runners_agree(pool, subset_
     """The same annotations and solution: a WebDataset release keeps the subset's records, and an
     in-process subset release is byte-identical to the two-worker one."""
     common = [
-        "--annotations",
-        str(subset_run / "annotations"), "--solution",
+        "--annotations", str(subset_run / "annotations"), "--solution",
         str(subset_run / "solution.json")
     ]
     assert cli.main([
-        "resample", *common, "--output",
-        str(tmp_path / "subset"), "--output-format", "subset", *IN_PROCESS
+        "resample", *common, "--output", str(tmp_path / "subset"), "--output-format", "subset",
+        *IN_PROCESS
     ]) == 0
     two_workers = json.loads((subset_run / "release" / "manifest.json").read_text())
     in_process = json.loads((tmp_path / "subset" / "manifest.json").read_text())
     # sizes and sha256 of subset.npy and keep.parquet
     assert in_process["files"] == two_workers["files"]
     assert cli.main([
-        "resample", *common, "--input",
-        str(pool / "*.parquet"), "--output",
+        "resample", *common, "--input", str(pool / "*.parquet"), "--output",
         str(tmp_path / "shards"), "--samples-per-shard", "5000", *TWO_WORKERS
     ]) == 0
     import webdataset
@@ -204,13 +200,12 @@ def test_prompt_file_and_float16_embeddings_label_like_the_images(coco_mini_shar
         "--person-margin", "-1", "--concept-top-k", "2", "--concept-min-probability", "0.05"
     ]
     model = [
-        "--image-model", tiny_clip.architecture, "--image-model-config",
-        str(tiny_clip.config_path), "--image-checkpoint",
-        str(tiny_clip.checkpoint_path)
+        "--image-model", tiny_clip.architecture, "--image-model-config", str(tiny_clip.config_path),
+        "--image-checkpoint", str(tiny_clip.checkpoint_path)
     ]
     assert cli.main([
-        "annotate", "--input", coco_mini_shards.glob, "--output",
-        str(tmp_path / "from-images"), *model, *thresholds, *TWO_WORKERS
+        "annotate", "--input", coco_mini_shards.glob, "--output", str(tmp_path / "from-images"),
+        *model, *thresholds, *TWO_WORKERS
     ]) == 0
     assert cli.main(["embed-prompts", *model, "--output", str(tmp_path / "prompts.npz")]) == 0
 
@@ -230,11 +225,9 @@ def test_prompt_file_and_float16_embeddings_label_like_the_images(coco_mini_shar
     for name, vectors in (("float16", embeddings.astype(np.float16)), ("float32", embeddings)):
         np.savez(pool / "00000000.npz", l14_img=vectors)
         assert cli.main([
-            "annotate", "--input",
-            str(pool / "*.parquet"), "--output",
-            str(tmp_path / name), "--prompt-embeddings",
-            str(tmp_path / "prompts.npz"), "--embeddings-field", "l14_img", *thresholds,
-            *TWO_WORKERS
+            "annotate", "--input", str(pool / "*.parquet"), "--output", str(tmp_path / name),
+            "--prompt-embeddings", str(tmp_path / "prompts.npz"), "--embeddings-field", "l14_img",
+            *thresholds, *TWO_WORKERS
         ]) == 0
     from_images, from_float16, from_float32 = (_labels(tmp_path / name)
                                                for name in ("from-images", "float16", "float32"))
@@ -248,11 +241,9 @@ def test_prompt_file_and_float16_embeddings_label_like_the_images(coco_mini_shar
 
     # face_bboxes, when asked for, decides who is visible: no faces anywhere -> no image attribute
     assert cli.main([
-        "annotate", "--input",
-        str(pool / "*.parquet"), "--output",
-        str(tmp_path / "faces"), "--prompt-embeddings",
-        str(tmp_path / "prompts.npz"), "--embeddings-field", "l14_img", "--faces-column",
-        "face_bboxes", *thresholds
+        "annotate", "--input", str(pool / "*.parquet"), "--output", str(tmp_path / "faces"),
+        "--prompt-embeddings", str(tmp_path / "prompts.npz"), "--embeddings-field", "l14_img",
+        "--faces-column", "face_bboxes", *thresholds
     ]) == 0
     for record in records:
         attributes = set(_labels(tmp_path / "faces")[record["key"]][0])
@@ -267,14 +258,11 @@ def test_a_missing_npz_quarantines_its_rows_with_the_reason(tmp_path, tiny_clip)
     prompts = tmp_path / "prompts.npz"
     assert cli.main([
         "embed-prompts", "--image-model", tiny_clip.architecture, "--image-model-config",
-        str(tiny_clip.config_path), "--output",
-        str(prompts)
+        str(tiny_clip.config_path), "--output", str(prompts)
     ]) == 0
     assert cli.main([
-        "annotate", "--input",
-        str(tmp_path / "0.parquet"), "--output",
-        str(tmp_path / "out"), "--prompt-embeddings",
-        str(prompts), "--embeddings-field", "l14_img"
+        "annotate", "--input", str(tmp_path / "0.parquet"), "--output", str(tmp_path / "out"),
+        "--prompt-embeddings", str(prompts), "--embeddings-field", "l14_img"
     ]) == 0
     counts = annotate.read_counts(tmp_path / "out")
     assert counts["annotated"] == 0 and counts["quarantined_by_reason"] == {"bad_embedding": 2}

@@ -27,9 +27,7 @@ def random_model():
 
 def test_command_line_writes_json_and_png(synthetic, tmp_path):
     code = evaluate.main(
-        ["--model", "bb-tiny-vit", "--data",
-         str(synthetic), "--output",
-         str(tmp_path)])
+        ["--model", "bb-tiny-vit", "--data", str(synthetic), "--output", str(tmp_path)])
     assert code == 0
     result = json.loads((tmp_path / "evaluation.json").read_text())
     # 2 values x 8 concepts x 2, and 2 neutral kinds x 8 concepts

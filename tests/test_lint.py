@@ -9,7 +9,6 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def test_ruff_finds_nothing():
     result = subprocess.run([
-        sys.executable, "-m", "ruff", "check", "--no-cache", "--output-format", "concise",
-        str(ROOT)
+        sys.executable, "-m", "ruff", "check", "--no-cache", "--output-format", "concise", str(ROOT)
     ], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stdout + result.stderr

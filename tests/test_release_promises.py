@@ -80,9 +80,8 @@ def test_the_price_of_balance_is_the_lp_maximum_at_each_gap():
 
 def test_streaming_is_refused_by_balance_in_one_line(tmp_path, capsys):
     assert cli.main([
-        "balance", "--annotations",
-        str(tmp_path), "--output",
-        str(tmp_path / "s.json"), "--method", "streaming"
+        "balance", "--annotations", str(tmp_path), "--output", str(tmp_path / "s.json"), "--method",
+        "streaming"
     ]) == 2
     error = capsys.readouterr().err.strip()
     assert "--method streaming is not offered by balance" in error and error.count("\n") == 0

@@ -22,9 +22,8 @@ TWO_WORKERS = ["--direct_running_mode=multi_processing", "--direct_num_workers=2
 def release(coco_mini_shards, tmp_path_factory):
     output = tmp_path_factory.mktemp("readers")
     assert cli.main([
-        "run", "--input", coco_mini_shards.glob, "--output",
-        str(output), "--keep-rate", "0.8", "--min-support", "2", "--samples-per-shard", "40",
-        *TWO_WORKERS
+        "run", "--input", coco_mini_shards.glob, "--output", str(output), "--keep-rate", "0.8",
+        "--min-support", "2", "--samples-per-shard", "40", *TWO_WORKERS
     ]) == 0
     directory = output / "release"
     return directory, json.loads((directory / "manifest.json").read_text())
@@ -65,8 +64,8 @@ def test_open_clip_finds_the_release_size_by_itself(release, tmp_path):
     directory, manifest = release
     target = tmp_path / "webdataset-0.2.86"
     install = subprocess.run([
-        sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target",
-        str(target), "webdataset==0.2.86"
+        sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target),
+        "webdataset==0.2.86"
     ], capture_output=True, text=True)
     if install.returncode != 0:
         pytest.skip(
@@ -80,9 +79,7 @@ def test_open_clip_finds_the_release_size_by_itself(release, tmp_path):
     kept = manifest["counts"]["output_samples"]
     batches = -(-kept // 8)  # open_clip rounds an epoch up to whole batches of 8
     assert run.stdout.split() == [
-        "size", str(kept), "num_samples",
-        str(8 * batches), "seen",
-        str(8 * batches)
+        "size", str(kept), "num_samples", str(8 * batches), "seen", str(8 * batches)
     ]
 
 

@@ -148,8 +148,7 @@ def test_report_job_writes_its_three_files(solved, tmp_path):
         json.dumps({"signature": [r["attributes"], r["concepts"], None], "count": r["count"]}) +
         "\n" for r in records))
     assert report.run(
-        ["--solution", str(tmp_path / "solution.json"), "--release",
-         str(release_dir)]) == 0
+        ["--solution", str(tmp_path / "solution.json"), "--release", str(release_dir)]) == 0
     assert {p.name for p in release_dir.iterdir()} >= {"stats.json", "report.html", "README.md"}
 
 

@@ -51,9 +51,8 @@ def coco_release(shared_data, tmp_path_factory):
     _chromium()  # no browser: skip before spending a minute on the release
     output = tmp_path_factory.mktemp("coco_report")
     assert cli.main([
-        "run", "--input",
-        str(shared_data / "coco_val2017_captions.json"), "--output",
-        str(output), "--keep-rate", "max", "--association-gap", "0.05", *TWO_WORKERS
+        "run", "--input", str(shared_data / "coco_val2017_captions.json"), "--output", str(output),
+        "--keep-rate", "max", "--association-gap", "0.05", *TWO_WORKERS
     ]) == 0
     return output
 

@@ -50,9 +50,8 @@ def _release_bias(release_dir, solution, min_support):
 def coco_mini_run(coco_mini_shards, tmp_path_factory):
     output = tmp_path_factory.mktemp("run_coco_mini")
     code = cli.main([
-        "run", "--input", coco_mini_shards.glob, "--output",
-        str(output), "--keep-rate", "0.7", "--min-support", "2", "--samples-per-shard", "50",
-        "--method", "exact", *TWO_WORKERS
+        "run", "--input", coco_mini_shards.glob, "--output", str(output), "--keep-rate", "0.7",
+        "--min-support", "2", "--samples-per-shard", "50", "--method", "exact", *TWO_WORKERS
     ])
     assert code == 0
     return output
@@ -123,9 +122,8 @@ def test_run_writes_report_and_card_next_to_the_release(coco_mini_run):
 def test_run_is_reproducible_into_the_same_directory(coco_mini_run, coco_mini_shards):
     before = json.loads((coco_mini_run / "release" / "manifest.json").read_text())
     assert cli.main([
-        "run", "--input", coco_mini_shards.glob, "--output",
-        str(coco_mini_run), "--keep-rate", "0.7", "--min-support", "2", "--samples-per-shard", "50",
-        "--method", "exact", *TWO_WORKERS
+        "run", "--input", coco_mini_shards.glob, "--output", str(coco_mini_run), "--keep-rate",
+        "0.7", "--min-support", "2", "--samples-per-shard", "50", "--method", "exact", *TWO_WORKERS
     ]) == 0
     after = json.loads((coco_mini_run / "release" / "manifest.json").read_text())
     assert after == before
@@ -156,11 +154,9 @@ def test_coco_val_captions_released_within_the_gap_by_exact_counts(shared_data, 
     output = tmp_path / "coco_val"
     gap = 0.05
     assert cli.main([
-        "run", "--input",
-        str(shared_data / "coco_val2017_captions.json"), "--output",
-        str(output), "--keep-rate", "max", "--association-gap",
-        str(gap), "--representation-gap",
-        str(gap), "--samples-per-shard", "5000", *TWO_WORKERS
+        "run", "--input", str(shared_data / "coco_val2017_captions.json"), "--output", str(output),
+        "--keep-rate", "max", "--association-gap", str(gap), "--representation-gap", str(gap),
+        "--samples-per-shard", "5000", *TWO_WORKERS
     ]) == 0
     release = output / "release"
     manifest = json.loads((release / "manifest.json").read_text())
@@ -217,8 +213,7 @@ def test_local_worker_logs_are_quiet_unless_asked_for(coco_mini_shards, tmp_path
         output = tmp_path / f"out{len(extra)}"
         command = [
             sys.executable, "-m", "pipeline.cli", "annotate", "--input", coco_mini_shards.glob,
-            "--output",
-            str(output), *TWO_WORKERS, *extra
+            "--output", str(output), *TWO_WORKERS, *extra
         ]
         return subprocess.run(command, capture_output=True, text=True, check=True).stderr
 

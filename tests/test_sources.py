@@ -154,7 +154,8 @@ def test_coco_caption_json(shared_data):
     assert entries == [] and len(samples) == len(document["annotations"])
     first = document["annotations"][0]
     assert (samples[0]["key"], samples[0]["caption"], samples[0]["image_id"]) == (
-        str(first["id"]), first["caption"], str(first["image_id"]))
+        str(first["id"]), first["caption"], str(first["image_id"])
+    )
     _, entries = _read(table_sources.iter_coco_samples(io.BytesIO(b'{"images": []}'), "x.json"))
     assert [e["reason"] for e in entries] == [quarantine.BAD_JSON]
 

@@ -186,9 +186,9 @@ def test_bad_configuration_is_a_clear_error(tmp_path):
 
 def test_command_line_writes_shards_and_manifest(tmp_path):
     code = synth.main([
-        "--output",
-        str(tmp_path), "--num-samples", "40", "--image-size", "16", "--samples-per-shard", "25",
-        "--eval-per-cell", "1", "--woman-share", "kitchen=1.0", "--concepts", "kitchen,office"
+        "--output", str(tmp_path), "--num-samples", "40", "--image-size", "16",
+        "--samples-per-shard", "25", "--eval-per-cell", "1", "--woman-share", "kitchen=1.0",
+        "--concepts", "kitchen,office"
     ])
     assert code == 0
     manifest = json.loads((tmp_path / "manifest.json").read_text())

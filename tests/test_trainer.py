@@ -207,8 +207,8 @@ def test_open_clips_own_loader_reads_our_shards(unplanted, tmp_path):
     pytest.importorskip("pandas", reason="open_clip_train.data imports pandas")
     target = tmp_path / "webdataset-0.2.86"
     install = subprocess.run([
-        sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target",
-        str(target), "webdataset==0.2.86"
+        sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target),
+        "webdataset==0.2.86"
     ], capture_output=True, text=True)
     if install.returncode != 0:
         pytest.skip(

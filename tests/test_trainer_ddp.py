@@ -23,11 +23,9 @@ def test_two_process_torchrun_trains_and_only_rank_zero_writes(tmp_path):
                OMP_NUM_THREADS="1")
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-        "pipeline.cli", "train", "--data",
-        str(tmp_path / "synth"), "--output",
-        str(tmp_path / "run"), "--steps",
-        str(STEPS), "--batch-size", "16", "--threads", "1", "--log-every",
-        str(LOG_EVERY)
+        "pipeline.cli", "train", "--data", str(tmp_path / "synth"), "--output",
+        str(tmp_path / "run"), "--steps", str(STEPS), "--batch-size", "16", "--threads", "1",
+        "--log-every", str(LOG_EVERY)
     ]
     finished = subprocess.run(
         command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240

@@ -82,14 +82,11 @@ def balance_variant(name: str, config: dict, data: dict, output: Path) -> dict:
     proxies = settings["proxies"] if name == BALANCED_PROXIES else 0
     run_dir = directory / "run"
     argv = [
-        "--input", data["train"], "--output",
-        str(run_dir), "--concepts",
-        str(concepts_file), "--proxies",
-        str(proxies), "--keep-rate",
-        str(settings["keep_rate"]), "--min-support",
+        "--input", data["train"], "--output", str(run_dir), "--concepts", str(concepts_file),
+        "--proxies", str(proxies), "--keep-rate", str(settings["keep_rate"]), "--min-support",
         str(settings["min_support"]), "--mode", settings["mode"], "--samples-per-shard",
-        str(settings["samples_per_shard"]), "--seed",
-        str(config["seeds"][0]), *[str(a) for a in settings["extra_args"]]
+        str(settings["samples_per_shard"]), "--seed", str(config["seeds"][0]),
+        *[str(a) for a in settings["extra_args"]]
     ]
     args, rest = run_all.build_parser().parse_known_args(argv)
     annotate_args, extra_beam_args = run_all.split_annotate_args(rest)
