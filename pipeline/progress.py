@@ -25,6 +25,7 @@ import time
 
 from apache_beam.options.pipeline_options import PortableOptions, StandardOptions
 
+from pipeline.files import write_json_atomically
 from pipeline.options import LOCAL_RUNNERS
 from solvers import progress as progress_policy
 
@@ -40,11 +41,9 @@ def mark_range_read(marker_dir: str | None, file_range: dict, records: int) -> N
         return
     digest = hashlib.sha1(file_range["path"].encode()).hexdigest()[:16]
     name = f"{digest}-{file_range['index']}-of-{file_range.get('ranges_in_file', 1)}.json"
-    path = os.path.join(marker_dir, name)
-    temporary = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
-    with open(temporary, "w") as handle:
-        json.dump({"path": file_range["path"], "records": records}, handle)
-    os.replace(temporary, path)  # the driver never reads half a marker
+    # atomically: the driver never reads half a marker
+    write_json_atomically(os.path.join(marker_dir, name),
+                          {"path": file_range["path"], "records": records})
 
 
 def is_local(options) -> bool:
