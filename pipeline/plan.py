@@ -121,7 +121,8 @@ def discover_proxies(table: SignatureTable, interest: Sequence[str], k: int,
                 continue
             score = float(support[r] / annotated_rows * deviation[r])
             if score > scored.get(name, {"score": -1.0})["score"]:
-                shares = {table.attribute_names[c]: float(share[j, r]) for j, c in enumerate(columns)}
+                shares = {table.attribute_names[c]: float(share[j, r])
+                          for j, c in enumerate(columns)}
                 scored[name] = {"concept": name, "group": group, "score": score,
                                 "support": float(support[r]), "deviation": float(deviation[r]),
                                 "shares": shares}

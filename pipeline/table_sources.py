@@ -20,7 +20,7 @@ TABLE_BATCH_ROWS = 1024
 MAX_CSV_FIELD = 16 * 1024 * 1024
 
 
-def _rowmake_sample(row, shard, position, key_column, caption_column, has_key_column):
+def _row_sample(row, shard, position, key_column, caption_column, has_key_column):
     """A table row as a sample; keys fall back to FILE#ROW when the table has no key column."""
     if has_key_column:
         key = row.get(key_column)
@@ -81,7 +81,8 @@ def iter_parquet_samples(raw_file, shard, key_column, caption_column, row_groups
     for batch in parquet.iter_batches(batch_size=TABLE_BATCH_ROWS, row_groups=row_groups,
                                       columns=columns):
         for row in batch.to_pylist():
-            sample = _rowmake_sample(row, shard, position, key_column, caption_column, has_key_column)
+            sample = _row_sample(row, shard, position, key_column, caption_column,
+                                 has_key_column)
             if embeddings_field and not isinstance(sample, beam.pvalue.TaggedOutput):
                 sample["embedding"] = embeddings[position] if embeddings is not None else row.get(
                     embeddings_field)
@@ -128,7 +129,7 @@ def jsonl_record(line: bytes, shard, position, key_column, caption_column):
     except ValueError as error:
         return quarantine.quarantined(quarantine.STAGE_READ, quarantine.BAD_JSON, None, shard,
                                       position, error)
-    return _rowmake_sample(row, shard, position, key_column, caption_column, True)
+    return _row_sample(row, shard, position, key_column, caption_column, True)
 
 
 def iter_jsonl_samples(raw_file, shard, key_column, caption_column):
@@ -188,7 +189,7 @@ def iter_csv_samples(raw_file, shard, key_column, caption_column):
                 yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.NON_UTF8_TEXT, None,
                                              shard, position, error)
             else:
-                yield _rowmake_sample(dict(zip(header, fields)), shard, position, key_column,
+                yield _row_sample(dict(zip(header, fields)), shard, position, key_column,
                                   caption_column, key_column in header)
         position += 1
     if position == 0:

@@ -278,7 +278,8 @@ class BalanceProblem:
         return np.maximum(excess, 0.0)
 
     def certified_violation(self, q: np.ndarray) -> float:
-        """The largest constraint violation in the user's units: a share (share form) or a moment."""
+        """The largest constraint violation in the user's units: a share (share form) or a
+        moment."""
         if self.spec.constraint_form == "share":
             return float(self.share_excess(q).max(initial=0.0))
         return float(self.violations(q).max(initial=0.0))

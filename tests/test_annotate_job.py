@@ -231,7 +231,8 @@ def test_missing_input_is_a_clear_error(tmp_path, capsys):
 
     with pytest.raises(FileNotFoundError, match="no input files match"):
         annotate.run(["--input", str(tmp_path / "nothing-*.tar"), "--output", str(tmp_path / "o")])
-    missing = ["annotate", "--input", str(tmp_path / "nothing-*.tar"), "--output", str(tmp_path / "o")]
+    missing = ["annotate", "--input", str(tmp_path / "nothing-*.tar"), "--output",
+               str(tmp_path / "o")]
     assert cli.main(missing) == 1
     error = capsys.readouterr().err.strip()
     assert error.startswith("balancebeam annotate: no input files match") and error.count("\n") == 0

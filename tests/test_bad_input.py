@@ -114,7 +114,8 @@ def test_csv_keeps_reading_after_a_huge_field_and_reports_an_unterminated_quote(
                     "k5,swallowed\n"
                     "k6,swallowed too\n")
     with open(path, "rb") as handle:
-        samples, entries = _read_all(table_sources.iter_csv_samples(handle, str(path), "key", "caption"))
+        samples, entries = _read_all(
+            table_sources.iter_csv_samples(handle, str(path), "key", "caption"))
     assert [s["key"] for s in samples] == ["k0", "k2", "k3"]
     assert [(e["reason"], e["position"]) for e in entries] == [("bad_row", 1), ("bad_row", 4)]
     assert "field larger than field limit" in entries[0]["detail"]
@@ -126,7 +127,8 @@ def test_csv_fields_up_to_the_limit_are_read_whole(tmp_path):
     caption = "a man " + "y" * 200_000  # above csv's own 128 KiB default
     path.write_text(f"key,caption\nk0,{caption}\nk1,a woman\n")
     with open(path, "rb") as handle:
-        samples, entries = _read_all(table_sources.iter_csv_samples(handle, str(path), "key", "caption"))
+        samples, entries = _read_all(
+            table_sources.iter_csv_samples(handle, str(path), "key", "caption"))
     assert entries == [] and [s["caption"] for s in samples] == [caption, "a woman"]
 
 

@@ -140,7 +140,8 @@ def test_jsonl_csv_and_parquet_tables(tmp_path):
     path = tmp_path / "t.parquet"
     pq.write_table(pa.table({"caption": ["A dog", None], "image_id": [1, 2]}), path)
     with open(path, "rb") as handle:
-        samples, entries = _read(table_sources.iter_parquet_samples(handle, str(path), "key", "caption"))
+        samples, entries = _read(
+            table_sources.iter_parquet_samples(handle, str(path), "key", "caption"))
     # keys.py encodes the dot
     assert entries == [] and [s["key"] for s in samples] == ["t%2Eparquet#0", "t%2Eparquet#1"]
     assert [s["image_id"] for s in samples] == ["1", "2"]

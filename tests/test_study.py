@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.study import config as study_config, data_bias, results as study_results, runner as study
+from pipeline.study import config as study_config, data_bias
+from pipeline.study import results as study_results, runner as study
 
 VARIANTS = ["original", "balanced", "balanced_proxies", "random"]
 SEEDS = [0, 1]

@@ -63,7 +63,9 @@ PROXIES = {"handbag": ("woman", (120, 40, 130)), "tie": ("man", (225, 200, 40))}
 # A proxy whose lean depends on the concept: concept -> the value it goes with there; absent in the
 # other concepts. Balancing gender within each concept leaves it leaning (women among aprons stay
 # about two in three); only a constraint on the proxy itself removes that.
-CONCEPT_PROXIES = {"apron": ({"kitchen": "woman", "garden": "woman", "horse": "man"}, (245, 245, 235))}
+CONCEPT_PROXIES = {
+    "apron": ({"kitchen": "woman", "garden": "woman", "horse": "man"}, (245, 245, 235))
+}
 NEUTRAL_KINDS = ("no_person", "ambiguous")
 AMBIGUOUS_COLOUR = (110, 110, 110)  # neither value's figure colour
 JPEG_QUALITY = 90  # img2dataset's default
@@ -242,7 +244,8 @@ def training_sample(config: SynthConfig, index: int) -> dict:
 
 
 def evaluation_sample(config: SynthConfig, index: int) -> dict:
-    """Balanced evaluation image: eval_per_cell images in every (value, concept) cell, no proxies."""
+    """Balanced evaluation image: eval_per_cell images in every (value, concept) cell, no proxies.
+    """
     cell, _ = divmod(index, config.eval_per_cell)
     concept = config.concepts[cell // len(ATTRIBUTE_VALUES)]
     gender = ATTRIBUTE_VALUES[cell % len(ATTRIBUTE_VALUES)]
@@ -335,7 +338,8 @@ def parse_args(argv):
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  balancebeam synth --output synth/\n"
                "  balancebeam synth --output synth/ --num-samples 6000 --woman-share 0.3\n")
-    parser.add_argument("--output", required=True, help="directory for train/, eval/, manifest.json")
+    parser.add_argument("--output", required=True,
+                        help="directory for train/, eval/, manifest.json")
     parser.add_argument("--num-samples", type=int, default=defaults.num_samples)
     parser.add_argument("--image-size", type=int, default=defaults.image_size)
     parser.add_argument("--seed", type=int, default=defaults.seed)
