@@ -4,9 +4,10 @@ Beam's local runners hold every shuffle in the driver's memory, so a GroupByKey 
 grows the driver with the pool: at 3 million DataComp rows the duplicate-key check alone took the
 driver from 230 MB to 1.6 GB. `GroupTablesByFile` takes (bucket, Arrow table) parts, and each
 worker appends them to a buffer that it writes out as one Arrow IPC file (a record batch range per
-bucket) every `flush_rows` rows and at the end of its bundle. Only (bucket, file, batch range, rows)
-is grouped; the bucket's reader opens each file at its batches and checks their row count. Memory
-is one buffer per worker and one bucket per reader, whatever the pool's size.
+bucket) every `flush_rows` rows or `flush_bytes` bytes and at the end of its bundle. Only (bucket,
+file, batch range, rows) is grouped; the bucket's reader opens each file at its batches and checks
+their row count. Memory is one buffer per worker and one bucket per reader, whatever the pool's
+size.
 
 The files go to a folder the job removes when it ends (annotate's `.spill`, resample's work
 folder). A retried bundle writes new files under new names and the failed attempt's references are
@@ -25,8 +26,10 @@ from apache_beam.transforms.window import GlobalWindows
 
 from pipeline.errors import DataError
 
-# A worker writes its buffered parts once they hold this many rows: a few tens of MB of keys.
+# A worker writes its buffered parts once they hold this many rows (a few tens of MB of keys) or
+# this many bytes (rows that carry payloads: resample's kept copies).
 FLUSH_ROWS = 262_144
+FLUSH_BYTES = 128 * 1024 * 1024
 SPILL_FILE_PREFIX = "parts-"
 
 
@@ -46,18 +49,19 @@ class _SpillParts(beam.DoFn):
     """(bucket, table) parts -> (bucket, (path, first batch, batch count, rows)) per file written.
     """
 
-    def __init__(self, spill_dir: str, flush_rows: int):
-        self.spill_dir, self.flush_rows = spill_dir, flush_rows
+    def __init__(self, spill_dir: str, flush_rows: int, flush_bytes: int = FLUSH_BYTES):
+        self.spill_dir, self.flush_rows, self.flush_bytes = spill_dir, flush_rows, flush_bytes
 
     def start_bundle(self):
-        self.parts, self.rows = collections.defaultdict(list), 0
+        self.parts, self.rows, self.bytes = collections.defaultdict(list), 0, 0
 
     def process(self, bucket_and_table):
         bucket, table = bucket_and_table
         if table.num_rows:
             self.parts[bucket].append(table)
             self.rows += table.num_rows
-        if self.rows >= self.flush_rows:
+            self.bytes += table.nbytes
+        if self.rows >= self.flush_rows or self.bytes >= self.flush_bytes:
             yield from self._flush()
 
     def finish_bundle(self):
@@ -83,7 +87,7 @@ class _SpillParts(beam.DoFn):
                 first += len(batches)
         with FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
             handle.write(sink.getvalue().to_pybytes())
-        self.parts, self.rows = collections.defaultdict(list), 0
+        self.parts, self.rows, self.bytes = collections.defaultdict(list), 0, 0
         return references
 
 
@@ -111,12 +115,14 @@ class GroupTablesByFile(beam.PTransform):
     Arrow files in `spill_dir` rather than by the runner's shuffle. Every part must share one
     schema."""
 
-    def __init__(self, spill_dir: str, flush_rows: int = FLUSH_ROWS):
+    def __init__(self, spill_dir: str, flush_rows: int = FLUSH_ROWS,
+                 flush_bytes: int = FLUSH_BYTES):
         super().__init__()
-        self.spill_dir, self.flush_rows = spill_dir, flush_rows
+        self.spill_dir, self.flush_rows, self.flush_bytes = spill_dir, flush_rows, flush_bytes
 
     def expand(self, parts):
         return (parts
-                | "SpillParts" >> beam.ParDo(_SpillParts(self.spill_dir, self.flush_rows))
+                | "SpillParts" >> beam.ParDo(
+                    _SpillParts(self.spill_dir, self.flush_rows, self.flush_bytes))
                 | "GroupReferences" >> beam.GroupByKey()
                 | "ReadBucket" >> beam.Map(read_bucket))

@@ -4,7 +4,8 @@ release.
 Annotation rows become keep decisions in batches (pipeline/decide.py), grouped by the input range
 they describe; each range is read once and its records meet their decisions by place; kept copies
 are ranked along a keyed-hash order and written in shards (pipeline/shards.py). Every element that
-crosses a shuffle is a batch, never one record, and image bytes never cross one at all. The job
+crosses a shuffle is a batch, never one record; kept copies go to their ranking bucket as Arrow
+files in the work folder, and image bytes are not copied until their shard is written. The job
 reconciles its own counts and publishes a manifest only when every record is accounted for
 (pipeline/publish.py).
 """
@@ -106,8 +107,8 @@ def build_pipeline(pipeline, *, input_glob, annotations_dir, solution_text, outp
     decided = pipeline | "Decisions" >> Decisions(annotations_dir, solution_text, seed, mode,
                                                   buckets, output_size)
     written = decided["decisions"] | "WriteShards" >> WriteShards(
-        input_glob, input_format, seed, mode, buckets, output_dir, prefix, samples_per_shard,
-        key_column, caption_column, progress_dir)
+        input_glob, input_format, seed, mode, buckets, output_dir, work_dir, prefix,
+        samples_per_shard, key_column, caption_column, progress_dir)
     _ = (written["shards"]
          | "AllShards" >> beam.combiners.ToList()
          | "WriteShardList" >> beam.Map(_write_json_to, FileSystems.join(work_dir, "shards.json")))

@@ -2,10 +2,11 @@
 and written in shards.
 
 A range is read once, by one worker; a record meets its decision by place (the key is checked).
-Kept copies leave in batches per order bucket (a range of a keyed hash), are sorted per bucket and
-ranked with exact integer offsets, so shard i holds ranks [i*S, (i+1)*S). Image bytes never cross
-a shuffle: kept tar members travel as their place in the input tar and are read back by the
-worker writing the shard.
+Kept copies leave as Arrow tables per order bucket (a range of a keyed hash) through files in the
+job's work folder (pipeline/file_shuffle.py), so only references to them cross the runner; each
+bucket is sorted in Arrow and ranked with exact integer offsets, so shard i holds ranks
+[i*S, (i+1)*S). Image bytes are not copied there either: kept tar members travel as their place in
+the input tar and are read back by the worker writing the shard.
 """
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import collections
 import logging
 
 import apache_beam as beam
+import pyarrow as pa
+import pyarrow.compute as pc
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
@@ -21,6 +24,7 @@ from pipeline import release, tars
 from pipeline.counts import COUNTS_TAG, counted
 from pipeline.decide import bucket_offsets, merge_batches, route_to_ranges
 from pipeline.errors import DataError
+from pipeline.file_shuffle import GroupTablesByFile
 from pipeline.progress import mark_range_read
 from pipeline.quarantine import METRICS_NAMESPACE, QUARANTINE_TAG, quarantine_record
 from pipeline.splits import PlanRanges, iter_range_records
@@ -35,15 +39,20 @@ NOT_ANNOTATED = "not_annotated"
 INPUT_CHANGED = "input_changed"
 # an annotation row whose record is not in the input read now
 MISSING_FROM_INPUT = "missing_from_input"
-# Kept copies per ranking bucket (sorted in one worker's memory) and per element a range sends to
-# one bucket (bounds a worker's memory while it reads a large file). Members that travel inline
-# (a compressed tar's, or any the header index cannot vouch for) bound both by bytes as well: a
-# bucket is one element after its GroupByKey, and Beam's gRPC data plane refuses one over 2 GiB.
+# Kept copies per ranking bucket (sorted in one worker's memory) and per table a range sends to one
+# bucket (bounds a worker's memory while it reads a large file). Members that travel inline (a
+# compressed tar's, or any the header index cannot vouch for) bound both by bytes as well.
 RANK_BUCKET_SIZE = 100_000
 RANK_BUCKET_BYTES = 256 * 1024 * 1024
 ITEMS_PER_ELEMENT = 20_000
 ELEMENT_BYTES = 64 * 1024 * 1024
 BUCKET_SIZES_TAG = "bucket_sizes"
+# A kept copy as it travels to its bucket: its members as released, each inline (`data`) or as its
+# place in the input tar (`offset`, `size`, `crc32`), in the order they are written.
+MEMBER_TYPE = pa.struct([("name", pa.string()), ("data", pa.binary()), ("offset", pa.int64()),
+                         ("size", pa.int64()), ("crc32", pa.int64())])
+KEPT_SCHEMA = pa.schema([("order", pa.float64()), ("copy_key", pa.string()),
+                         ("source", pa.string()), ("members", pa.list_(MEMBER_TYPE))])
 
 
 def rank_buckets(copies: int, input_bytes: int) -> int:
@@ -52,8 +61,63 @@ def rank_buckets(copies: int, input_bytes: int) -> int:
     return max(1, -(-copies // RANK_BUCKET_SIZE), -(-input_bytes // RANK_BUCKET_BYTES))
 
 
-def _inline_bytes(members) -> int:
-    return sum(len(data) for _, data in members if not isinstance(data, tuple))
+class KeptCopies:
+    """Kept copies bound for one order bucket, gathered as columns until they leave as one table
+    (KEPT_SCHEMA)."""
+
+    def __init__(self):
+        self.orders, self.keys, self.sources, self.ends = [], [], [], [0]
+        self.names, self.data, self.offsets, self.sizes, self.crcs = [], [], [], [], []
+        self.inline_bytes = 0
+
+    def __len__(self) -> int:
+        return len(self.orders)
+
+    def add(self, order: float, copy_key: str, source, members) -> None:
+        """One copy: `members` as tars.locate_members gives them, [(name, bytes or place)]."""
+        self.orders.append(order)
+        self.keys.append(copy_key)
+        self.sources.append(source)
+        for name, data in members:
+            self.names.append(name)
+            if isinstance(data, tuple):
+                offset, size, crc32 = data
+                self.data.append(None)
+            else:
+                offset = size = crc32 = None
+                self.data.append(data)
+                self.inline_bytes += len(data)
+            self.offsets.append(offset)
+            self.sizes.append(size)
+            self.crcs.append(crc32)
+        self.ends.append(len(self.names))
+
+    def table(self) -> pa.Table:
+        members = pa.StructArray.from_arrays(
+            [pa.array(self.names, pa.string()), pa.array(self.data, pa.binary()),
+             pa.array(self.offsets, pa.int64()), pa.array(self.sizes, pa.int64()),
+             pa.array(self.crcs, pa.int64())], fields=list(MEMBER_TYPE))
+        return pa.Table.from_arrays(
+            [pa.array(self.orders, pa.float64()), pa.array(self.keys, pa.string()),
+             pa.array(self.sources, pa.string()),
+             pa.ListArray.from_arrays(pa.array(self.ends, pa.int32()), members)],
+            schema=KEPT_SCHEMA)
+
+
+def kept_rows(table: pa.Table):
+    """(order, copy key, source tar, members) per row of a KEPT_SCHEMA table, in table order; the
+    members as tars.read_members takes them."""
+    members = table.column("members").combine_chunks()
+    ends = members.offsets.to_numpy()
+    ends = (ends - ends[0]).tolist()
+    flat = members.flatten()
+    names, data, offsets, sizes, crcs = (flat.field(name).to_pylist()
+                                         for name in ("name", "data", "offset", "size", "crc32"))
+    located = [(name, item if item is not None else (offset, size, crc32))
+               for name, item, offset, size, crc32 in zip(names, data, offsets, sizes, crcs)]
+    for i, (order, copy_key, source) in enumerate(
+            zip(*(table.column(name).to_pylist() for name in ("order", "copy_key", "source")))):
+        yield order, copy_key, source, located[ends[i]:ends[i + 1]]
 
 
 def tar_offsets(path):
@@ -72,8 +136,8 @@ class ResampleRange(beam.DoFn):
     """((file, range), {"read": [range], "decisions": [batches]}) -> its kept copies, bucketed for
     ranking.
 
-    Main output: (order bucket, [(order, copy key, source tar, members)]): the members as released
-    (json with `balance`), large ones as their place in the input tar, never image bytes. Tagged
+    Main output: (order bucket, KEPT_SCHEMA table): the members as released (json with `balance`),
+    large ones as their place in the input tar, never image bytes. Tagged
     outputs: quarantine entries, each bucket element's size, and one count dict per range (records
     read, kept, dropped, quarantined, decisions joined or missing).
     """
@@ -100,8 +164,7 @@ class ResampleRange(beam.DoFn):
             raise DataError(f"annotations list some record of {path} twice (same position); "
                             "re-run annotate into an empty folder")
         matched = bytearray(len(decisions["keys"]))
-        buckets: dict[int, list] = collections.defaultdict(list)
-        bucket_bytes: collections.Counter = collections.Counter()
+        buckets: dict[int, KeptCopies] = collections.defaultdict(KeptCopies)
         tar_index = None
         if read_now:
             for output in iter_range_records(read_now[0], self.key_column, self.caption_column):
@@ -151,16 +214,11 @@ class ResampleRange(beam.DoFn):
                     order = release.order_uniform(self.seed, sample["key"], copy)
                     bucket = min(int(order * self.buckets), self.buckets - 1)
                     items = buckets[bucket]
-                    items.append((order, release.copy_key(sample["key"], copy), source, members))
-                    bucket_bytes[bucket] += _inline_bytes(members)
-                    if len(items) >= ITEMS_PER_ELEMENT or bucket_bytes[bucket] >= ELEMENT_BYTES:
-                        yield bucket, items
-                        yield beam.pvalue.TaggedOutput(BUCKET_SIZES_TAG, (bucket, len(items)))
-                        buckets[bucket], bucket_bytes[bucket] = [], 0
+                    items.add(order, release.copy_key(sample["key"], copy), source, members)
+                    if len(items) >= ITEMS_PER_ELEMENT or items.inline_bytes >= ELEMENT_BYTES:
+                        yield from _send(bucket, buckets.pop(bucket))
         for bucket, items in sorted(buckets.items()):
-            if items:
-                yield bucket, items
-                yield beam.pvalue.TaggedOutput(BUCKET_SIZES_TAG, (bucket, len(items)))
+            yield from _send(bucket, items)
         for i in range(len(matched)):
             if not matched[i]:
                 counts["missing_from_input"] += 1
@@ -179,15 +237,24 @@ class ResampleRange(beam.DoFn):
                               "kept_signatures": dict(kept_signatures)})
 
 
-def sort_and_rank(bucket_and_chunks, offsets, samples_per_shard):
-    """All kept copies of one order bucket, sorted by (order, copy key) and ranked from the bucket's
-    offset; consecutive ranks go out grouped by the shard that holds them."""
-    bucket, chunks = bucket_and_chunks
-    items = sorted((item for chunk in chunks for item in chunk),
-                   key=lambda item: (item[0], item[1]))
+def _send(bucket, items: KeptCopies):
+    if len(items):
+        yield bucket, items.table()
+        yield beam.pvalue.TaggedOutput(BUCKET_SIZES_TAG, (bucket, len(items)))
+
+
+def sort_and_rank(bucket_and_table, offsets, samples_per_shard):
+    """All kept copies of one order bucket (a KEPT_SCHEMA table), sorted by (order, copy key) and
+    ranked from the bucket's offset; consecutive ranks go out grouped by the shard that holds them.
+
+    Arrow orders strings by their UTF-8 bytes, which is Python's order of str (by code point).
+    """
+    bucket, table = bucket_and_table
+    table = table.take(pc.sort_indices(table, sort_keys=[("order", "ascending"),
+                                                         ("copy_key", "ascending")]))
     first = offsets["offsets"][bucket]
     current, group = None, []
-    for i, (_, copy_key, source, members) in enumerate(items):
+    for i, (_, copy_key, source, members) in enumerate(kept_rows(table)):
         rank = first + i
         shard = rank // samples_per_shard
         if shard != current and group:
@@ -286,14 +353,15 @@ class WriteShards(beam.PTransform):
     """Decision batches -> the kept copies, read from the input once, ranked and written as shards.
 
     Each input range meets the decisions of its records (one CoGroupByKey) and sends its kept copies
-    to their order bucket; a bucket writes the shards it holds whole, and only the pieces of shards
-    that straddle two buckets are grouped again, so most copies cross one shuffle, not two. Returns
+    to their order bucket, as Arrow files in `work_dir`; a bucket writes the shards it holds whole,
+    and only the pieces of shards that straddle two buckets cross the runner's shuffle. Returns
     {"shards": each shard's manifest entry, "counts": count dicts, "quarantine": entries}.
     """
 
-    def __init__(self, input_glob, input_format, seed, mode, buckets, output_dir, prefix,
+    def __init__(self, input_glob, input_format, seed, mode, buckets, output_dir, work_dir, prefix,
                  samples_per_shard, key_column="key", caption_column="caption", progress_dir=None):
         super().__init__()
+        self.work_dir = work_dir
         self.input_glob, self.input_format = input_glob, input_format
         self.seed, self.mode, self.buckets = seed, mode, buckets
         self.output_dir, self.prefix, self.samples_per_shard = output_dir, prefix, samples_per_shard
@@ -325,7 +393,7 @@ class WriteShards(beam.PTransform):
                    | "Offsets" >> beam.Map(bucket_offsets))
         ranked = (
             per_range.kept
-            | "GroupOrderBucket" >> beam.GroupByKey()
+            | "GroupOrderBucket" >> GroupTablesByFile(self.work_dir)
             | "SortAndRank" >> beam.FlatMap(sort_and_rank, beam.pvalue.AsSingleton(offsets),
                                             self.samples_per_shard)
             | "WriteWholeShards" >> beam.ParDo(

@@ -81,3 +81,19 @@ def test_parts_by_bucket_keeps_every_row_once_in_table_order():
     for bucket, part in parts:
         assert part.column("value").to_pylist() == [i for i in range(50) if buckets[i] == bucket]
     assert list(file_shuffle.parts_by_bucket(table.slice(0, 0), [])) == []
+
+
+def test_a_worker_flushes_by_bytes_as_well_as_rows(tmp_path):
+    """Parts that carry payloads (resample's inline members) are written out once they hold
+    flush_bytes, however few their rows: a worker's buffer stays bounded."""
+    payload = pa.table({"data": [b"x" * 1000] * 10})
+    spiller = file_shuffle._SpillParts(str(tmp_path), flush_rows=10**9,
+                                       flush_bytes=3 * payload.nbytes)
+    spiller.start_bundle()
+    flushed = [list(spiller.process((i % 2, payload))) for i in range(7)]
+    assert [len(refs) for refs in flushed] == [0, 0, 2, 0, 0, 2, 0]
+    references = flushed[2] + flushed[5] + [value.value for value in spiller.finish_bundle()]
+    assert sum(rows for _, (_, _, _, rows) in references) == 70
+    for bucket in (0, 1):
+        _, table = file_shuffle.read_bucket((bucket, [ref for b, ref in references if b == bucket]))
+        assert table.num_rows == (40 if bucket == 0 else 30)
