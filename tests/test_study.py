@@ -248,18 +248,28 @@ def test_config_errors_are_plain(tmp_path):
 def test_shipped_config_is_valid():
     config = study_config.load(study_config.SHIPPED_CONFIG)
     assert config["variants"] == VARIANTS
-    assert [s.switch_at for s in config["schedules"]] == [0.1, 0.9, 0.1, 0.9]
+    assert [(s.first, s.switch_at) for s in config["schedules"]] == [
+        ("original", 0.5), ("original", 0.9), ("balanced", 0.5), ("balanced", 0.9)]
     synthetic = config["data"]["synthetic"]
-    # it plants every bias the paper studied: representation, association, both kinds of proxy
+    # it plants every bias the paper studied: representation (learned as model RB through the
+    # ambiguous figures), association, both kinds of proxy
     assert synthetic["people_woman_share"] < 0.5 and synthetic["association_strength"] > 0
+    assert synthetic["ambiguous_figure_rate"] > 0
     assert synthetic["proxy_rate"] > 0 and synthetic["concept_proxy_rate"] > 0
     assert synthetic["neutral_eval_per_concept"] > 0 and len(config["seeds"]) >= 5
-    # docs/study.md's ambiguous-figures run is the shipped config plus that one knob
+    # the shipped config until 2026-12-01 differs by the skew and the ambiguous figures only, and
+    # docs/study.md's ambiguous-figures run is that config plus 30% ambiguous figures
+    unambiguous = study_config.load(
+        study_config.SHIPPED_CONFIG.with_name("study-unambiguous.yaml"))
+    assert {**unambiguous["data"]["synthetic"], "people_woman_share": 0.2,
+            "ambiguous_figure_rate": 0.6} == synthetic
+    assert unambiguous["train"] == config["train"] and unambiguous["seeds"] == config["seeds"]
     ambiguous = study_config.load(
         study_config.SHIPPED_CONFIG.with_name("study-ambiguous-figures.yaml"))
-    assert ambiguous["data"]["synthetic"] == {**synthetic, "ambiguous_figure_rate": 0.3}
+    assert ambiguous["data"]["synthetic"] == {**unambiguous["data"]["synthetic"],
+                                              "ambiguous_figure_rate": 0.3}
     assert {k: v for k, v in ambiguous.items() if k not in ("data", "output")} == {
-        k: v for k, v in config.items() if k not in ("data", "output")}
+        k: v for k, v in unambiguous.items() if k not in ("data", "output")}
     # the README's ablations build on the association-only benchmark: the same data except that
     # every caption names the person
     config = study_config.load(study_config.SHIPPED_CONFIG.with_name("study-association-only.yaml"))
