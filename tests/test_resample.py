@@ -247,7 +247,7 @@ def test_kept_copies_travel_as_arrow_and_rank_in_pythons_order():
     """A bucket's kept copies, as the Arrow table they travel in, come back with every member
     (inline bytes, places in a tar, empty bytes) as added, and sort_and_rank orders them as Python
     sorts (order, copy key), non-ASCII keys and order ties included."""
-    from pipeline import shards
+    from pipeline import kept_copies, shards
 
     rng = np.random.default_rng(3)
     keys = ["b", "a", "é", "z", "ä-1", "Z", "日本", "a#1", "", "\U0001f600"]
@@ -258,14 +258,14 @@ def test_kept_copies_travel_as_arrow_and_rank_in_pythons_order():
             members.append(("jpg", (512 * i, 1000 + i, 2 ** 32 - 1 - i)))
         order = float(rng.choice([0.25, 0.5])) if i < 10 else float(rng.random())
         items.append((order, f"{key}#{i}", "/in/a.tar" if i % 2 else None, members))
-    copies = shards.KeptCopies()
+    copies = kept_copies.KeptCopies()
     for item in items:
         copies.add(*item)
     assert len(copies) == len(items) and copies.inline_bytes == sum(
         len(data) for *_, members in items for _, data in members if isinstance(data, bytes))
     table = copies.table()
-    assert table.schema == shards.KEPT_SCHEMA
-    assert list(shards.kept_rows(table)) == items
+    assert table.schema == kept_copies.KEPT_SCHEMA
+    assert list(kept_copies.kept_rows(table)) == items
     ranked = list(shards.sort_and_rank((4, table), {"offsets": {4: 100}}, 7))
     expected = sorted(items, key=lambda item: (item[0], item[1]))
     got = [entry for _, group in ranked for entry in group]

@@ -7,7 +7,7 @@ import argparse
 import io
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -63,9 +63,8 @@ PROXIES = {"handbag": ("woman", (120, 40, 130)), "tie": ("man", (225, 200, 40))}
 # A proxy whose lean depends on the concept: concept -> the value it goes with there; absent in the
 # other concepts. Balancing gender within each concept leaves it leaning (women among aprons stay
 # about two in three); only a constraint on the proxy itself removes that.
-CONCEPT_PROXIES = {
-    "apron": ({"kitchen": "woman", "garden": "woman", "horse": "man"}, (245, 245, 235))
-}
+APRON_LEANS = {"kitchen": "woman", "garden": "woman", "horse": "man"}
+CONCEPT_PROXIES = {"apron": (APRON_LEANS, (245, 245, 235))}
 NEUTRAL_KINDS = ("no_person", "ambiguous")
 AMBIGUOUS_COLOUR = (110, 110, 110)  # neither value's figure colour
 JPEG_QUALITY = 90  # img2dataset's default
@@ -244,8 +243,7 @@ def training_sample(config: SynthConfig, index: int) -> dict:
 
 
 def evaluation_sample(config: SynthConfig, index: int) -> dict:
-    """Balanced evaluation image: eval_per_cell images in every (value, concept) cell, no proxies.
-    """
+    """Balanced evaluation image: eval_per_cell images per (value, concept) cell, no proxies."""
     cell, _ = divmod(index, config.eval_per_cell)
     concept = config.concepts[cell // len(ATTRIBUTE_VALUES)]
     gender = ATTRIBUTE_VALUES[cell % len(ATTRIBUTE_VALUES)]
@@ -338,8 +336,7 @@ def parse_args(argv):
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  balancebeam synth --output synth/\n"
                "  balancebeam synth --output synth/ --num-samples 6000 --woman-share 0.3\n")
-    parser.add_argument("--output", required=True,
-                        help="directory for train/, eval/, manifest.json")
+    parser.add_argument("--output", required=True, help="directory: train/, eval/, manifest.json")
     parser.add_argument("--num-samples", type=int, default=defaults.num_samples)
     parser.add_argument("--image-size", type=int, default=defaults.image_size)
     parser.add_argument("--seed", type=int, default=defaults.seed)
@@ -383,17 +380,12 @@ def main(argv=None) -> int:
             woman_share[concept.strip()] = float(share)
         except ValueError:
             raise SystemExit(f"--woman-share expects CONCEPT=SHARE, got {item!r}")
-    config = SynthConfig(
-        num_samples=args.num_samples, image_size=args.image_size, seed=args.seed,
-        samples_per_shard=args.samples_per_shard, association_strength=args.association_strength,
-        people_woman_share=args.people_woman_share, woman_share=woman_share,
-        concepts=tuple(c.strip() for c in args.concepts.split(",") if c.strip()),
-        proxy_rate=args.proxy_rate,
-        proxy_strength=args.proxy_strength, share_without_people=args.share_without_people,
-        caption_attribute_rate=args.caption_attribute_rate, eval_per_cell=args.eval_per_cell,
-        concept_proxy_rate=args.concept_proxy_rate,
-        neutral_eval_per_concept=args.neutral_eval_per_concept,
-        ambiguous_figure_rate=args.ambiguous_figure_rate)
+    # every flag but --output is the SynthConfig field of the same name
+    given = {name: value for name, value in vars(args).items()
+             if name in {f.name for f in fields(SynthConfig)}}
+    config = SynthConfig(**{
+        **given, "woman_share": woman_share,
+        "concepts": tuple(c.strip() for c in args.concepts.split(",") if c.strip())})
     try:
         manifest = make_synthetic(args.output, config)
     except ValueError as error:
