@@ -47,6 +47,8 @@ RANK_BUCKET_BYTES = 256 * 1024 * 1024
 ITEMS_PER_ELEMENT = 20_000
 ELEMENT_BYTES = 64 * 1024 * 1024
 BUCKET_SIZES_TAG = "bucket_sizes"
+
+
 def rank_buckets(copies: int, input_bytes: int) -> int:
     """Ranking buckets for `copies` kept copies read from `input_bytes` of input: at most
     RANK_BUCKET_SIZE copies, and at most RANK_BUCKET_BYTES even if every byte travelled inline."""
@@ -70,9 +72,9 @@ class ResampleRange(beam.DoFn):
     ranking.
 
     Main output: (order bucket, KEPT_SCHEMA table): the members as released (json with `balance`),
-    large ones as their place in the input tar, never image bytes. Tagged
-    outputs: quarantine entries, each bucket element's size, and one count dict per range (records
-    read, kept, dropped, quarantined, decisions joined or missing).
+    large ones as their place in the input tar, never image bytes. Tagged outputs: quarantine
+    entries, each table's row count, and one count dict per range (records read, kept, dropped,
+    quarantined, decisions joined or missing).
     """
 
     def __init__(self, seed: int, mode: str, buckets: int, key_column: str, caption_column: str,
