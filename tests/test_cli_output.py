@@ -158,9 +158,11 @@ def test_local_workers_share_the_cores_for_their_numeric_threads(monkeypatch):
 
 
 @pytest.mark.parametrize("flags", [[], ["--runner=DirectRunner"], ["--runner", "DirectRunner"]])
-def test_local_jobs_run_on_the_fnapi_runner_never_prism(monkeypatch, flags):
+def test_local_jobs_run_on_the_fnapi_runner_never_prism(monkeypatch, tmp_path, flags):
     """Beam's DirectRunner first tries Prism (downloading it from GitHub where it can); local jobs
     run on the FnApiRunner the promises are tested on, whether or not Prism could start."""
+    import tempfile
+
     import apache_beam as beam
     from apache_beam.options.pipeline_options import StandardOptions
     from apache_beam.runners.portability import prism_runner
@@ -179,6 +181,8 @@ def test_local_jobs_run_on_the_fnapi_runner_never_prism(monkeypatch, flags):
     with beam.Pipeline(options=options) as pipeline:
         _ = pipeline | beam.Create([1, 2]) | beam.Map(lambda x: x)
     assert tried == []
-    with beam.Pipeline() as pipeline:  # Beam's own DirectRunner: tries Prism first
+    # Beam's own DirectRunner: tries Prism first (whose job server leaves an empty temp folder)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with beam.Pipeline() as pipeline:
         _ = pipeline | beam.Create([1, 2]) | beam.Map(lambda x: x)
     assert tried == [True]

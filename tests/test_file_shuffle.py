@@ -5,10 +5,10 @@ import pathlib
 import apache_beam as beam
 import pyarrow as pa
 import pytest
-from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline import file_shuffle
 from pipeline.errors import DataError
+from pipeline.options import pipeline_options
 
 
 def _parts(count):
@@ -28,7 +28,7 @@ def test_every_row_reaches_its_bucket_once_through_files(tmp_path, mode, flush_r
     spill = tmp_path / "spill"
     spill.mkdir()
     out = tmp_path / "out.txt"
-    options = PipelineOptions(["--direct_running_mode", mode, "--direct_num_workers", "2"])
+    options = pipeline_options(["--direct_running_mode", mode, "--direct_num_workers", "2"])
     with beam.Pipeline(options=options) as pipeline:
         _ = (
             pipeline

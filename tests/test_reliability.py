@@ -265,10 +265,10 @@ def test_counts_travel_as_data_that_adds_up_and_show_as_beam_counters():
     dicts key by key) and, as a view of the same numbers, Beam counters of the same names."""
     import apache_beam as beam
     from apache_beam.metrics.metric import MetricsFilter
-    from apache_beam.options.pipeline_options import PipelineOptions
     from apache_beam.testing.util import assert_that, equal_to
 
     from pipeline.counts import COUNTS_TAG, AddCounts, counted
+    from pipeline.options import pipeline_options
 
     class Step(beam.DoFn):
         def process(self, n):
@@ -276,7 +276,7 @@ def test_counts_travel_as_data_that_adds_up_and_show_as_beam_counters():
             yield counted({"records_read": n, "kept": n // 2, "zero": 0,
                            "quarantined_by_reason": {"bad_json": n, "empty": 1}})
 
-    pipeline = beam.Pipeline(options=PipelineOptions(["--direct_running_mode=in_memory"]))
+    pipeline = beam.Pipeline(options=pipeline_options(["--direct_running_mode=in_memory"]))
     first = pipeline | "First" >> beam.Create([2, 3]) | "StepA" >> beam.ParDo(Step()).with_outputs(
         COUNTS_TAG, main="n")
     second = pipeline | "Second" >> beam.Create([7]) | "StepB" >> beam.ParDo(Step()).with_outputs(

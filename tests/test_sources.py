@@ -173,12 +173,11 @@ def test_planned_ranges_read_in_another_pipeline_are_byte_exact(coco_mini_shards
     """What annotate and resample rely on: PlanRanges + ReadRangeBatches in any pipeline, members
     byte for byte, each file once even when two globs match it."""
     import apache_beam as beam
-    from apache_beam.options.pipeline_options import PipelineOptions
-
     from pipeline import splits
+    from pipeline.options import pipeline_options
 
     out = tmp_path / "digests"
-    options = PipelineOptions(["--direct_running_mode=multi_processing", "--direct_num_workers=2"])
+    options = pipeline_options(["--direct_running_mode=multi_processing", "--direct_num_workers=2"])
     with beam.Pipeline(options=options) as pipeline:
         read = (pipeline
                 | splits.PlanRanges([coco_mini_shards.glob, coco_mini_shards.glob])
