@@ -20,7 +20,7 @@ from pipeline import quarantine
 from pipeline.errors import DataError
 from pipeline.file_shuffle import GroupTablesByFile, parts_by_bucket
 from pipeline.counts import counted
-from pipeline.records import ANNOTATION_SCHEMA, distinct_label_sets
+from pipeline.records import ANNOTATION_SCHEMA, LabelSetMemo, distinct_label_sets
 from pipeline.signatures import row_signature
 
 # Keys are spread over this many buckets to find duplicates; only (key, file, place) travels.
@@ -143,16 +143,12 @@ class DropDuplicates(beam.DoFn):
 
     def __init__(self, utility_field=None):
         self.utility_field = utility_field
-        self._label_sets: dict[tuple, str] = {}  # rows repeat a few thousand label sets
+        self._label_sets = LabelSetMemo()  # label set -> its text
 
     def _label_set(self, attributes, concepts, utility) -> str:
         labels = (tuple(attributes or ()), tuple(concepts or ()), utility)
-        text = self._label_sets.get(labels)
-        if text is None:
-            if len(self._label_sets) >= 100_000:  # utilities can make every row distinct
-                self._label_sets.clear()
-            text = self._label_sets[labels] = label_set(attributes, concepts, utility)
-        return text
+        return self._label_sets.get_or_make(labels,
+                                            lambda: label_set(attributes, concepts, utility))
 
     def _count_label_sets(self, table) -> collections.Counter:
         import numpy as np

@@ -16,7 +16,7 @@ from apache_beam.metrics import Metrics
 from pipeline import quarantine
 from pipeline.annotators import combine
 from pipeline.annotators.text import TextAnnotator
-from pipeline.records import ANNOTATION_SCHEMA, annotation_row
+from pipeline.records import ANNOTATION_SCHEMA, LabelSetMemo, annotation_row
 from trainer.images import IMAGE_EXTENSIONS
 from trainer.images import DEFAULT_MAX_IMAGE_PIXELS, ImageRejected, check_image
 
@@ -172,7 +172,7 @@ class AnnotateImages(beam.DoFn):
         self.policies = policies
         self.batch_size = batch_size
         self.threads = threads  # pipeline.options.local_worker_threads
-        self._combinations: dict[tuple, tuple] = {}
+        self._combinations = LabelSetMemo()  # text and image labels -> combined
         self.images_scored = Metrics.counter(quarantine.METRICS_NAMESPACE, "images_scored")
 
     def setup(self):
@@ -234,14 +234,9 @@ class AnnotateImages(beam.DoFn):
         evidence = dict(element["text_evidence"])
         labels = (tuple(row["attributes"]), tuple(row["concepts"]), tuple(image_attributes),
                   tuple(image_concepts))
-        combined = self._combinations.get(labels)
-        # a few thousand distinct label sets: combined once each (bounded memo)
-        if combined is None:
-            if len(self._combinations) >= 100_000:
-                self._combinations.clear()
-            combined = self._combinations[labels] = combine.combine_annotations(
-                *labels, self.policies)
-        attributes, concepts, sources = combined
+        # a few thousand distinct label sets: combined once each
+        attributes, concepts, sources = self._combinations.get_or_make(
+            labels, lambda: combine.combine_annotations(*labels, self.policies))
         if scores:
             evidence["image"] = scores
         evidence.pop("concepts", None)

@@ -37,6 +37,30 @@ def annotation_row(sample, attributes, concepts, evidence_json, utility=None):
     }
 
 
+# Label sets a LabelSetMemo holds before it starts again: rows repeat a few thousand label sets, but
+# utilities (part of a label set) can make every row distinct.
+LABEL_SET_MEMO_LIMIT = 100_000
+
+
+class LabelSetMemo(dict):
+    """What a worker derives from a row's label set (its signature, its combined labels, ...),
+    computed once per label set and emptied at `limit` entries, so memory stays bounded when label
+    sets rarely repeat."""
+
+    def __init__(self, limit: int = LABEL_SET_MEMO_LIMIT):
+        super().__init__()
+        self.limit = limit
+
+    def get_or_make(self, labels, make):
+        """The value for `labels`, from make() the first time it is asked for since a reset."""
+        value = self.get(labels)
+        if value is None:
+            if len(self) >= self.limit:
+                self.clear()
+            value = self[labels] = make()
+        return value
+
+
 # A table's label sets are told apart in Arrow as "a<US>b<RS>c<US>d" (attributes, concepts): control
 # characters no label holds (distinct_label_sets declines a table whose labels do).
 _LABEL_SEPARATOR, _LIST_SEPARATOR = "\x1f", "\x1e"

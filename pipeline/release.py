@@ -14,7 +14,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from pipeline import hashing
 from pipeline.errors import DataError
-from pipeline.records import distinct_label_sets
+from pipeline.records import LabelSetMemo, distinct_label_sets
 from pipeline.signatures import encode, parse_signature, row_signature
 from solvers.solution import BalanceSolution
 
@@ -31,9 +31,6 @@ DEFAULT_SAMPLES_PER_SHARD = 1000
 # Repeat mode does systematic sampling in integers: q is scaled to this many units, so running
 # sums are exact and the output size is exactly the one asked for.
 REPEAT_MASS_UNITS = 1 << 32
-# Distinct label sets a KeepRule remembers before it starts again (bounds a worker's memory when
-# utilities make rows distinct; without utility tilt a release has a few hundred label sets).
-_ROW_MEMO_LIMIT = 100_000
 
 class KeepRule:
     """Keep probability and copies of a record from its features, the solution and the seed.
@@ -61,7 +58,7 @@ class KeepRule:
         self._known_attributes = set(self.attribute_names)
         self._known_concepts = set(self.concept_names)
         self._memo: dict[str, float] = {}
-        self._row_memo: dict[tuple, str] = {}
+        self._row_memo = LabelSetMemo()  # label set -> signature
 
     def signature(self, attributes, concepts, utility=None) -> str:
         """Signature over the solution's own columns (unknown labels do not change q)."""
@@ -88,12 +85,8 @@ class KeepRule:
         for attributes, concepts, utility in rows:
             memo_key = (tuple(attributes or ()), tuple(concepts or ()),
                         utility if use_utility else None)
-            text = self._row_memo.get(memo_key)
-            if text is None:
-                if len(self._row_memo) >= _ROW_MEMO_LIMIT:  # utilities can make every row distinct
-                    self._row_memo.clear()
-                text = self._row_memo[memo_key] = self.signature(attributes, concepts, utility)
-            texts.append(text)
+            texts.append(self._row_memo.get_or_make(
+                memo_key, lambda: self.signature(attributes, concepts, utility)))
         unseen = sorted({text for text in texts if text not in self._memo})
         if unseen:
             parsed = [parse_signature(text) for text in unseen]

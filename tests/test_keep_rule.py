@@ -191,3 +191,21 @@ def test_exact_thresholds_from_windows_equal_the_k_smallest_of_all_draws():
     )
     with pytest.raises(DataError, match="outside its window"):
         decide.threshold("a", (10, 10, [(0.5, "k")]))
+
+
+def test_label_set_memo_makes_each_value_once_and_starts_again_at_its_limit():
+    """records.LabelSetMemo (KeepRule's signatures, DropDuplicates' label sets, the image path's
+    combined labels): one make() per label set until the limit, then emptied, never grown past it.
+    """
+    from pipeline.records import LabelSetMemo
+
+    made = []
+    memo = LabelSetMemo(limit=3)
+    make = lambda key: lambda: made.append(key) or f"value-{key}"  # noqa: E731
+    assert [memo.get_or_make(key, make(key)) for key in "abab"] == ["value-a", "value-b"] * 2
+    assert made == ["a", "b"]
+    for key in "cdef":
+        assert memo.get_or_make(key, make(key)) == f"value-{key}"
+        assert len(memo) <= 3
+    assert made == ["a", "b", "c", "d", "e", "f"] and set(memo) == {"d", "e", "f"}
+    assert memo.get_or_make("a", make("a")) == "value-a" and made[-1] == "a"
