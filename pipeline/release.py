@@ -32,6 +32,7 @@ DEFAULT_SAMPLES_PER_SHARD = 1000
 # sums are exact and the output size is exactly the one asked for.
 REPEAT_MASS_UNITS = 1 << 32
 
+
 class KeepRule:
     """Keep probability and copies of a record from its features, the solution and the seed.
 
