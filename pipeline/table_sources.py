@@ -190,7 +190,7 @@ def iter_csv_samples(raw_file, shard, key_column, caption_column):
                                              shard, position, error)
             else:
                 yield _row_sample(dict(zip(header, fields)), shard, position, key_column,
-                                  caption_column, key_column in header)
+                                caption_column, key_column in header)
         position += 1
     if position == 0:
         yield quarantine.quarantined(quarantine.STAGE_READ, quarantine.EMPTY_SHARD, None, shard,

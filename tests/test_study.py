@@ -264,6 +264,12 @@ def test_shipped_config_is_valid():
     assert {**unambiguous["data"]["synthetic"], "people_woman_share": 0.2,
             "ambiguous_figure_rate": 0.6} == synthetic
     assert unambiguous["train"] == config["train"] and unambiguous["seeds"] == config["seeds"]
+    # the README's ten-seed reading comes from docs/study/study-rb-prior.yaml: the same data and
+    # training, its first five seeds the shipped ones
+    ten_seeds = study_config.load(
+        study_config.SHIPPED_CONFIG.parents[3] / "docs" / "study" / "study-rb-prior.yaml")
+    assert ten_seeds["data"] == config["data"] and ten_seeds["train"] == config["train"]
+    assert ten_seeds["seeds"][:5] == config["seeds"] and len(ten_seeds["seeds"]) == 10
     ambiguous = study_config.load(
         study_config.SHIPPED_CONFIG.with_name("study-ambiguous-figures.yaml"))
     assert ambiguous["data"]["synthetic"] == {**unambiguous["data"]["synthetic"],
