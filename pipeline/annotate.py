@@ -11,7 +11,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import SetupOptions
 
-from pipeline import quarantine
+from pipeline import quarantine, warm_workers
 from pipeline.annotators import combine
 from pipeline.annotators.lexicon import Lexicon
 from pipeline.counts import AddCounts
@@ -303,8 +303,9 @@ def run(argv=None, save_main_session=False):
     _prepare_output(output)
     log.info("annotating %s into %s", ", ".join(args.input), output)
     try:
-        with InputProgress("annotate", input_files,
-                           options) as progress, beam.Pipeline(options=options) as pipeline:
+        with warm_workers.pool(beam_args), InputProgress(
+                "annotate", input_files, options) as progress, beam.Pipeline(
+                    options=options) as pipeline:
             args.progress_dir = progress.marker_dir
             annotate_pipeline(pipeline, args)
     finally:

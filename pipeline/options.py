@@ -27,7 +27,9 @@ import os
 from apache_beam.options.pipeline_options import (DirectOptions, PipelineOptions, StandardOptions,
                                                   _BeamArgumentParser)
 from apache_beam.runners.direct.direct_runner import DirectRunner
+from apache_beam.runners.portability.fn_api_runner import fn_runner
 
+from pipeline import warm_workers
 from pipeline.errors import UsageError
 
 WORKER_LOG_FLAG = "--default_sdk_harness_log_level"
@@ -37,8 +39,10 @@ LOCAL_WORKER_LOG_LEVEL = "WARNING"
 # Local workers send their log records to the runner, which logs them again on this logger.
 LOCAL_WORKER_LOG_RELAY = "apache_beam.runners.portability.local_job_service"
 WORKER_OVERRIDES_FLAG = "--sdk_harness_log_level_overrides"
-# The worker module runs as __main__ (`python -m apache_beam.runners.worker.sdk_worker_main`).
-LOCAL_WORKER_LOG_OVERRIDES = {"apache_beam.options.pipeline_options": "ERROR", "__main__": "ERROR"}
+# The worker module runs as __main__ (`python -m apache_beam.runners.worker.sdk_worker_main`), or
+# under its own name in a warm worker (pipeline/warm_workers.py).
+LOCAL_WORKER_LOG_OVERRIDES = {"apache_beam.options.pipeline_options": "ERROR", "__main__": "ERROR",
+                              "apache_beam.runners.worker.sdk_worker_main": "ERROR"}
 LOCAL_RUNNER = "pipeline.options.LocalRunner"
 LOCAL_RUNNERS = (None, "DirectRunner", "direct", "BundleBasedDirectRunner", "SwitchingDirectRunner",
                  LOCAL_RUNNER)
@@ -54,6 +58,8 @@ class LocalRunner(DirectRunner):
     releases whatever the workers, the workarounds in docs/beam-data-loss.md, each worker's thread
     share) are tested on the FnApiRunner, so a local job runs there, online or not, with the same
     provision info the DirectRunner gives it. `--runner PrismRunner` chooses Prism explicitly.
+    In multi-process mode the workers come from the command's warm pool when it started one
+    (pipeline/warm_workers.py).
     """
 
     def is_fnapi_compatible(self):
@@ -63,13 +69,20 @@ class LocalRunner(DirectRunner):
 
     def run_pipeline(self, pipeline, options):
         from apache_beam.portability.api import beam_provision_api_pb2
-        from apache_beam.runners.portability.fn_api_runner import fn_runner
         from apache_beam.runners.portability.portable_runner import JobServiceHandle
 
         encoded = JobServiceHandle.encode_pipeline_options(options.get_all_options())
         provision = fn_runner.ExtendedProvisionInfo(
             beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded))
-        return fn_runner.FnApiRunner(provision_info=provision).run_pipeline(pipeline, options)
+        return _FnApiRunner(provision_info=provision).run_pipeline(pipeline, options)
+
+
+class _FnApiRunner(fn_runner.FnApiRunner):
+    """Beam's FnApiRunner, its multi-process workers served by the warm pool when there is one."""
+
+    def run_via_runner_api(self, pipeline_proto, options):
+        warm_workers.use_pool(pipeline_proto)
+        return super().run_via_runner_api(pipeline_proto, options)
 
 
 @functools.lru_cache(maxsize=1)

@@ -20,7 +20,7 @@ import uuid
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from pipeline import hashing, release, tars
+from pipeline import hashing, release, tars, warm_workers
 from pipeline.annotate import ANNOTATIONS_GLOB, annotation_rows, read_counts
 from pipeline.counts import COUNTS_TAG, AddCounts
 from pipeline.decide import Decide, ExactThresholds, RepeatCopies
@@ -203,8 +203,9 @@ def resample(input_glob, annotations_dir, solution_path, output_dir, *, seed=rel
     buckets = rank_buckets(expected_copies, input_bytes * expected_copies // max(rows_written, 1))
     results = ("counts.json", "written.json") if subset else ("counts.json", "shards.json")
     try:
-        with InputProgress("resample", input_files,
-                           options) as progress, beam.Pipeline(options=options) as pipeline:
+        with warm_workers.pool(pipeline_args), InputProgress(
+                "resample", input_files, options) as progress, beam.Pipeline(
+                    options=options) as pipeline:
             if subset:
                 subset_release.prepare_keep_dir(output_dir)
                 build_subset_pipeline(pipeline, annotations_dir=annotations_dir,

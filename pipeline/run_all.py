@@ -9,7 +9,7 @@ import logging
 
 from apache_beam.io.filesystems import FileSystems
 
-from pipeline import annotate, balance, report, resample, tars
+from pipeline import annotate, balance, report, resample, tars, warm_workers
 from pipeline.errors import UsageError
 from pipeline.files import ensure_writable_directory
 from pipeline.options import check_pipeline_args
@@ -86,16 +86,20 @@ def run_all(inputs, output, args, annotate_args=(), beam_args=()) -> dict:
         ensure_writable_directory(output)
     except ValueError as error:
         raise UsageError(str(error)) from None
-    log.info("1/4 annotate %s", ", ".join(inputs))
-    annotate.run([*annotate_argv, *beam_args])
-    log.info("2/4 balance")
-    balance.balance(paths["annotations"], paths["solution"], config, beam_args, paths["signatures"])
-    log.info("3/4 resample")
-    resample.resample(inputs, paths["annotations"], paths["solution"], paths["release"],
-                      seed=args.seed, mode=args.mode, samples_per_shard=args.samples_per_shard,
-                      prefix=args.prefix, input_format=args.input_format,
-                      output_size=args.output_size, pipeline_args=beam_args,
-                      allow_approximate=args.allow_approximate, output_format=args.output_format)
+    # both local jobs' workers forked now (balance counts from annotate's label sets, no job)
+    with warm_workers.pool(beam_args, jobs=2):
+        log.info("1/4 annotate %s", ", ".join(inputs))
+        annotate.run([*annotate_argv, *beam_args])
+        log.info("2/4 balance")
+        balance.balance(paths["annotations"], paths["solution"], config, beam_args,
+                        paths["signatures"])
+        log.info("3/4 resample")
+        resample.resample(inputs, paths["annotations"], paths["solution"], paths["release"],
+                          seed=args.seed, mode=args.mode, samples_per_shard=args.samples_per_shard,
+                          prefix=args.prefix, input_format=args.input_format,
+                          output_size=args.output_size, pipeline_args=beam_args,
+                          allow_approximate=args.allow_approximate,
+                          output_format=args.output_format)
     log.info("4/4 report")
     return report.report(paths["solution"], paths["signatures"], paths["release"],
                          paths["annotations"])
