@@ -45,6 +45,8 @@ class AddCounts(beam.PTransform):
     """
 
     def expand(self, count_pcollections):
-        sums = tuple(counts | f"Add{i}" >> beam.CombineGlobally(add_counts)
+        # without_defaults: an input with no dicts adds nothing, and the stage that would give it an
+        # empty default (a side input, so one more stage to run after each) is not built
+        sums = tuple(counts | f"Add{i}" >> beam.CombineGlobally(add_counts).without_defaults()
                      for i, counts in enumerate(count_pcollections))
         return sums | "AllCounts" >> beam.Flatten() | "AddAll" >> beam.CombineGlobally(add_counts)
