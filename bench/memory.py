@@ -1,55 +1,66 @@
-"""Peak resident memory of a benchmark and every process it starts (Beam's SDK workers included).
+"""Peak memory of a benchmark and every process it starts (Beam's SDK workers included).
 
 Shared by the benchmark scripts; Linux only (reads /proc).
 """
-import pathlib
+import os
+import subprocess
+import sys
 
-# How often the memory sampler reads /proc: often enough to catch a worker's peak.
-MEMORY_SAMPLE_SECONDS = 0.05
+# How often the memory sampler reads /proc: often enough to catch a worker's peak (a job's buffers
+# live for seconds). Reading a process's PSS walks its page tables: every 0.05 s, the sampler took
+# 9% of a two-worker annotate job's time; every 0.2 s, its cost is within the run-to-run noise.
+MEMORY_SAMPLE_SECONDS = 0.2
+
+# The sampler is a process of its own, not a thread: a thread in the measured process would stop
+# the jobs from forking their warm workers (pipeline/warm_workers.py only forks a single-threaded
+# process), so the benchmark would measure a slower start than users get.
+_SAMPLER = r"""
+import os, pathlib, select, sys
+root, period, me = int(sys.argv[1]), float(sys.argv[2]), os.getpid()
+
+def descendants(pid):
+    pids = [pid]
+    for task in pathlib.Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            for child in task.read_text().split():
+                pids.extend(descendants(int(child)))
+        except OSError:
+            pass
+    return pids
+
+def pss(pid):
+    # proportional set size: pages a forked worker still shares with its parent count once in all
+    try:
+        for line in pathlib.Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, IndexError, ValueError):
+        pass
+    return 0
+
+peak = 0
+while True:
+    peak = max(peak, sum(pss(pid) for pid in descendants(root) if pid != me))
+    if select.select([sys.stdin], [], [], period)[0]:
+        break  # the benchmark closed our stdin: it is done
+print(peak, flush=True)
+"""
 
 
 class MemorySampler:
-    """Peak resident memory of this process plus all its descendants (Beam's worker processes),
-    read from /proc in a background thread. (getrusage's ru_maxrss is no use here: Linux carries
-    it across fork and exec, so a child would report its parent's peak.)"""
+    """Peak proportional set size (PSS) of this process plus all its descendants (Beam's worker
+    processes), read from /proc by a sampler process every MEMORY_SAMPLE_SECONDS.
+
+    PSS splits a page shared by several processes among them, so forked workers are not counted
+    as full copies of their parent. (getrusage's ru_maxrss is no use here: Linux carries it across
+    fork and exec, so a child would report its parent's peak.)"""
 
     def __init__(self):
-        import os
-        import threading
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", _SAMPLER, str(os.getpid()), str(MEMORY_SAMPLE_SECONDS)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
-        self.page = os.sysconf("SC_PAGE_SIZE")
-        self.peak = 0
-        self.done = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _descendants(self, pid):
-        pids = [pid]
-        for task in pathlib.Path(f"/proc/{pid}/task").glob("*/children"):
-            try:
-                for child in task.read_text().split():
-                    pids.extend(self._descendants(int(child)))
-            except OSError:
-                pass
-        return pids
-
-    def _rss(self):
-        import os
-
-        total = 0
-        for pid in self._descendants(os.getpid()):
-            try:
-                total += int(pathlib.Path(f"/proc/{pid}/statm").read_text().split()[1]) * self.page
-            except (OSError, IndexError, ValueError):
-                pass
-        return total
-
-    def _run(self):
-        while not self.done.wait(MEMORY_SAMPLE_SECONDS):
-            self.peak = max(self.peak, self._rss())
-
-    def stop(self):
-        self.peak = max(self.peak, self._rss())
-        self.done.set()
-        self.thread.join()
-        return self.peak
+    def stop(self) -> int:
+        """The peak in bytes."""
+        output, _ = self.process.communicate("")
+        return int(output.strip() or 0)
