@@ -209,15 +209,19 @@ def release_promise(output: pathlib.Path, pattern: str) -> dict:
 
 def run_job(pattern: str, output: pathlib.Path, beam_args: list[str], samples_per_shard: int,
             output_format: str = "webdataset") -> dict:
-    """`balancebeam run` in this process; returns the manifest (the job reconciles its own counts).
-    """
-    from pipeline import cli
+    """`balancebeam run` as a user runs it, in a fresh interpreter (like the plain loop); returns the
+    manifest (the job reconciles its own counts).
 
+    Not in this process: after its first Beam job a process keeps gRPC threads, and a process with
+    threads does not fork warm workers (pipeline/warm_workers.py), so every later run here would
+    time a slower start than the command has.
+    """
     shutil.rmtree(output, ignore_errors=True)
-    code = cli.main([
-        "run", "--input", pattern, "--output", str(output), *RUN_FLAGS, "--samples-per-shard",
-        str(samples_per_shard), "--output-format", output_format, *beam_args
-    ])
+    code = subprocess.run([
+        sys.executable, "-m", "pipeline.cli", "run", "--input", pattern, "--output", str(output),
+        *RUN_FLAGS, "--samples-per-shard", str(samples_per_shard), "--output-format", output_format,
+        *beam_args
+    ], cwd=ROOT).returncode
     if code != 0:
         raise SystemExit(f"balancebeam run failed (exit {code}) in {beam_args}")
     manifest = json.loads((output / "release" / "manifest.json").read_text())
