@@ -20,7 +20,8 @@ from pipeline import quarantine
 from pipeline.errors import DataError
 from pipeline.file_shuffle import GroupTablesByFile, parts_by_bucket
 from pipeline.counts import counted
-from pipeline.records import ANNOTATION_SCHEMA, LabelSetMemo, distinct_label_sets
+from pipeline.records import (ANNOTATION_SCHEMA, LabelSetMemo, distinct_label_sets,
+                              label_set_parts)
 from pipeline.signatures import row_signature
 
 # Keys are spread over this many buckets to find duplicates; only (key, file, place) travels.
@@ -160,11 +161,12 @@ class DropDuplicates(beam.DoFn):
             return collections.Counter(map(self._label_set, table.column("attributes").to_pylist(),
                                            table.column("concepts").to_pylist(),
                                            table.column("utility").to_pylist()))
-        codes, label_sets = distinct
+        codes, texts = distinct
         counts = collections.Counter()
-        rows_per_set = np.bincount(codes, minlength=len(label_sets)).tolist()
-        for (attributes, concepts), rows in zip(label_sets, rows_per_set):
-            counts[self._label_set(attributes, concepts, None)] += rows
+        rows_per_set = np.bincount(codes, minlength=len(texts)).tolist()
+        for text, rows in zip(texts, rows_per_set):  # memoised on the label set's text
+            counts[self._label_sets.get_or_make(
+                text, lambda: label_set(*label_set_parts(text), None))] += rows
         return counts
 
     def start_bundle(self):

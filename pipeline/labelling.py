@@ -16,7 +16,7 @@ from apache_beam.metrics import Metrics
 from pipeline import quarantine
 from pipeline.annotators import combine
 from pipeline.annotators.text import TextAnnotator
-from pipeline.records import ANNOTATION_SCHEMA, LabelSetMemo, annotation_row
+from pipeline.records import ANNOTATION_SCHEMA, LabelSetMemo, annotation_row, annotation_table
 from trainer.images import IMAGE_EXTENSIONS
 from trainer.images import DEFAULT_MAX_IMAGE_PIXELS, ImageRejected, check_image
 
@@ -111,7 +111,8 @@ class CheckSamples(beam.DoFn):
 
 
 class LabelText(beam.DoFn):
-    """A batch of checked samples -> one table of annotation rows, labelled by the text lexicon.
+    """A batch of checked samples -> one table of annotation rows, labelled by the text lexicon:
+    the batch's captions labelled together, the table built by column (records.annotation_table).
 
     With `pass_images` it yields, instead, per sample {"row", "image", "embedding", "text_evidence",
     "person_visible"}: what AnnotateImages combines with the image annotator's answer.
@@ -127,17 +128,23 @@ class LabelText(beam.DoFn):
         self.annotated = Metrics.counter(quarantine.METRICS_NAMESPACE, "annotated_text")
 
     def process(self, samples):
-        rows = [self._label(sample) for sample in samples]
-        self.annotated.inc(len(rows))
-        yield rows if self.pass_images else rows_table(rows)
+        self.annotated.inc(len(samples))
+        if self.pass_images:
+            yield [self._with_image(sample) for sample in samples]
+            return
+        codes, answers = self.annotator.label_batch([sample["caption"] for sample in samples])
+        utilities = None
+        if self.utility_field:
+            utilities = [utility_of(sample.get("meta") or {}, self.utility_field)
+                         for sample in samples]
+        yield annotation_table(samples, codes, answers, utilities)
 
-    def _label(self, sample):
+    def _with_image(self, sample):
+        """What AnnotateImages needs of one sample: its text-labelled row, image or embedding."""
         attributes, concepts, evidence, evidence_json = self.annotator.labels(sample["caption"])
         meta = sample.get("meta") or {}
         row = annotation_row(sample, attributes, concepts, evidence_json,
                              utility_of(meta, self.utility_field))
-        if not self.pass_images:
-            return row
         members = sample.get("members") or {}
         # a table row's, read with its file (.npz beside a Parquet)
         embedding = sample.get("embedding")

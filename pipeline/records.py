@@ -37,6 +37,33 @@ def annotation_row(sample, attributes, concepts, evidence_json, utility=None):
     }
 
 
+def annotation_table(samples, codes, answers, utilities=None) -> pa.Table:
+    """The rows annotation_row makes for `samples`, as one ANNOTATION_SCHEMA table built column by
+    column: sample i's (attributes, concepts, _, evidence JSON) is answers[codes[i]]
+    (TextAnnotator.label_batch), so each distinct answer's lists are converted to Arrow once and
+    taken, not built per row. utilities: per sample, or None when no sample has one."""
+    indices = pa.array(codes, type=pa.int64())
+
+    def per_answer(values, value_type):
+        return pa.array(values, type=value_type).take(indices)
+
+    labels = pa.list_(pa.string())
+    columns = [
+        pa.array([sample["key"] for sample in samples], pa.string()),
+        pa.array([sample["shard"] for sample in samples], pa.string()),
+        pa.array([int(sample.get("position", 0)) for sample in samples], pa.int64()),
+        pa.array([sample.get("caption") for sample in samples], pa.string()),
+        pa.array([None if sample.get("image_id") is None else str(sample["image_id"])
+                  for sample in samples], pa.string()),
+        per_answer([sorted(answer[0]) for answer in answers], labels),
+        per_answer([sorted(answer[1]) for answer in answers], labels),
+        (pa.nulls(len(samples), pa.float64()) if utilities is None else
+         pa.array([None if u is None else float(u) for u in utilities], pa.float64())),
+        per_answer([answer[3] for answer in answers], pa.string()),
+    ]
+    return pa.Table.from_arrays(columns, schema=ANNOTATION_SCHEMA)
+
+
 # Label sets a LabelSetMemo holds before it starts again: rows repeat a few thousand label sets, but
 # utilities (part of a label set) can make every row distinct.
 LABEL_SET_MEMO_LIMIT = 100_000
@@ -67,9 +94,11 @@ _LABEL_SEPARATOR, _LIST_SEPARATOR = "\x1f", "\x1e"
 
 
 def distinct_label_sets(table: pa.Table):
-    """(per row the index of its label set, the distinct (attributes, concepts) pairs) of a table of
-    annotation rows, found in Arrow: no Python per row. Null lists are empty ones; labels keep their
-    order. None when a label holds a separator character (then the caller goes row by row)."""
+    """(per row the index of its label set, the distinct label sets as text) of a table of
+    annotation rows, found in Arrow: no Python per row. A label set's text ("a<US>b<RS>c<US>d") is
+    what callers key their memos by, so a label set met before costs one lookup; label_set_parts
+    gives its (attributes, concepts). Null lists are empty ones; labels keep their order. None when
+    a label holds a separator character (then the caller goes row by row)."""
     attributes, concepts = table.column("attributes"), table.column("concepts")
     if _holds_separators(attributes) or _holds_separators(concepts):
         return None
@@ -79,12 +108,15 @@ def distinct_label_sets(table: pa.Table):
                                          _LIST_SEPARATOR)
     encoded = pc.dictionary_encode(
         joined.combine_chunks() if isinstance(joined, pa.ChunkedArray) else joined)
-    label_sets = []
-    for text in encoded.dictionary.to_pylist():
-        labels, more = text.split(_LIST_SEPARATOR)
-        label_sets.append(([a for a in labels.split(_LABEL_SEPARATOR) if a],
-                           [c for c in more.split(_LABEL_SEPARATOR) if c]))
-    return encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64), label_sets
+    return (encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64),
+            encoded.dictionary.to_pylist())
+
+
+def label_set_parts(text: str) -> tuple[list, list]:
+    """(attributes, concepts) of a label set's text from distinct_label_sets."""
+    labels, more = text.split(_LIST_SEPARATOR)
+    return ([a for a in labels.split(_LABEL_SEPARATOR) if a],
+            [c for c in more.split(_LABEL_SEPARATOR) if c])
 
 
 def _joined_labels(column):

@@ -14,7 +14,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from pipeline import hashing
 from pipeline.errors import DataError
-from pipeline.records import LabelSetMemo, distinct_label_sets
+from pipeline.records import LabelSetMemo, distinct_label_sets, label_set_parts
 from pipeline.signatures import encode, parse_signature, row_signature
 from solvers.solution import BalanceSolution
 
@@ -60,6 +60,7 @@ class KeepRule:
         self._known_concepts = set(self.concept_names)
         self._memo: dict[str, float] = {}
         self._row_memo = LabelSetMemo()  # label set -> signature
+        self._text_memo = LabelSetMemo()  # label set's text -> (signature, q), no utility tilt
 
     def signature(self, attributes, concepts, utility=None) -> str:
         """Signature over the solution's own columns (unknown labels do not change q)."""
@@ -116,14 +117,27 @@ class KeepRule:
                 table.column("utility").to_pylist()))
             of_label_set = None
         else:
-            of_label_set, label_sets = distinct
-            decided = self.signatures_and_probabilities((a, c, None) for a, c in label_sets)
+            of_label_set, texts = distinct
+            decided = self._by_label_set_text(texts)
         signatures = sorted({signature for signature, _ in decided})
         index = {signature: i for i, signature in enumerate(signatures)}
         q = dict(decided)
         codes = np.array([index[signature] for signature, _ in decided], dtype=np.int64)
         return (codes if of_label_set is None else codes[of_label_set], signatures,
                 np.array([q[signature] for signature in signatures], dtype=float))
+
+    def _by_label_set_text(self, texts) -> list[tuple[str, float]]:
+        """signatures_and_probabilities of label sets given as their text
+        (records.distinct_label_sets), memoised on the text: one lookup for a label set met before.
+        """
+        found = {text: self._text_memo.get(text) for text in texts}
+        unseen = [text for text, value in found.items() if value is None]
+        if unseen:
+            decided = self.signatures_and_probabilities(
+                (*label_set_parts(text), None) for text in unseen)
+            for text, value in zip(unseen, decided):
+                found[text] = self._text_memo.get_or_make(text, lambda value=value: value)
+        return [found[text] for text in texts]
 
     def exact_signature(self, signature: str):
         """(n_s, k_s) when exact mode keeps exactly k_s of the n_s rows of this signature by rank,

@@ -26,7 +26,7 @@ RANGE_BYTES = 4 * 1024 * 1024
 PARQUET_RANGE_ROWS = 200_000
 _SCAN_BLOCK = 8 * 1024 * 1024
 # Records per batch out of a reader, and a cap on a batch's bytes (tar samples carry images).
-RECORDS_PER_BATCH = 2000
+RECORDS_PER_BATCH = 16384
 BATCH_BYTES = 64 * 1024 * 1024
 
 
@@ -150,7 +150,9 @@ def batches_of(records, size: int = RECORDS_PER_BATCH, max_bytes: int = BATCH_BY
     batch, weight = [], 0
     for record in records:
         batch.append(record)
-        weight += sum(len(data) for data in (record.get("members") or {}).values())
+        members = record.get("members")
+        if members:  # a table row has none
+            weight += sum(map(len, members.values()))
         if len(batch) >= size or weight >= max_bytes:
             yield batch
             batch, weight = [], 0

@@ -284,3 +284,33 @@ def test_zero_shot_job_with_a_tiny_model_and_precomputed_embeddings(
     from_embeddings = direct.annotate_embeddings(np.array(embeddings))
     for i, (image_attributes, _, _) in enumerate(from_embeddings):
         assert set(image_attributes) <= set(rows[f"e{i}"]["attributes"])
+
+
+def test_batch_labels_and_column_built_table_equal_the_row_by_row_ones(shared_data):
+    """LabelText labels a batch at once and builds its table by column: the same table as labelling
+    each caption and building each row (annotation_row, rows_table), on real COCO captions plus
+    blank, non-ASCII and repeated ones, with and without utilities."""
+    import json
+
+    from pipeline.annotators.text import TextAnnotator
+    from pipeline.labelling import rows_table
+    from pipeline.records import annotation_row, annotation_table
+    from pipeline.sources import make_sample
+
+    document = json.loads((shared_data / "coco_mini" / "captions_val2017.json").read_text())
+    captions = [a["caption"] for a in document["annotations"]][:300]
+    captions += ["", "A WOMAN'S bike", "Ein Mann und eine Frau", "a man", "a man", "Σ café nurse"]
+    samples = [make_sample(f"k{i}", "in.jsonl", i, caption, None, {"u": i / 7},
+                           None if i % 3 else i) for i, caption in enumerate(captions)]
+    annotator = TextAnnotator()
+    codes, answers = annotator.label_batch(captions)
+    assert len(answers) < len(captions)  # repeated answers listed once
+    fresh = TextAnnotator()  # row by row, with a memo of its own
+    for caption, code in zip(captions, codes):
+        assert answers[code] == fresh.labels(caption)
+    for utilities in (None, [sample["meta"]["u"] for sample in samples]):
+        rows = [annotation_row(sample, *fresh.labels(sample["caption"])[:2],
+                               fresh.labels(sample["caption"])[3],
+                               None if utilities is None else utilities[i])
+                for i, sample in enumerate(samples)]
+        assert annotation_table(samples, codes, answers, utilities).equals(rows_table(rows))

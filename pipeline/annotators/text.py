@@ -66,7 +66,25 @@ class TextAnnotator:
         """
         if self._automaton is None:
             self._automaton = self._build()
-        hits = tuple(_longest_hits(self._automaton, text))
+        return self._answer(tuple(_longest_hits(self._automaton, text)))
+
+    def label_batch(self, texts):
+        """(codes, answers): answers[codes[i]] is labels(texts[i]), each distinct answer listed
+        once, so a caller builds per-answer values (Arrow lists, signatures) once, not per caption.
+        """
+        if self._automaton is None:
+            self._automaton = self._build()
+        automaton, codes, answers, seen = self._automaton, [], [], {}
+        for text in texts:
+            hits = tuple(_longest_hits(automaton, text))
+            code = seen.get(hits)
+            if code is None:
+                code = seen[hits] = len(answers)
+                answers.append(self._answer(hits))
+            codes.append(code)
+        return codes, answers
+
+    def _answer(self, hits):
         found = self._memo.get(hits)
         if found is None:
             if len(self._memo) >= _MEMO_SIZE:
