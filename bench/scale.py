@@ -209,8 +209,8 @@ def release_promise(output: pathlib.Path, pattern: str) -> dict:
 
 def run_job(pattern: str, output: pathlib.Path, beam_args: list[str], samples_per_shard: int,
             output_format: str = "webdataset") -> dict:
-    """`balancebeam run` as a user runs it, in a fresh interpreter (like the plain loop); returns the
-    manifest (the job reconciles its own counts).
+    """`balancebeam run` as a user runs it, in a fresh interpreter (like the plain loop); returns
+    the manifest (the job reconciles its own counts).
 
     Not in this process: after its first Beam job a process keeps gRPC threads, and a process with
     threads does not fork warm workers (pipeline/warm_workers.py), so every later run here would
