@@ -46,6 +46,8 @@ LOCAL_WORKER_LOG_OVERRIDES = {"apache_beam.options.pipeline_options": "ERROR", "
 LOCAL_RUNNER = "pipeline.options.LocalRunner"
 LOCAL_RUNNERS = (None, "DirectRunner", "direct", "BundleBasedDirectRunner", "SwitchingDirectRunner",
                  LOCAL_RUNNER)
+# The runner names pipeline_options hands to LocalRunner.
+TO_LOCAL_RUNNER = (None, "DirectRunner", "direct")
 
 
 class LocalRunner(DirectRunner):
@@ -128,7 +130,7 @@ def pipeline_options(beam_args, command: str = "balancebeam") -> PipelineOptions
     check_pipeline_args(args, command)
     given = PipelineOptions(args)
     runner = given.view_as(StandardOptions).runner
-    if runner in (None, "DirectRunner", "direct"):
+    if runner in TO_LOCAL_RUNNER:
         args = _without_flag(args, "--runner") + [f"--runner={LOCAL_RUNNER}"]
     if runner in LOCAL_RUNNERS:
         if not _given(args, WORKER_LOG_FLAG):
@@ -169,11 +171,18 @@ def local_worker_threads(options: PipelineOptions) -> int | None:
     four threads that wait on each other, and a (32 x 768) @ (768 x 468) product took 19 times
     longer.
     """
-    if options.view_as(StandardOptions).runner not in LOCAL_RUNNERS:
-        return None
+    workers = local_worker_processes(options)
+    return max(1, (os.cpu_count() or 1) // workers) if workers else None
+
+
+def local_worker_processes(options: PipelineOptions, runners=LOCAL_RUNNERS) -> int:
+    """The worker processes the DirectRunner starts for a job with these options, on one of
+    `runners`: its multi_processing workers (`--direct_num_workers`, 0 or less: one per core), else
+    0 (one process, or another runner)."""
+    if options.view_as(StandardOptions).runner not in runners:
+        return 0
     direct = options.view_as(DirectOptions)
     if direct.direct_running_mode != "multi_processing":
-        return None
-    cores = os.cpu_count() or 1
-    workers = direct.direct_num_workers or cores  # 0: one worker per core
-    return max(1, cores // workers)
+        return 0
+    workers = direct.direct_num_workers
+    return workers if workers > 0 else (os.cpu_count() or 1)

@@ -81,10 +81,13 @@ class LabelSetMemo(dict):
     def get_or_make(self, labels, make):
         """The value for `labels`, from make() the first time it is asked for since a reset."""
         value = self.get(labels)
-        if value is None:
-            if len(self) >= self.limit:
-                self.clear()
-            value = self[labels] = make()
+        return self.put(labels, make()) if value is None else value
+
+    def put(self, labels, value):
+        """Remember `value` for `labels` (emptied first when full); returns `value`."""
+        if len(self) >= self.limit:
+            self.clear()
+        self[labels] = value
         return value
 
 

@@ -136,7 +136,7 @@ class KeepRule:
             decided = self.signatures_and_probabilities(
                 (*label_set_parts(text), None) for text in unseen)
             for text, value in zip(unseen, decided):
-                found[text] = self._text_memo.get_or_make(text, lambda value=value: value)
+                found[text] = self._text_memo.put(text, value)
         return [found[text] for text in texts]
 
     def exact_signature(self, signature: str):

@@ -69,28 +69,15 @@ class WarmWorkers:
 
 def local_workers_requested(beam_args) -> int:
     """How many workers a local multi-process job with these Beam arguments runs (0: it is not
-    one)."""
-    flags = _flag_values(list(beam_args))
-    if flags.get("--runner", "DirectRunner") not in ("DirectRunner", "direct"):
-        return 0
-    if flags.get("--direct_running_mode") != "multi_processing":
-        return 0
+    one, or not one LocalRunner runs)."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from pipeline.options import TO_LOCAL_RUNNER, local_worker_processes
+
     try:
-        workers = int(flags.get("--direct_num_workers", "1"))
-    except ValueError:
-        return 0  # Beam refuses it with its own message
-    return workers if workers > 0 else (os.cpu_count() or 1)
-
-
-def _flag_values(argv: list[str]) -> dict:
-    values = {}
-    for index, arg in enumerate(argv):
-        if arg.startswith("--") and "=" in arg:
-            name, _, value = arg.partition("=")
-            values[name] = value
-        elif arg.startswith("--") and index + 1 < len(argv):
-            values[arg] = argv[index + 1]
-    return values
+        return local_worker_processes(PipelineOptions(list(beam_args)), TO_LOCAL_RUNNER)
+    except SystemExit:  # a value Beam's parser refuses; the job says so with Beam's own message
+        return 0
 
 
 def fork_is_safe() -> bool:
