@@ -4,11 +4,11 @@ describes.
 The solution travels as a side input; exact mode first ranks each constrained signature's rows by
 their keyed hash (ExactThresholds), repeat mode spreads copies along a keyed-hash order
 (RepeatCopies). A batch is a dict of equal-length lists: positions, keys, q, weights, copies,
-signatures.
+signatures; it goes to the input ranges it describes as Arrow tables (DECISION_SCHEMA) through
+files.
 """
 from __future__ import annotations
 
-import bisect
 import collections
 import heapq
 import math
@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 from pipeline import hashing, release
 from pipeline.counts import counted
 from pipeline.errors import DataError
+from pipeline.file_shuffle import parts_by_bucket, read_bucket
 from pipeline.inputs import normalize_path
 from pipeline.worker_tuning import relax_gc
 from solvers.solution import BalanceSolution
@@ -223,30 +224,43 @@ class ExactThresholds(beam.PTransform):
                 | "AsDict" >> beam.combiners.ToDict())
 
 
+# A decision batch as it travels to the input range it describes: one Arrow table per range, through
+# files in resample's work folder (file_shuffle.SpillParts), so only references to them cross the
+# runner; the local runner carried a million rows of decisions as Python lists through its driver,
+# in a stage of its own (CoGroupByKey's Flatten), for about a second.
+DECISION_SCHEMA = pa.schema([("positions", pa.int64()), ("keys", pa.string()), ("q", pa.float64()),
+                             ("weights", pa.float64()), ("copies", pa.int64()),
+                             ("signatures", pa.string())])
+
+
 def route_to_ranges(shard_and_batch, range_starts):
-    """(input file, batch) -> ((file, range index), part) for each range of the file the batch
-    touches.
+    """(input file, batch) -> ((file, range index), DECISION_SCHEMA table of the batch's rows in
+    that range) for each range of the file the batch touches, rows in batch order.
 
     range_starts: file -> sorted positions its ranges start at; a file not read now is range 0.
     """
     shard, batch = shard_and_batch
+    table = pa.Table.from_pydict({name: batch[name] for name in DECISION_SCHEMA.names},
+                                 schema=DECISION_SCHEMA)
     starts = range_starts.get(shard)
     if not starts or len(starts) == 1:
-        yield (shard, 0), batch
+        yield (shard, 0), table
         return
-    rows = collections.defaultdict(list)
-    for i, position in enumerate(batch["positions"]):
-        rows[bisect.bisect_right(starts, position) - 1].append(i)
-    for index, indices in sorted(rows.items()):
-        yield (shard, max(index, 0)), _split_batch(batch, indices)
+    # the range whose start is the last one at or before each row's position
+    ranges = np.searchsorted(np.asarray(starts, dtype=np.int64),
+                             np.asarray(batch["positions"], dtype=np.int64), side="right") - 1
+    for index, part in parts_by_bucket(table, np.maximum(ranges, 0)):
+        yield (shard, index), part
 
 
-def merge_batches(batches) -> dict:
-    merged = _empty_batch()
-    for batch in batches:
-        for name, values in batch.items():
-            merged[name].extend(values)
-    return merged
+def read_decisions(file_range, references) -> dict:
+    """The decisions of one input range as one batch (a dict of lists) in the order of their
+    positions, from the references SpillParts gave for its tables (which come in no set order)."""
+    if not references:
+        return _empty_batch()
+    _, table = read_bucket((file_range, references))
+    table = table.sort_by([("positions", "ascending"), ("keys", "ascending")])
+    return {name: table.column(name).to_pylist() for name in DECISION_SCHEMA.names}
 
 
 def _split_batch(batch: dict, rows) -> dict:

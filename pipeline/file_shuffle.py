@@ -45,8 +45,12 @@ def parts_by_bucket(table, buckets):
             yield int(buckets[part[0]]), table.take(part)
 
 
-class _SpillParts(beam.DoFn):
+class SpillParts(beam.DoFn):
     """(bucket, table) parts -> (bucket, (path, first batch, batch count, rows)) per file written.
+
+    A bucket is any sortable key. The first half of GroupTablesByFile, for a caller that groups the
+    references with something else (resample joins each input range with its decisions' files) and
+    reads them with read_bucket.
     """
 
     def __init__(self, spill_dir: str, flush_rows: int, flush_bytes: int = FLUSH_BYTES):
@@ -123,6 +127,6 @@ class GroupTablesByFile(beam.PTransform):
     def expand(self, parts):
         return (parts
                 | "SpillParts" >> beam.ParDo(
-                    _SpillParts(self.spill_dir, self.flush_rows, self.flush_bytes))
+                    SpillParts(self.spill_dir, self.flush_rows, self.flush_bytes))
                 | "GroupReferences" >> beam.GroupByKey()
                 | "ReadBucket" >> beam.Map(read_bucket))

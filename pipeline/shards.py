@@ -2,6 +2,7 @@
 and written in shards.
 
 A range is read once, by one worker; a record meets its decision by place (the key is checked).
+The decisions come to their range as Arrow files in the job's work folder (pipeline/decide.py).
 Kept copies leave as Arrow tables per order bucket (a range of a keyed hash) through files in the
 job's work folder (pipeline/file_shuffle.py), so only references to them cross the runner; each
 bucket is sorted in Arrow and ranked with exact integer offsets, so shard i holds ranks
@@ -21,9 +22,9 @@ from apache_beam.metrics import Metrics
 
 from pipeline import release, tars
 from pipeline.counts import COUNTS_TAG, counted
-from pipeline.decide import bucket_offsets, merge_batches, route_to_ranges
+from pipeline.decide import bucket_offsets, read_decisions, route_to_ranges
 from pipeline.errors import DataError
-from pipeline.file_shuffle import GroupTablesByFile
+from pipeline.file_shuffle import FLUSH_ROWS, GroupTablesByFile, SpillParts
 from pipeline.kept_copies import KeptCopies, kept_rows
 from pipeline.progress import mark_range_read
 from pipeline.quarantine import METRICS_NAMESPACE, QUARANTINE_TAG, quarantine_record
@@ -68,8 +69,8 @@ def tar_offsets(path):
 
 
 class ResampleRange(beam.DoFn):
-    """((file, range), {"read": [range], "decisions": [batches]}) -> its kept copies, bucketed for
-    ranking.
+    """((file, range), {"read": [range], "decisions": [references to its decision tables]}) -> its
+    kept copies, bucketed for ranking.
 
     Main output: (order bucket, KEPT_SCHEMA table): the members as released (json with `balance`),
     large ones as their place in the input tar, never image bytes. Tagged outputs: quarantine
@@ -87,9 +88,10 @@ class ResampleRange(beam.DoFn):
         relax_gc()
 
     def process(self, element):
-        (path, _), groups = element
+        file_range, groups = element
+        path = file_range[0]
         read_now = list(groups["read"])
-        decisions = merge_batches(groups["decisions"])
+        decisions = read_decisions(file_range, list(groups["decisions"]))
         counts = collections.Counter()
         quarantined = collections.Counter()
         kept_signatures = collections.Counter()
@@ -287,10 +289,11 @@ class WriteShard(beam.DoFn):
 class WriteShards(beam.PTransform):
     """Decision batches -> the kept copies, read from the input once, ranked and written as shards.
 
-    Each input range meets the decisions of its records (one CoGroupByKey) and sends its kept copies
-    to their order bucket, as Arrow files in `work_dir`; a bucket writes the shards it holds whole,
-    and only the pieces of shards that straddle two buckets cross the runner's shuffle. Returns
-    {"shards": each shard's manifest entry, "counts": count dicts, "quarantine": entries}.
+    Each input range meets the decisions of its records (one CoGroupByKey of the range with the
+    references to its decision tables, spilled as Arrow files in `work_dir`) and sends its kept
+    copies to their order bucket, as Arrow files there too; a bucket writes the shards it holds
+    whole, and only the pieces of shards that straddle two buckets cross the runner's shuffle.
+    Returns {"shards": each shard's manifest entry, "counts": count dicts, "quarantine": entries}.
     """
 
     def __init__(self, input_glob, input_format, seed, mode, buckets, output_dir, work_dir, prefix,
@@ -310,8 +313,10 @@ class WriteShards(beam.PTransform):
                         | "RangesOfFile" >> beam.GroupByKey()
                         |
                         "SortStarts" >> beam.MapTuple(lambda path, starts: (path, sorted(starts))))
-        routed = decisions | "RouteToRanges" >> beam.FlatMap(route_to_ranges,
-                                                             beam.pvalue.AsDict(range_starts))
+        routed = (decisions
+                  | "RouteToRanges" >> beam.FlatMap(route_to_ranges,
+                                                    beam.pvalue.AsDict(range_starts))
+                  | "SpillDecisions" >> beam.ParDo(SpillParts(self.work_dir, FLUSH_ROWS)))
         per_range = (
             {
                 "read": ranges | "ByRange" >> beam.Map(lambda r: ((r["path"], r["index"]), r)),

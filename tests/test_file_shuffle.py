@@ -56,7 +56,7 @@ def test_every_row_reaches_its_bucket_once_through_files(tmp_path, mode, flush_r
 
 
 def test_a_spill_file_that_changed_under_the_job_stops_it(tmp_path):
-    spiller = file_shuffle._SpillParts(str(tmp_path), flush_rows=10**9)
+    spiller = file_shuffle.SpillParts(str(tmp_path), flush_rows=10**9)
     spiller.start_bundle()
     for part in _parts(100):
         assert list(spiller.process(part)) == []
@@ -87,8 +87,8 @@ def test_a_worker_flushes_by_bytes_as_well_as_rows(tmp_path):
     """Parts that carry payloads (resample's inline members) are written out once they hold
     flush_bytes, however few their rows: a worker's buffer stays bounded."""
     payload = pa.table({"data": [b"x" * 1000] * 10})
-    spiller = file_shuffle._SpillParts(str(tmp_path), flush_rows=10**9,
-                                       flush_bytes=3 * payload.nbytes)
+    spiller = file_shuffle.SpillParts(str(tmp_path), flush_rows=10**9,
+                                      flush_bytes=3 * payload.nbytes)
     spiller.start_bundle()
     flushed = [list(spiller.process((i % 2, payload))) for i in range(7)]
     assert [len(refs) for refs in flushed] == [0, 0, 2, 0, 0, 2, 0]
