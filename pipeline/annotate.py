@@ -18,7 +18,7 @@ from pipeline.counts import AddCounts
 from pipeline.errors import ReconciliationError, UsageError
 from pipeline.files import (count_lines, delete_matching, read_text, write_json_atomically,
                             write_text_atomically)
-from pipeline.dedup import DropDuplicates, FindDuplicateKeys, SpillRows
+from pipeline.dedup import DropDuplicateRows, FindDuplicateKeys, RowGroups
 from pipeline.counts import COUNTS_TAG
 from pipeline.labelling import AnnotateImages, CheckSamples, LabelText
 from pipeline.options import local_worker_threads, pipeline_options
@@ -174,16 +174,17 @@ class Annotate(beam.PTransform):
         spill_dir = FileSystems.join(output, SPILL_DIR)
         duplicates = rows | "FindDuplicateKeys" >> FindDuplicateKeys(spill_dir)
         quarantined.append(duplicates[quarantine.QUARANTINE_TAG])
-        spilled = rows | "SpillRows" >> beam.ParDo(SpillRows(spill_dir))
-        unique = spilled | "DropDuplicates" >> beam.ParDo(
-            DropDuplicates(args.utility_field),
-            beam.pvalue.AsSingleton(duplicates.places
-                                    | "DuplicatePlaces" >> beam.combiners.ToSet())).with_outputs(
-                                        COUNTS_TAG, main="tables")
-        counts.append(unique[COUNTS_TAG])
-        _ = unique.tables | "WriteAnnotations" >> beam.io.WriteToParquetBatched(
+        groups = rows | "RowGroups" >> beam.ParDo(RowGroups(args.utility_field)).with_outputs(
+            COUNTS_TAG, main="tables")
+        counts.append(groups[COUNTS_TAG])
+        written = groups.tables | "WriteAnnotations" >> beam.io.WriteToParquetBatched(
             FileSystems.join(output, ANNOTATIONS_PREFIX), ANNOTATION_SCHEMA,
             file_name_suffix=".parquet")
+        places = duplicates.places | "DuplicatePlaces" >> beam.combiners.ToSet()
+        dropped = written | "DropDuplicateRows" >> beam.ParDo(
+            DropDuplicateRows(spill_dir, args.utility_field),
+            beam.pvalue.AsSingleton(places)).with_outputs(COUNTS_TAG, main="none")
+        counts.append(dropped[COUNTS_TAG])
         all_quarantined = tuple(quarantined) | "FlattenQuarantine" >> beam.Flatten()
         quarantine_prefix = FileSystems.join(output, QUARANTINE_PREFIX)
         _ = all_quarantined | "WriteQuarantine" >> quarantine.WriteQuarantine(quarantine_prefix)
@@ -205,7 +206,8 @@ def annotate_pipeline(pipeline, args):
     return pipeline | "Annotate" >> Annotate(args)
 
 
-# Annotation rows wait here, as files, for the duplicate keys (dedup.SpillRows); removed at the end.
+# The duplicate-key check's files (dedup.FindDuplicateKeys) and rewritten annotation files
+# (dedup.DropDuplicateRows) go here; removed at the end.
 SPILL_DIR = ".spill"
 
 
@@ -327,7 +329,7 @@ def run(argv=None, save_main_session=False):
     write_text_atomically(
         FileSystems.join(output, LABEL_SETS_FILE), "".join(
             json.dumps({"label_set": json.loads(text), "count": n}) + "\n"
-            for text, n in sorted(label_sets.items())))
+            for text, n in sorted(label_sets.items()) if n))
     write_json_atomically(FileSystems.join(output, COUNTS_FILE), counts, indent=2, sort_keys=True)
     FileSystems.delete([pending])
     reasons = ", ".join(f"{n} {reason}"

@@ -1,15 +1,15 @@
-"""The annotate job's last steps: duplicate keys found through files, and the rows that wait for
-them.
+"""The annotate job's last steps: the rows written where they are made, duplicate keys found
+through files, and the few written rows that turn out to be duplicates taken out afterwards.
 
-FindDuplicateKeys groups only (key, file, place), through Arrow files (pipeline/file_shuffle.py);
-SpillRows parks each table of rows as a Parquet file meanwhile (only its path crosses the runner),
-and DropDuplicates reads it back, leaves out the duplicates, counts the label sets balance needs
-and hands the Parquet writer tables of about ANNOTATION_ROW_GROUP_ROWS rows.
+RowGroups gathers the rows into row groups and counts the label sets balance needs, in the stage
+that labels them, so the Parquet writer writes them there and no table of rows crosses the runner
+(docs/beam-data-loss.md). FindDuplicateKeys groups only (key, file, place), through Arrow files
+(pipeline/file_shuffle.py); DropDuplicateRows then rewrites the written files that hold a
+duplicate (none, on most data) and subtracts what it took out from the counts.
 """
 from __future__ import annotations
 
 import collections
-import io
 import uuid
 import zlib
 
@@ -92,58 +92,11 @@ def label_set(attributes, concepts, utility) -> str:
     return row_signature(attributes, concepts, utility, conditional=False, use_utility=True)
 
 
-class SpillRows(beam.DoFn):
-    """A table of annotation rows -> (path, rows) of the Parquet file in `spill_dir` that holds it.
+class LabelSetCounts:
+    """Rows per label set of annotation tables (what balance counts signatures from), memoised on
+    the label set's text so a label set met before costs one lookup."""
 
-    The rows wait for the duplicate keys (a side input, so a stage boundary) as files, and only
-    their paths cross the runner: Beam's multi-process runner lost contiguous runs of the large
-    elements it carried between stages (docs/beam-data-loss.md), 18,000 to 152,000 of 3 million
-    annotated pool rows in each of three runs when the tables themselves crossed.
-    """
-
-    def __init__(self, spill_dir: str):
-        self.spill_dir = spill_dir
-
-    def process(self, table):
-        import pyarrow.parquet as pq
-
-        path = FileSystems.join(self.spill_dir, f"rows-{uuid.uuid4().hex}.parquet")
-        sink = io.BytesIO()
-        pq.write_table(table, sink, compression="none")
-        with FileSystems.create(path) as handle:
-            handle.write(sink.getvalue())
-        yield path, table.num_rows
-
-
-def read_spilled(path_and_rows):
-    """The table SpillRows wrote, checked against the row count it reported."""
-    import pyarrow.parquet as pq
-
-    path, rows = path_and_rows
-    with FileSystems.open(path, compression_type="uncompressed") as handle:
-        table = pq.read_table(io.BytesIO(handle.read()), schema=ANNOTATION_SCHEMA)
-    if table.num_rows != rows:
-        raise DataError(
-            f"{path} holds {table.num_rows} rows, {rows} were written: the job's work folder "
-            "changed under it; re-run annotate")
-    return table
-
-
-# Rows per table DropDuplicates hands to the Parquet writer: each table is one row group of
-# annotations-*.parquet, and every later job reads (and the runner ships) one table per row group.
-ANNOTATION_ROW_GROUP_ROWS = 65_536
-
-
-class DropDuplicates(beam.DoFn):
-    """Spilled tables of rows -> the rows without their duplicates, in tables of about
-    ANNOTATION_ROW_GROUP_ROWS rows, and per spilled table the counts of what it keeps.
-
-    The counts: rows kept (`annotated`), rows without a usable utility, and rows per label set (what
-    balance counts signatures from, without reading the annotations again).
-    """
-
-    def __init__(self, utility_field=None):
-        self.utility_field = utility_field
+    def __init__(self):
         self._label_sets = LabelSetMemo()  # label set -> its text
 
     def _label_set(self, attributes, concepts, utility) -> str:
@@ -151,7 +104,7 @@ class DropDuplicates(beam.DoFn):
         return self._label_sets.get_or_make(labels,
                                             lambda: label_set(attributes, concepts, utility))
 
-    def _count_label_sets(self, table) -> collections.Counter:
+    def __call__(self, table) -> collections.Counter:
         import numpy as np
         import pyarrow.compute as pc
 
@@ -164,42 +117,113 @@ class DropDuplicates(beam.DoFn):
         codes, texts = distinct
         counts = collections.Counter()
         rows_per_set = np.bincount(codes, minlength=len(texts)).tolist()
-        for text, rows in zip(texts, rows_per_set):  # memoised on the label set's text
+        for text, rows in zip(texts, rows_per_set):
             counts[self._label_sets.get_or_make(
                 text, lambda: label_set(*label_set_parts(text), None))] += rows
         return counts
 
+
+def _table_counts(table, label_sets: LabelSetCounts, utility_field, sign: int = 1) -> dict:
+    """What balance and the reconciliation count of a table of annotation rows (negated: sign -1).
+    """
+    missing = table.column("utility").null_count if utility_field else 0
+    return {"annotated": sign * table.num_rows, "utility_missing": sign * missing,
+            "label_sets": {text: sign * n for text, n in label_sets(table).items()}}
+
+
+# Rows per table RowGroups hands to the Parquet writer: each table is one row group of
+# annotations-*.parquet, and every later job reads (and the runner ships) one table per row group.
+ANNOTATION_ROW_GROUP_ROWS = 65_536
+
+
+class RowGroups(beam.DoFn):
+    """Tables of annotation rows -> tables of about ANNOTATION_ROW_GROUP_ROWS rows for the Parquet
+    writer, fused with the steps that make them (the rows never cross the runner), and per table
+    the counts of what it holds.
+
+    Duplicate keys are found meanwhile and taken out of the written files afterwards
+    (DropDuplicateRows): the counts here include them, and DropDuplicateRows subtracts them.
+    """
+
+    def __init__(self, utility_field=None):
+        self.utility_field = utility_field
+        self._label_sets = LabelSetCounts()
+
     def start_bundle(self):
         self._pending, self._pending_rows = [], 0
 
-    def process(self, spilled, duplicate_places):
-        import pyarrow as pa
-
-        table = read_spilled(spilled)
-        if duplicate_places:
-            places = zip(table.column("shard").to_pylist(), table.column("position").to_pylist())
-            table = table.filter(
-                pa.array([place not in duplicate_places for place in places], type=pa.bool_()))
-        missing = table.column("utility").null_count if self.utility_field else 0
-        yield counted({
-            "annotated": table.num_rows, "utility_missing": missing,
-            "label_sets": dict(self._count_label_sets(table))
-        })
+    def process(self, table):
         if table.num_rows:
             self._pending.append(table)
             self._pending_rows += table.num_rows
             if self._pending_rows >= ANNOTATION_ROW_GROUP_ROWS:
-                yield self._flush()
+                yield from self._flush()
 
     def finish_bundle(self):
-        if self._pending:
-            from apache_beam.transforms.window import GlobalWindows
+        from apache_beam.transforms.window import GlobalWindows
 
-            yield GlobalWindows.windowed_value(self._flush())
+        for output in self._flush():  # outside process(), each output names its window
+            if isinstance(output, beam.pvalue.TaggedOutput):
+                yield beam.pvalue.TaggedOutput(output.tag,
+                                               GlobalWindows.windowed_value(output.value))
+            else:
+                yield GlobalWindows.windowed_value(output)
 
     def _flush(self):
         import pyarrow as pa
 
-        table = pa.concat_tables(self._pending)
+        if not self._pending:
+            return []
+        table = pa.concat_tables(self._pending).combine_chunks()
         self._pending, self._pending_rows = [], 0
-        return table
+        return [counted(_table_counts(table, self._label_sets, self.utility_field)), table]
+
+
+class DropDuplicateRows(beam.DoFn):
+    """A written annotations file -> the same file without the rows at duplicate places (a side
+    input: (shard, position) of every copy but the first), and the counts of the rows taken out, as
+    negative numbers.
+
+    Most files hold no duplicate and are not opened; a file that does is rewritten one row group at
+    a time beside it and renamed over it, so memory is one row group whatever the file's size.
+    """
+
+    def __init__(self, spill_dir: str, utility_field=None):
+        self.spill_dir, self.utility_field = spill_dir, utility_field
+        self._label_sets = LabelSetCounts()
+
+    def process(self, path, duplicate_places):
+        if not duplicate_places:
+            return
+        import pyarrow as pa
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        with FileSystems.open(path, compression_type="uncompressed") as handle:
+            places = pq.read_table(handle, columns=["shard", "position"])
+        drop = pa.array([place in duplicate_places for place in zip(
+            places.column("shard").to_pylist(), places.column("position").to_pylist())],
+                        type=pa.bool_())
+        if not pc.any(drop).as_py():
+            return
+        rewritten = FileSystems.join(self.spill_dir, f"rewrite-{uuid.uuid4().hex}.parquet")
+        dropped, kept, first = [], 0, 0
+        with FileSystems.open(path, compression_type="uncompressed") as source, \
+                FileSystems.create(rewritten, compression_type="uncompressed") as sink:
+            reader = pq.ParquetFile(source)
+            with pq.ParquetWriter(sink, ANNOTATION_SCHEMA, compression="none") as writer:
+                for group in range(reader.num_row_groups):
+                    table = reader.read_row_group(group)
+                    mask = drop.slice(first, table.num_rows)
+                    first += table.num_rows
+                    dropped.append(table.filter(mask))
+                    table = table.filter(pc.invert(mask))
+                    kept += table.num_rows
+                    if table.num_rows:
+                        writer.write_table(table, row_group_size=ANNOTATION_ROW_GROUP_ROWS)
+        if first != len(drop) or kept + sum(t.num_rows for t in dropped) != len(drop):
+            raise DataError(f"{path} changed while its duplicate rows were taken out; re-run "
+                            "annotate")
+        FileSystems.rename([rewritten], [path])
+        yield counted(_table_counts(pa.concat_tables(dropped), self._label_sets,
+                                    self.utility_field, sign=-1))

@@ -1,6 +1,7 @@
 """End-to-end tests of the annotate job on real runners: multi-process DirectRunner and the
 portable runner against a local job service, on real COCO data and on deliberately broken input.
 """
+import collections
 import io
 import json
 import re
@@ -213,6 +214,22 @@ def test_duplicate_keys_keep_the_copy_from_the_smallest_shard_and_position(
                         if e["reason"] == quarantine.DUPLICATE_KEY)
     assert duplicates == sorted([(r[0]["key"], "a-good-00000.tar", 5),
                                  (r[1]["key"], "g-duplicate-00000.tar", 0)])
+
+
+def test_label_set_counts_match_the_rows_written_after_duplicates_leave(broken_job):
+    """label-sets.jsonl (what balance counts signatures from) counts the rows in the Parquet files:
+    the duplicates the job took out of the written files are not in it."""
+    _, output, table, _ = broken_job
+    written = collections.Counter(
+        (tuple(sorted(row["attributes"])), tuple(sorted(row["concepts"])), row["utility"])
+        for row in table.to_pylist())
+    counted = collections.Counter()
+    for line in (output / annotate.LABEL_SETS_FILE).read_text().splitlines():
+        entry = json.loads(line)
+        attributes, concepts, utility = entry["label_set"]
+        counted[(tuple(sorted(attributes)), tuple(sorted(concepts)), utility)] += entry["count"]
+    assert counted == written
+    assert all(n > 0 for n in counted.values())
 
 
 def test_tables_carry_captions_and_utility(broken_job):

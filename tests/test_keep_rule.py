@@ -194,7 +194,7 @@ def test_exact_thresholds_from_windows_equal_the_k_smallest_of_all_draws():
 
 
 def test_label_set_memo_makes_each_value_once_and_starts_again_at_its_limit():
-    """records.LabelSetMemo (KeepRule's signatures, DropDuplicates' label sets, the image path's
+    """records.LabelSetMemo (KeepRule's signatures, dedup.LabelSetCounts, the image path's
     combined labels): one make() per label set until the limit, then emptied, never grown past it.
     """
     from pipeline.records import LabelSetMemo
