@@ -186,3 +186,27 @@ def test_local_jobs_run_on_the_fnapi_runner_never_prism(monkeypatch, tmp_path, f
     with beam.Pipeline() as pipeline:
         _ = pipeline | beam.Create([1, 2]) | beam.Map(lambda x: x)
     assert tried == [True]
+
+
+def test_the_command_exits_at_once_with_its_code_and_all_its_output():
+    """console_main skips the interpreter's teardown (os._exit): what was printed still arrives
+    through a pipe, and the exit code is main()'s."""
+    done = _balancebeam("--version")
+    assert done.returncode == 0 and done.stdout.startswith("balancebeam ")
+    unknown = _balancebeam("no-such-command")
+    assert unknown.returncode == 2 and "unknown command 'no-such-command'" in unknown.stderr
+
+
+def test_the_command_waits_for_a_running_thread_that_is_not_a_daemon(tmp_path):
+    marker = tmp_path / "written-by-the-thread"
+    script = (
+        "import sys, threading, time\n"
+        "from pipeline import cli\n"
+        f"def late(): time.sleep(0.5); open({str(marker)!r}, 'w').write('done')\n"
+        "threading.Thread(target=late).start()\n"
+        "sys.argv = ['balancebeam', '--version']\n"
+        "cli.console_main()\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=_environment(), timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert marker.read_text() == "done"
