@@ -2,6 +2,7 @@
 
 Subcommands are imported lazily, so `balancebeam train` never imports Beam and `--help` is fast.
 """
+import atexit
 import importlib
 import logging
 import os
@@ -136,15 +137,15 @@ def console_main() -> None:
 
     With Beam, pyarrow, scipy and matplotlib loaded, Python's own teardown (clearing 2,000-odd
     modules) takes 0.5-0.9 s after the work is done, on every command. Every file a command writes
-    is closed before main() returns, so only stdio and logging need flushing first. While a thread
-    that is not a daemon still runs, it exits the usual way, which waits for it.
+    is closed before main() returns; exit handlers run and stdio is flushed first. While a thread
+    that is not a daemon still runs, or a profiler or tracer watches, it exits the usual way.
     """
     code = main()
     others = [thread for thread in threading.enumerate()
               if thread is not threading.main_thread() and not thread.daemon and thread.is_alive()]
-    if others:
-        sys.exit(code)
-    logging.shutdown()
+    if others or sys.getprofile() is not None or sys.gettrace() is not None:
+        sys.exit(code)  # a thread to wait for; a profiler, coverage or debugger that reports last
+    atexit._run_exitfuncs()  # what registered to run at exit still runs (logging's flush too)
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
