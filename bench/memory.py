@@ -7,9 +7,12 @@ import subprocess
 import sys
 
 # How often the memory sampler reads /proc: often enough to catch a worker's peak (a job's buffers
-# live for seconds). Reading a process's PSS walks its page tables: every 0.05 s, the sampler took
-# 9% of a two-worker annotate job's time; every 0.2 s, its cost is within the run-to-run noise.
-MEMORY_SAMPLE_SECONDS = 0.2
+# live for seconds). Reading a process's PSS walks its page tables, about 7 ms per Beam process:
+# every 0.2 s, the sampler took 3.5 CPU s of a 34-s two-worker `run` on 1M captions (5% of the two
+# cores, which the single-process plain loop never feels: it leaves a core free), every 0.05 s 9%
+# of an annotate job; every 0.5 s it takes 1.6 CPU s, and the peaks it finds are within their
+# run-to-run spread (1,149 MiB here against 1,092-1,320 MiB at 0.2 s).
+MEMORY_SAMPLE_SECONDS = 0.5
 
 # The sampler is a process of its own, not a thread: a thread in the measured process would stop
 # the jobs from forking their warm workers (pipeline/warm_workers.py only forks a single-threaded
