@@ -52,3 +52,17 @@ def test_a_file_without_duplicates_is_left_alone(tmp_path):
     assert list(fn.process(str(path), set())) == []
     assert list(fn.process(str(path), {("s9", 0)})) == []
     assert path.read_bytes() == before
+
+
+def test_later_copies_leave_a_two_worker_job_at_20k_rows(shared_data, tmp_path, capsys):
+    """bench/duplicates.py (a million rows there) at CI's size: later copies of 200 keys among
+    20,000 caption rows, annotated by two workers; its checks read only the files written."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench import duplicates
+
+    assert duplicates.main(["--rows", "20000", "--duplicates", "200", "--runs", "1",
+                            "--work", str(tmp_path)]) == 0
+    assert "| 1 |" in capsys.readouterr().out
