@@ -28,6 +28,19 @@ def _pyplot():
     return plt
 
 
+def import_in_background() -> None:
+    """Start importing matplotlib (about 0.4 s) on a daemon thread, for a caller that will draw
+    later and is waiting on other processes meanwhile (`run` while resample's workers work).
+
+    Only once the caller's worker processes are started: a process with threads does not fork warm
+    workers (pipeline/warm_workers.py). Python's import lock makes a plot drawn before it is done
+    wait for it.
+    """
+    import threading
+
+    threading.Thread(target=_pyplot, name="import-matplotlib", daemon=True).start()
+
+
 def _png(figure) -> str:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=90, bbox_inches="tight")

@@ -9,7 +9,7 @@ import logging
 
 from apache_beam.io.filesystems import FileSystems
 
-from pipeline import annotate, balance, report, resample, tars, warm_workers
+from pipeline import annotate, balance, report, report_plots, resample, tars, warm_workers
 from pipeline.errors import UsageError
 from pipeline.files import ensure_writable_directory
 from pipeline.options import check_pipeline_args
@@ -94,6 +94,7 @@ def run_all(inputs, output, args, annotate_args=(), beam_args=()) -> dict:
         balance.balance(paths["annotations"], paths["solution"], config, beam_args,
                         paths["signatures"])
         log.info("3/4 resample")
+        report_plots.import_in_background()  # the driver waits on resample's workers meanwhile
         resample.resample(inputs, paths["annotations"], paths["solution"], paths["release"],
                           seed=args.seed, mode=args.mode, samples_per_shard=args.samples_per_shard,
                           prefix=args.prefix, input_format=args.input_format,
