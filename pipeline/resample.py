@@ -12,6 +12,7 @@ reconciles its own counts and publishes a manifest only when every record is acc
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -25,7 +26,7 @@ from pipeline.annotate import ANNOTATIONS_GLOB, annotation_rows, read_counts
 from pipeline.counts import COUNTS_TAG, AddCounts
 from pipeline.decide import Decide, ExactThresholds, RepeatCopies
 from pipeline.errors import DataError, UsageError
-from pipeline.files import delete_matching, read_text, write_json_atomically
+from pipeline.files import delete_matching, read_text, write_json_atomically, write_text_atomically
 from pipeline.options import pipeline_options
 from pipeline import publish
 from pipeline.publish import KEPT_SIGNATURES_FILE, MANIFEST_FILE, SIZES_FILE, prepare_release_dir
@@ -53,15 +54,19 @@ class Decisions(beam.PTransform):
     after exact mode's per-signature thresholds and, in repeat mode, the copies along the order.
     """
 
-    def __init__(self, annotations_dir, solution_text, seed, mode, buckets, output_size=None):
+    def __init__(self, annotations_dir, solution_path, seed, mode, buckets, output_size=None):
         super().__init__()
         # not `annotations`: a PTransform method
         self.pattern = FileSystems.join(annotations_dir, ANNOTATIONS_GLOB)
-        self.solution_text, self.seed, self.mode = solution_text, seed, mode
+        self.solution_path, self.seed, self.mode = solution_path, seed, mode
         self.buckets, self.output_size = buckets, output_size
 
     def expand(self, pbegin):
-        solution = pbegin | "Solution" >> beam.Create([self.solution_text])
+        # the solution as a path, read by a worker: its text in the graph was pickled and
+        # bz2-compressed three times over when the job started (0.3 s for a 834 kB solution.json)
+        solution = (pbegin
+                    | "Solution" >> beam.Create([self.solution_path])
+                    | "ReadSolution" >> beam.Map(read_text))
         tables = pbegin | "ReadAnnotations" >> beam.io.ReadFromParquetBatched(
             self.pattern, columns=_ANNOTATION_COLUMNS)
         thresholds = tables | "ExactThresholds" >> ExactThresholds(self.seed, self.mode, solution)
@@ -98,13 +103,13 @@ class WriteResults(beam.PTransform):
                                             FileSystems.join(self.work_dir, "counts.json")))
 
 
-def build_pipeline(pipeline, *, input_glob, annotations_dir, solution_text, output_dir, work_dir,
+def build_pipeline(pipeline, *, input_glob, annotations_dir, solution_path, output_dir, work_dir,
                    seed, mode, samples_per_shard, prefix, buckets, input_format="auto",
                    key_column="key", caption_column="caption", output_size=None,
                    quarantine_prefix=None, progress_dir=None):
     """The WebDataset resample graph on `pipeline`; its results land in `work_dir` (counts.json,
     shards.json)."""
-    decided = pipeline | "Decisions" >> Decisions(annotations_dir, solution_text, seed, mode,
+    decided = pipeline | "Decisions" >> Decisions(annotations_dir, solution_path, seed, mode,
                                                   buckets, output_size)
     written = decided["decisions"] | "WriteShards" >> WriteShards(
         input_glob, input_format, seed, mode, buckets, output_dir, work_dir, prefix,
@@ -117,11 +122,11 @@ def build_pipeline(pipeline, *, input_glob, annotations_dir, solution_text, outp
         _ = written["quarantine"] | "WriteQuarantine" >> WriteQuarantine(quarantine_prefix)
 
 
-def build_subset_pipeline(pipeline, *, annotations_dir, solution_text, output_dir, work_dir, seed,
+def build_subset_pipeline(pipeline, *, annotations_dir, solution_path, output_dir, work_dir, seed,
                           mode, buckets, subset_buckets, output_size=None):
     """The subset graph: decisions from the annotations alone, no input read (pipeline/subset.py).
     """
-    decided = pipeline | "Decisions" >> Decisions(annotations_dir, solution_text, seed, mode,
+    decided = pipeline | "Decisions" >> Decisions(annotations_dir, solution_path, seed, mode,
                                                   buckets, output_size)
     released = decided["decisions"] | "SubsetRelease" >> subset_release.SubsetRelease(
         output_dir, work_dir, subset_buckets)
@@ -196,6 +201,12 @@ def resample(input_glob, annotations_dir, solution_path, output_dir, *, seed=rel
     prepare_release_dir(output_dir)
     work_dir = FileSystems.join(output_dir, _WORK_DIR_PREFIX + uuid.uuid4().hex[:12])
     FileSystems.mkdirs(work_dir) if FileSystems.get_scheme(work_dir) is None else None
+    # What the workers apply: the solution without its statistics (the report's, two thirds of the
+    # file), in the work folder the workers already share with the driver (counts.json), so the
+    # release cannot change if solution.json does while the job runs.
+    decisive_path = FileSystems.join(work_dir, "solution.json")
+    write_text_atomically(decisive_path,
+                          dataclasses.replace(solution, statistics={}).to_json())
     quarantine_prefix = FileSystems.join(output_dir, "quarantine", "resample")
     # an earlier run's, which this run's may not overwrite
     delete_matching(quarantine_prefix + "-*.jsonl")
@@ -209,13 +220,13 @@ def resample(input_glob, annotations_dir, solution_path, output_dir, *, seed=rel
             if subset:
                 subset_release.prepare_keep_dir(output_dir)
                 build_subset_pipeline(pipeline, annotations_dir=annotations_dir,
-                                      solution_text=solution_text, output_dir=output_dir,
+                                      solution_path=decisive_path, output_dir=output_dir,
                                       work_dir=work_dir, seed=seed, mode=mode, buckets=buckets,
                                       subset_buckets=subset_release.bucket_count(rows_written),
                                       output_size=output_size)
             else:
                 build_pipeline(pipeline, input_glob=globs, annotations_dir=annotations_dir,
-                               solution_text=solution_text, output_dir=output_dir,
+                               solution_path=decisive_path, output_dir=output_dir,
                                work_dir=work_dir, seed=seed, mode=mode,
                                samples_per_shard=samples_per_shard, prefix=prefix, buckets=buckets,
                                output_size=output_size, quarantine_prefix=quarantine_prefix,
