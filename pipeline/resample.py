@@ -201,12 +201,6 @@ def resample(input_glob, annotations_dir, solution_path, output_dir, *, seed=rel
     prepare_release_dir(output_dir)
     work_dir = FileSystems.join(output_dir, _WORK_DIR_PREFIX + uuid.uuid4().hex[:12])
     FileSystems.mkdirs(work_dir) if FileSystems.get_scheme(work_dir) is None else None
-    # What the workers apply: the solution without its statistics (the report's, two thirds of the
-    # file), in the work folder the workers already share with the driver (counts.json), so the
-    # release cannot change if solution.json does while the job runs.
-    decisive_path = FileSystems.join(work_dir, "solution.json")
-    write_text_atomically(decisive_path,
-                          dataclasses.replace(solution, statistics={}).to_json())
     quarantine_prefix = FileSystems.join(output_dir, "quarantine", "resample")
     # an earlier run's, which this run's may not overwrite
     delete_matching(quarantine_prefix + "-*.jsonl")
@@ -214,6 +208,12 @@ def resample(input_glob, annotations_dir, solution_path, output_dir, *, seed=rel
     buckets = rank_buckets(expected_copies, input_bytes * expected_copies // max(rows_written, 1))
     results = ("counts.json", "written.json") if subset else ("counts.json", "shards.json")
     try:
+        # What the workers apply: the solution without its statistics (the report's, two thirds of
+        # the file), in the work folder the workers already share with the driver (counts.json),
+        # so the release cannot change if solution.json does while the job runs.
+        decisive_path = FileSystems.join(work_dir, "solution.json")
+        write_text_atomically(decisive_path,
+                              dataclasses.replace(solution, statistics={}).to_json())
         with warm_workers.pool(pipeline_args), InputProgress(
                 "resample", input_files, options) as progress, beam.Pipeline(
                     options=options) as pipeline:
