@@ -103,6 +103,9 @@ def distinct_label_sets(table: pa.Table):
     gives its (attributes, concepts). Null lists are empty ones; labels keep their order. None when
     a label holds a separator character (then the caller goes row by row)."""
     attributes, concepts = table.column("attributes"), table.column("concepts")
+    if not all(pa.types.is_list(column.type) and column.type.value_type == pa.string()
+               for column in (attributes, concepts)):
+        return None  # annotations from elsewhere (large strings, say): Arrow cannot join these
     if _holds_separators(attributes) or _holds_separators(concepts):
         return None
     if not table.num_rows:
@@ -128,6 +131,17 @@ def _joined_labels(column):
 
 
 def _holds_separators(column) -> bool:
+    """Whether a label of this list<string> column holds a separator character.
+
+    Strings are searched in their data buffer at once (a byte search over a few MB, not a
+    substring match per label; both separators are ASCII, so no UTF-8 sequence holds their byte).
+    The buffer may hold bytes outside a sliced array's labels: such a byte only sends the caller
+    row by row, which is correct, just slower.
+    """
     values = pc.list_flatten(column)
-    return bool(len(values)) and any(pc.any(pc.match_substring(values, separator)).as_py()
-                                     for separator in (_LABEL_SEPARATOR, _LIST_SEPARATOR))
+    separators = np.frombuffer((_LABEL_SEPARATOR + _LIST_SEPARATOR).encode("ascii"), np.uint8)
+    for chunk in values.chunks if isinstance(values, pa.ChunkedArray) else [values]:
+        data = chunk.buffers()[2] if len(chunk) else None
+        if data is not None and np.isin(np.frombuffer(data, np.uint8), separators).any():
+            return True
+    return False

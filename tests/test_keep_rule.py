@@ -101,12 +101,16 @@ def test_table_signatures_are_the_row_by_row_ones_and_copies_skip_only_draws_tha
     label_sets = [([man], ["kitchen"]), ([woman], ["unseen", "kitchen"]),
                   ([woman], ["kitchen", "unseen"]), (None, ["kitchen"]), ([], None),
                   ([man, woman], []), (["other:x"], ["kitchen"]), ([woman], ["kitchen\x1fodd"])]
-    for rows in (label_sets[:-1], label_sets):
+    # the separator search reads string data buffers: both string layouts, whole and sliced
+    for rows, labels in [(label_sets[:-1], pa.string()), (label_sets, pa.string()),
+                         (label_sets, pa.large_string()), (label_sets[:-1], pa.large_string())]:
         rows = rows * 3
         table = pa.table({"key": [f"k{i}" for i in range(len(rows))],
-                          "attributes": pa.array([a for a, _ in rows], pa.list_(pa.string())),
-                          "concepts": pa.array([c for _, c in rows], pa.list_(pa.string())),
+                          "attributes": pa.array([a for a, _ in rows], pa.list_(labels)),
+                          "concepts": pa.array([c for _, c in rows], pa.list_(labels)),
                           "utility": pa.array([None] * len(rows), pa.float64())})
+        if labels == pa.string():
+            table = pa.concat_tables([table.slice(0, 5), table.slice(5)])
         of_row, signatures, q_of = rule.table_signatures(table)
         expected = release.KeepRule(solution, seed=3).signatures_and_probabilities(
             (a, c, None) for a, c in rows)
