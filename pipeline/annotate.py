@@ -14,6 +14,7 @@ from apache_beam.options.pipeline_options import SetupOptions
 from pipeline import quarantine, warm_workers
 from pipeline.annotators import combine
 from pipeline.annotators.lexicon import Lexicon
+from pipeline.coders import Batch
 from pipeline.counts import AddCounts
 from pipeline.errors import ReconciliationError, UsageError
 from pipeline.files import (count_lines, delete_matching, read_text, write_json_atomically,
@@ -153,13 +154,14 @@ class Annotate(beam.PTransform):
             | "ReadRanges" >> beam.ParDo(ReadRangeBatches(
                 args.key_column, args.caption_column,
                 args.image_embedding_field if use_images else None,
-                getattr(args, "progress_dir", None), _used_columns(args))).with_outputs(
-                    quarantine.QUARANTINE_TAG, COUNTS_TAG, main="batches"))
+                getattr(args, "progress_dir", None), _used_columns(args))).with_output_types(
+                    Batch).with_outputs(quarantine.QUARANTINE_TAG, COUNTS_TAG, main="batches"))
         checked = read.batches | "CheckSamples" >> beam.ParDo(
-            CheckSamples(args.max_image_pixels, args.validate_images)).with_outputs(
-                quarantine.QUARANTINE_TAG, main="samples")
+            CheckSamples(args.max_image_pixels, args.validate_images)).with_output_types(
+                Batch).with_outputs(quarantine.QUARANTINE_TAG, main="samples")
         rows = checked.samples | "LabelText" >> beam.ParDo(LabelText(
-            lexicon, args.utility_field, use_images, args.image_embedding_field, args.faces_column))
+            lexicon, args.utility_field, use_images, args.image_embedding_field,
+            args.faces_column)).with_output_types(Batch)
         quarantined = [read[quarantine.QUARANTINE_TAG], checked[quarantine.QUARANTINE_TAG]]
         counts = [read[COUNTS_TAG]]
         if use_images:
@@ -167,15 +169,15 @@ class Annotate(beam.PTransform):
             images = rows | "AnnotateImages" >> beam.ParDo(
                 AnnotateImages(_image_annotator(args, lexicon, threads),
                                combine.parse_policies(args.combine, args.combine_group),
-                               args.image_batch_size, threads)).with_outputs(
-                                   quarantine.QUARANTINE_TAG, main="rows")
+                               args.image_batch_size, threads)).with_output_types(
+                                   Batch).with_outputs(quarantine.QUARANTINE_TAG, main="rows")
             rows = images.rows
             quarantined.append(images[quarantine.QUARANTINE_TAG])
         spill_dir = FileSystems.join(output, SPILL_DIR)
         duplicates = rows | "FindDuplicateKeys" >> FindDuplicateKeys(spill_dir)
         quarantined.append(duplicates[quarantine.QUARANTINE_TAG])
-        groups = rows | "RowGroups" >> beam.ParDo(RowGroups(args.utility_field)).with_outputs(
-            COUNTS_TAG, main="tables")
+        groups = rows | "RowGroups" >> beam.ParDo(RowGroups(
+            args.utility_field)).with_output_types(Batch).with_outputs(COUNTS_TAG, main="tables")
         counts.append(groups[COUNTS_TAG])
         written = groups.tables | "WriteAnnotations" >> beam.io.WriteToParquetBatched(
             FileSystems.join(output, ANNOTATIONS_PREFIX), ANNOTATION_SCHEMA,

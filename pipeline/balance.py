@@ -17,6 +17,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
+from pipeline.coders import Batch
 from pipeline.errors import ReconciliationError, UsageError
 from pipeline.files import read_text, write_text_atomically
 from pipeline.options import pipeline_options
@@ -86,8 +87,8 @@ def count_signatures(annotations_dir: str, work_prefix: str, pipeline_args: Sequ
         return SignatureTable.from_counts(counted_by_annotate.items())
     with beam.Pipeline(options=options) as pipeline:
         _ = (pipeline
-             |
-             "ReadAnnotations" >> beam.io.ReadFromParquetBatched(pattern, columns=_FEATURE_COLUMNS)
+             | "ReadAnnotations" >> beam.io.ReadFromParquetBatched(
+                 pattern, columns=_FEATURE_COLUMNS).with_output_types(Batch)
              | "CountSignatures" >> CountSignatures(config.conditional, config.utility_tilt > 0)
              | "ToJson" >> beam.MapTuple(lambda signature, count: json.dumps([signature, count]))
              | "WriteCounts" >> beam.io.WriteToText(work_prefix, file_name_suffix=".jsonl"))

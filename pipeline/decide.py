@@ -17,8 +17,10 @@ import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from apache_beam.typehints import KV
 
 from pipeline import hashing, release
+from pipeline.coders import Batch
 from pipeline.counts import counted
 from pipeline.errors import DataError
 from pipeline.file_shuffle import parts_by_bucket, read_bucket
@@ -310,9 +312,10 @@ class RepeatCopies(beam.PTransform):
 
         sorted_buckets = (
             decisions
-            | "ByOrderBucket" >> beam.FlatMap(by_order_bucket)
+            | "ByOrderBucket" >> beam.FlatMap(by_order_bucket).with_output_types(KV[int, Batch])
             | "GroupOrderBucket" >> beam.GroupByKey()
-            | "SortBucket" >> beam.FlatMap(sort_bucket).with_outputs("totals", main="rows"))
+            | "SortBucket" >> beam.FlatMap(sort_bucket).with_output_types(
+                KV[int, Batch]).with_outputs("totals", main="rows"))
         offsets = (sorted_buckets.totals
                    | "AllTotals" >> beam.combiners.ToList()
                    | "Offsets" >> beam.Map(bucket_offsets))
@@ -335,7 +338,8 @@ class RepeatCopies(beam.PTransform):
             yield from batches.items()
 
         return sorted_buckets.rows | "Copies" >> beam.FlatMap(
-            with_copies, beam.pvalue.AsSingleton(offsets), beam.pvalue.AsSingleton(size))
+            with_copies, beam.pvalue.AsSingleton(offsets),
+            beam.pvalue.AsSingleton(size)).with_output_types(KV[str, Batch])
 
 
 def bucket_offsets(totals) -> dict:

@@ -15,8 +15,10 @@ import zlib
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.typehints import KV
 
 from pipeline import quarantine
+from pipeline.coders import Batch
 from pipeline.errors import DataError
 from pipeline.file_shuffle import GroupTablesByFile, parts_by_bucket
 from pipeline.counts import counted
@@ -81,7 +83,7 @@ class FindDuplicateKeys(beam.PTransform):
 
     def expand(self, row_batches):
         return (row_batches
-                | "KeysByBucket" >> beam.FlatMap(_keys_by_bucket)
+                | "KeysByBucket" >> beam.FlatMap(_keys_by_bucket).with_output_types(KV[int, Batch])
                 | "GroupBucket" >> GroupTablesByFile(self.spill_dir)
                 | "Duplicates" >> beam.FlatMap(_duplicates_in_bucket).with_outputs(
                     quarantine.QUARANTINE_TAG, main="places"))

@@ -23,7 +23,9 @@ import apache_beam as beam
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms.window import GlobalWindows
+from apache_beam.typehints import KV, Any
 
+from pipeline.coders import Batch
 from pipeline.errors import DataError
 
 # A worker writes its buffered parts once they hold this many rows (a few tens of MB of keys) or
@@ -132,4 +134,4 @@ class GroupTablesByFile(beam.PTransform):
                 | "SpillParts" >> beam.ParDo(
                     SpillParts(self.spill_dir, self.flush_rows, self.flush_bytes))
                 | "GroupReferences" >> beam.GroupByKey()
-                | "ReadBucket" >> beam.Map(read_bucket))
+                | "ReadBucket" >> beam.Map(read_bucket).with_output_types(KV[Any, Batch]))

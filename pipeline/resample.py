@@ -20,9 +20,11 @@ import uuid
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.typehints import KV
 
 from pipeline import hashing, release, tars, warm_workers
 from pipeline.annotate import ANNOTATIONS_GLOB, annotation_rows, read_counts
+from pipeline.coders import Batch
 from pipeline.counts import COUNTS_TAG, AddCounts
 from pipeline.decide import Decide, ExactThresholds, RepeatCopies
 from pipeline.errors import DataError, UsageError
@@ -68,7 +70,7 @@ class Decisions(beam.PTransform):
                     | "Solution" >> beam.Create([self.solution_path])
                     | "ReadSolution" >> beam.Map(read_text))
         tables = pbegin | "ReadAnnotations" >> beam.io.ReadFromParquetBatched(
-            self.pattern, columns=_ANNOTATION_COLUMNS)
+            self.pattern, columns=_ANNOTATION_COLUMNS).with_output_types(Batch)
         thresholds = tables | "ExactThresholds" >> ExactThresholds(self.seed, self.mode, solution)
         # Decide reads the annotations again rather than take `tables`: it waits for the thresholds
         # (a side input), so `tables` would cross the runner whole, and Beam's multi-process runner
@@ -77,10 +79,11 @@ class Decisions(beam.PTransform):
         decided = (
             pbegin
             | "ReadAnnotationsToDecide" >> beam.io.ReadFromParquetBatched(
-                self.pattern, columns=_ANNOTATION_COLUMNS)
+                self.pattern, columns=_ANNOTATION_COLUMNS).with_output_types(Batch)
             | "Decide" >> beam.ParDo(
                 Decide(self.seed, self.mode), beam.pvalue.AsSingleton(solution),
-                beam.pvalue.AsSingleton(thresholds)).with_outputs(COUNTS_TAG, main="decisions"))
+                beam.pvalue.AsSingleton(thresholds)).with_output_types(
+                    KV[str, Batch]).with_outputs(COUNTS_TAG, main="decisions"))
         decisions = decided.decisions
         if self.mode == "repeat":
             decisions = decisions | "RepeatCopies" >> RepeatCopies(self.seed, self.output_size,

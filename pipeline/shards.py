@@ -19,8 +19,10 @@ import pyarrow.compute as pc
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
+from apache_beam.typehints import KV, Tuple
 
 from pipeline import release, tars
+from pipeline.coders import Batch
 from pipeline.counts import COUNTS_TAG, counted
 from pipeline.decide import bucket_offsets, read_decisions, route_to_ranges
 from pipeline.errors import DataError
@@ -328,8 +330,9 @@ class WriteShards(beam.PTransform):
                         |
                         "SortStarts" >> beam.MapTuple(lambda path, starts: (path, sorted(starts))))
         routed = (decisions
-                  | "RouteToRanges" >> beam.FlatMap(route_to_ranges,
-                                                    beam.pvalue.AsDict(range_starts))
+                  | "RouteToRanges" >> beam.FlatMap(
+                      route_to_ranges, beam.pvalue.AsDict(range_starts)).with_output_types(
+                          KV[Tuple[str, int], Batch])
                   | "SpillDecisions" >> beam.ParDo(SpillParts(self.work_dir, FLUSH_ROWS)))
         per_range = (
             {
@@ -339,8 +342,9 @@ class WriteShards(beam.PTransform):
             | "ByInputRange" >> beam.CoGroupByKey()
             | "ResampleRange" >> beam.ParDo(
                 ResampleRange(self.seed, self.mode, self.buckets, self.key_column,
-                              self.caption_column, self.progress_dir)).with_outputs(
-                                  QUARANTINE_TAG, COUNTS_TAG, BUCKET_SIZES_TAG, main="kept"))
+                              self.caption_column, self.progress_dir)).with_output_types(
+                                  KV[int, Batch]).with_outputs(
+                                      QUARANTINE_TAG, COUNTS_TAG, BUCKET_SIZES_TAG, main="kept"))
         offsets = (per_range[BUCKET_SIZES_TAG]
                    | "BucketSizes" >> beam.CombinePerKey(sum)
                    | "AllSizes" >> beam.combiners.ToList()
@@ -349,10 +353,13 @@ class WriteShards(beam.PTransform):
             per_range.kept
             | "GroupOrderBucket" >> GroupTablesByFile(self.work_dir)
             | "SortAndRank" >> beam.FlatMap(sort_and_rank, beam.pvalue.AsSingleton(offsets),
-                                            self.samples_per_shard)
+                                            self.samples_per_shard).with_output_types(
+                                                KV[int, Batch])
             | "WriteWholeShards" >> beam.ParDo(
                 WriteWholeShards(self.output_dir, self.prefix, self.samples_per_shard),
-                beam.pvalue.AsSingleton(offsets)).with_outputs(PARTIAL_SHARDS_TAG, main="written"))
+                beam.pvalue.AsSingleton(offsets)).with_output_types(
+                    dict, **{PARTIAL_SHARDS_TAG: KV[int, Batch]}).with_outputs(
+                        PARTIAL_SHARDS_TAG, main="written"))
         joined = (ranked[PARTIAL_SHARDS_TAG]
                   | "GroupByShard" >> beam.GroupByKey()
                   | "WriteShard" >> beam.ParDo(WriteShard(self.output_dir, self.prefix)))

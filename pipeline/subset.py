@@ -26,7 +26,9 @@ import zlib
 import apache_beam as beam
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.typehints import KV
 
+from pipeline.coders import Batch
 from pipeline.counts import COUNTS_TAG, counted
 from pipeline.file_shuffle import GroupTablesByFile, parts_by_bucket
 from pipeline.files import atomic_create, delete_matching, write_bytes_atomically
@@ -146,8 +148,9 @@ class SubsetRelease(beam.PTransform):
         self.output_dir, self.work_dir, self.buckets = output_dir, work_dir, buckets
 
     def expand(self, decisions):
-        parts = decisions | "KeepParts" >> beam.FlatMap(keep_parts, self.buckets).with_outputs(
-            COUNTS_TAG, main="parts")
+        parts = decisions | "KeepParts" >> beam.FlatMap(
+            keep_parts, self.buckets).with_output_types(KV[int, Batch]).with_outputs(
+                COUNTS_TAG, main="parts")
         written = (
             parts.parts
             | "GroupKeyBucket" >> GroupTablesByFile(self.work_dir)
