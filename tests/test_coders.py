@@ -26,6 +26,11 @@ def test_batch_coder_encodes_like_beams_default_and_estimates_from_lengths():
     assert 0.9 * encoded < estimated_size(batch) < 1.1 * encoded
     assert estimated_size((7, table)) == 8 + table.nbytes
     assert estimated_size([]) == 1 and estimated_size({"a": "xyz"}) == 3
+    # the hint chooses the coder and constrains nothing: Beam's runtime type check accepts any batch
+    from apache_beam.typehints.typehints import check_constraint
+
+    for value in (batch, table, {"keys": []}, ("path", batch)):
+        check_constraint(Batch, value)
 
 
 def _coders_of(pipeline):
