@@ -17,6 +17,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # The job's settings in every run (and in the plain loop): the issue's own command line.
 GAP = 0.05
 RUN_FLAGS = ["--keep-rate", "max", "--association-gap", str(GAP)]
+PLAIN_LOOP_RUN = "plain loop (1 process)"
 
 
 def plain_loop(pattern: str, output: pathlib.Path, samples_per_shard: int, seed: int = 0,
@@ -142,4 +143,4 @@ def measure_plain_loop(pattern: str, output: pathlib.Path, samples_per_shard: in
     command = [sys.executable, "-c", _PLAIN_LOOP_CHILD.format(root=str(ROOT)), pattern, str(output),
                str(samples_per_shard), output_format]
     child = subprocess.run(command, capture_output=True, text=True, check=True)
-    return {"run": "plain loop (1 process)", **json.loads(child.stdout.strip().splitlines()[-1])}
+    return {"run": PLAIN_LOOP_RUN, **json.loads(child.stdout.strip().splitlines()[-1])}

@@ -10,7 +10,8 @@ single-process plain loop doing the same work (annotate, count signatures, solve
 sampling, tar writing), measured in the same run.
 
 Usage: python bench/scale.py [--rows 1000000] [--tar-samples 100000] [--pool-rows 1000000]
-       [--two-worker-runs 3] [--load 0] [--work DIR] [--modes in-process,two-workers,portable]
+       [--two-worker-runs 3] [--loop-runs 1] [--load 0] [--work DIR]
+       [--modes in-process,two-workers,portable]
 
 The pool is a DataComp-layout Parquet pool (bench/pool.py) released as a subset file
 (`--output-format subset`): its plain loop writes subset.npy and keep.parquet instead of shards.
@@ -24,6 +25,7 @@ import json
 import os
 import pathlib
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,7 +36,7 @@ SHARED = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT))
 
 from bench.memory import MemorySampler  # noqa: E402
-from bench.plain_loop import GAP, RUN_FLAGS, measure_plain_loop  # noqa: E402
+from bench.plain_loop import GAP, PLAIN_LOOP_RUN, RUN_FLAGS, measure_plain_loop  # noqa: E402
 
 TWO_WORKERS = ["--direct_running_mode=multi_processing", "--direct_num_workers=2"]
 IN_PROCESS = ["--direct_running_mode=in_memory"]
@@ -241,11 +243,15 @@ def measure(label, function, *args):
 def bench_dataset(name, pattern, work, args, output_format="webdataset") -> list[dict]:
     """The plain loop, then the job in every asked mode; checks and returns the table's rows."""
     size_mb = input_bytes(pattern) / 1e6
-    runs = [
-        measure_plain_loop(pattern, work / f"{name}-plain", args.samples_per_shard, output_format)
-    ]
+
+    def plain_loop_run():
+        run = measure_plain_loop(pattern, work / f"{name}-plain", args.samples_per_shard,
+                                 output_format)
+        shutil.rmtree(work / f"{name}-plain", ignore_errors=True)
+        return run
+
+    runs = [plain_loop_run()]
     records = runs[0]["result"]["records"]
-    shutil.rmtree(work / f"{name}-plain", ignore_errors=True)
     modes = []
     if "in-process" in args.modes:
         modes.append(("balancebeam run, in-process", IN_PROCESS))
@@ -255,7 +261,10 @@ def bench_dataset(name, pattern, work, args, output_format="webdataset") -> list
     if "portable" in args.modes:
         modes.append(("balancebeam run, portable runner", None))
     manifests = []
-    for label, beam_args in modes:
+    for number, (label, beam_args) in enumerate(modes):
+        if 0 < number < args.loop_runs:  # the loop again, between the jobs (the machine drifts)
+            runs.append(plain_loop_run())
+            assert runs[-1]["result"]["records"] == records, runs[-1]
         flags_context = job_service() if beam_args is None else contextlib.nullcontext(beam_args)
         with cpu_load(args.load), flags_context as flags:
             runs.append(
@@ -287,19 +296,27 @@ def bench_dataset(name, pattern, work, args, output_format="webdataset") -> list
 
 
 def print_table(runs, cores, load):
+    # each dataset's reference: the median of its plain-loop runs
+    loop_seconds, records = collections.defaultdict(list), {}
+    for run in runs:
+        records[run["dataset"]] = run["records"]
+        if run["run"] == PLAIN_LOOP_RUN:
+            loop_seconds[run["dataset"]].append(run["seconds"])
+    reference = {dataset: records[dataset] / statistics.median(seconds)
+                 for dataset, seconds in loop_seconds.items()}
     print(
         f"\n{cores} cores, {load} busy loops beside the job; every job reconciled its counts, "
-        "quarantined "
-        "nothing and wrote byte-identical shards")
+        "quarantined nothing and wrote byte-identical shards"
+        + ("; ratios against the median of each input's plain-loop runs"
+           if any(len(seconds) > 1 for seconds in loop_seconds.values()) else ""))
     print("| data | run | records | seconds | records/s | MB/s | peak memory, all processes (MiB) "
           "| ratio to plain loop |")
     print("|---|---|---|---|---|---|---|---|")
-    reference, promises = {}, []
+    promises = []
     for run in runs:
         rate = run["records"] / run["seconds"]
         if "promise" in run:
             promises.append((run["dataset"], run["promise"]))
-        reference.setdefault(run["dataset"], rate)
         print(
             f"| {run['dataset']} | {run['run']} | {run['records']} | {run['seconds']:.1f} | "
             f"{rate:,.0f} | {run['mb'] / run['seconds']:.1f} | {run['peak_mib']:,.0f} | "
@@ -336,6 +353,10 @@ def main(argv=None) -> int:
         "--pool-rows", type=int, default=1_000_000,
         help="rows of a DataComp-layout Parquet pool, released as a subset file (0: skip)")
     parser.add_argument("--two-worker-runs", type=int, default=3)
+    parser.add_argument(
+        "--loop-runs", type=int, default=1,
+        help="plain-loop runs per input, one before the first job and the others between the "
+        "jobs; ratios are against their median (this machine's speed drifts between runs)")
     parser.add_argument("--modes", default=",".join(MODES),
                         help=f"comma-separated subset of {MODES}")
     parser.add_argument("--load", type=int, default=0, help="busy loops beside the Beam runs")
