@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
-from apache_beam.typehints import KV, Tuple
+from apache_beam.typehints import KV, Any, Tuple
 
 from pipeline import release, tars
 from pipeline.coders import Batch
@@ -358,7 +358,7 @@ class WriteShards(beam.PTransform):
             | "WriteWholeShards" >> beam.ParDo(
                 WriteWholeShards(self.output_dir, self.prefix, self.samples_per_shard),
                 beam.pvalue.AsSingleton(offsets)).with_output_types(
-                    dict, **{PARTIAL_SHARDS_TAG: KV[int, Batch]}).with_outputs(
+                    Any, **{PARTIAL_SHARDS_TAG: KV[int, Batch]}).with_outputs(
                         PARTIAL_SHARDS_TAG, main="written"))
         joined = (ranked[PARTIAL_SHARDS_TAG]
                   | "GroupByShard" >> beam.GroupByKey()
