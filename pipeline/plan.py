@@ -211,6 +211,7 @@ def problem_on(projected: SignatureTable, config: BalanceConfig):
 def solve_table(table: SignatureTable, config: BalanceConfig):
     """Solve M4 on counted signatures; return the solution with readable statistics attached."""
     from solvers import solve
+    from solvers.api import one_blas_thread
 
     if not table.attribute_names:
         raise DataError("no annotated row shows any attribute value: nothing to balance")
@@ -218,49 +219,52 @@ def solve_table(table: SignatureTable, config: BalanceConfig):
         if len(columns) < 2:
             raise DataError(f"every {group}-annotated row shows the same value "
                             f"({table.attribute_names[columns[0]]!r}): nothing to balance")
-    problem, projected, proxies, not_seen = build_problem(table, config)
-    started = time.perf_counter()
-    # exact: cvxpy's own
-    bar = {"progress": progress_policy.enabled()} if config.method == "dual" else {}
-    solution = solve(problem, method=config.method, **bar)
-    seconds = time.perf_counter() - started
-    solution.exact_counts, exact_statistics = exact_counts(problem, projected, solution, config)
-    bias_options = dict(weights=projected.weights, targets=np.asarray(problem.spec.targets),
-                        groups=projected.groups, min_support=config.min_support,
-                        attribute_names=projected.attribute_names,
-                        concept_names=projected.concept_names, group_names=projected.group_names,
-                        conditional=config.conditional)
-    before = data_bias(projected.attributes, projected.concepts, **bias_options)
-    after = data_bias(projected.attributes, projected.concepts, q=solution.q, **bias_options)
-    kept = float(projected.weights @ solution.q)
-    proxy_names = {p["concept"] for p in proxies}
-    solution.statistics = {
-        **solution.statistics,
-        "rows": table.num_rows,
-        "signatures_counted": int(len(table.weights)),
-        "signatures_solved": int(len(projected.weights)),
-        "rows_with_attributes": {g: float(table.attributes[:, cols].max(axis=1) @ table.weights)
-                                 for g, cols in zip(table.group_names, table.groups)},
-        "keep_rate_requested": config.keep_rate,
-        "keep_rate": solution.keep_rate,
-        "expected_rows_kept": kept,
-        "concepts_of_interest": [c for c in projected.concept_names if c not in proxy_names],
-        "proxies": proxies,
-        "concepts_not_seen": not_seen,
-        "excluded_low_support": problem.excluded_concepts,
-        "min_support": config.min_support,
-        "targets": dict(zip(projected.attribute_names, problem.spec.targets)),
-        "data_bias_before": before.to_dict(),
-        "data_bias_after": after.to_dict(),
-        "balance_seconds": seconds,
-        "exact_counts": exact_statistics,
-        "dropped_concepts": dropped_concepts(problem, solution, after),
-        "unconstrained_concepts": unconstrained_concepts(table, config),
-        "price_of_balance": price_of_balance(projected, config),
-        "config": dataclasses.asdict(config),
-    }
-    log_dropped_concepts(solution.statistics["dropped_concepts"])
-    return solution, projected
+    # BLAS on one thread throughout (solvers.api.one_blas_thread): the exact counts and the
+    # report's numbers, like q, do not depend on the machine's core count
+    with one_blas_thread():
+        problem, projected, proxies, not_seen = build_problem(table, config)
+        started = time.perf_counter()
+        # exact: cvxpy's own
+        bar = {"progress": progress_policy.enabled()} if config.method == "dual" else {}
+        solution = solve(problem, method=config.method, **bar)
+        seconds = time.perf_counter() - started
+        solution.exact_counts, exact_statistics = exact_counts(problem, projected, solution, config)
+        bias_options = dict(weights=projected.weights, targets=np.asarray(problem.spec.targets),
+                            groups=projected.groups, min_support=config.min_support,
+                            attribute_names=projected.attribute_names,
+                            concept_names=projected.concept_names,
+                            group_names=projected.group_names, conditional=config.conditional)
+        before = data_bias(projected.attributes, projected.concepts, **bias_options)
+        after = data_bias(projected.attributes, projected.concepts, q=solution.q, **bias_options)
+        kept = float(projected.weights @ solution.q)
+        proxy_names = {p["concept"] for p in proxies}
+        solution.statistics = {
+            **solution.statistics,
+            "rows": table.num_rows,
+            "signatures_counted": int(len(table.weights)),
+            "signatures_solved": int(len(projected.weights)),
+            "rows_with_attributes": {g: float(table.attributes[:, cols].max(axis=1) @ table.weights)
+                                     for g, cols in zip(table.group_names, table.groups)},
+            "keep_rate_requested": config.keep_rate,
+            "keep_rate": solution.keep_rate,
+            "expected_rows_kept": kept,
+            "concepts_of_interest": [c for c in projected.concept_names if c not in proxy_names],
+            "proxies": proxies,
+            "concepts_not_seen": not_seen,
+            "excluded_low_support": problem.excluded_concepts,
+            "min_support": config.min_support,
+            "targets": dict(zip(projected.attribute_names, problem.spec.targets)),
+            "data_bias_before": before.to_dict(),
+            "data_bias_after": after.to_dict(),
+            "balance_seconds": seconds,
+            "exact_counts": exact_statistics,
+            "dropped_concepts": dropped_concepts(problem, solution, after),
+            "unconstrained_concepts": unconstrained_concepts(table, config),
+            "price_of_balance": price_of_balance(projected, config),
+            "config": dataclasses.asdict(config),
+        }
+        log_dropped_concepts(solution.statistics["dropped_concepts"])
+        return solution, projected
 
 
 # More dropped concepts than this are one warning line (names only): at web scale dozens of rare

@@ -5,6 +5,7 @@ hands back q for the original rows.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 
 import numpy as np
@@ -25,6 +26,23 @@ DEFAULT_METHOD = "dual"
 MAX_RATE_BACKOFF = 1e-5
 
 
+@contextlib.contextmanager
+def one_blas_thread():
+    """BLAS (NumPy's products and linear solves) on one thread within: the same q on every machine.
+
+    OpenBLAS splits a product or a factorisation across its threads, one per core, and a different
+    split adds in a different order. The dual's Newton steps then move by a few ulps, the integer
+    program rounds to other whole counts, and the release changes with the machine's core count: a
+    1M-caption plan kept 888,620 rows with two BLAS threads and 888,623 with one. On problems of
+    balance's size one thread solves as fast (the second only spins). Processor families whose
+    OpenBLAS kernels differ can still differ in the last bits.
+    """
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1, user_api="blas"):
+        yield
+
+
 def solve(problem: BalanceProblem, method: str = DEFAULT_METHOD, *, keep_rate=None,
           compress: bool = True, check_feasibility: bool = True, **options) -> BalanceSolution:
     """Solve M4 with `method` ("dual", "exact" or "streaming"); extra options go to that solver.
@@ -32,7 +50,13 @@ def solve(problem: BalanceProblem, method: str = DEFAULT_METHOD, *, keep_rate=No
     keep_rate: None (the problem's), a number in (0, 1] or "max" (the largest feasible rate, from
     an LP). A rate above the achievable one raises `InfeasibleError` naming the binding constraints.
     compress: solve on unique signatures (exact, much smaller) and expand q back to the rows.
+    BLAS runs on one thread meanwhile (`one_blas_thread`): q does not depend on the core count.
     """
+    with one_blas_thread():
+        return _solve(problem, method, keep_rate, compress, check_feasibility, options)
+
+
+def _solve(problem, method, keep_rate, compress, check_feasibility, options) -> BalanceSolution:
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     solver = _solver(method)

@@ -4,10 +4,14 @@ Random and structured problems: overlapping values, unannotated rows, two groups
 """
 from __future__ import annotations
 
+import os
+
 import cvxpy as cp
 import numpy as np
 import pytest
+import threadpoolctl
 
+from solvers import solve
 from solvers.dual import solve_dual, solve_rate_multiplier
 from solvers.errors import InfeasibleError
 from solvers.exact import solve_exact
@@ -176,3 +180,21 @@ def test_keep_rate_above_the_achievable_one_is_refused():
     with pytest.raises(InfeasibleError, match="infeasible: at most") as refused:
         solve_dual(problem, min(1.0, highest + 0.05))
     assert refused.value.achievable_rate == pytest.approx(highest, abs=1e-6)
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs two cores for two BLAS threads")
+def test_q_is_the_same_whatever_the_number_of_blas_threads():
+    # 40 concepts, three values: Newton steps on a working set large enough that OpenBLAS splits
+    # its solve across threads (with 12 concepts it does not, and q agreed before the fix too)
+    rng = np.random.default_rng(0)
+    attributes, concepts = random_rows(rng, 20000, concepts=40, values=3, overlap=0.15)
+    problem = BalanceProblem(attributes, concepts, min_support=20, association_gap=0.05,
+                             keep_rate="max")
+    solutions = []
+    for threads in (1, 2):
+        with threadpoolctl.threadpool_limits(threads, user_api="blas"):
+            solutions.append(solve(problem, "dual"))
+    assert solutions[0].status == "optimal"
+    assert solutions[0].q.tobytes() == solutions[1].q.tobytes()
+    assert np.asarray(solutions[0].constraint_duals).tobytes() == np.asarray(
+        solutions[1].constraint_duals).tobytes()
