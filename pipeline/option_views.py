@@ -16,7 +16,8 @@ import weakref
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
-_beam_view_as = PipelineOptions.view_as
+# Beam's own, also when this module is loaded again (a reload must not wrap the wrapper)
+_beam_view_as = getattr(PipelineOptions.view_as, "beam_view_as", PipelineOptions.view_as)
 # options object -> {view class: (view, the flags it was parsed from)}
 _views: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -40,6 +41,9 @@ def view_as(self, cls):
     view = _beam_view_as(self, cls)
     views[cls] = (view, flags)
     return view
+
+
+view_as.beam_view_as = _beam_view_as
 
 
 def install() -> None:

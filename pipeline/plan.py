@@ -219,8 +219,8 @@ def solve_table(table: SignatureTable, config: BalanceConfig):
         if len(columns) < 2:
             raise DataError(f"every {group}-annotated row shows the same value "
                             f"({table.attribute_names[columns[0]]!r}): nothing to balance")
-    # BLAS on one thread throughout (solvers.api.one_blas_thread): the exact counts and the
-    # report's numbers, like q, do not depend on the machine's core count
+    # BLAS on one thread throughout (solvers.api.one_blas_thread): q, and the statistics computed
+    # from it, do not depend on the machine's core count
     with one_blas_thread():
         problem, projected, proxies, not_seen = build_problem(table, config)
         started = time.perf_counter()

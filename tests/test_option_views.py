@@ -1,6 +1,8 @@
 """pipeline/option_views.py: a remembered PipelineOptions view behaves as Beam's fresh one."""
 from __future__ import annotations
 
+import importlib
+
 import apache_beam as beam
 import pytest
 from apache_beam.options.pipeline_options import (DebugOptions, DirectOptions, GoogleCloudOptions,
@@ -39,6 +41,13 @@ def beam_calls(monkeypatch):
 
 def test_every_job_gets_the_remembered_views():
     assert PipelineOptions.view_as is option_views.view_as
+
+
+def test_loading_the_module_again_keeps_beams_own_view_as(monkeypatch):
+    again = importlib.reload(option_views)
+    monkeypatch.setattr(PipelineOptions, "view_as", again.view_as)
+    assert again._beam_view_as is FRESH
+    assert PipelineOptions(FLAGS).view_as(WorkerOptions).max_num_workers == 3
 
 
 @pytest.mark.parametrize("cls", CLASSES)
