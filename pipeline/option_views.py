@@ -3,7 +3,7 @@
 Every `view_as` call builds a new argparse parser of the class's options and parses the flags again
 (0.5-1 ms), and Beam calls it several times for each transform a graph applies (type inference and
 type checks ask the pipeline's TypeOptions each time): one `balancebeam run` of two jobs made 1,263
-views, 0.73 s of the driver's time with both cores waiting. A view holds nothing of its own: its
+views, 0.73 s of the driver's time while the workers waited. A view holds nothing of its own: its
 values live in the options' shared dict (`_all_options`), which is what its attributes read and
 write. So a view made once serves every later call for the same class on the same options, as long
 as they keep the same flags and the same dict (checked on each call; otherwise Beam's own view_as
