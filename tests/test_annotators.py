@@ -53,6 +53,116 @@ def test_longer_term_wins_over_the_term_inside_it():
     assert "dog" not in concepts and "hot dog" in concepts
 
 
+def _naive_answer(lexicon, caption):
+    """What the lexicon says of one caption, found without the automaton: every term searched for
+    as a whole word (str.find) in the caption lowered with every run of non-word characters made
+    one space, a hit dropped when another hit spans it, the rest by where they start."""
+    import re
+
+    text = " " + re.sub(r"[\W_]+", " ", caption.lower()).strip() + " "
+    labels_of = {}
+    for label, terms in lexicon.attribute_terms.items():
+        for term in terms:
+            labels_of.setdefault(term, ([], []))[0].append(label)
+    for concept, terms in lexicon.concept_terms.items():
+        for term in terms:
+            labels_of.setdefault(term, ([], []))[1].append(concept)
+    hits = []
+    for term in labels_of:
+        at = text.find(f" {term} ")
+        while at >= 0:
+            hits.append((at, at + len(term) + 2, term))
+            at = text.find(f" {term} ", at + 1)
+    kept = sorted(hit for hit in hits if not any(
+        other != hit and other[0] <= hit[0] and hit[1] <= other[1] for other in hits))
+    words = {}
+    for _, _, term in kept:
+        for label in labels_of[term][0]:
+            words.setdefault(label, [])
+            if term not in words[label]:
+                words[label].append(term)
+    concepts = sorted({concept for _, _, term in kept for concept in labels_of[term][1]})
+    evidence = {}
+    if words:
+        evidence["text"] = {label: words[label] for label in sorted(words)}
+    if concepts:
+        evidence["concepts"] = {concept: "text" for concept in concepts}
+    return sorted(words), concepts, evidence
+
+
+def test_batch_labels_equal_a_naive_search_of_every_term(shared_data):
+    """label_batch matches a whole batch in one pass and drops inner hits with array operations:
+    its answers equal a term-by-term search of each caption on real COCO captions, and on captions
+    made to trip a batch: a term split across two captions, a NUL inside a caption, non-ASCII
+    captions among ASCII ones, nested terms, a caption with more hits than a row holds, blanks."""
+    import json
+
+    document = json.loads((shared_data / "coco_mini" / "captions_val2017.json").read_text())
+    coco = [a["caption"] for a in document["annotations"]][:1500]
+    tricky = [
+        "a man ate a hot", "dog on a skateboard",  # "hot dog" must not join two captions
+        "a woman\x00man on a police\x00officer bench", "", "   ", "?!...", "_woman_",
+        "Ein Mann und eine Frau", "Σ café nurse", "the WOMAN\u2019S bike", "naïve police officer",
+        "A hot dog and a teddy bear next to a dog.", "police officers and a police officer",
+        "computer mouse computer mice palm trees", "the the man man woman",
+        " ".join(["police officer", "palm tree", "hot dog", "woman", "a tv screen"] * 12),
+        "MAN\tWOMAN\nGIRL\rBOY", "ice cream cake", "x" * 3000 + " woman",
+    ]
+    lexicon = Lexicon.load()
+    annotator = TextAnnotator(lexicon)
+    for captions in (coco + tricky, tricky, [c for c in tricky if "\x00" not in c], coco[:1],
+                     tricky[-4:-3], []):
+        codes, answers = annotator.label_batch(captions)
+        assert len(codes) == len(captions)
+        for caption, code in zip(captions, codes):
+            attributes, concepts, evidence, evidence_json = answers[code]
+            expected = _naive_answer(lexicon, caption)
+            assert (attributes, concepts, evidence) == expected, caption
+            assert json.loads(evidence_json) == expected[2]
+            assert annotator.labels(caption)[:3] == expected, caption
+
+
+def test_batch_labels_with_deeply_nested_terms(tmp_path):
+    """Terms inside terms inside terms, overlapping ones and repeats (a lexicon of its own): a hit
+    spanned by a longer hit several hits away in the batch's order is dropped, as a term-by-term
+    search says."""
+    import itertools
+    import random
+
+    (tmp_path / "people.txt").write_text(
+        "@kind attribute\n@group role\nchef: chef, head chef, sous chef\n"
+        "cook: cook, line cook, head cook\n")
+    (tmp_path / "things.txt").write_text(
+        "@kind concept\nbarn: barn, red barn, big red barn, big red barn door\nred: red\n"
+        "door: door, barn door, red barn door\nbig: big, big red\nhead: head\n"
+        "line: line, sous chef line\n")
+    lexicon = Lexicon.load(tmp_path)
+    words = ["big", "red", "barn", "door", "head", "chef", "sous", "line", "cook", "the", "a"]
+    rng = random.Random(3)
+    captions = [" ".join(rng.choice(words) for _ in range(rng.randint(0, 14))) for _ in range(3000)]
+    captions += [" ".join(p) for p in itertools.permutations(["big", "red", "barn", "door"])]
+    captions += ["big red barn door " * 10]  # more hits than a row holds
+    codes, answers = TextAnnotator(lexicon).label_batch(captions)
+    for caption, code in zip(captions, codes):
+        assert answers[code][:3] == _naive_answer(lexicon, caption), caption
+
+
+def test_fast_caption_normalisation_equals_the_regular_expression():
+    """normalise_caption's byte-table path for ASCII equals lowering and replacing every run of
+    non-word characters (\\W and _) by one space, on random text over all of ASCII and some
+    non-ASCII letters, digits and spaces."""
+    import random
+    import re
+
+    from pipeline.annotators.text import normalise_caption
+
+    rng = random.Random(7)
+    alphabet = [chr(c) for c in range(128)] + list("ΣσςéÉßİıǅ٣²½\u00a0\u2028\u3000")
+    for _ in range(5000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 16)))
+        assert normalise_caption(text) == " " + re.sub(r"[\W_]+", " ", text.lower()).strip() + " "
+
+
 def test_evidence_names_the_words_that_matched():
     _, _, evidence = annotate_caption("Two men and a woman's dog in a kitchen")
     assert evidence == {"text": {MAN: ["men"], WOMAN: ["woman"]},
