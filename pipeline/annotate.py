@@ -154,7 +154,9 @@ class Annotate(beam.PTransform):
             | "ReadRanges" >> beam.ParDo(ReadRangeBatches(
                 args.key_column, args.caption_column,
                 args.image_embedding_field if use_images else None,
-                getattr(args, "progress_dir", None), _used_columns(args))).with_output_types(
+                getattr(args, "progress_dir", None), _used_columns(args),
+                # the text annotator alone takes sample tables (no sample dicts)
+                tables=not use_images, utility_field=args.utility_field)).with_output_types(
                     Batch).with_outputs(quarantine.QUARANTINE_TAG, COUNTS_TAG, main="batches"))
         checked = read.batches | "CheckSamples" >> beam.ParDo(
             CheckSamples(args.max_image_pixels, args.validate_images)).with_output_types(

@@ -22,7 +22,10 @@ MAX_KEY_BYTES = 200
 _DIGEST_CHARS = 16
 # Keys made of these characters only are safe as they are (ASCII letters, digits and punctuation
 # other than the encoded ones, and spaces); anything else goes through _encode_char.
-_SAFE = re.compile(r"[A-Za-z0-9 !\"#$&'()*+,:;<=>?@\[\]^_`{|}-]*\Z")
+_SAFE_CHARACTERS = r"A-Za-z0-9 !\"#$&'()*+,:;<=>?@\[\]^_`{|}-"
+_SAFE = re.compile(f"[{_SAFE_CHARACTERS}]*\\Z")
+# The same test for Arrow (RE2: `$` is the end of the text).
+_SAFE_RE2 = f"^[{_SAFE_CHARACTERS}]*$"
 
 
 def _encode_char(char: str) -> str:
@@ -49,3 +52,19 @@ def safe_key(key: str) -> str:
             break
         kept.append(piece)
     return "".join(kept) + "~" + digest
+
+
+def safe_keys(keys):
+    """safe_key of every string in an Arrow array (no nulls): the safe ones tested in Arrow, only
+    the others through safe_key."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    safe = pc.and_(pc.match_substring_regex(keys, _SAFE_RE2),
+                   pc.less_equal(pc.binary_length(keys), MAX_KEY_BYTES))
+    if pc.all(safe).as_py() is not False:
+        return keys
+    values = keys.to_pylist()
+    for i in pc.indices_nonzero(pc.invert(safe)).to_pylist():
+        values[i] = safe_key(values[i])
+    return pa.array(values, pa.string())

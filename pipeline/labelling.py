@@ -11,6 +11,8 @@ import json
 import math
 
 import apache_beam as beam
+import numpy as np
+import pyarrow as pa
 from apache_beam.metrics import Metrics
 
 from pipeline import quarantine
@@ -78,6 +80,9 @@ class CheckSamples(beam.DoFn):
         self.max_image_pixels, self.validate_images = max_image_pixels, validate_images
 
     def process(self, samples):
+        if isinstance(samples, pa.Table):  # a sample table (splits.ReadRangeBatches): no images
+            yield from self._check_table(samples)
+            return
         fit = []
         for sample in samples:
             rejected = self._rejected(sample)
@@ -87,6 +92,22 @@ class CheckSamples(beam.DoFn):
                 yield rejected
         if fit:
             yield fit
+
+    def _check_table(self, table):
+        captions = table.column("caption").to_pylist()
+        rejected = [i for i, caption in enumerate(captions)
+                    if caption is None or not caption.strip()]
+        if rejected:
+            keys, shards, positions = (table.column(name).to_pylist()
+                                       for name in ("key", "shard", "position"))
+            for i in rejected:
+                yield self._rejected({"key": keys[i], "shard": shards[i], "position": positions[i],
+                                      "caption": captions[i]})
+            fit = np.ones(table.num_rows, dtype=bool)
+            fit[rejected] = False
+            table = table.filter(fit)
+        if table.num_rows:
+            yield table
 
     def _rejected(self, sample):
         caption = sample.get("caption")
@@ -131,6 +152,10 @@ class LabelText(beam.DoFn):
         self.annotated.inc(len(samples))
         if self.pass_images:
             yield [self._with_image(sample) for sample in samples]
+            return
+        if isinstance(samples, pa.Table):  # a sample table: its columns are the rows'
+            codes, answers = self.annotator.label_batch(samples.column("caption").to_pylist())
+            yield annotation_table(samples, codes, answers)
             return
         codes, answers = self.annotator.label_batch([sample["caption"] for sample in samples])
         utilities = None

@@ -40,25 +40,40 @@ def annotation_row(sample, attributes, concepts, evidence_json, utility=None):
 def annotation_table(samples, codes, answers, utilities=None) -> pa.Table:
     """The rows annotation_row makes for `samples`, as one ANNOTATION_SCHEMA table built column by
     column: sample i's (attributes, concepts, _, evidence JSON) is answers[codes[i]]
-    (TextAnnotator.label_batch), so each distinct answer's lists are converted to Arrow once and
-    taken, not built per row. utilities: per sample, or None when no sample has one."""
+    (TextAnnotator.label_batch: both lists sorted), so each distinct answer's lists are converted
+    to Arrow once and taken, not built per row. utilities: per sample, or None when no sample has
+    one.
+
+    samples may be a sample table (table_sources.sample_table): its key, shard, position, caption
+    and image_id columns are taken as they are, and its utility column when it has one.
+    """
     indices = pa.array(codes, type=pa.int64())
 
     def per_answer(values, value_type):
         return pa.array(values, type=value_type).take(indices)
 
     labels = pa.list_(pa.string())
+    if isinstance(samples, pa.Table):
+        base = [samples.column(name).combine_chunks()
+                for name in ("key", "shard", "position", "caption", "image_id")]
+        utility = (samples.column("utility").combine_chunks() if "utility" in samples.column_names
+                   else pa.nulls(samples.num_rows, pa.float64()))
+    else:
+        base = [
+            pa.array([sample["key"] for sample in samples], pa.string()),
+            pa.array([sample["shard"] for sample in samples], pa.string()),
+            pa.array([int(sample.get("position", 0)) for sample in samples], pa.int64()),
+            pa.array([sample.get("caption") for sample in samples], pa.string()),
+            pa.array([None if sample.get("image_id") is None else str(sample["image_id"])
+                      for sample in samples], pa.string()),
+        ]
+        utility = (pa.nulls(len(samples), pa.float64()) if utilities is None else
+                   pa.array([None if u is None else float(u) for u in utilities], pa.float64()))
     columns = [
-        pa.array([sample["key"] for sample in samples], pa.string()),
-        pa.array([sample["shard"] for sample in samples], pa.string()),
-        pa.array([int(sample.get("position", 0)) for sample in samples], pa.int64()),
-        pa.array([sample.get("caption") for sample in samples], pa.string()),
-        pa.array([None if sample.get("image_id") is None else str(sample["image_id"])
-                  for sample in samples], pa.string()),
-        per_answer([sorted(answer[0]) for answer in answers], labels),
-        per_answer([sorted(answer[1]) for answer in answers], labels),
-        (pa.nulls(len(samples), pa.float64()) if utilities is None else
-         pa.array([None if u is None else float(u) for u in utilities], pa.float64())),
+        *base,
+        per_answer([answer[0] for answer in answers], labels),  # sorted already
+        per_answer([answer[1] for answer in answers], labels),
+        utility,
         per_answer([answer[3] for answer in answers], pa.string()),
     ]
     return pa.Table.from_arrays(columns, schema=ANNOTATION_SCHEMA)

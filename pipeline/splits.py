@@ -18,7 +18,8 @@ from pipeline.progress import mark_range_read
 from pipeline.worker_tuning import relax_gc
 from pipeline.inputs import MatchInputFiles, detect_format, iter_file_records
 from pipeline.sources import FORMAT_AUTO, FORMAT_JSONL, FORMAT_PARQUET
-from pipeline.table_sources import iter_parquet_samples, jsonl_record
+from pipeline.table_sources import (iter_parquet_samples, jsonl_record, read_jsonl_table,
+                                     sample_table)
 
 # About 40k caption rows of JSONL: big enough that a range's fixed cost is small, small enough
 # that a 200k-row file already keeps two workers busy to the end (16 MiB left one waiting).
@@ -132,17 +133,42 @@ def iter_range_records(file_range: dict, key_column="key", caption_column="capti
             handle.seek(file_range["start"])
             data = handle.read(file_range["end"] - file_range["start"])
     except Exception as error:  # the file changed or vanished since it was planned
-        yield quarantine.quarantined(
-            quarantine.STAGE_READ, quarantine.UNREADABLE_FILE, None, path,
-            file_range["first_position"],
-            f"range {file_range['index']}: {type(error).__name__}: {error}")
+        yield _unreadable_range(file_range, error)
         return
+    yield from _jsonl_records(data, file_range, key_column, caption_column)
+
+
+def _unreadable_range(file_range, error):
+    return quarantine.quarantined(
+        quarantine.STAGE_READ, quarantine.UNREADABLE_FILE, None, file_range["path"],
+        file_range["first_position"],
+        f"range {file_range['index']}: {type(error).__name__}: {error}")
+
+
+def _jsonl_records(data: bytes, file_range: dict, key_column, caption_column):
+    """The samples of a JSONL range's bytes, line by line."""
     lines = data.split(b"\n")
     if lines and not lines[-1]:
         lines.pop()  # the range ends with a newline: no partial line after it
+    path, first = file_range["path"], file_range["first_position"]
     for offset, line in enumerate(lines):
-        yield jsonl_record(line, path, file_range["first_position"] + offset, key_column,
-                           caption_column)
+        yield jsonl_record(line, path, first + offset, key_column, caption_column)
+
+
+def _jsonl_range_bytes(file_range: dict):
+    """The bytes of a JSONL range, or of a whole small uncompressed JSONL file; None for any other
+    range (and for an empty file, whose reader says so)."""
+    if file_range["format"] != FORMAT_JSONL:
+        return None
+    path, start = file_range["path"], file_range["start"]
+    if start is None and CompressionTypes.detect_compression_type(
+            path) != CompressionTypes.UNCOMPRESSED:
+        return None
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+        if start is None:
+            return handle.read() or None
+        handle.seek(start)
+        return handle.read(file_range["end"] - start)
 
 
 def batches_of(records, size: int = RECORDS_PER_BATCH, max_bytes: int = BATCH_BYTES):
@@ -176,24 +202,63 @@ class PlanRanges(beam.PTransform):
 
 
 class ReadRangeBatches(beam.DoFn):
-    """A range -> batches of its samples (main output), quarantine entries, and one count dict."""
+    """A range -> batches of its samples (main output), quarantine entries, and one count dict.
+
+    With `tables`, a JSONL range pyarrow reads as json.loads would comes out as sample tables
+    (table_sources.sample_table: key, shard, position, caption, image_id and, with
+    `utility_field`, utility) instead of lists of sample dicts: what the text annotator needs,
+    read in Arrow. Any other range, and one that needs json.loads, comes out as lists.
+    """
 
     def __init__(self, key_column="key", caption_column="caption", embeddings_field=None,
-                 progress_dir=None, columns=None):
+                 progress_dir=None, columns=None, tables=False, utility_field=None):
         self.key_column, self.caption_column = key_column, caption_column
         self.embeddings_field = embeddings_field
         self.columns = columns  # of Parquet tables, the ones the job uses (None: all)
         self.progress_dir = progress_dir  # pipeline.progress: a marker per range read
+        self.tables, self.utility_field = tables, utility_field
 
     def setup(self):
         relax_gc()
 
     def process(self, file_range):
+        data = None
+        if self.tables:
+            try:
+                data = _jsonl_range_bytes(file_range)
+            except Exception:  # the record reader below quarantines it with the reason
+                data = None
+        if data is not None:
+            yield from self._from_bytes(file_range, data)
+            return
+        yield from self._batches(file_range, iter_range_records(
+            file_range, self.key_column, self.caption_column, self.embeddings_field, self.columns))
+
+    def _from_bytes(self, file_range, data):
+        wanted = [self.key_column, self.caption_column, "image_id"]
+        utility = [self.utility_field] if self.utility_field else []
+        raw = read_jsonl_table(data, wanted + utility, numbers=utility)
+        made = None if raw is None else sample_table(
+            raw, file_range["path"], file_range["first_position"], self.key_column,
+            self.caption_column, self.utility_field)
+        if made is None:  # line by line; a whole file by its own reader, as without tables
+            yield from self._batches(file_range, iter_range_records(
+                file_range, self.key_column, self.caption_column) if file_range["start"] is None
+                else _jsonl_records(data, file_range, self.key_column, self.caption_column))
+            return
+        table, entries = made
+        yield from entries
+        for start in range(0, table.num_rows, RECORDS_PER_BATCH):
+            yield table.slice(start, RECORDS_PER_BATCH)
+        mark_range_read(self.progress_dir, file_range, raw.num_rows)
+        yield counted({"records_read": raw.num_rows, "read_quarantined": len(entries),
+                       "ranges_read": 1})
+
+    def _batches(self, file_range, records):
         tally = {"read": 0, "quarantined": 0}
 
         def samples():
-            for output in iter_range_records(file_range, self.key_column, self.caption_column,
-                                             self.embeddings_field, self.columns):
+            for output in records:
                 tally["read"] += 1
                 if isinstance(output, beam.pvalue.TaggedOutput):
                     tally["quarantined"] += 1

@@ -14,6 +14,7 @@ from PIL import Image
 from pipeline import annotate, cli
 from pipeline import quarantine
 from pipeline.annotators.text import annotate_caption
+from pipeline.splits import ReadRangeBatches
 
 TWO_WORKERS = ["--direct_running_mode=multi_processing", "--direct_num_workers=2"]
 MAN, WOMAN = "perceived_gender:man", "perceived_gender:woman"
@@ -331,3 +332,116 @@ def test_batch_labels_and_column_built_table_equal_the_row_by_row_ones(shared_da
                                None if utilities is None else utilities[i])
                 for i, sample in enumerate(samples)]
         assert annotation_table(samples, codes, answers, utilities).equals(rows_table(rows))
+
+
+def _read_check_label(file_range, tables, utility_field):
+    """ReadRangeBatches -> CheckSamples -> LabelText on one range, in this process: (annotation
+    rows, quarantine entries, the read counts, whether a sample table came out)."""
+    from apache_beam.pvalue import TaggedOutput
+
+    from pipeline.counts import COUNTS_TAG
+    from pipeline.labelling import CheckSamples, LabelText
+    from pipeline.annotators.lexicon import Lexicon
+
+    reader = ReadRangeBatches(tables=tables, utility_field=utility_field)
+    checker, labeller = CheckSamples(), LabelText(Lexicon.load(), utility_field)
+    rows, entries, counts, as_table = [], [], None, False
+
+    def route(outputs, then):
+        for output in outputs:
+            if isinstance(output, TaggedOutput):
+                if output.tag == COUNTS_TAG:
+                    nonlocal counts
+                    counts = output.value
+                else:
+                    entries.append(output.value)
+            else:
+                then(output)
+
+    def labelled(batch):
+        nonlocal as_table
+        as_table |= isinstance(batch, pa.Table)
+        route(labeller.process(batch), lambda table: rows.extend(table.to_pylist()))
+
+    route(reader.process(file_range), lambda batch: route(checker.process(batch), labelled))
+    return rows, entries, counts, as_table
+
+
+def test_jsonl_ranges_read_as_tables_give_the_rows_json_loads_gives(shared_data, tmp_path):
+    """The text annotator reads JSONL ranges with pyarrow's parser into sample tables; the rows,
+    quarantine entries and counts are those of json.loads line by line, on real COCO captions with
+    integer and encoded keys, missing and empty keys, blank and missing captions, and utilities of
+    every JSON type; ranges pyarrow would read otherwise go line by line, to the same result."""
+    from pipeline.splits import plan_ranges
+
+    document = json.loads((shared_data / "coco_mini" / "captions_val2017.json").read_text())
+    captions = [a["caption"] for a in document["annotations"]][:400]
+    utilities = [0.5, 2, "0.25", "high", None, True, {"a": 1}, [1, 2], 1e308, -3, "nan", 7.5]
+    lines = []
+    for i, caption in enumerate(captions):
+        row = {"key": f"c.{i}" if i % 7 == 0 else f"c-{i}", "caption": caption, "image_id": i,
+               "u": utilities[i % len(utilities)]}
+        if i % 50 == 3:
+            row["caption"] = "   "
+        if i % 50 == 4:
+            del row["caption"]
+        if i % 50 == 5:
+            del row["key"]
+        if i % 50 == 6:
+            row["key"] = ""
+        if i % 50 == 7:
+            row["key"] = f"ключ/{i}"
+        if i % 50 == 8:
+            row["image_id"] = None
+        lines.append(json.dumps(row, ensure_ascii=i % 2 == 0))
+    clean = "\n".join(lines) + "\n"
+    integer_keys = "".join(json.dumps({"key": 10 ** 12 + i, "caption": c}) + "\n"
+                           for i, c in enumerate(captions[:50]))
+    numbers = [None, 0.5, 1, float("inf"), -2.5, float("nan"), 10 ** 20, 0]
+    numeric_lines = [json.dumps(dict(json.loads(line), u=numbers[i % len(numbers)]))
+                     for i, line in enumerate(lines)]
+    numeric = "\n".join(numeric_lines) + "\n"
+    # (text, read as a table without a utility field, and with `u` as the utility field)
+    variants = {
+        "clean": (clean, True, False),  # utilities of every type: json.loads's, row by row
+        "numeric utilities": (numeric, True, True),
+        "integer keys": (integer_keys, True, True),
+        "no newline at the end": (clean.rstrip("\n"), True, False),
+        "one line, no newline": (numeric_lines[0], True, True),
+        "crlf": (numeric.replace("\n", "\r\n"), True, True),
+        "a bad line": (numeric.replace(numeric_lines[10], "{not json"), False, False),
+        "a blank line": (numeric.replace("\n", "\n\n", 1), False, False),
+        "whitespace at the end": (numeric + "  ", False, False),
+        "two objects on one line": (clean.replace(lines[10], lines[10] + " " + lines[11]), False,
+                                    False),
+        "a blank line and two objects on one line": (numeric.replace(
+            numeric_lines[10], numeric_lines[10] + " " + numeric_lines[11]).replace(
+                "\n", "\n\n", 1), False, False),
+        "a float key": (clean.replace(lines[10], json.dumps({"key": 1.5, "caption": "a man"})),
+                        False, False),
+        "a number caption": (clean.replace(lines[10], json.dumps({"key": "n", "caption": 5})),
+                             False, False),
+        "a bare carriage return": (
+            clean.replace(lines[10], lines[10] + "\r" + json.dumps({"key": "r", "caption": "x"})),
+            False, False),
+        "a byte-order mark": ("\ufeff" + clean, False, False),
+    }
+    for name, (text, fast, fast_with_utility) in variants.items():
+        path = tmp_path / f"{len(name)}-{name.replace(' ', '_')}.jsonl"
+        path.write_bytes(text.encode("utf-8"))
+        whole = plan_ranges(str(path))
+        assert len(whole) == 1 and whole[0]["start"] is None  # small: one whole-file range
+        cut = [dict(whole[0], start=0, end=len(text.encode("utf-8")))]  # as a planned range
+        for file_range in whole + cut:
+            for utility_field, table_expected in ((None, fast), ("u", fast_with_utility)):
+                by_table = _read_check_label(file_range, True, utility_field)
+                by_line = _read_check_label(file_range, False, utility_field)
+                assert by_table[3] is table_expected, (name, utility_field)
+                assert not by_line[3]
+                assert by_table[:3] == by_line[:3], name
+    rows, entries, counts, _ = _read_check_label(
+        plan_ranges(str(tmp_path / "5-clean.jsonl"))[0], True, "u")
+    assert counts["records_read"] == len(captions) == len(rows) + len(entries)
+    reasons = collections.Counter(entry["reason"] for entry in entries)
+    assert reasons == {"missing_key": 16, "missing_caption": 8, "empty_caption": 8}
+    assert {row["utility"] for row in rows} >= {0.5, 2.0, 0.25, 1e308, -3.0, 7.5, None}
