@@ -61,6 +61,19 @@ class KeptCopies:
             schema=KEPT_SCHEMA)
 
 
+def inline_table(orders, copy_keys, names, data, ends) -> pa.Table:
+    """A KEPT_SCHEMA table of copies whose members all travel inline and come from no tar (caption
+    rows): copy i's members are (names[j], data[j]) for j in [ends[i], ends[i + 1])."""
+    none = pa.nulls(len(names), pa.int64())
+    members = pa.StructArray.from_arrays(
+        [pa.array(names, pa.string()), pa.array(data, pa.binary()), none, none, none],
+        fields=list(MEMBER_TYPE))
+    return pa.Table.from_arrays(
+        [pa.array(orders, pa.float64()), pa.array(copy_keys, pa.string()),
+         pa.nulls(len(orders), pa.string()),
+         pa.ListArray.from_arrays(pa.array(ends, pa.int32()), members)], schema=KEPT_SCHEMA)
+
+
 def kept_rows(table: pa.Table):
     """(order, copy key, source tar, members) per row of a KEPT_SCHEMA table, in table order; the
     members as tars.read_members takes them."""

@@ -237,8 +237,18 @@ def release_members(sample: dict, balance: dict) -> list[tuple[str, bytes]]:
         json_name = "json"
         meta.setdefault("key", sample.get("key"))
     meta["balance"] = balance
-    members[json_name] = json.dumps(meta, ensure_ascii=False, default=str).encode("utf-8")
+    members[json_name] = encode_json(meta)
     return list(members.items())
+
+
+# json.dumps(value, ensure_ascii=False, default=str) builds this encoder on every call
+_JSON_ENCODER = json.JSONEncoder(ensure_ascii=False, default=str)
+
+
+def encode_json(value) -> bytes:
+    """A released sample's json member: json.dumps(value, ensure_ascii=False, default=str) as
+    UTF-8."""
+    return _JSON_ENCODER.encode(value).encode("utf-8")
 
 
 def solution_digest(solution: BalanceSolution) -> str:

@@ -12,6 +12,7 @@ the input tar and are read back by the worker writing the shard.
 from __future__ import annotations
 
 import collections
+import json
 import logging
 
 import apache_beam as beam
@@ -27,10 +28,12 @@ from pipeline.counts import COUNTS_TAG, counted
 from pipeline.decide import bucket_offsets, read_decisions, route_to_ranges
 from pipeline.errors import DataError
 from pipeline.file_shuffle import FLUSH_ROWS, GroupTablesByFile, SpillParts
-from pipeline.kept_copies import KeptCopies, kept_rows
+from pipeline.kept_copies import KeptCopies, inline_table, kept_rows
 from pipeline.progress import mark_range_read
 from pipeline.quarantine import METRICS_NAMESPACE, QUARANTINE_TAG, quarantine_record
-from pipeline.splits import PlanRanges, iter_range_records
+from pipeline.keys import safe_keys
+from pipeline.splits import PlanRanges, iter_range_records, jsonl_range_bytes
+from pipeline.table_sources import read_jsonl_table, text_column
 from pipeline.worker_tuning import relax_gc
 
 log = logging.getLogger(__name__)
@@ -99,6 +102,11 @@ class ResampleRange(beam.DoFn):
         if len(index) != len(keys):
             raise DataError(f"annotations list some record of {path} twice (same position); "
                             "re-run annotate into an empty folder")
+        if read_now:
+            outputs = self._caption_rows(read_now[0], decisions)
+            if outputs is not None:
+                yield from outputs
+                return
         # The loop runs once per record of the input: plain locals, not Counter updates or
         # attribute lookups (a third of this stage's cost beyond the plain loop's was there).
         matched = bytearray(len(keys))
@@ -189,11 +197,114 @@ class ResampleRange(beam.DoFn):
         yield counted({**counts, "quarantined": dict(quarantined),
                        "kept_signatures": dict(kept_signatures)})
 
+    def _caption_rows(self, file_range, decisions):
+        """The outputs of a JSONL range whose every line is annotated, under the same key (as
+        process's loop makes them: equal tables, counts and releases), with copies built as columns
+        and json.loads only for the kept lines; None for any other range (the loop decides)."""
+        first, keys = file_range["first_position"], decisions["keys"]
+        if decisions["positions"] != list(range(first, first + len(keys))):
+            return None
+        read = _caption_range_keys(file_range, self.key_column)
+        if read is None or read[1] != keys:
+            return None
+        lines = read[0]
+        copies_of, q_of, weight_of = decisions["copies"], decisions["q"], decisions["weights"]
+        signatures, caption_column, repeat = decisions["signatures"], self.caption_column, (
+            self.mode == "repeat")
+        order_of, encode_json = release.order_uniform, release.encode_json
+        orders, copy_keys, names, data, ends = [], [], [], [], [0]
+        kept_signatures = {}
+        try:
+            for i, copies in enumerate(copies_of):
+                if not copies:
+                    continue
+                key = keys[i]
+                # release.release_members of the sample _row_sample makes of this line: the row
+                # without its caption is the sample's meta
+                meta = json.loads(lines[i].decode("utf-8"))
+                caption = meta.pop(caption_column, None)
+                if caption is not None and not isinstance(caption, str):
+                    caption = str(caption)
+                meta.setdefault("key", key)
+                for copy in range(copies):
+                    balance = {"q": q_of[i], "weight": weight_of[i]}
+                    if repeat:
+                        balance["copy"] = copy
+                    meta["balance"] = balance
+                    if caption is not None:
+                        names.append("txt")
+                        data.append(caption.encode("utf-8"))
+                    names.append("json")
+                    data.append(encode_json(meta))
+                    ends.append(len(names))
+                    orders.append(order_of(self.seed, key, copy))
+                    copy_keys.append(release.copy_key(key, copy))
+                signature = signatures[i]
+                kept_signatures[signature] = kept_signatures.get(signature, 0) + copies
+        except Exception:  # a line json.loads refuses: the loop quarantines it
+            return None
+        outputs = []
+        table = inline_table(orders, copy_keys, names, data, ends)
+        for bucket, part in _bucket_tables(table, self.buckets):
+            outputs.extend(_send_table(bucket, part))
+        kept = sum(1 for copies in copies_of if copies)
+        counts = {"decisions_grouped": len(keys), "ranges_read": 1}
+        counts.update((name, value) for name, value in (
+            ("samples_read", len(keys)), ("decisions_joined", len(keys)), ("kept", kept),
+            ("dropped", len(keys) - kept), ("output_samples", len(orders))) if value)
+        mark_range_read(self.progress_dir, file_range, len(keys))
+        outputs.append(counted({**counts, "quarantined": {}, "kept_signatures": kept_signatures}))
+        return outputs
+
+
+def _bucket_tables(table, buckets: int):
+    """(bucket, its rows of a KEPT_SCHEMA table) by bucket, rows in table order."""
+    import numpy as np
+
+    if not table.num_rows:
+        return
+    of_row = np.minimum((table.column("order").to_numpy() * buckets).astype(np.int64), buckets - 1)
+    order = np.argsort(of_row, kind="stable")
+    sorted_buckets = of_row[order]
+    starts = np.flatnonzero(np.concatenate(([True], sorted_buckets[1:] != sorted_buckets[:-1])))
+    ends = np.append(starts[1:], len(order))
+    for start, end in zip(starts.tolist(), ends.tolist()):
+        yield int(sorted_buckets[start]), table.take(order[start:end])
+
+
+def _send_table(bucket, table):
+    """A bucket's copies from one range in elements of at most ITEMS_PER_ELEMENT copies and about
+    ELEMENT_BYTES."""
+    if not table.num_rows:
+        return
+    rows = max(1, min(ITEMS_PER_ELEMENT, table.num_rows * ELEMENT_BYTES // max(table.nbytes, 1)))
+    for start in range(0, table.num_rows, rows):
+        part = table.slice(start, rows)
+        yield bucket, part
+        yield beam.pvalue.TaggedOutput(BUCKET_SIZES_TAG, (bucket, part.num_rows))
+
 
 def _send(bucket, items: KeptCopies):
     if len(items):
         yield bucket, items.table()
         yield beam.pvalue.TaggedOutput(BUCKET_SIZES_TAG, (bucket, len(items)))
+
+
+def _caption_range_keys(file_range, key_column):
+    """(the range's lines, each line's key as the reader makes it) of a JSONL range whose keys
+    pyarrow reads as json.loads would, every line with a key; None for any other range."""
+    try:
+        data = jsonl_range_bytes(file_range)
+    except Exception:  # the loop quarantines an unreadable range
+        return None
+    table = None if data is None else read_jsonl_table(data, [key_column])
+    keys = None if table is None else text_column(table, key_column, allow_integers=True)
+    if keys is None or keys.null_count or not pc.all(pc.not_equal(keys, "")).as_py():
+        return None
+    lines = data.split(b"\n")
+    if lines and not lines[-1]:
+        lines.pop()
+    return lines, safe_keys(keys).to_pylist()
 
 
 def sort_and_rank(bucket_and_table, offsets, samples_per_shard):

@@ -155,7 +155,7 @@ def _jsonl_records(data: bytes, file_range: dict, key_column, caption_column):
         yield jsonl_record(line, path, first + offset, key_column, caption_column)
 
 
-def _jsonl_range_bytes(file_range: dict):
+def jsonl_range_bytes(file_range: dict):
     """The bytes of a JSONL range, or of a whole small uncompressed JSONL file; None for any other
     range (and for an empty file, whose reader says so)."""
     if file_range["format"] != FORMAT_JSONL:
@@ -225,7 +225,7 @@ class ReadRangeBatches(beam.DoFn):
         data = None
         if self.tables:
             try:
-                data = _jsonl_range_bytes(file_range)
+                data = jsonl_range_bytes(file_range)
             except Exception:  # the record reader below quarantines it with the reason
                 data = None
         if data is not None:

@@ -201,7 +201,7 @@ def _is_text(arrow_type) -> bool:
     return pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type)
 
 
-def _text_column(table, name, allow_integers: bool):
+def text_column(table, name, allow_integers: bool):
     """Column `name` as strings with str()'s digits for integers (all null when absent), or None
     when its type would turn into text differently in Arrow than in Python (floats, booleans,
     structs, ...)."""
@@ -244,9 +244,9 @@ def sample_table(table, shard, first_position, key_column, caption_column, utili
 
     from pipeline.keys import safe_keys
 
-    keys = _text_column(table, key_column, allow_integers=True)
-    captions = _text_column(table, caption_column, allow_integers=False)
-    image_ids = _text_column(table, "image_id", allow_integers=True)
+    keys = text_column(table, key_column, allow_integers=True)
+    captions = text_column(table, caption_column, allow_integers=False)
+    image_ids = text_column(table, "image_id", allow_integers=True)
     if keys is None or captions is None or image_ids is None:
         return None
     positions = pa.array(range(first_position, first_position + table.num_rows), pa.int64())

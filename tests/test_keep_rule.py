@@ -24,6 +24,20 @@ def test_keyed_uniform_is_deterministic_uniform_and_depends_on_seed_and_purpose(
     assert abs(np.corrcoef(draws, order)[0, 1]) < 0.05
 
 
+def test_keyed_uniform_is_the_documented_blake2b_draw():
+    """DESIGN.md's draw, computed here from hashlib: blake2b keyed with "SEED:PURPOSE" over the
+    key's UTF-8, 8 bytes, the top 53 bits over 2**53 (what releases made before stay equal to)."""
+    import hashlib
+
+    for seed, purpose in ((0, hashing.KEEP), (7, hashing.ORDER), (2**62, hashing.REPEAT),
+                          (7, hashing.KEEP)):
+        for key in ("a", "k-1", "ключ", "x" * 300, ""):
+            digest = hashlib.blake2b(key.encode("utf-8"), digest_size=8,
+                                     key=f"{seed}:{purpose}".encode("utf-8")).digest()
+            expected = (int.from_bytes(digest, "big") >> 11) / 2.0**53
+            assert hashing.keyed_uniform(seed, key, purpose) == expected
+
+
 def test_bernoulli_keeps_a_fraction_q_of_keys_within_binomial_noise():
     keys = [f"key-{i}" for i in range(20000)]
     for q in (0.0, 0.3, 0.9, 1.0):

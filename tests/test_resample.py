@@ -318,3 +318,93 @@ def test_decisions_reach_their_input_range_through_files_row_for_row(tmp_path):
         assert decide.read_decisions(file_range, refs) == {
             name: [row[i] for row in rows] for i, name in enumerate(expected[file_range])}
     assert decide.read_decisions(("/in/new.jsonl", 0), []) == {name: [] for name in batches[0][1]}
+
+
+def _range_outputs(file_range, decisions, mode, fast, monkeypatch):
+    """ResampleRange on one range with these decisions: (each bucket's kept copies in rank order,
+    copies per bucket, count dict, quarantine entries)."""
+    import collections as collections_
+
+    from apache_beam.pvalue import TaggedOutput
+
+    from pipeline import shards
+    from pipeline.counts import COUNTS_TAG
+    from pipeline.kept_copies import kept_rows
+    from pipeline.quarantine import QUARANTINE_TAG
+
+    monkeypatch.setattr(shards, "read_decisions", lambda *_: {k: list(v) for k, v in
+                                                             decisions.items()})
+    if not fast:
+        monkeypatch.setattr(shards.ResampleRange, "_caption_rows", lambda *_: None)
+    step = shards.ResampleRange(11, mode, 4, "key", "caption")
+    kept, sizes, counts, entries = collections_.defaultdict(list), Counter(), None, []
+    for output in step.process(((file_range["path"], file_range["index"]),
+                                {"read": [file_range], "decisions": ["ref"]})):
+        if isinstance(output, TaggedOutput):
+            if output.tag == COUNTS_TAG:
+                counts = output.value
+            elif output.tag == QUARANTINE_TAG:
+                entries.append(output.value)
+            else:
+                sizes[output.value[0]] += output.value[1]
+        else:
+            kept[output[0]].extend(kept_rows(output[1]))
+    return ({bucket: sorted(rows, key=lambda row: (row[0], row[1])) for bucket, rows in
+             kept.items()}, sizes, counts, entries)
+
+
+@pytest.mark.parametrize("mode", ["exact", "repeat"])
+@pytest.mark.parametrize("keys", ["text", "integers"])
+def test_caption_ranges_build_copies_as_columns_like_the_loop(shared_data, tmp_path, monkeypatch,
+                                                              mode, keys):
+    """ResampleRange builds a JSONL range's kept copies as columns when every line is annotated
+    under its key: the same copies (members byte for byte: txt, json with `balance` where the row
+    had it or at the end, encoded keys), bucket sizes and counts as its per-record loop, on real
+    COCO captions; a range with a line annotate did not see, or whose key changed, goes through
+    the loop."""
+    from pipeline.keys import safe_key
+    from pipeline.shards import ResampleRange
+    from pipeline.splits import plan_ranges
+
+    document = json.loads((shared_data / "coco_mini" / "captions_val2017.json").read_text())
+    captions = [a["caption"] for a in document["annotations"]][:300]
+    rows = []
+    for i, caption in enumerate(captions):
+        key = 10**15 + i if keys == "integers" else f"k.{i}" if i % 5 == 1 else f"ключ {i}" if (
+            i % 5 == 2) else f"k-{i}"
+        row = {"key": key, "caption": caption, "image_id": i, "score": i / 7}
+        if i % 9 == 0:
+            row = {"balance": "old", **row}
+        if i % 11 == 0:
+            row["caption"] = i  # not text: released as str(i)
+        rows.append(row)
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(row, ensure_ascii=i % 2 == 0) + "\n"
+                            for i, row in enumerate(rows)))
+    file_range = plan_ranges(str(path))[0]
+    copies = [0 if i % 4 == 0 else (1 + i % 3 if mode == "repeat" else 1) for i in range(len(rows))]
+    decisions = {"positions": list(range(len(rows))),
+                 "keys": [safe_key(str(row["key"])) for row in rows],
+                 "q": [0.25 + i % 3 / 4 for i in range(len(rows))],
+                 "weights": [1.0 + i % 2 for i in range(len(rows))], "copies": copies,
+                 "signatures": [f"s{i % 6}" for i in range(len(rows))]}
+    columns = ResampleRange(11, mode, 4, "key", "caption")._caption_rows
+    assert columns(file_range, decisions) is not None  # this range is built as columns
+    fast = _range_outputs(file_range, decisions, mode, True, monkeypatch)
+    monkeypatch.undo()
+    loop = _range_outputs(file_range, decisions, mode, False, monkeypatch)
+    monkeypatch.undo()
+    assert fast == loop
+    assert sum(fast[1].values()) == sum(copies) == fast[2]["output_samples"]
+    assert len(fast[0]) > 1 and not fast[3]
+    members = dict(next(rows_ for rows_ in fast[0].values())[0][3])
+    assert set(members) == {"txt", "json"} and "balance" in json.loads(members["json"])
+    # the loop decides ranges the columns cannot: a line annotate did not see, a changed key
+    for changed in ({k: v[1:] for k, v in decisions.items()},
+                    dict(decisions, keys=["other"] + decisions["keys"][1:])):
+        assert columns(file_range, changed) is None
+        fast = _range_outputs(file_range, changed, mode, True, monkeypatch)
+        monkeypatch.undo()
+        assert fast == _range_outputs(file_range, changed, mode, False, monkeypatch)
+        monkeypatch.undo()
+        assert fast[3]  # quarantined
