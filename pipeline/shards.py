@@ -32,7 +32,7 @@ from pipeline.kept_copies import KeptCopies, inline_table, kept_rows
 from pipeline.progress import mark_range_read
 from pipeline.quarantine import METRICS_NAMESPACE, QUARANTINE_TAG, quarantine_record
 from pipeline.keys import safe_keys
-from pipeline.splits import PlanRanges, iter_range_records, jsonl_range_bytes
+from pipeline.splits import PlanRanges, iter_range_records, jsonl_range_bytes, range_lines
 from pipeline.table_sources import read_jsonl_table, text_column
 from pipeline.worker_tuning import relax_gc
 
@@ -211,7 +211,7 @@ class ResampleRange(beam.DoFn):
         copies_of, q_of, weight_of = decisions["copies"], decisions["q"], decisions["weights"]
         signatures, caption_column, repeat = decisions["signatures"], self.caption_column, (
             self.mode == "repeat")
-        order_of, encode_json = release.order_uniform, release.encode_json
+        order_of, release_members = release.order_uniform, release.release_members
         orders, copy_keys, names, data, ends = [], [], [], [], [0]
         kept_signatures = {}
         try:
@@ -219,23 +219,19 @@ class ResampleRange(beam.DoFn):
                 if not copies:
                     continue
                 key = keys[i]
-                # release.release_members of the sample _row_sample makes of this line: the row
-                # without its caption is the sample's meta
+                # the sample _row_sample makes of this line: the row without its caption is its meta
                 meta = json.loads(lines[i].decode("utf-8"))
                 caption = meta.pop(caption_column, None)
                 if caption is not None and not isinstance(caption, str):
                     caption = str(caption)
-                meta.setdefault("key", key)
+                sample = {"key": key, "caption": caption, "meta": meta}
                 for copy in range(copies):
                     balance = {"q": q_of[i], "weight": weight_of[i]}
                     if repeat:
                         balance["copy"] = copy
-                    meta["balance"] = balance
-                    if caption is not None:
-                        names.append("txt")
-                        data.append(caption.encode("utf-8"))
-                    names.append("json")
-                    data.append(encode_json(meta))
+                    for name, member in release_members(sample, balance):
+                        names.append(name)
+                        data.append(member)
                     ends.append(len(names))
                     orders.append(order_of(self.seed, key, copy))
                     copy_keys.append(release.copy_key(key, copy))
@@ -301,10 +297,7 @@ def _caption_range_keys(file_range, key_column):
     keys = None if table is None else text_column(table, key_column, allow_integers=True)
     if keys is None or keys.null_count or not pc.all(pc.not_equal(keys, "")).as_py():
         return None
-    lines = data.split(b"\n")
-    if lines and not lines[-1]:
-        lines.pop()
-    return lines, safe_keys(keys).to_pylist()
+    return range_lines(data), safe_keys(keys).to_pylist()
 
 
 def sort_and_rank(bucket_and_table, offsets, samples_per_shard):

@@ -123,35 +123,36 @@ def iter_range_records(file_range: dict, key_column="key", caption_column="capti
                                      caption_column, embeddings_field, columns)
         return
     try:
-        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
-            if file_range["format"] == FORMAT_PARQUET:
+        if file_range["format"] == FORMAT_PARQUET:
+            with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
                 row_groups = list(range(file_range["start"], file_range["end"]))
                 yield from iter_parquet_samples(handle, path, key_column, caption_column,
                                                 row_groups, file_range["first_position"],
                                                 embeddings_field, columns)
-                return
-            handle.seek(file_range["start"])
-            data = handle.read(file_range["end"] - file_range["start"])
+            return
+        data = jsonl_range_bytes(file_range)
     except Exception as error:  # the file changed or vanished since it was planned
-        yield _unreadable_range(file_range, error)
+        yield quarantine.quarantined(
+            quarantine.STAGE_READ, quarantine.UNREADABLE_FILE, None, path,
+            file_range["first_position"],
+            f"range {file_range['index']}: {type(error).__name__}: {error}")
         return
     yield from _jsonl_records(data, file_range, key_column, caption_column)
 
 
-def _unreadable_range(file_range, error):
-    return quarantine.quarantined(
-        quarantine.STAGE_READ, quarantine.UNREADABLE_FILE, None, file_range["path"],
-        file_range["first_position"],
-        f"range {file_range['index']}: {type(error).__name__}: {error}")
+def range_lines(data: bytes) -> list[bytes]:
+    """The lines of a JSONL range's bytes (a range ends with a newline: no partial line after it).
+    """
+    lines = data.split(b"\n")
+    if lines and not lines[-1]:
+        lines.pop()
+    return lines
 
 
 def _jsonl_records(data: bytes, file_range: dict, key_column, caption_column):
     """The samples of a JSONL range's bytes, line by line."""
-    lines = data.split(b"\n")
-    if lines and not lines[-1]:
-        lines.pop()  # the range ends with a newline: no partial line after it
     path, first = file_range["path"], file_range["first_position"]
-    for offset, line in enumerate(lines):
+    for offset, line in enumerate(range_lines(data)):
         yield jsonl_record(line, path, first + offset, key_column, caption_column)
 
 

@@ -21,7 +21,7 @@ _ASCII_WORDS = bytes(c + 32 if 65 <= c <= 90 else c if 97 <= c <= 122 or 48 <= c
 # Between captions labelled together (label_batch): no term contains it, and normalised captions
 # cannot (it is not a word character). ASCII captions are normalised together, keeping it.
 _SEPARATOR = "\x00"
-_ASCII_WORDS_AND_SEPARATOR = _ASCII_WORDS[:0] + b"\x00" + _ASCII_WORDS[1:]
+_ASCII_WORDS_AND_SEPARATOR = b"\x00" + _ASCII_WORDS[1:]
 _SPACES = re.compile(b"  +")
 # Hits of one caption that label_batch's array pass takes; a caption with more (a long text) goes
 # through _longest_of on its own.
