@@ -29,10 +29,11 @@ from apache_beam.options.pipeline_options import (DirectOptions, PipelineOptions
 from apache_beam.runners.direct.direct_runner import DirectRunner
 from apache_beam.runners.portability.fn_api_runner import fn_runner
 
-from pipeline import option_views, warm_workers
+from pipeline import dofn_specs, option_views, warm_workers
 from pipeline.errors import UsageError
 
 option_views.install()
+dofn_specs.install()
 
 WORKER_LOG_FLAG = "--default_sdk_harness_log_level"
 # Local runs only: on Dataflow, Flink or Spark the workers' INFO logs go to the service's log
