@@ -2,14 +2,17 @@
 
 Prints a table with ratios against the plain-Python loop measured in the same run, and peak memory;
 then the image check of each --validate-images level on the same JPEGs, one process, against the
-full decode.
+full decode. With --repeats N every mode runs N times, the modes taking turns (loop, 1 worker, 2
+workers, header, loop, ...), so a minute in which the machine runs slow touches every mode; the
+table gives each mode's median, the ratio of the medians and the range of the ratios of each round.
 Usage: python bench/annotate.py [--sizes 2000 6000] [--samples-per-shard 250] \
-           [--validation-images 5000]
+           [--validation-images 5000] [--repeats 1]
 """
 import argparse
 import io
 import json
 import pathlib
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -132,26 +135,37 @@ def main(argv=None):
     parser.add_argument("--sizes", type=int, nargs="+", default=[2000, 6000])
     parser.add_argument("--samples-per-shard", type=int, default=250)
     parser.add_argument("--validation-images", type=int, default=5000)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="runs of each mode, taking turns; the table shows medians")
     args = parser.parse_args(argv)
     modes = [("plain Python loop", "loop"), ("Beam DirectRunner, 1 worker", "1"),
              ("Beam DirectRunner, 2 workers", "2"),
              ("2 workers, --validate-images header", "2:header")]
     print(
-        f"{'input':>8} | {'run':<30} | {'samples/s':>9} | {'vs loop':>7} | {'seconds':>7} | "
-        f"{'peak MiB':>8}"
+        f"{'input':>8} | {'run':<35} | {'samples/s':>9} | {'vs loop':>7} | {'rounds':>11} | "
+        f"{'seconds':>7} | {'peak MiB':>8}"
     )
-    print("-" * 86)
+    print("-" * 104)
     with tempfile.TemporaryDirectory() as folder:
         for size in args.sizes:
             glob = write_shards(pathlib.Path(folder) / f"in-{size}", size, args.samples_per_shard)
-            reference = None
+            runs = {mode: [] for _, mode in modes}
+            for _ in range(args.repeats):
+                for _, mode in modes:
+                    result = measure(mode, glob, str(pathlib.Path(folder) / f"out-{size}-{mode}"))
+                    assert result["count"] == size, result
+                    runs[mode].append(result)
+            loop = [run["seconds"] for run in runs["loop"]]
             for label, mode in modes:
-                result = measure(mode, glob, str(pathlib.Path(folder) / f"out-{size}-{mode}"))
-                assert result["count"] == size, result
-                rate = result["count"] / result["seconds"]
-                reference = reference or rate
-                print(f"{size:>8} | {label:<30} | {rate:>9.0f} | {rate / reference:>6.2f}x | "
-                      f"{result['seconds']:>7.1f} | {result['peak_mib']:>8.0f}", flush=True)
+                seconds = [run["seconds"] for run in runs[mode]]
+                # the loop's time over this mode's, round by round
+                rounds = [mine / theirs for mine, theirs in zip(loop, seconds)]
+                middle = statistics.median(seconds)
+                spread = (f"{min(rounds):.2f}-{max(rounds):.2f}x" if len(rounds) > 1 else "")
+                print(f"{size:>8} | {label:<35} | {size / middle:>9.0f} | "
+                      f"{statistics.median(loop) / middle:>6.2f}x | {spread:>11} | "
+                      f"{middle:>7.1f} | {max(run['peak_mib'] for run in runs[mode]):>8.0f}",
+                      flush=True)
     if args.validation_images:
         print(f"\n--validate-images on {args.validation_images} coco_mini JPEGs, one process")
         print("| level | images/s | vs full |\n|---|---:|---:|")
