@@ -97,7 +97,7 @@ def test_callers_get_sets_of_their_own():
 
 def test_a_new_dofn_at_a_collected_ones_address_gets_its_own_answer():
     # objects made and dropped in turn reuse addresses; each must still get its own specs
-    seen_ids = set()
+    seen_ids, entries_before = set(), len(dofn_specs._specs)
     for index in range(300):
         dofn = Stateful() if index % 2 else Plain()
         expected = ({BAG}, {TIMER}) if index % 2 else (set(), set())
@@ -105,7 +105,7 @@ def test_a_new_dofn_at_a_collected_ones_address_gets_its_own_answer():
         seen_ids.add(id(dofn))
         del dofn  # no cycles: freed here, its weak reference's callback run
     assert len(seen_ids) < 300  # addresses were reused, so the check above meant something
-    assert len(dofn_specs._specs) < 10  # collected DoFns' entries are gone
+    assert len(dofn_specs._specs) <= entries_before  # collected DoFns' entries are gone
 
 
 def test_stateful_pipeline_still_keeps_its_state():
