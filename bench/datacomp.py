@@ -152,7 +152,8 @@ def run_size(pattern: str, output: pathlib.Path, prompts: pathlib.Path) -> dict:
     lines = child.stdout.strip().splitlines()
     measured = json.loads(lines[-1]) if child.returncode == 0 and lines else {"code": None}
     if measured["code"] != 0:
-        raise SystemExit(f"balancebeam run failed (exit {child.returncode}) on {pattern}")
+        code = child.returncode if child.returncode else measured["code"]
+        raise SystemExit(f"balancebeam run failed (exit {code}) on {pattern}")
     manifest = json.loads((output / "release" / "manifest.json").read_text())
     solution = json.loads((output / "solution.json").read_text())
     return {
