@@ -15,9 +15,10 @@ from pipeline import quarantine, warm_workers
 from pipeline.annotators import combine
 from pipeline.annotators.lexicon import Lexicon
 from pipeline.coders import Batch
-from pipeline.counts import AddCounts
+from pipeline.bundle_files import WriteQuarantineLines, WriteTables, publish
+from pipeline.counts import AddCounts, read_total
 from pipeline.errors import ReconciliationError, UsageError
-from pipeline.files import (count_lines, delete_matching, read_text, write_json_atomically,
+from pipeline.files import (count_lines, delete_matching, write_json_atomically,
                             write_text_atomically)
 from pipeline.dedup import DropDuplicateRows, FindDuplicateKeys, RowGroups
 from pipeline.counts import COUNTS_TAG
@@ -35,6 +36,8 @@ QUARANTINE_PREFIX = "quarantine"
 COUNTS_FILE = "counts.json"
 # Where the job's own counts land before the driver has reconciled them with the files written.
 PENDING_COUNTS_FILE = ".counts-pending.json"
+# The counts that list the files the job's bundles wrote, {temporary path: rows} (bundle_files).
+ANNOTATION_FILES, QUARANTINE_FILES = "annotation_files", "quarantine_files"
 ANNOTATIONS_GLOB = ANNOTATIONS_PREFIX + "-*.parquet"
 LABEL_SETS_FILE = "label-sets.jsonl"
 
@@ -181,19 +184,21 @@ class Annotate(beam.PTransform):
         groups = rows | "RowGroups" >> beam.ParDo(RowGroups(
             args.utility_field)).with_output_types(Batch).with_outputs(COUNTS_TAG, main="tables")
         counts.append(groups[COUNTS_TAG])
-        written = groups.tables | "WriteAnnotations" >> beam.io.WriteToParquetBatched(
-            FileSystems.join(output, ANNOTATIONS_PREFIX), ANNOTATION_SCHEMA,
-            file_name_suffix=".parquet")
-        places = duplicates.places | "DuplicatePlaces" >> beam.combiners.ToSet()
-        dropped = written | "DropDuplicateRows" >> beam.ParDo(
+        # Files named per bundle where they are written; the driver names them (bundle_files).
+        written = groups.tables | "WriteAnnotations" >> beam.ParDo(WriteTables(
+            spill_dir, ANNOTATION_SCHEMA, ANNOTATION_FILES)).with_outputs(COUNTS_TAG,
+                                                                          main="paths")
+        counts.append(written[COUNTS_TAG])
+        places = (duplicates.places
+                  | "DuplicatePlaces" >> beam.combiners.ToSet().without_defaults())
+        dropped = written.paths | "DropDuplicateRows" >> beam.ParDo(
             DropDuplicateRows(spill_dir, args.utility_field),
-            beam.pvalue.AsSingleton(places)).with_outputs(COUNTS_TAG, main="none")
+            beam.pvalue.AsSingleton(places, default_value=frozenset())).with_outputs(
+                COUNTS_TAG, main="none")
         counts.append(dropped[COUNTS_TAG])
-        all_quarantined = tuple(quarantined) | "FlattenQuarantine" >> beam.Flatten()
-        quarantine_prefix = FileSystems.join(output, QUARANTINE_PREFIX)
-        _ = all_quarantined | "WriteQuarantine" >> quarantine.WriteQuarantine(quarantine_prefix)
-        counts.append(all_quarantined | "CountQuarantined" >> beam.Map(
-            lambda entry: {"quarantined": 1, "quarantined_by_reason": {entry["reason"]: 1}}))
+        # each step's entries written in its own stage (no stage that gathers them first)
+        counts.extend(entries | f"WriteQuarantine{i}" >> beam.ParDo(WriteQuarantineLines(
+            spill_dir, QUARANTINE_FILES)) for i, entries in enumerate(quarantined))
         return (tuple(counts)
                 | "AddCounts" >> AddCounts()
                 | "WriteCounts" >> beam.Map(_write_pending_counts,
@@ -314,10 +319,11 @@ def run(argv=None, save_main_session=False):
                     options=options) as pipeline:
             args.progress_dir = progress.marker_dir
             annotate_pipeline(pipeline, args)
+        pending = FileSystems.join(output, PENDING_COUNTS_FILE)
+        counted = read_total(pending)
+        _publish_files(output, counted.pop(ANNOTATION_FILES, {}), counted.pop(QUARANTINE_FILES, {}))
     finally:
         _remove_spill(output)
-    pending = FileSystems.join(output, PENDING_COUNTS_FILE)
-    counted = json.loads(read_text(pending))
     counts = {
         "records_read": counted.get("records_read", 0), "annotated": counted.get("annotated", 0),
         "quarantined": counted.get("quarantined", 0),
@@ -335,7 +341,8 @@ def run(argv=None, save_main_session=False):
             json.dumps({"label_set": json.loads(text), "count": n}) + "\n"
             for text, n in sorted(label_sets.items()) if n))
     write_json_atomically(FileSystems.join(output, COUNTS_FILE), counts, indent=2, sort_keys=True)
-    FileSystems.delete([pending])
+    if FileSystems.exists(pending):
+        FileSystems.delete([pending])
     reasons = ", ".join(f"{n} {reason}"
                         for reason, n in sorted(counts["quarantined_by_reason"].items()))
     log.info(
@@ -348,6 +355,24 @@ def run(argv=None, save_main_session=False):
             "%d records have no usable --utility-field value (missing, not a number, NaN or "
             "infinite); they count as average utility", counts["utility_missing"])
     return 0
+
+
+def _publish_files(output, annotation_files, quarantine_files):
+    """The files the job's committed bundles wrote in the spill folder, renamed to
+    annotations-SSSSS-of-NNNNN.parquet and quarantine-SSSSS-of-NNNNN.jsonl; where a job wrote none
+    of a kind (no row annotated, none quarantined), one empty file of it, as Beam's sinks leave."""
+    import pyarrow.parquet as pq
+
+    for files, prefix, suffix in ((annotation_files, ANNOTATIONS_PREFIX, ".parquet"),
+                                  (quarantine_files, QUARANTINE_PREFIX, ".jsonl")):
+        names = publish(files, FileSystems.join(output, prefix), suffix)
+        if names:
+            continue
+        with FileSystems.create(FileSystems.join(output, f"{prefix}-00000-of-00001{suffix}"),
+                                compression_type="uncompressed") as handle:
+            if suffix == ".parquet":
+                pq.write_table(ANNOTATION_SCHEMA.empty_table(), handle, compression="none",
+                               use_compliant_nested_type=False)
 
 
 def annotation_rows(directory) -> int:

@@ -50,6 +50,8 @@ def _duplicates_in_bucket(bucket_and_table):
     import pyarrow.compute as pc
 
     _, table = bucket_and_table
+    if len(pc.unique(table["key"])) == table.num_rows:  # most buckets: a hash pass, no grouping
+        return
     counts = table.group_by("key").aggregate([("key", "count")])
     repeated = counts.filter(pc.greater(counts["key_count"], 1)).column("key")
     if not len(repeated):

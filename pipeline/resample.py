@@ -25,7 +25,7 @@ from apache_beam.typehints import KV
 from pipeline import hashing, release, tars, warm_workers
 from pipeline.annotate import ANNOTATIONS_GLOB, annotation_rows, read_counts
 from pipeline.coders import Batch
-from pipeline.counts import COUNTS_TAG, AddCounts
+from pipeline.counts import COUNTS_TAG, AddCounts, read_total
 from pipeline.decide import Decide, ExactThresholds, RepeatCopies
 from pipeline.errors import DataError, UsageError
 from pipeline.files import delete_matching, read_text, write_json_atomically, write_text_atomically
@@ -234,8 +234,8 @@ def resample(input_glob, annotations_dir, solution_path, output_dir, *, seed=rel
                                samples_per_shard=samples_per_shard, prefix=prefix, buckets=buckets,
                                output_size=output_size, quarantine_prefix=quarantine_prefix,
                                progress_dir=progress.marker_dir, **read_options)
-        counts, written = (json.loads(read_text(FileSystems.join(work_dir, name)))
-                           for name in results)
+        counts = read_total(FileSystems.join(work_dir, results[0]))
+        written = json.loads(read_text(FileSystems.join(work_dir, results[1])))
         if subset:  # subset.npy from the buckets' uid files, before the work folder goes
             written = {"buckets": written,
                        "subset": subset_release.assemble_subset(written, work_dir, output_dir)}
