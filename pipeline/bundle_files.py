@@ -2,14 +2,14 @@
 
 Beam's file sinks (WriteToParquetBatched, WriteToText) each add four stages to a job: an init step
 before the main stage, a group of the writers' results, a pre-finalize and a finalize that renames.
-Each stage costs the local runners 10-40 ms, so annotate's two sinks alone took about a sixth of
-its work after its main stage. Here a DoFn, fused with the step that makes the records, writes each
-bundle's records to a file of its own in the job's spill folder and reports the file in the job's
-counts (pipeline/counts.py): a nested dict {temporary path: records} under a name of the caller's.
-Only committed bundles' counts reach the job's total, so after the job the driver renames exactly
-the files listed there (`publish`), in the order of their temporary names, to
-`<prefix>-SSSSS-of-NNNNN<suffix>`, the names Beam's sinks give. A retried bundle's failed attempt
-leaves a file that nobody lists; the spill folder goes when the job ends.
+Each stage costs the local runners 10-40 ms: on a 12,000-sample annotate job the two sinks made 6 of
+the 17 stages after its main one and 2 of the 4 before it. Here a DoFn, fused with the
+step that makes the records, writes each bundle's records to a file of its own in the job's spill
+folder and reports the file in the job's counts (pipeline/counts.py): a nested dict {temporary path:
+records} under a name of the caller's. Only committed bundles' counts reach the job's total, so
+after the job the driver renames exactly the files listed there (`publish`), in the order of their
+temporary names, to `<prefix>-SSSSS-of-NNNNN<suffix>`, the names Beam's sinks give. A retried
+bundle's failed attempt leaves a file that nobody lists; the spill folder goes when the job ends.
 """
 from __future__ import annotations
 
