@@ -15,7 +15,7 @@ from pipeline import quarantine, warm_workers
 from pipeline.annotators import combine
 from pipeline.annotators.lexicon import Lexicon
 from pipeline.coders import Batch
-from pipeline.bundle_files import WriteQuarantineLines, WriteTables, publish
+from pipeline.bundle_files import WriteQuarantineLines, WriteTables, parquet_writer, publish
 from pipeline.counts import AddCounts, read_total
 from pipeline.errors import ReconciliationError, UsageError
 from pipeline.files import (count_lines, delete_matching, write_json_atomically,
@@ -361,8 +361,6 @@ def _publish_files(output, annotation_files, quarantine_files):
     """The files the job's committed bundles wrote in the spill folder, renamed to
     annotations-SSSSS-of-NNNNN.parquet and quarantine-SSSSS-of-NNNNN.jsonl; where a job wrote none
     of a kind (no row annotated, none quarantined), one empty file of it, as Beam's sinks leave."""
-    import pyarrow.parquet as pq
-
     for files, prefix, suffix in ((annotation_files, ANNOTATIONS_PREFIX, ".parquet"),
                                   (quarantine_files, QUARANTINE_PREFIX, ".jsonl")):
         names = publish(files, FileSystems.join(output, prefix), suffix)
@@ -371,8 +369,7 @@ def _publish_files(output, annotation_files, quarantine_files):
         with FileSystems.create(FileSystems.join(output, f"{prefix}-00000-of-00001{suffix}"),
                                 compression_type="uncompressed") as handle:
             if suffix == ".parquet":
-                pq.write_table(ANNOTATION_SCHEMA.empty_table(), handle, compression="none",
-                               use_compliant_nested_type=False)
+                parquet_writer(handle, ANNOTATION_SCHEMA).close()
 
 
 def annotation_rows(directory) -> int:

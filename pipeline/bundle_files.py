@@ -31,6 +31,14 @@ def _temporary_path(spill_dir: str, suffix: str) -> str:
     return FileSystems.join(spill_dir, f"{_TEMPORARY_PREFIX}{uuid.uuid4().hex}{suffix}")
 
 
+def parquet_writer(handle, schema):
+    """A Parquet writer on an open file, as Beam's WriteToParquetBatched makes it: uncompressed,
+    Arrow's legacy list names. Closed without a table, it leaves an empty file of `schema`."""
+    import pyarrow.parquet as pq
+
+    return pq.ParquetWriter(handle, schema, compression="none", use_compliant_nested_type=False)
+
+
 class WriteTables(beam.DoFn):
     """pyarrow Tables -> one Parquet file per bundle (each table one row group), its path as the
     main output (emitted when the bundle ends) and {files_count: {path: rows}} as counts."""
@@ -42,15 +50,11 @@ class WriteTables(beam.DoFn):
         self._path, self._handle, self._writer, self._rows = None, None, None, 0
 
     def process(self, table):
-        import pyarrow.parquet as pq
-
         if self._writer is None:
             self._path = _temporary_path(self.spill_dir, ".parquet")
             self._handle = FileSystems.create(self._path,
                                               compression_type=CompressionTypes.UNCOMPRESSED)
-            # what Beam's WriteToParquetBatched writes: uncompressed, Arrow's legacy list names
-            self._writer = pq.ParquetWriter(self._handle, self.schema, compression="none",
-                                            use_compliant_nested_type=False)
+            self._writer = parquet_writer(self._handle, self.schema)
         self._writer.write_table(table)
         self._rows += table.num_rows
         return ()
